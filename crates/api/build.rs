@@ -1,0 +1,23 @@
+//! Generates the tonic/prost code for `proto/` with a vendored protoc, so no system protoc is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; prost-build reads PROTOC from the environment.
+    #[allow(unsafe_code)] // the only way to hand prost-build the vendored protoc path
+    unsafe {
+        std::env::set_var("PROTOC", protoc);
+    }
+    let files = [root.join("vow/v1/vow.proto"), root.join("vow/raft/v1/raft.proto")];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("vow_descriptor.bin"))
+        .bytes(".vow.raft.v1")
+        .compile_protos(&files, &[root])?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `vow dev up|down`: a local cluster of real `vowd` processes on loopback, for development and
+//! for the integration tests.
+//!
+//! `up` starts N processes in the background (data in `DIR/n<id>`, log in `DIR/n<id>/vowd.log`),
+//! waits until every shard has a leader, and writes `DIR/cluster.json`. Run again on the same
+//! directory, it restarts any node whose process is gone, on the same ports and data.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use vow_client::{Client, Options};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DevCommand {
+    /// Start (or restart the missing nodes of) a local cluster.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        /// Extra argument for every vowd (repeatable), e.g. --vowd-arg=--snapshot-logs=100.
+        #[arg(long = "vowd-arg", allow_hyphen_values = true)]
+        vowd_args: Vec<String>,
+        /// How long to wait for the cluster to elect leaders.
+        #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
+        wait: Duration,
+    },
+    /// Stop the cluster's processes (SIGTERM, then SIGKILL after 10 s). Data stays.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// `DIR/cluster.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub nodes: Vec<NodeEntry>,
+    #[serde(default)]
+    pub shards: u32,
+    #[serde(default)]
+    pub vowd_args: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub node_id: u64,
+    pub grpc: String,
+    pub http: String,
+    pub pid: u32,
+}
+
+pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
+    match cmd {
+        DevCommand::Up { nodes, dir, shards, vowd_args, wait } => up(nodes, &dir, shards, vowd_args, wait).await,
+        DevCommand::Down { dir } => down(&dir).await,
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The vowd binary: `$VOW_VOWD`, else beside this executable, else on PATH.
+fn vowd_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VOW_VOWD") {
+        return PathBuf::from(p);
+    }
+    if let Ok(me) = std::env::current_exe() {
+        let sibling = me.with_file_name("vowd");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("vowd")
+}
+
+/// True when `pid` is a live vowd process (not a recycled pid).
+pub fn is_vowd_alive(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => cmd.split(|b| *b == 0).next().is_some_and(|arg0| arg0.ends_with(b"vowd"))
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+        Err(_) => false,
+    }
+}
+
+fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, extra: &[String]) -> anyhow::Result<u32> {
+    let data = dir.join(format!("n{}", node.node_id));
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("vowd.log"))?;
+    let vowd = vowd_path();
+    let mut cmd = Command::new(&vowd);
+    cmd.arg("--node-id")
+        .arg(node.node_id.to_string())
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--grpc-addr")
+        .arg(&node.grpc)
+        .arg("--http-addr")
+        .arg(&node.http)
+        .arg("--peers")
+        .arg(peers)
+        .arg("--shards")
+        .arg(shards.to_string())
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own process group: the cluster outlives this command and ignores the shell's Ctrl-C.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().with_context(|| format!("starting {} (set VOW_VOWD to its path)", vowd.display()))?;
+    Ok(child.id())
+}
+
+async fn up(n: u64, dir: &Path, shards: u32, vowd_args: Vec<String>, wait: Duration) -> anyhow::Result<()> {
+    if n == 0 || n > 9 {
+        bail!("--nodes must be between 1 and 9");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("cluster.json");
+    let mut cluster = if file.exists() {
+        let text = std::fs::read_to_string(&file)?;
+        let c: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        if c.nodes.len() as u64 != n {
+            bail!("{} holds a {}-node cluster; use --nodes {} or another --dir", dir.display(), c.nodes.len(), c.nodes.len());
+        }
+        c
+    } else {
+        let mut nodes = Vec::new();
+        for id in 1..=n {
+            nodes.push(NodeEntry { node_id: id, grpc: format!("127.0.0.1:{}", free_port()?), http: format!("127.0.0.1:{}", free_port()?), pid: 0 });
+        }
+        ClusterFile { nodes, shards, vowd_args }
+    };
+    let shards = if cluster.shards == 0 { shards } else { cluster.shards };
+    let peers = cluster.nodes.iter().map(|e| format!("{}={}", e.node_id, e.grpc)).collect::<Vec<_>>().join(",");
+    for node in cluster.nodes.iter_mut() {
+        if node.pid != 0 && is_vowd_alive(node.pid) {
+            continue;
+        }
+        node.pid = spawn(dir, node, &peers, shards, &cluster.vowd_args)?;
+        eprintln!("started node {} (pid {}) on {}", node.node_id, node.pid, node.grpc);
+    }
+    cluster.shards = shards;
+    let tmp = dir.join("cluster.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&cluster)?)?;
+    std::fs::rename(&tmp, &file)?;
+
+    let endpoints: Vec<&str> = cluster.nodes.iter().map(|e| e.grpc.as_str()).collect();
+    let client = Client::with_options(&endpoints, Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) })?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Ok(status) = client.status().await {
+            if !status.shards.is_empty() && status.shards.iter().all(|s| s.leader_id != 0) {
+                println!("{}", serde_json::to_string_pretty(&crate::status_json(&status))?);
+                return Ok(());
+            }
+        }
+        for node in &cluster.nodes {
+            if !is_vowd_alive(node.pid) {
+                let log = dir.join(format!("n{}/vowd.log", node.node_id));
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!("node {} exited; last lines of {}:\n{}", node.node_id, log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the cluster did not elect leaders within {wait:?}; see the logs in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval while the cluster elects
+    }
+}
+
+#[allow(unsafe_code)] // kill(2) on a pid we started; no memory is shared with the callee
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill takes two integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+async fn down(dir: &Path) -> anyhow::Result<()> {
+    let file = dir.join("cluster.json");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let cluster: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let alive: Vec<u32> = cluster.nodes.iter().map(|n| n.pid).filter(|p| *p != 0 && is_vowd_alive(*p)).collect();
+    for &pid in &alive {
+        signal(pid, libc::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while alive.iter().any(|p| is_vowd_alive(*p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll for exit after SIGTERM
+    }
+    for &pid in alive.iter().filter(|p| is_vowd_alive(**p)) {
+        eprintln!("node with pid {pid} ignored SIGTERM; killing it");
+        signal(pid, libc::SIGKILL);
+    }
+    eprintln!("stopped {} node(s); data kept in {}", alive.len(), dir.display());
+    Ok(())
+}

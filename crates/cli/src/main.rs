@@ -1,0 +1,368 @@
+//! `vow`: the command line for vow. Promise operations and cluster membership go through the
+//! Rust client; `vow dev` runs a local multi-node cluster of real `vowd` processes.
+//!
+//! Exit codes: 0 success, 1 other errors, 2 bad usage or input, 3 not found, 4 already
+//! exists / already settled, 5 cluster unavailable.
+
+mod dev;
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use vow_client::{Client, Error, Options, pb};
+
+#[derive(Debug, Parser)]
+#[command(name = "vow", version, about = "Command line for vow, the distributed promise store")]
+struct Cli {
+    /// Cluster endpoints, `host:port,...` (any node will do).
+    #[arg(long, env = "VOW_ENDPOINTS", default_value = "127.0.0.1:7001", global = true)]
+    endpoints: String,
+    /// Give up after this long, retries included (e.g. 500ms, 15s, 2m).
+    #[arg(long, default_value = "15s", global = true, value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a pending promise.
+    Create {
+        id: String,
+        #[command(flatten)]
+        value: ValueArgs,
+        /// Tag as key=value (repeatable).
+        #[arg(long = "tag", value_parser = parse_kv)]
+        tags: Vec<(String, String)>,
+        /// Absolute deadline in milliseconds since the epoch.
+        #[arg(long, conflicts_with = "deadline_in")]
+        deadline_ms: Option<i64>,
+        /// Deadline relative to now (e.g. 30s, 10m, 2h); default: the cluster's.
+        #[arg(long, value_parser = parse_duration)]
+        deadline_in: Option<Duration>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Read a promise (linearizable unless --stale).
+    Get {
+        id: String,
+        /// Read the answering node's replica, which may lag.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Resolve a pending promise with a value.
+    Resolve(SettleArgs),
+    /// Reject a pending promise with a value.
+    Reject(SettleArgs),
+    /// Cancel a pending promise.
+    Cancel(SettleArgs),
+    /// Wait for a promise to settle; prints it (still pending if the wait runs out).
+    Await {
+        id: String,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Find promises by id prefix, state and tags.
+    Search {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// pending, resolved, rejected, canceled or timedout.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<pb::State>,
+        #[arg(long = "tag", value_parser = parse_kv)]
+        tags: Vec<(String, String)>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Cluster status and membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// A local development cluster of vowd processes.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes, shards, leaders, terms and indexes.
+    Status,
+    /// Add a running node (started with --join or with no --peers) to every shard.
+    AddNode {
+        #[arg(long)]
+        node_id: u64,
+        /// The node's gRPC address as other nodes reach it.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node from every shard.
+    RemoveNode {
+        #[arg(long)]
+        node_id: u64,
+    },
+    /// Move every shard's leadership to a node.
+    TransferLeader {
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ValueArgs {
+    /// Data as a UTF-8 string.
+    #[arg(long, conflicts_with = "data_file")]
+    data: Option<String>,
+    /// Data from a file ("-" for stdin).
+    #[arg(long)]
+    data_file: Option<String>,
+    /// Header as key=value (repeatable).
+    #[arg(long = "header", value_parser = parse_kv)]
+    headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SettleArgs {
+    id: String,
+    #[command(flatten)]
+    value: ValueArgs,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 250ms, 30s, 5m or 2h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_state(s: &str) -> Result<pb::State, String> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "pending" => pb::State::Pending,
+        "resolved" => pb::State::Resolved,
+        "rejected" => pb::State::Rejected,
+        "canceled" | "cancelled" | "rejected_canceled" => pb::State::RejectedCanceled,
+        "timedout" | "timed_out" | "rejected_timedout" => pb::State::RejectedTimedout,
+        _ => return Err(format!("unknown state {s:?} (pending, resolved, rejected, canceled, timedout)")),
+    })
+}
+
+impl ValueArgs {
+    fn into_value(self) -> anyhow::Result<pb::Value> {
+        let data = match (self.data, self.data_file) {
+            (Some(d), _) => d.into_bytes(),
+            (None, Some(f)) if f == "-" => {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+                buf
+            }
+            (None, Some(f)) => std::fs::read(&f).with_context(|| format!("reading --data-file {f}"))?,
+            (None, None) => Vec::new(),
+        };
+        Ok(pb::Value { headers: self.headers.into_iter().collect(), data })
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::State::try_from(s) {
+        Ok(pb::State::Pending) => "PENDING",
+        Ok(pb::State::Resolved) => "RESOLVED",
+        Ok(pb::State::Rejected) => "REJECTED",
+        Ok(pb::State::RejectedCanceled) => "REJECTED_CANCELED",
+        Ok(pb::State::RejectedTimedout) => "REJECTED_TIMEDOUT",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn value_json(v: &Option<pb::Value>) -> serde_json::Value {
+    let v = v.clone().unwrap_or_default();
+    let headers: std::collections::BTreeMap<_, _> = v.headers.into_iter().collect();
+    match String::from_utf8(v.data) {
+        Ok(s) => json!({ "headers": headers, "data": s }),
+        Err(e) => json!({ "headers": headers, "data_hex": e.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>() }),
+    }
+}
+
+fn promise_json(p: &pb::Promise) -> serde_json::Value {
+    let tags: std::collections::BTreeMap<_, _> = p.tags.clone().into_iter().collect();
+    json!({
+        "id": p.id,
+        "state": state_name(p.state),
+        "param": value_json(&p.param),
+        "value": value_json(&p.value),
+        "deadline_ms": p.deadline_ms,
+        "tags": tags,
+        "created_at_ms": p.created_at_ms,
+        "settled_at_ms": p.settled_at_ms,
+        "revision": p.revision,
+    })
+}
+
+fn print(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+}
+
+fn response_json(r: &pb::PromiseResponse) -> serde_json::Value {
+    let mut v = r.promise.as_ref().map(promise_json).unwrap_or(serde_json::Value::Null);
+    if r.deduplicated {
+        v["deduplicated"] = json!(true);
+    }
+    v
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let endpoints: Vec<&str> = cli.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let client = || -> anyhow::Result<Client> {
+        let options = Options { call_timeout: cli.timeout, attempt_timeout: cli.timeout.min(Duration::from_secs(5)) };
+        Ok(Client::with_options(&endpoints, options)?)
+    };
+    match cli.command {
+        Command::Create { id, value, tags, deadline_ms, deadline_in, idempotency_key } => {
+            let deadline_ms = match (deadline_ms, deadline_in) {
+                (Some(ms), _) => ms,
+                (None, Some(d)) => now_ms().saturating_add(d.as_millis() as i64),
+                (None, None) => 0,
+            };
+            let req = pb::CreateRequest {
+                id,
+                param: Some(value.into_value()?),
+                deadline_ms,
+                tags: tags.into_iter().collect::<HashMap<_, _>>(),
+                idempotency_key: idempotency_key.unwrap_or_default(),
+            };
+            print(response_json(&client()?.create(req).await?));
+        }
+        Command::Get { id, stale } => {
+            let consistency = if stale { pb::Consistency::Stale } else { pb::Consistency::Linearizable };
+            print(promise_json(&client()?.get_with(&id, consistency).await?));
+        }
+        Command::Resolve(a) => {
+            let v = a.value.into_value()?;
+            print(response_json(&client()?.resolve(&a.id, v, a.idempotency_key).await?));
+        }
+        Command::Reject(a) => {
+            let v = a.value.into_value()?;
+            print(response_json(&client()?.reject(&a.id, v, a.idempotency_key).await?));
+        }
+        Command::Cancel(a) => {
+            let v = a.value.into_value()?;
+            print(response_json(&client()?.cancel(&a.id, v, a.idempotency_key).await?));
+        }
+        Command::Await { id, wait } => print(promise_json(&client()?.await_settled(&id, wait).await?)),
+        Command::Search { prefix, state, tags, limit, page_token } => {
+            let req = pb::SearchRequest {
+                id_prefix: prefix,
+                state: state.map_or(0, |s| s as i32),
+                tags: tags.into_iter().collect(),
+                limit,
+                page_token,
+            };
+            let resp = client()?.search(req).await?;
+            print(json!({
+                "promises": resp.promises.iter().map(promise_json).collect::<Vec<_>>(),
+                "next_page_token": resp.next_page_token,
+            }));
+        }
+        Command::Cluster(c) => {
+            let client = client()?;
+            let status = match c {
+                ClusterCommand::Status => client.status().await?,
+                ClusterCommand::AddNode { node_id, addr } => client.add_node(node_id, &addr).await?,
+                ClusterCommand::RemoveNode { node_id } => client.remove_node(node_id).await?,
+                ClusterCommand::TransferLeader { to } => client.transfer_leader(to).await?,
+            };
+            print(status_json(&status));
+        }
+        Command::Dev(d) => dev::run(d).await?,
+    }
+    Ok(())
+}
+
+pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    json!({
+        "answered_by": s.node_id,
+        "nodes": s.nodes.iter().map(|n| json!({"node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable})).collect::<Vec<_>>(),
+        "shards": s.shards.iter().map(|sh| json!({
+            "shard_id": sh.shard_id, "leader_id": sh.leader_id, "term": sh.term,
+            "commit_index": sh.commit_index, "applied_index": sh.applied_index,
+            "voters": sh.voters, "learners": sh.learners,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Error>() {
+        Some(Error::NotFound(_)) => 3,
+        Some(Error::AlreadyExists { .. } | Error::AlreadySettled { .. }) => 4,
+        Some(Error::Unavailable { .. }) => 5,
+        Some(Error::InvalidArgument(_) | Error::Client(_)) => 2,
+        _ => 1,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("VOW_LOG")).with_writer(std::io::stderr).init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if let Some(Error::AlreadyExists { current: Some(p), .. } | Error::AlreadySettled { current: Some(p), .. }) = e.downcast_ref::<Error>() {
+                eprintln!("current: {}", promise_json(p));
+            }
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_nonsense() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_kv("novalue").is_err());
+        assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
+    }
+
+    #[test]
+    fn binary_data_is_shown_as_hex() {
+        let v = value_json(&Some(pb::Value { headers: HashMap::new(), data: vec![0xff, 0x00] }));
+        assert_eq!(v["data_hex"], "ff00");
+    }
+}

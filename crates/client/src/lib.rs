@@ -1,0 +1,411 @@
+//! The Rust client for vow.
+//!
+//! [`Client`] talks to a cluster through any of several endpoints. Every call has a deadline;
+//! within it the client retries what is safe to retry: "not the leader" (following the leader
+//! hint), unreachable nodes (trying the next endpoint), and writes whose outcome is unknown —
+//! always with the same idempotency key, which the client generates when the caller gives none,
+//! so a retried create or settle takes effect at most once.
+//!
+//! The message types are the generated ones of `proto/vow/v1/vow.proto`, re-exported as [`pb`].
+//! This crate depends on the API definitions and tonic only; it never pulls in RocksDB or server
+//! code.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+pub use vow_api::v1 as pb;
+use vow_api::metadata as md;
+use vow_api::v1::cluster_client::ClusterClient;
+use vow_api::v1::promises_client::PromisesClient;
+
+/// What went wrong, in the terms a caller acts on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Create on an existing id with another idempotency key; `current` is the record.
+    #[error("already exists: {message}")]
+    AlreadyExists { message: String, current: Option<Box<pb::Promise>> },
+    /// Settle on a promise that is already settled another way; `current` is the record.
+    #[error("already settled: {message}")]
+    AlreadySettled { message: String, current: Option<Box<pb::Promise>> },
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request breaks a limit (named in the message) or is malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The cluster could not serve the call before its deadline. When `outcome_unknown` is set,
+    /// a write may have taken effect: retry it with the same idempotency key to find out.
+    #[error("unavailable{}: {message}", if *outcome_unknown { " (outcome unknown)" } else { "" })]
+    Unavailable { message: String, outcome_unknown: bool },
+    /// A bad endpoint or another client-side problem.
+    #[error("{0}")]
+    Client(String),
+    #[error("{code}: {message}")]
+    Other { code: String, message: String },
+}
+
+impl Error {
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Error::Unavailable { outcome_unknown: true, .. })
+    }
+
+    fn from_status(s: &Status, outcome_unknown: bool) -> Error {
+        let current = || {
+            let bytes = s.metadata().get_bin(md::CURRENT_BIN)?.to_bytes().ok()?;
+            pb::Promise::decode(bytes.as_ref()).ok().map(Box::new)
+        };
+        let message = s.message().to_owned();
+        match s.code() {
+            Code::AlreadyExists => Error::AlreadyExists { message, current: current() },
+            Code::FailedPrecondition => Error::AlreadySettled { message, current: current() },
+            Code::NotFound => Error::NotFound(message),
+            Code::InvalidArgument => Error::InvalidArgument(message),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+                Error::Unavailable { message: format!("{}: {message}", s.code()), outcome_unknown }
+            }
+            code => Error::Other { code: format!("{code:?}"), message },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Total time a call may take, retries included.
+    pub call_timeout: Duration,
+    /// Time one attempt may take (an Await attempt gets its wait on top).
+    pub attempt_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { call_timeout: Duration::from_secs(15), attempt_timeout: Duration::from_secs(5) }
+    }
+}
+
+#[derive(Debug)]
+struct Endpoints {
+    addrs: Vec<String>,
+    channels: Vec<Channel>,
+    /// Index of the endpoint to try first: the last one that answered or the last leader hint.
+    preferred: usize,
+}
+
+/// A handle on a cluster. Cheap to clone; clones share connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    endpoints: Arc<Mutex<Endpoints>>,
+    options: Options,
+}
+
+fn normalize(addr: &str) -> String {
+    addr.trim().trim_start_matches("http://").trim_end_matches('/').to_owned()
+}
+
+fn channel_for(addr: &str) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Client(format!("bad endpoint {addr:?}: {e}")))?;
+    Ok(endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy())
+}
+
+/// Backoff between attempts: 25 ms doubling to 1 s, with jitter so clients spread out.
+fn backoff(attempt: u32) -> Duration {
+    let base = 25u64.saturating_mul(1 << attempt.min(6)).min(1000);
+    Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
+}
+
+/// A fresh idempotency key for a call whose caller gave none.
+fn generated_key() -> String {
+    format!("vow-client-{:032x}", rand::random::<u128>())
+}
+
+impl Client {
+    /// A client for the cluster reachable at any of `endpoints` (`host:port`). Connections are
+    /// made lazily, so this fails only for malformed addresses.
+    pub fn connect<S: AsRef<str>>(endpoints: &[S]) -> Result<Client> {
+        Self::with_options(endpoints, Options::default())
+    }
+
+    pub fn with_options<S: AsRef<str>>(endpoints: &[S], options: Options) -> Result<Client> {
+        let addrs: Vec<String> = endpoints.iter().map(|e| normalize(e.as_ref())).filter(|e| !e.is_empty()).collect();
+        if addrs.is_empty() {
+            return Err(Error::Client("no endpoints given".into()));
+        }
+        let channels = addrs.iter().map(|a| channel_for(a)).collect::<Result<Vec<_>>>()?;
+        Ok(Client { endpoints: Arc::new(Mutex::new(Endpoints { addrs, channels, preferred: 0 })), options })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Endpoints> {
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pick(&self, attempt: u32) -> (usize, Channel) {
+        let e = self.lock();
+        let i = (e.preferred + attempt as usize) % e.channels.len();
+        (i, e.channels[i].clone())
+    }
+
+    /// Follows a leader hint: prefer that address, adding it if it is a member we did not know.
+    fn follow_hint(&self, status: &Status) -> bool {
+        let Some(addr) = status.metadata().get(md::LEADER_ADDR).and_then(|v| v.to_str().ok()).map(normalize) else {
+            return false;
+        };
+        let mut e = self.lock();
+        if let Some(i) = e.addrs.iter().position(|a| *a == addr) {
+            e.preferred = i;
+            return true;
+        }
+        match channel_for(&addr) {
+            Ok(c) => {
+                e.addrs.push(addr);
+                e.channels.push(c);
+                e.preferred = e.addrs.len() - 1;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Runs `op` with retries until it succeeds, fails for good, or the call deadline passes.
+    async fn call<T, F, Fut>(&self, extra_attempt_time: Duration, mut op: F) -> Result<T>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.options.call_timeout + extra_attempt_time;
+        let mut attempt = 0u32;
+        let mut rotate = 0u32;
+        let mut outcome_unknown = false;
+        loop {
+            let (index, channel) = self.pick(rotate);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let per_attempt = (self.options.attempt_timeout + extra_attempt_time).min(left);
+            let result = tokio::time::timeout(per_attempt, op(channel, per_attempt)).await;
+            let status = match result {
+                Ok(Ok(v)) => {
+                    let mut e = self.lock();
+                    e.preferred = index;
+                    return Ok(v);
+                }
+                Ok(Err(s)) => s,
+                Err(_) => Status::deadline_exceeded("attempt timed out"),
+            };
+            let retryable = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
+            // A failed attempt of a write may still have happened; remember it for the final error.
+            outcome_unknown |= status.metadata().contains_key(md::OUTCOME_UNKNOWN)
+                || matches!(status.code(), Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
+            if !retryable {
+                return Err(Error::from_status(&status, false));
+            }
+            if Instant::now() + backoff(attempt) >= deadline {
+                return Err(Error::from_status(&status, outcome_unknown));
+            }
+            if self.follow_hint(&status) {
+                rotate = 0;
+            } else {
+                rotate += 1;
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(timeout);
+        r
+    }
+
+    /// Creates a promise. Give an idempotency key to make your own retries safe; without one
+    /// the client makes one up for its internal retries.
+    pub async fn create(&self, mut req: pb::CreateRequest) -> Result<pb::PromiseResponse> {
+        let generated = req.idempotency_key.is_empty();
+        if generated {
+            req.idempotency_key = generated_key();
+        }
+        let mut resp = self
+            .call(Duration::ZERO, |c, t| {
+                let req = Self::request(req.clone(), t);
+                async move { PromisesClient::new(c).create(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        // A deduplicated answer to a key we invented can only be our own earlier attempt.
+        if generated {
+            resp.deduplicated = false;
+        }
+        Ok(resp)
+    }
+
+    /// Reads a promise through the shard leader (linearizable).
+    pub async fn get(&self, id: &str) -> Result<pb::Promise> {
+        self.get_with(id, pb::Consistency::Linearizable).await
+    }
+
+    pub async fn get_with(&self, id: &str, consistency: pb::Consistency) -> Result<pb::Promise> {
+        let req = pb::GetRequest { id: id.to_owned(), consistency: consistency as i32 };
+        let resp = self
+            .call(Duration::ZERO, |c, t| {
+                let req = Self::request(req.clone(), t);
+                async move { PromisesClient::new(c).get(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
+    }
+
+    /// Reads a promise from one node's own replica only, with no retries elsewhere: what that
+    /// node has applied, which may lag the leader.
+    pub async fn get_local(endpoint: &str, id: &str) -> Result<pb::Promise> {
+        let c = Client::connect(&[endpoint])?;
+        let channel = c.pick(0).1;
+        let req = pb::GetRequest { id: id.to_owned(), consistency: pb::Consistency::Stale as i32 };
+        let resp = PromisesClient::new(channel)
+            .get(Self::request(req, Duration::from_secs(5)))
+            .await
+            .map_err(|s| Error::from_status(&s, false))?
+            .into_inner();
+        resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
+    }
+
+    pub async fn resolve(&self, id: &str, value: pb::Value, idempotency_key: Option<String>) -> Result<pb::PromiseResponse> {
+        self.settle(Settle::Resolve, id, value, idempotency_key).await
+    }
+
+    pub async fn reject(&self, id: &str, value: pb::Value, idempotency_key: Option<String>) -> Result<pb::PromiseResponse> {
+        self.settle(Settle::Reject, id, value, idempotency_key).await
+    }
+
+    pub async fn cancel(&self, id: &str, value: pb::Value, idempotency_key: Option<String>) -> Result<pb::PromiseResponse> {
+        self.settle(Settle::Cancel, id, value, idempotency_key).await
+    }
+
+    async fn settle(&self, how: Settle, id: &str, value: pb::Value, key: Option<String>) -> Result<pb::PromiseResponse> {
+        let generated = key.as_deref().is_none_or(str::is_empty);
+        let req = pb::SettleRequest {
+            id: id.to_owned(),
+            value: Some(value),
+            idempotency_key: key.filter(|k| !k.is_empty()).unwrap_or_else(generated_key),
+        };
+        let mut resp = self
+            .call(Duration::ZERO, |c, t| {
+                let req = Self::request(req.clone(), t);
+                async move {
+                    let mut client = PromisesClient::new(c);
+                    match how {
+                        Settle::Resolve => client.resolve(req).await,
+                        Settle::Reject => client.reject(req).await,
+                        Settle::Cancel => client.cancel(req).await,
+                    }
+                    .map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        if generated {
+            resp.deduplicated = false;
+        }
+        Ok(resp)
+    }
+
+    /// Waits up to `wait` for the promise to settle and returns it (still pending if the wait
+    /// ran out). Survives leader changes: a broken wait is resumed elsewhere.
+    pub async fn await_settled(&self, id: &str, wait: Duration) -> Result<pb::Promise> {
+        let until = Instant::now() + wait;
+        let resp = self
+            .call(wait, |c, _| {
+                let left = until.saturating_duration_since(Instant::now());
+                let req = pb::AwaitRequest { id: id.to_owned(), wait_timeout_ms: left.as_millis().max(1) as u32 };
+                let req = Self::request(req, left + self.options.attempt_timeout);
+                async move { PromisesClient::new(c).r#await(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
+    }
+
+    pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
+        self.call(Duration::ZERO, |c, t| {
+            let req = Self::request(req.clone(), t);
+            async move { PromisesClient::new(c).search(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        self.call(Duration::ZERO, |c, t| {
+            let req = Self::request(pb::StatusRequest {}, t);
+            async move { ClusterClient::new(c).status(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Adds a node to every shard (learner, caught up, then voter). Can take a while for a
+    /// node that has much to catch up.
+    pub async fn add_node(&self, node_id: u64, grpc_addr: &str) -> Result<pb::StatusResponse> {
+        let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![] };
+        self.call(Duration::from_secs(60), |c, t| {
+            let req = Self::request(req.clone(), t);
+            async move { ClusterClient::new(c).add_node(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn remove_node(&self, node_id: u64) -> Result<pb::StatusResponse> {
+        let req = pb::RemoveNodeRequest { node_id, shard_ids: vec![] };
+        self.call(Duration::from_secs(10), |c, t| {
+            let req = Self::request(req.clone(), t);
+            async move { ClusterClient::new(c).remove_node(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn transfer_leader(&self, to_node_id: u64) -> Result<pb::StatusResponse> {
+        let req = pb::TransferLeaderRequest { to_node_id, shard_ids: vec![] };
+        self.call(Duration::from_secs(5), |c, t| {
+            let req = Self::request(req.clone(), t);
+            async move { ClusterClient::new(c).transfer_leader(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Resolve,
+    Reject,
+    Cancel,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_checked_and_normalised() {
+        assert!(Client::connect::<&str>(&[]).is_err());
+        assert!(matches!(Client::connect(&["not a host:port"]), Err(Error::Client(_))));
+        let c = Client::connect(&["http://127.0.0.1:1/", "127.0.0.1:2"]).expect("valid");
+        assert_eq!(c.lock().addrs, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..20 {
+            let b = backoff(attempt);
+            assert!(b <= Duration::from_millis(1000), "{b:?}");
+        }
+        assert!(backoff(0) <= Duration::from_millis(25));
+    }
+
+    #[test]
+    fn statuses_map_to_what_callers_act_on() {
+        let mut s = Status::unavailable("no leader");
+        s.metadata_mut().insert(md::OUTCOME_UNKNOWN, "true".parse().expect("ascii"));
+        assert!(Error::from_status(&s, true).is_outcome_unknown());
+        assert!(matches!(Error::from_status(&Status::not_found("x"), false), Error::NotFound(_)));
+        assert!(matches!(Error::from_status(&Status::already_exists("x"), false), Error::AlreadyExists { .. }));
+    }
+}

@@ -1,0 +1,472 @@
+//! gRPC edge: the public `Promises` and `Cluster` services, plus the internal Raft service,
+//! health and reflection, on one listener. Handlers decode, call the node, encode; requests
+//! for shards led elsewhere are forwarded once to the leader.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use vow_api::metadata as md;
+use vow_api::v1 as pb;
+use vow_api::v1::cluster_client::ClusterClient;
+use vow_api::v1::cluster_server::{Cluster, ClusterServer};
+use vow_api::v1::promises_client::PromisesClient;
+use vow_api::v1::promises_server::{Promises, PromisesServer};
+use vow_core::{NodeId, PromiseId, SettleAs, ShardId};
+
+use crate::convert::{self, shard_status};
+use crate::node::{self, Node};
+use crate::raft::service::RaftService;
+use crate::shard::{Shard, ShardError, now_ms};
+use crate::storage::state_machine::SearchFilter;
+
+/// Default and largest server-side wait of an Await.
+const AWAIT_DEFAULT: Duration = Duration::from_secs(30);
+const AWAIT_MAX: Duration = Duration::from_secs(300);
+/// Search page size: default and cap.
+const SEARCH_DEFAULT_LIMIT: usize = 100;
+const SEARCH_MAX_LIMIT: usize = 1000;
+/// Metadata on a search forwarded to one shard's leader: search only that shard.
+const SEARCH_SHARD: &str = "vow-search-shard";
+
+/// Serves every gRPC service on `listener` until `shutdown` completes.
+pub async fn serve(
+    node: Node,
+    cluster_name: Arc<str>,
+    data_dir: PathBuf,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PromisesServer<PromisesApi>>().await;
+    health.set_serving::<ClusterServer<ClusterApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vow_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vow_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let raft = RaftService { node_id: node.id(), cluster_name, shards: node.shards().into(), data_dir };
+    // Raft messages carry up to max_payload_entries entries of up to 16 MiB each.
+    let max_message = 64 << 20;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(PromisesServer::new(PromisesApi { node: node.clone() }).max_decoding_message_size(max_message))
+        .add_service(ClusterServer::new(ClusterApi { node }))
+        .add_service(
+            vow_api::raft::raft_server::RaftServer::new(raft)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(md::FORWARDED)
+}
+
+/// A copy of `req` for the leader, marked so that it is not forwarded again.
+fn forwarded<T>(req: Request<T>) -> Request<T> {
+    let timeout = req.metadata().get("grpc-timeout").cloned();
+    let mut fwd = Request::new(req.into_inner());
+    fwd.metadata_mut().insert(md::FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(t) = timeout {
+        fwd.metadata_mut().insert("grpc-timeout", t);
+    }
+    fwd
+}
+
+fn channel(node: &Node, addr: &str) -> Result<Channel, Status> {
+    node.peers().channel(addr).map_err(|e| Status::unavailable(format!("bad leader address {addr}: {e}")))
+}
+
+#[derive(Debug)]
+pub struct PromisesApi {
+    node: Node,
+}
+
+impl PromisesApi {
+    /// Runs a write locally or at the shard leader.
+    async fn write<F, Fut>(
+        &self,
+        method: &'static str,
+        req: Request<F::Req>,
+        command: vow_core::Command,
+        call: F,
+    ) -> Result<Response<pb::PromiseResponse>, Status>
+    where
+        F: ForwardCall<Fut = Fut>,
+        Fut: Future<Output = Result<Response<pb::PromiseResponse>, Status>>,
+    {
+        let started = Instant::now();
+        let shard = match &command {
+            vow_core::Command::Create { id, .. } | vow_core::Command::Settle { id, .. } => self.node.shard_for(id),
+            _ => return Err(Status::internal("not a client command")),
+        };
+        let result = match self.node.write(shard, command).await {
+            Ok(outcome) => convert::outcome_reply(outcome).map(Response::new),
+            Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
+                let reply = call.call(PromisesClient::new(channel(&self.node, &addr)?), forwarded(req)).await;
+                // A forwarded write that failed in transit may have reached the leader.
+                reply.map_err(|mut s| {
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+                        && !s.metadata().contains_key(md::OUTCOME_UNKNOWN)
+                        && !s.metadata().contains_key(md::LEADER_ID)
+                    {
+                        convert::mark_outcome_unknown(&mut s);
+                    }
+                    s
+                })
+            }
+            Err(e) => Err(shard_status(&e)),
+        };
+        self.node.metrics().record(method, &result, started.elapsed());
+        result
+    }
+
+    /// A linearizable read of one promise, locally or at the shard leader.
+    async fn read(&self, shard: &Shard, id: &PromiseId, req: Request<pb::GetRequest>) -> Result<pb::PromiseResponse, Status> {
+        let consistency = pb::Consistency::try_from(req.get_ref().consistency).unwrap_or(pb::Consistency::Linearizable);
+        if consistency == pb::Consistency::Linearizable {
+            match self.node.read_barrier(shard).await {
+                Ok(()) => {}
+                Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
+                    let mut client = PromisesClient::new(channel(&self.node, &addr)?);
+                    return Ok(client.get(forwarded(req)).await?.into_inner());
+                }
+                Err(e) => return Err(shard_status(&e)),
+            }
+        }
+        match shard.state.get(id) {
+            Ok(Some(p)) => Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false }),
+            Ok(None) => Err(Status::not_found(format!("no promise {id}"))),
+            Err(e) => Err(Status::internal(format!("reading promise {id}: {e}"))),
+        }
+    }
+
+    async fn settle(&self, method: &'static str, req: Request<pb::SettleRequest>, settle_as: SettleAs) -> Result<Response<pb::PromiseResponse>, Status> {
+        let command = convert::settle_command(self.node.limits(), req.get_ref().clone(), settle_as)?;
+        match settle_as {
+            SettleAs::Resolve => self.write(method, req, command, Resolve).await,
+            SettleAs::Reject => self.write(method, req, command, Reject).await,
+            SettleAs::Cancel => self.write(method, req, command, Cancel).await,
+        }
+    }
+
+    /// One shard's page of a search, locally or at the shard's leader.
+    async fn search_shard(&self, shard: &Shard, req: &pb::SearchRequest, filter: &SearchFilter, after: Option<&str>, limit: usize, forwarded_req: bool) -> Result<(Vec<pb::Promise>, Option<String>), Status> {
+        match self.node.read_barrier(shard).await {
+            Ok(()) => {
+                let page = shard.state.search(filter, after, limit).map_err(|e| Status::internal(e.to_string()))?;
+                Ok((page.promises.into_iter().map(convert::promise_to_pb).collect(), page.next_after))
+            }
+            Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !forwarded_req => {
+                let mut fwd = forwarded(Request::new(pb::SearchRequest { limit: limit as u32, ..req.clone() }));
+                if let Ok(v) = shard.id.0.to_string().parse() {
+                    fwd.metadata_mut().insert(SEARCH_SHARD, v);
+                }
+                let resp = PromisesClient::new(channel(&self.node, &addr)?).search(fwd).await?.into_inner();
+                let next = if resp.next_page_token.is_empty() { None } else { Some(decode_token(&resp.next_page_token)?) };
+                Ok((resp.promises, next))
+            }
+            Err(e) => Err(shard_status(&e)),
+        }
+    }
+}
+
+/// The forwardable client call behind each write method, as a value so that `write` stays one
+/// generic function.
+trait ForwardCall {
+    type Req;
+    type Fut;
+    fn call(self, client: PromisesClient<Channel>, req: Request<Self::Req>) -> Self::Fut;
+}
+
+macro_rules! forward_call {
+    ($name:ident, $req:ty, $method:ident) => {
+        struct $name;
+        impl ForwardCall for $name {
+            type Req = $req;
+            type Fut = std::pin::Pin<Box<dyn Future<Output = Result<Response<pb::PromiseResponse>, Status>> + Send>>;
+            fn call(self, mut client: PromisesClient<Channel>, req: Request<$req>) -> Self::Fut {
+                Box::pin(async move { client.$method(req).await })
+            }
+        }
+    };
+}
+
+forward_call!(Create, pb::CreateRequest, create);
+forward_call!(Resolve, pb::SettleRequest, resolve);
+forward_call!(Reject, pb::SettleRequest, reject);
+forward_call!(Cancel, pb::SettleRequest, cancel);
+
+fn encode_token(id: &str) -> String {
+    id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Result<String, Status> {
+    let bad = || Status::invalid_argument("malformed page_token");
+    if token.len() % 2 != 0 {
+        return Err(bad());
+    }
+    let bytes = (0..token.len())
+        .step_by(2)
+        .map(|i| token.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(bad))
+        .collect::<Result<Vec<u8>, Status>>()?;
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+#[tonic::async_trait]
+impl Promises for PromisesApi {
+    async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        let command = convert::create_command(self.node.limits(), req.get_ref().clone(), now_ms())?;
+        self.write("create", req, command, Create).await
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        let started = Instant::now();
+        let id = self.node.limits().check_id(&req.get_ref().id).map_err(|e| Status::invalid_argument(e.0))?;
+        let shard = self.node.shard_for(&id).clone();
+        let result = self.read(&shard, &id, req).await.map(Response::new);
+        self.node.metrics().record("get", &result, started.elapsed());
+        result
+    }
+
+    async fn resolve(&self, req: Request<pb::SettleRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        self.settle("resolve", req, SettleAs::Resolve).await
+    }
+
+    async fn reject(&self, req: Request<pb::SettleRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        self.settle("reject", req, SettleAs::Reject).await
+    }
+
+    async fn cancel(&self, req: Request<pb::SettleRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        self.settle("cancel", req, SettleAs::Cancel).await
+    }
+
+    async fn r#await(&self, req: Request<pb::AwaitRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let id = self.node.limits().check_id(&r.id).map_err(|e| Status::invalid_argument(e.0))?;
+        let wait = match r.wait_timeout_ms {
+            0 => AWAIT_DEFAULT,
+            ms => Duration::from_millis(u64::from(ms)).min(AWAIT_MAX),
+        };
+        let shard = self.node.shard_for(&id).clone();
+        // Subscribe before the read: a settle applied after the read is then always heard.
+        let mut settled = shard.subscribe_settled();
+        let first = self.read(&shard, &id, Request::new(pb::GetRequest { id: r.id.clone(), consistency: 0 })).await?;
+        let pending = |p: &pb::PromiseResponse| p.promise.as_ref().is_some_and(|p| p.state == pb::State::Pending as i32);
+        if !pending(&first) {
+            return Ok(Response::new(first));
+        }
+        // Any replica applies every settle, so the wait is local, whoever leads.
+        let timer = tokio::time::sleep(wait);
+        tokio::pin!(timer);
+        let result = loop {
+            tokio::select! {
+                _ = &mut timer => break Ok(first),
+                event = settled.recv() => match event {
+                    Ok(p) if p.id == id => {
+                        break Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false });
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        // Missed notifications: look at the replica's state instead.
+                        if let Ok(Some(p)) = shard.state.get(&id) {
+                            if p.state.is_settled() {
+                                break Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false });
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => break Err(Status::unavailable("shard stopped")),
+                },
+            }
+        };
+        let result = result.map(Response::new);
+        self.node.metrics().record("await", &result, started.elapsed());
+        result
+    }
+
+    async fn search(&self, req: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
+        let only_shard = req.metadata().get(SEARCH_SHARD).and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+        let forwarded_req = is_forwarded(&req);
+        let r = req.into_inner();
+        self.node.limits().check_id_prefix(&r.id_prefix).map_err(|e| Status::invalid_argument(e.0))?;
+        let filter = SearchFilter {
+            id_prefix: r.id_prefix.clone(),
+            state: convert::state_from_pb(r.state)?,
+            tags: r.tags.clone().into_iter().collect(),
+        };
+        let limit = match r.limit as usize {
+            0 => SEARCH_DEFAULT_LIMIT,
+            n => n.min(SEARCH_MAX_LIMIT),
+        };
+        let after = if r.page_token.is_empty() { None } else { Some(decode_token(&r.page_token)?) };
+        let shards: Vec<Shard> = match only_shard {
+            Some(s) => vec![self.node.shard(ShardId(s)).ok_or_else(|| Status::not_found(format!("no shard {s}")))?.clone()],
+            None => self.node.shards().to_vec(),
+        };
+        // Each shard returns its next `limit` matches in id order; the merge keeps the first
+        // `limit` overall, but never past a shard that stopped early (its resume point).
+        let mut all = Vec::new();
+        let mut boundary: Option<String> = None;
+        for shard in &shards {
+            let (promises, next) = self.search_shard(shard, &r, &filter, after.as_deref(), limit, forwarded_req).await?;
+            all.extend(promises);
+            if let Some(n) = next {
+                boundary = Some(boundary.map_or(n.clone(), |b: String| b.min(n)));
+            }
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(b) = &boundary {
+            all.retain(|p| p.id <= *b);
+        }
+        let next_page_token = if all.len() > limit {
+            all.truncate(limit);
+            all.last().map(|p| encode_token(&p.id)).unwrap_or_default()
+        } else {
+            boundary.as_deref().map(encode_token).unwrap_or_default()
+        };
+        Ok(Response::new(pb::SearchResponse { promises: all, next_page_token }))
+    }
+}
+
+#[derive(Debug)]
+pub struct ClusterApi {
+    node: Node,
+}
+
+impl ClusterApi {
+    async fn status(&self) -> pb::StatusResponse {
+        let members = node::members(&self.node);
+        let mut nodes = Vec::new();
+        for (id, addr) in members {
+            let reachable = id == self.node.id() || reachable(&addr).await;
+            nodes.push(pb::NodeStatus { node_id: id.0, grpc_addr: addr, reachable });
+        }
+        let shards = self
+            .node
+            .shards()
+            .iter()
+            .map(|s| {
+                let m = s.raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                pb::ShardStatus {
+                    shard_id: s.id.0,
+                    leader_id: m.current_leader.map_or(0, |l| l.0),
+                    term: m.current_term,
+                    commit_index: m.committed.map_or(0, |c| c.index),
+                    voters: membership.voter_ids().map(|v| v.0).collect(),
+                    learners: membership.learner_ids().map(|v| v.0).collect(),
+                    applied_index: m.last_applied.map_or(0, |a| a.index),
+                }
+            })
+            .collect();
+        pb::StatusResponse { nodes, shards, node_id: self.node.id().0 }
+    }
+
+    /// Runs a membership operation here for the shards this node leads, and forwards the rest
+    /// to their leaders, one shard per forwarded request.
+    async fn membership<F, Fut>(&self, forwarded_req: bool, shard_ids: &[u32], local: F, remote: impl Fn(ShardId) -> RemoteOp) -> Result<Response<pb::StatusResponse>, Status>
+    where
+        F: FnOnce(Vec<ShardId>) -> Fut,
+        Fut: Future<Output = anyhow::Result<Vec<(ShardId, String)>>>,
+    {
+        let shards = node::shard_ids(&self.node, shard_ids);
+        let elsewhere = local(shards).await.map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        for (sid, addr) in elsewhere {
+            if forwarded_req {
+                return Err(Status::unavailable(format!("shard {sid} is led by {addr}, not this node")));
+            }
+            let mut client = ClusterClient::new(channel(&self.node, &addr)?);
+            match remote(sid) {
+                RemoteOp::Add(r) => client.add_node(forwarded(Request::new(r))).await?,
+                RemoteOp::Remove(r) => client.remove_node(forwarded(Request::new(r))).await?,
+                RemoteOp::Transfer(r) => client.transfer_leader(forwarded(Request::new(r))).await?,
+            };
+        }
+        Ok(Response::new(self.status().await))
+    }
+}
+
+enum RemoteOp {
+    Add(pb::AddNodeRequest),
+    Remove(pb::RemoveNodeRequest),
+    Transfer(pb::TransferLeaderRequest),
+}
+
+async fn reachable(addr: &str) -> bool {
+    matches!(tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)))
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterApi {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.status().await))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let fwd = is_forwarded(&req);
+        let r = req.into_inner();
+        if r.node_id == 0 || r.grpc_addr.is_empty() {
+            return Err(Status::invalid_argument("add-node needs a positive node_id and a grpc_addr"));
+        }
+        let (id, addr) = (NodeId(r.node_id), r.grpc_addr.clone());
+        let node = self.node.clone();
+        self.membership(fwd, &r.shard_ids, |shards| async move { node.add_node(id, &addr, &shards).await }, |sid| {
+            RemoteOp::Add(pb::AddNodeRequest { shard_ids: vec![sid.0], ..r.clone() })
+        })
+        .await
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let fwd = is_forwarded(&req);
+        let r = req.into_inner();
+        let id = NodeId(r.node_id);
+        let node = self.node.clone();
+        self.membership(fwd, &r.shard_ids, |shards| async move { node.remove_node(id, &shards).await }, |sid| {
+            RemoteOp::Remove(pb::RemoveNodeRequest { node_id: r.node_id, shard_ids: vec![sid.0] })
+        })
+        .await
+    }
+
+    async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let fwd = is_forwarded(&req);
+        let r = req.into_inner();
+        let to = NodeId(r.to_node_id);
+        let node = self.node.clone();
+        self.membership(fwd, &r.shard_ids, |shards| async move { node.transfer_leader(to, &shards).await }, |sid| {
+            RemoteOp::Transfer(pb::TransferLeaderRequest { to_node_id: r.to_node_id, shard_ids: vec![sid.0] })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        for id in ["", "a", "{order-1}/step ü"] {
+            assert_eq!(decode_token(&encode_token(id)).ok().as_deref(), Some(id));
+        }
+        assert!(decode_token("abc").is_err());
+        assert!(decode_token("zz").is_err());
+        assert!(decode_token("ff").is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! vowd's configuration: flags, then `VOW_*` environment variables, then an optional TOML file,
+//! then defaults — in that order of precedence. With no arguments at all vowd is a single-node
+//! cluster on loopback with data in `./vow-data` (the embedded default, also `--dev`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+use vow_core::{Limits, NodeId};
+
+use crate::shard::RaftOptions;
+
+/// Command-line flags. Every value is optional here so that the TOML file can fill the gaps.
+#[derive(Debug, Parser, Default)]
+#[command(name = "vowd", version, about = "vow: a distributed promise store (one node)")]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "VOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Single node on loopback with data in ./vow-data (the default when nothing else is given).
+    #[arg(long)]
+    pub dev: bool,
+    /// This node's id (a positive integer, unique in the cluster).
+    #[arg(long, env = "VOW_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Directory for RocksDB and snapshots.
+    #[arg(long, env = "VOW_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on for gRPC (public API and node-to-node Raft).
+    #[arg(long, env = "VOW_GRPC_ADDR")]
+    pub grpc_addr: Option<String>,
+    /// Address other nodes and clients use to reach this node's gRPC port (default: --grpc-addr).
+    #[arg(long, env = "VOW_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Address to listen on for HTTP (/livez, /readyz, /metrics).
+    #[arg(long, env = "VOW_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Initial voters as `id=host:port,...` (this node included). Default: this node alone.
+    #[arg(long, env = "VOW_PEERS")]
+    pub peers: Option<String>,
+    /// Join an existing cluster through any of these nodes (`host:port,...`) instead of
+    /// initialising one.
+    #[arg(long, env = "VOW_JOIN")]
+    pub join: Option<String>,
+    /// Cluster name; a node refuses data or messages of another cluster.
+    #[arg(long, env = "VOW_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Number of shards (Raft groups). Fixed when the cluster is initialised.
+    #[arg(long, env = "VOW_SHARDS")]
+    pub shards: Option<u32>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "VOW_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, env = "VOW_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Build a snapshot and purge the log after this many entries.
+    #[arg(long, env = "VOW_SNAPSHOT_LOGS")]
+    pub snapshot_logs: Option<u64>,
+    /// How long settled promises are kept, in seconds (default 7 days).
+    #[arg(long, env = "VOW_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// Largest param or value data in bytes (default 1 MiB, at most 16 MiB).
+    #[arg(long, env = "VOW_MAX_DATA_BYTES")]
+    pub max_data_bytes: Option<usize>,
+    /// Deadline given to creates without one, in seconds from now (default 1 day).
+    #[arg(long, env = "VOW_DEFAULT_DEADLINE_SECS")]
+    pub default_deadline_secs: Option<u64>,
+    /// Log filter, e.g. `info` or `vow_server=debug` (RUST_LOG works too).
+    #[arg(long, env = "VOW_LOG")]
+    pub log: Option<String>,
+}
+
+/// The TOML file: the same settings as the flags, plus the full limits table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub grpc_addr: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub peers: Option<String>,
+    pub join: Option<String>,
+    pub cluster_name: Option<String>,
+    pub shards: Option<u32>,
+    pub heartbeat_ms: Option<u64>,
+    pub election_timeout_ms: Option<u64>,
+    pub snapshot_logs: Option<u64>,
+    pub retention_secs: Option<u64>,
+    pub log: Option<String>,
+    #[serde(default)]
+    pub limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub max_id_bytes: Option<usize>,
+    pub max_data_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub max_tags: Option<usize>,
+    pub max_entry_bytes: Option<usize>,
+    pub max_idempotency_key_bytes: Option<usize>,
+    pub max_deadline_ahead_secs: Option<u64>,
+    pub default_deadline_secs: Option<u64>,
+}
+
+/// The resolved configuration of one node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub advertise_addr: String,
+    pub http_addr: SocketAddr,
+    /// Initial voters (empty when joining).
+    pub initial_members: BTreeMap<NodeId, String>,
+    pub join: Vec<String>,
+    pub cluster_name: String,
+    pub shards: u32,
+    pub raft: RaftOptions,
+    pub retention: Duration,
+    pub limits: Limits,
+    pub log: String,
+}
+
+pub const MAX_SHARDS: u32 = 256;
+
+impl Config {
+    pub fn from_args(args: Args) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let node_id = args.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            bail!("--node-id must be a positive integer");
+        }
+        let grpc = args.grpc_addr.or(file.grpc_addr).unwrap_or_else(|| "127.0.0.1:7001".into());
+        let grpc_addr: SocketAddr = grpc.parse().with_context(|| format!("--grpc-addr {grpc:?} is not host:port"))?;
+        let advertise_addr = args.advertise_addr.or(file.advertise_addr).unwrap_or_else(|| grpc.clone());
+        let http = args.http_addr.or(file.http_addr).unwrap_or_else(|| "127.0.0.1:7081".into());
+        let http_addr: SocketAddr = http.parse().with_context(|| format!("--http-addr {http:?} is not host:port"))?;
+        let join: Vec<String> = args
+            .join
+            .or(file.join)
+            .map(|j| j.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
+        let node = NodeId(node_id);
+        let initial_members = match args.peers.or(file.peers) {
+            Some(p) => parse_peers(&p)?,
+            None if join.is_empty() => BTreeMap::from([(node, advertise_addr.clone())]),
+            None => BTreeMap::new(),
+        };
+        if !join.is_empty() && !initial_members.is_empty() {
+            bail!("give either --peers (initial voters) or --join (an existing cluster), not both");
+        }
+        if !initial_members.is_empty() && !initial_members.contains_key(&node) {
+            bail!("--peers does not include this node ({node_id})");
+        }
+        let shards = args.shards.or(file.shards).unwrap_or(1);
+        if shards == 0 || shards > MAX_SHARDS {
+            bail!("--shards must be between 1 and {MAX_SHARDS}");
+        }
+        let defaults = RaftOptions::default();
+        let election_min = args.election_timeout_ms.or(file.election_timeout_ms).unwrap_or(defaults.election_timeout_min_ms);
+        let raft = RaftOptions {
+            heartbeat_ms: args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(defaults.heartbeat_ms),
+            election_timeout_min_ms: election_min,
+            election_timeout_max_ms: election_min * 2,
+            snapshot_logs: args.snapshot_logs.or(file.snapshot_logs).unwrap_or(defaults.snapshot_logs),
+        };
+        if raft.heartbeat_ms == 0 || raft.heartbeat_ms * 2 > raft.election_timeout_min_ms {
+            bail!("the election timeout must be at least twice the heartbeat interval");
+        }
+        let l = file.limits;
+        let d = Limits::default();
+        let secs_ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let limits = Limits {
+            max_id_bytes: l.max_id_bytes.unwrap_or(d.max_id_bytes),
+            max_data_bytes: args.max_data_bytes.or(l.max_data_bytes).unwrap_or(d.max_data_bytes),
+            max_headers: l.max_headers.unwrap_or(d.max_headers),
+            max_tags: l.max_tags.unwrap_or(d.max_tags),
+            max_entry_bytes: l.max_entry_bytes.unwrap_or(d.max_entry_bytes),
+            max_idempotency_key_bytes: l.max_idempotency_key_bytes.unwrap_or(d.max_idempotency_key_bytes),
+            max_deadline_ahead_ms: l.max_deadline_ahead_secs.map_or(d.max_deadline_ahead_ms, secs_ms),
+            default_deadline_ahead_ms: args
+                .default_deadline_secs
+                .or(l.default_deadline_secs)
+                .map_or(d.default_deadline_ahead_ms, secs_ms),
+        };
+        limits.validate().map_err(|e| anyhow::anyhow!("invalid limits: {e}"))?;
+        Ok(Config {
+            node_id: node,
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("vow-data")),
+            grpc_addr,
+            advertise_addr,
+            http_addr,
+            initial_members,
+            join,
+            cluster_name: args.cluster_name.or(file.cluster_name).unwrap_or_else(|| "vow".into()),
+            shards,
+            raft,
+            retention: Duration::from_secs(args.retention_secs.or(file.retention_secs).unwrap_or(7 * 24 * 3600)),
+            limits,
+            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').with_context(|| format!("peer {part:?} is not id=host:port"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("peer id {id:?} is not a number"))?;
+        if id == 0 {
+            bail!("peer ids must be positive");
+        }
+        if out.insert(NodeId(id), addr.trim().to_owned()).is_some() {
+            bail!("peer {id} is listed twice");
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_arguments_is_a_single_node_dev_cluster() -> anyhow::Result<()> {
+        let c = Config::from_args(Args::default())?;
+        assert_eq!(c.node_id, NodeId(1));
+        assert_eq!(c.initial_members, BTreeMap::from([(NodeId(1), "127.0.0.1:7001".to_string())]));
+        assert_eq!(c.data_dir, PathBuf::from("vow-data"));
+        Ok(())
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_bad_input_is_explained() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("vow.toml");
+        std::fs::write(&path, "node_id = 2\nshards = 4\npeers = \"1=a:1,2=b:2\"\n[limits]\nmax_tags = 3\n")?;
+        let c = Config::from_args(Args { config: Some(path.clone()), shards: Some(2), ..Args::default() })?;
+        assert_eq!((c.node_id, c.shards, c.limits.max_tags), (NodeId(2), 2, 3));
+        std::fs::write(&path, "nodeid = 2\n")?;
+        let err = Config::from_args(Args { config: Some(path), ..Args::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("nodeid"), "{err:#}");
+        let err = Config::from_args(Args { peers: Some("1=a:1,x=b".into()), ..Args::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("not a number"));
+        let err = Config::from_args(Args { max_data_bytes: Some(1 << 30), ..Args::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("max_data_bytes"));
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Conversions between the public protobuf messages and core types, and the one place where
+//! outcomes and errors become gRPC statuses.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use tonic::Status;
+use tonic::metadata::{MetadataValue};
+use vow_api::metadata as md;
+use vow_api::v1 as pb;
+use vow_core::{Command, LimitError, Limits, Outcome, Promise, SettleAs, State, Value};
+
+use crate::shard::ShardError;
+
+pub fn state_to_pb(s: State) -> pb::State {
+    match s {
+        State::Pending => pb::State::Pending,
+        State::Resolved => pb::State::Resolved,
+        State::Rejected => pb::State::Rejected,
+        State::RejectedCanceled => pb::State::RejectedCanceled,
+        State::RejectedTimedout => pb::State::RejectedTimedout,
+    }
+}
+
+pub fn state_from_pb(s: i32) -> Result<Option<State>, Status> {
+    Ok(match pb::State::try_from(s).map_err(|_| Status::invalid_argument(format!("unknown state {s}")))? {
+        pb::State::Unspecified => None,
+        pb::State::Pending => Some(State::Pending),
+        pb::State::Resolved => Some(State::Resolved),
+        pb::State::Rejected => Some(State::Rejected),
+        pb::State::RejectedCanceled => Some(State::RejectedCanceled),
+        pb::State::RejectedTimedout => Some(State::RejectedTimedout),
+    })
+}
+
+fn value_to_pb(v: Value) -> pb::Value {
+    pb::Value { headers: v.headers.into_iter().collect(), data: v.data }
+}
+
+fn value_from_pb(v: Option<pb::Value>) -> Value {
+    let v = v.unwrap_or_default();
+    Value { headers: v.headers.into_iter().collect(), data: v.data }
+}
+
+pub fn promise_to_pb(p: Promise) -> pb::Promise {
+    pb::Promise {
+        id: p.id.into_string(),
+        state: state_to_pb(p.state) as i32,
+        param: Some(value_to_pb(p.param)),
+        value: Some(value_to_pb(p.value)),
+        deadline_ms: p.deadline_ms,
+        tags: p.tags.into_iter().collect(),
+        created_at_ms: p.created_at_ms,
+        settled_at_ms: p.settled_at_ms,
+        revision: p.revision,
+        idempotency_key_create: p.idempotency_key_create,
+        idempotency_key_settle: p.idempotency_key_settle,
+    }
+}
+
+fn invalid(e: LimitError) -> Status {
+    Status::invalid_argument(e.0)
+}
+
+/// Validates a create request and turns it into a command, resolving its deadline on `now_ms`.
+pub fn create_command(limits: &Limits, r: pb::CreateRequest, now_ms: i64) -> Result<Command, Status> {
+    let id = limits.check_id(&r.id).map_err(invalid)?;
+    let param = value_from_pb(r.param);
+    limits.check_value("param", &param).map_err(invalid)?;
+    let tags: BTreeMap<String, String> = r.tags.into_iter().collect();
+    limits.check_tags(&tags).map_err(invalid)?;
+    limits.check_idempotency_key(&r.idempotency_key).map_err(invalid)?;
+    let deadline_ms = limits.resolve_deadline(r.deadline_ms, now_ms).map_err(invalid)?;
+    Ok(Command::Create { id, param, deadline_ms, tags, idempotency_key: r.idempotency_key })
+}
+
+pub fn settle_command(limits: &Limits, r: pb::SettleRequest, settle_as: SettleAs) -> Result<Command, Status> {
+    let id = limits.check_id(&r.id).map_err(invalid)?;
+    let value = value_from_pb(r.value);
+    limits.check_value("value", &value).map_err(invalid)?;
+    limits.check_idempotency_key(&r.idempotency_key).map_err(invalid)?;
+    Ok(Command::Settle { id, settle_as, value, idempotency_key: r.idempotency_key })
+}
+
+fn with_current(mut status: Status, current: Promise) -> Status {
+    let bytes = promise_to_pb(current).encode_to_vec();
+    status.metadata_mut().insert_bin(md::CURRENT_BIN, MetadataValue::from_bytes(&bytes));
+    status
+}
+
+/// A domain outcome as the reply to a create or settle.
+pub fn outcome_reply(outcome: Outcome) -> Result<pb::PromiseResponse, Status> {
+    match outcome {
+        Outcome::Created { promise, deduplicated } | Outcome::Settled { promise, deduplicated } => {
+            Ok(pb::PromiseResponse { promise: Some(promise_to_pb(promise)), deduplicated })
+        }
+        Outcome::CreateConflict { current } => Err(with_current(
+            Status::already_exists(format!(
+                "promise {} already exists (state {}) and the idempotency key does not match",
+                current.id, current.state
+            )),
+            current,
+        )),
+        Outcome::SettleConflict { current } => Err(with_current(
+            Status::failed_precondition(format!(
+                "promise {} is already {} and this request does not repeat that settlement",
+                current.id, current.state
+            )),
+            current,
+        )),
+        Outcome::NotFound => Err(Status::not_found("no such promise")),
+        Outcome::TimedOut { .. } | Outcome::Collected { .. } => {
+            Err(Status::internal("internal command outcome returned to a client"))
+        }
+    }
+}
+
+/// A shard error as a status, with the leader hint and the outcome-unknown marker in metadata.
+pub fn shard_status(e: &ShardError) -> Status {
+    let mut status = match e {
+        ShardError::NotLeader { .. } | ShardError::Unavailable { .. } | ShardError::OutcomeUnknown { .. } => {
+            Status::unavailable(e.to_string())
+        }
+        ShardError::Fatal { .. } => Status::internal(e.to_string()),
+    };
+    if let ShardError::NotLeader { leader: Some((id, addr)), .. } = e {
+        if let Ok(v) = id.0.to_string().parse() {
+            status.metadata_mut().insert(md::LEADER_ID, v);
+        }
+        if let Ok(v) = addr.parse() {
+            status.metadata_mut().insert(md::LEADER_ADDR, v);
+        }
+    }
+    if matches!(e, ShardError::OutcomeUnknown { .. }) {
+        mark_outcome_unknown(&mut status);
+    }
+    status
+}
+
+pub fn mark_outcome_unknown(status: &mut Status) {
+    status.metadata_mut().insert(md::OUTCOME_UNKNOWN, MetadataValue::from_static("true"));
+}

@@ -1,0 +1,62 @@
+//! The HTTP endpoints for operators: `/livez`, `/readyz` and `/metrics` (Prometheus text).
+
+use std::fmt::Write;
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use openraft::ServerState;
+use tokio::net::TcpListener;
+
+use crate::node::Node;
+
+pub async fn serve(node: Node, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(node);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+/// Ready when this node is a member of every shard, every shard has a leader, and this
+/// replica has applied everything it knows to be committed.
+async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
+    if node.is_shutting_down() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    let mut problems = String::new();
+    for shard in node.shards() {
+        let m = shard.raft.metrics().borrow().clone();
+        let member = m.membership_config.membership().get_node(&node.id()).is_some();
+        if !member {
+            let _ = writeln!(problems, "shard {}: not a member yet", shard.id);
+        } else if m.current_leader.is_none() {
+            let _ = writeln!(problems, "shard {}: no leader", shard.id);
+        } else if m.last_applied.map(|l| l.index) < m.committed.map(|c| c.index) {
+            let _ = writeln!(problems, "shard {}: catching up", shard.id);
+        }
+    }
+    if problems.is_empty() { (StatusCode::OK, "ready\n".into()) } else { (StatusCode::SERVICE_UNAVAILABLE, problems) }
+}
+
+async fn metrics(State(node): State<Node>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# TYPE vow_shard_is_leader gauge");
+    for shard in node.shards() {
+        let m = shard.raft.metrics().borrow().clone();
+        let labels = format!("node=\"{}\",shard=\"{}\"", node.id(), shard.id);
+        let _ = writeln!(out, "vow_shard_is_leader{{{labels}}} {}", u8::from(m.state == ServerState::Leader));
+        let _ = writeln!(out, "vow_shard_term{{{labels}}} {}", m.current_term);
+        let _ = writeln!(out, "vow_shard_leader_id{{{labels}}} {}", m.current_leader.map_or(0, |l| l.0));
+        let _ = writeln!(out, "vow_shard_last_log_index{{{labels}}} {}", m.last_log_index.unwrap_or(0));
+        let _ = writeln!(out, "vow_shard_commit_index{{{labels}}} {}", m.committed.map_or(0, |c| c.index));
+        let _ = writeln!(out, "vow_shard_applied_index{{{labels}}} {}", m.last_applied.map_or(0, |a| a.index));
+        let _ = writeln!(out, "vow_shard_snapshot_index{{{labels}}} {}", m.snapshot.map_or(0, |s| s.index));
+    }
+    node.metrics().render(&mut out);
+    out
+}

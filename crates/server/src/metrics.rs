@@ -1,0 +1,50 @@
+//! Request counters and latency sums for `/metrics`, kept in atomics (no locks on the request path).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tonic::Status;
+
+const METHODS: [&str; 7] = ["create", "get", "resolve", "reject", "cancel", "await", "search"];
+const OUTCOMES: [&str; 3] = ["ok", "domain", "error"];
+
+/// Counts of requests by method and outcome class, and their total latency.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counts: [[AtomicU64; 3]; 7],
+    micros: [AtomicU64; 7],
+}
+
+impl Metrics {
+    pub fn record<T>(&self, method: &str, result: &Result<T, Status>, elapsed: Duration) {
+        let Some(m) = METHODS.iter().position(|x| *x == method) else { return };
+        let o = match result {
+            Ok(_) => 0,
+            // Replicated domain answers (exists, settled, not found, bad input) are not failures.
+            Err(s) if matches!(
+                s.code(),
+                tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+            ) => 1,
+            Err(_) => 2,
+        };
+        self.counts[m][o].fetch_add(1, Ordering::Relaxed);
+        self.micros[m].fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the request metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# TYPE vow_requests_total counter");
+        for (m, method) in METHODS.iter().enumerate() {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
+                let n = self.counts[m][o].load(Ordering::Relaxed);
+                let _ = writeln!(out, "vow_requests_total{{method=\"{method}\",outcome=\"{outcome}\"}} {n}");
+            }
+        }
+        let _ = writeln!(out, "# TYPE vow_request_seconds_sum counter");
+        for (m, method) in METHODS.iter().enumerate() {
+            let s = self.micros[m].load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "vow_request_seconds_sum{{method=\"{method}\"}} {s}");
+        }
+    }
+}

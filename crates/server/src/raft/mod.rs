@@ -1,0 +1,50 @@
+//! openraft wiring: the type configuration, the explicit codec for Raft messages and log entries,
+//! and the tonic transport between nodes (client side in [`network`], server side in [`service`]).
+
+pub mod codec;
+pub mod network;
+pub mod service;
+
+use std::fmt;
+
+use vow_core::{NodeId, Outcome, Proposal};
+
+use crate::storage::state_machine::ShardStateMachine;
+
+/// What the Raft membership records about a node: where to reach it. One gRPC address serves
+/// the public API and the internal Raft service alike.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VowNode {
+    pub grpc_addr: String,
+}
+
+impl fmt::Display for VowNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.grpc_addr)
+    }
+}
+
+/// The state machine's reply to one applied entry: the domain outcome for application
+/// commands, nothing for blank and membership entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyResponse(pub Option<Outcome>);
+
+openraft::declare_raft_types!(
+    /// vow's openraft configuration: log entries carry a [`Proposal`]; node ids are [`NodeId`].
+    pub TypeConfig:
+        D = Proposal,
+        R = ApplyResponse,
+        NodeId = NodeId,
+        Node = VowNode,
+);
+
+/// One shard's Raft instance.
+pub type Raft = openraft::Raft<TypeConfig, ShardStateMachine>;
+
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type Membership = openraft::Membership<NodeId, VowNode>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;

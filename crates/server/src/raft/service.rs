@@ -1,0 +1,136 @@
+//! The receiving side of the Raft transport: decodes a message, hands it to the addressed
+//! shard's Raft instance, encodes the reply.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use openraft::alias::SnapshotOf;
+use tonic::{Request, Response, Status, Streaming};
+use vow_api::raft::raft_server::Raft as RaftRpc;
+use vow_api::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use vow_core::NodeId;
+
+use super::codec;
+use crate::shard::Shard;
+use crate::storage::snapshot::SnapshotFile;
+
+#[derive(Clone, Debug)]
+pub struct RaftService {
+    pub node_id: NodeId,
+    pub cluster_name: Arc<str>,
+    pub shards: Arc<[Shard]>,
+    pub data_dir: std::path::PathBuf,
+}
+
+fn malformed(e: vow_core::DecodeError) -> Status {
+    Status::invalid_argument(format!("malformed raft message: {e}"))
+}
+
+fn stopped(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("raft stopped: {e}"))
+}
+
+fn reply(payload: Vec<u8>) -> Result<Response<RaftReply>, Status> {
+    Ok(Response::new(RaftReply { payload: payload.into() }))
+}
+
+impl RaftService {
+    /// The shard a message is for, after checking it was meant for this node and cluster.
+    fn shard(&self, req: &RaftRequest) -> Result<&Shard, Status> {
+        if req.target_node_id != self.node_id.0 {
+            return Err(Status::failed_precondition(format!(
+                "message for node {} reached node {}",
+                req.target_node_id, self.node_id
+            )));
+        }
+        if *req.cluster_name != *self.cluster_name {
+            return Err(Status::failed_precondition(format!(
+                "message from cluster {:?} reached cluster {:?}",
+                req.cluster_name, self.cluster_name
+            )));
+        }
+        self.shards
+            .get(req.shard_id as usize)
+            .ok_or_else(|| Status::not_found(format!("no shard {}", req.shard_id)))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let shard = self.shard(&req)?;
+        let rpc = codec::decode_vote_request(&req.payload).map_err(malformed)?;
+        let resp = shard.raft.vote(rpc).await.map_err(stopped)?;
+        reply(codec::encode_vote_response(&resp))
+    }
+
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let shard = self.shard(&req)?;
+        let rpc = codec::decode_append_request(&req.payload).map_err(malformed)?;
+        let resp = shard.raft.append_entries(rpc).await.map_err(stopped)?;
+        reply(codec::encode_append_response(&resp))
+    }
+
+    async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let shard = self.shard(&req)?;
+        let rpc = codec::decode_transfer_request(&req.payload).map_err(malformed)?;
+        let resp = shard.raft.handle_transfer_leader(rpc).await.map_err(stopped)?;
+        reply(codec::encode_transfer_response(&resp))
+    }
+
+    async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let header = first.header.ok_or_else(|| Status::invalid_argument("first snapshot chunk has no header"))?;
+        let shard = self.shard(&header)?.clone();
+        let (vote, meta) = codec::decode_snapshot_header(&header.payload).map_err(malformed)?;
+
+        // Spool to a temporary file beside the shard's snapshots; the state machine renames it
+        // into place when it installs it.
+        let dir = self.data_dir.join("snapshots").join(format!("shard-{}", shard.id.0));
+        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        let path = dir.join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
+        let result = async {
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            file.write_all(&first.data)?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                file.write_all(&chunk.data)?;
+            }
+            let file = file.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&path);
+            return Err(Status::aborted(format!("snapshot transfer failed: {e}")));
+        }
+        // Read it through once: a torn or corrupt transfer is refused here, before the state
+        // machine starts replacing its state with it.
+        let check_path = path.clone();
+        let expected = meta.clone();
+        let verified = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let (found, mut reader) = crate::storage::snapshot::Reader::open(std::fs::File::open(&check_path)?)?;
+            while reader.next_record()?.is_some() {}
+            if found != expected {
+                return Err(std::io::Error::other("snapshot header and file meta differ"));
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(e) = verified {
+            let _ = std::fs::remove_file(&path);
+            return Err(Status::data_loss(format!("received snapshot is invalid: {e}")));
+        }
+        let data = SnapshotFile::open(path).map_err(|e| Status::internal(e.to_string()))?;
+        let snapshot: SnapshotOf<super::TypeConfig, SnapshotFile> = openraft::Snapshot { meta, snapshot: data };
+        let resp = shard.raft.install_full_snapshot(vote, snapshot).await.map_err(stopped)?;
+        reply(codec::encode_snapshot_response(&resp))
+    }
+}

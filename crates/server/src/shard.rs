@@ -1,0 +1,202 @@
+//! One shard on this node: its Raft instance, a read handle on its state, and the channel
+//! that announces settlements. Proposals and linearizable reads go through here, and come back
+//! as domain outcomes or typed, retryable [`ShardError`]s.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
+use openraft::{ReadPolicy, ServerState};
+use rocksdb::DB;
+use tokio::sync::broadcast;
+use vow_core::{Command, NodeId, Outcome, Promise, Proposal, ShardId};
+
+use crate::peers::Peers;
+use crate::raft::network::NetworkFactory;
+use crate::raft::{Raft, TypeConfig, VowNode};
+use crate::storage::log_store::{LogStore, WalFlusher};
+use crate::storage::state_machine::{ShardState, ShardStateMachine};
+
+/// Settlement notifications buffered per shard before slow listeners lag (and re-read).
+const SETTLED_CHANNEL: usize = 4096;
+
+/// Why a shard could not serve a request. Each variant says what the caller may do next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShardError {
+    /// This node does not lead the shard; retry at the leader, if one is known.
+    #[error("node is not the leader of shard {shard}")]
+    NotLeader { shard: ShardId, leader: Option<(NodeId, String)> },
+    /// Cannot serve now (no quorum, shutting down); retrying later may succeed. The request
+    /// did not take effect.
+    #[error("shard {shard} unavailable: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+    /// The write was proposed but its fate is unknown; retry with the same idempotency key.
+    #[error("outcome unknown on shard {shard}: {reason}")]
+    OutcomeUnknown { shard: ShardId, reason: String },
+    /// Storage failed; the shard has stopped.
+    #[error("shard {shard} stopped: {reason}")]
+    Fatal { shard: ShardId, reason: String },
+}
+
+/// Tunables of a shard's Raft instance.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log) after this many applied entries.
+    pub snapshot_logs: u64,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        RaftOptions { heartbeat_ms: 100, election_timeout_min_ms: 400, election_timeout_max_ms: 800, snapshot_logs: 20_000 }
+    }
+}
+
+/// Everything a shard needs from its node to start.
+#[derive(Debug, Clone)]
+pub struct ShardContext {
+    pub node_id: NodeId,
+    pub cluster_name: Arc<str>,
+    pub db: Arc<DB>,
+    pub flusher: WalFlusher,
+    pub peers: Peers,
+    pub data_dir: PathBuf,
+    pub raft: RaftOptions,
+}
+
+/// A cheap, cloneable handle on one shard of this node.
+#[derive(Clone)]
+pub struct Shard {
+    pub id: ShardId,
+    pub raft: Raft,
+    pub state: ShardState,
+    settled: broadcast::Sender<Promise>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish()
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Shard {
+    pub async fn open(ctx: &ShardContext, id: ShardId) -> anyhow::Result<Shard> {
+        let (settled, _) = broadcast::channel(SETTLED_CHANNEL);
+        let snapshot_dir = ctx.data_dir.join("snapshots").join(format!("shard-{}", id.0));
+        let sm = ShardStateMachine::open(ctx.db.clone(), id, snapshot_dir, settled.clone())?;
+        let state = sm.reader();
+        let log = LogStore::new(ctx.db.clone(), id, ctx.flusher.clone());
+        let config = openraft::Config {
+            cluster_name: format!("{}-shard-{}", ctx.cluster_name, id.0),
+            heartbeat_interval: ctx.raft.heartbeat_ms,
+            election_timeout_min: ctx.raft.election_timeout_min_ms,
+            election_timeout_max: ctx.raft.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(ctx.raft.snapshot_logs),
+            max_in_snapshot_log_to_keep: 1000.min(ctx.raft.snapshot_logs),
+            install_snapshot_timeout: 10_000,
+            send_snapshot_timeout: 60_000,
+            ..Default::default()
+        }
+        .validate()?;
+        let network = NetworkFactory { peers: ctx.peers.clone(), shard: id, cluster_name: ctx.cluster_name.clone() };
+        let raft = Raft::new(ctx.node_id, Arc::new(config), network, log, sm).await?;
+        Ok(Shard { id, raft, state, settled })
+    }
+
+    /// Subscribes to promises settled on this replica from now on.
+    pub fn subscribe_settled(&self) -> broadcast::Receiver<Promise> {
+        self.settled.subscribe()
+    }
+
+    /// Initialises the shard with `members` as voters if it has never been initialised.
+    pub async fn initialize_if_new(&self, members: &[(NodeId, String)]) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let nodes: std::collections::BTreeMap<NodeId, VowNode> =
+            members.iter().map(|(id, addr)| (*id, VowNode { grpc_addr: addr.clone() })).collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            // Another initial member initialised first and we already heard from it.
+            Err(RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Proposes `command`, stamped with this node's clock, and waits for it to be applied.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ShardError> {
+        let proposal = Proposal { stamp_ms: now_ms(), command };
+        match self.raft.client_write(proposal).await {
+            Ok(resp) => resp.data.0.ok_or_else(|| ShardError::Fatal {
+                shard: self.id,
+                reason: "state machine returned no outcome for a command".into(),
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => Err(ShardError::OutcomeUnknown {
+                shard: self.id,
+                reason: format!("leadership changed before the entry committed (new leader {:?})", f.leader_id),
+            }),
+            Err(RaftError::APIError(e)) => Err(ShardError::Unavailable { shard: self.id, reason: e.to_string() }),
+            Err(RaftError::Fatal(e)) => Err(ShardError::Fatal { shard: self.id, reason: e.to_string() }),
+        }
+    }
+
+    /// Returns once this replica's state reflects every write committed before the call
+    /// (ReadIndex through the leader). Only the leader can do this.
+    pub async fn read_barrier(&self) -> Result<(), ShardError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
+                Err(ShardError::Unavailable { shard: self.id, reason: q.to_string() })
+            }
+            Err(RaftError::Fatal(e)) => Err(ShardError::Fatal { shard: self.id, reason: e.to_string() }),
+        }
+    }
+
+    fn not_leader(&self, f: &ForwardToLeader<TypeConfig>) -> ShardError {
+        let leader = match (&f.leader_id, &f.leader_node) {
+            (Some(id), Some(node)) => Some((*id, node.grpc_addr.clone())),
+            (Some(id), None) => self.node_addr(*id).map(|a| (*id, a)),
+            _ => None,
+        };
+        ShardError::NotLeader { shard: self.id, leader }
+    }
+
+    /// The address of a member, from the current membership.
+    pub fn node_addr(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.grpc_addr.clone())
+    }
+
+    /// The current leader and its address, as this replica believes.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.grpc_addr.clone();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Waits up to `timeout` for this replica to know a leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<(NodeId, String)> {
+        let _ = self.raft.wait(Some(timeout)).metrics(|m| m.current_leader.is_some(), "a known leader").await;
+        self.leader()
+    }
+
+    pub fn voters_and_learners(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        (m.membership().voter_ids().collect(), m.membership().learner_ids().collect())
+    }
+}

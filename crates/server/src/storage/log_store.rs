@@ -1,0 +1,229 @@
+//! The Raft log of every shard in the node's one RocksDB, with group commit.
+//!
+//! `append` writes the entries without sync (so they are readable at once, as openraft
+//! requires) and hands its completion callback to the node's single [`WalFlusher`] task. The
+//! flusher takes every callback that is waiting, issues one `flush_wal(sync = true)` and then
+//! completes them all: concurrent appends of all shards share one fsync. Because RocksDB has one
+//! WAL per database, an fsync covers every write issued before it, so callbacks complete in
+//! order and never before their entries are durable.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
+use tokio::sync::mpsc;
+use vow_core::ShardId;
+use vow_core::codec::{Decoder, Encoder};
+
+use super::{CF_LOG, CF_META, cf, corrupt, io_err, keys};
+use crate::raft::{LogId, TypeConfig, Vote, codec};
+
+/// Callbacks waiting for the next WAL fsync, at most this many queued before appends wait.
+const FLUSH_QUEUE: usize = 4096;
+
+/// Handle to the node's WAL flusher task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct WalFlusher {
+    tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+impl WalFlusher {
+    /// Starts the flusher task for `db`. It ends when every handle is dropped, and never keeps
+    /// the database open by itself (it holds a weak reference between flushes).
+    pub fn spawn(db: Arc<DB>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<IOFlushed<TypeConfig>>(FLUSH_QUEUE);
+        let db = Arc::downgrade(&db);
+        tokio::spawn(async move {
+            let mut waiting = Vec::with_capacity(256);
+            while rx.recv_many(&mut waiting, FLUSH_QUEUE).await > 0 {
+                let synced = match db.upgrade() {
+                    Some(db) => tokio::task::spawn_blocking(move || db.flush_wal(true))
+                        .await
+                        .map_err(io::Error::other)
+                        .and_then(|r| r.map_err(io_err)),
+                    None => Err(io::Error::other("database closed")),
+                };
+                if let Err(e) = &synced {
+                    // Fatal: openraft stops the shard when told its log is not durable.
+                    tracing::error!(error = %e, "WAL fsync failed");
+                }
+                for cb in waiting.drain(..) {
+                    cb.io_completed(match &synced {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    });
+                }
+            }
+        });
+        WalFlusher { tx }
+    }
+}
+
+/// One shard's view of the log; also its own [`RaftLogReader`].
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    shard: ShardId,
+    flusher: WalFlusher,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").field("shard", &self.shard).finish()
+    }
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>, shard: ShardId, flusher: WalFlusher) -> Self {
+        LogStore { db, shard, flusher }
+    }
+
+    fn get_meta(&self, kind: u8) -> io::Result<Option<Vec<u8>>> {
+        self.db.get_cf(cf(&self.db, CF_META)?, keys::meta(self.shard, kind)).map_err(io_err)
+    }
+
+    fn read_log_id_meta(&self, kind: u8) -> io::Result<Option<LogId>> {
+        match self.get_meta(kind)? {
+            None => Ok(None),
+            Some(b) => {
+                let mut d = Decoder::new(&b);
+                codec::read_opt_log_id(&mut d).map_err(corrupt)
+            }
+        }
+    }
+
+    fn log_id_bytes(id: &Option<LogId>) -> Vec<u8> {
+        let mut e = Encoder::new();
+        codec::opt_log_id(&mut e, id);
+        e.into_bytes()
+    }
+
+    fn last_entry_log_id(&self) -> io::Result<Option<LogId>> {
+        let log = cf(&self.db, CF_LOG)?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(keys::log(self.shard, 0).to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(log, opts);
+        it.seek_for_prev(keys::log(self.shard, u64::MAX));
+        if !it.valid() {
+            it.status().map_err(io_err)?;
+            return Ok(None);
+        }
+        let value = it.value().ok_or_else(|| io::Error::other("iterator without value"))?;
+        Ok(Some(codec::decode_entry(value).map_err(corrupt)?.log_id))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<crate::raft::Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let log = cf(&self.db, CF_LOG)?;
+        let mut entries = Vec::new();
+        let from = keys::log(self.shard, start);
+        for item in self.db.iterator_cf(log, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item.map_err(io_err)?;
+            if k[..4] != keys::shard_prefix(self.shard) {
+                break;
+            }
+            let index = keys::log_index(&k).ok_or_else(|| io::Error::other("malformed log key"))?;
+            if !range.contains(&index) {
+                break;
+            }
+            entries.push(codec::decode_entry(&v).map_err(corrupt)?);
+        }
+        Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        match self.get_meta(keys::META_VOTE)? {
+            None => Ok(None),
+            Some(b) => {
+                let mut d = Decoder::new(&b);
+                Ok(Some(codec::read_vote(&mut d).map_err(corrupt)?))
+            }
+        }
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id = self.read_log_id_meta(keys::META_LAST_PURGED)?;
+        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let mut e = Encoder::new();
+        codec::vote(&mut e, vote);
+        let mut wo = WriteOptions::default();
+        // A vote must be on disk before it is returned: otherwise a restart can vote twice in a term.
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(cf(&self.db, CF_META)?, keys::meta(self.shard, keys::META_VOTE), e.into_bytes(), &wo)
+            .map_err(io_err)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.db
+            .put_cf(cf(&self.db, CF_META)?, keys::meta(self.shard, keys::META_COMMITTED), Self::log_id_bytes(&committed))
+            .map_err(io_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        self.read_log_id_meta(keys::META_COMMITTED)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = crate::raft::Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let log = cf(&self.db, CF_LOG)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            batch.put_cf(log, keys::log(self.shard, entry.log_id.index), codec::encode_entry(&entry));
+        }
+        self.db.write(batch).map_err(io_err)?;
+        self.flusher
+            .tx
+            .send(callback)
+            .await
+            .map_err(|_| io::Error::other("WAL flusher stopped"))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |id| id.index + 1);
+        let log = cf(&self.db, CF_LOG)?;
+        self.db
+            .delete_range_cf(log, keys::log(self.shard, from), keys::log(self.shard, u64::MAX))
+            .map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // The purge point and the deletion go in one atomic batch, so no crash can leave a hole
+        // between the last purged id and the first remaining entry.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            cf(&self.db, CF_META)?,
+            keys::meta(self.shard, keys::META_LAST_PURGED),
+            Self::log_id_bytes(&Some(log_id)),
+        );
+        batch.delete_range_cf(cf(&self.db, CF_LOG)?, keys::log(self.shard, 0), keys::log(self.shard, log_id.index + 1));
+        self.db.write(batch).map_err(io_err)
+    }
+}

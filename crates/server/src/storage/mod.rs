@@ -1,0 +1,209 @@
+//! RocksDB storage: one database per node, shared by every shard (DESIGN.md §7).
+//!
+//! # Key layout (format version 1)
+//!
+//! Integers are big-endian so that byte order is numeric order; signed times are stored with
+//! the sign bit flipped for the same reason. `S` is the 4-byte shard id.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `log`   | `S index:u64` | log entry ([`crate::raft::codec::encode_entry`]) |
+//! | `meta`  | `S 0x01` | vote |
+//! | `meta`  | `S 0x02` | last purged log id |
+//! | `meta`  | `S 0x03` | committed log id |
+//! | `meta`  | `node-identity` | node id and cluster name of this data directory |
+//! | `state` | `S 0x00 0x01` | last applied log id |
+//! | `state` | `S 0x00 0x02` | last membership |
+//! | `state` | `S 0x00 0x03` | cluster time (ms) |
+//! | `state` | `S 0x00 0x04` | snapshot-install-in-progress marker |
+//! | `state` | `S 0x01 id` | promise record ([`vow_core::Promise::encode`]) |
+//! | `state` | `S 0x02 deadline:i64 id` | empty: pending promises by deadline, for the timeout sweep |
+//! | `state` | `S 0x03 settled_at:i64 id` | empty: settled promises by settle time, for retention |
+//!
+//! Everything of one shard's state lives under the `S` prefix of `state`, so a snapshot is one
+//! range scan and installing one is a range delete plus writes.
+//!
+//! # Durability
+//!
+//! Log appends are written without sync and acknowledged to Raft only after the [`log_store`]
+//! flusher's `flush_wal(sync)`, which covers every shard's appends at once (group commit). Votes
+//! are written with a synced write. Applying a batch writes the records, the indexes and the
+//! applied log id in one `WriteBatch`; it is not synced itself because the log entries it came
+//! from already are, and a lost apply is redone from the log on restart.
+
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options};
+use vow_core::ShardId;
+
+pub const CF_LOG: &str = "log";
+pub const CF_STATE: &str = "state";
+pub const CF_META: &str = "meta";
+
+pub mod keys {
+    //! Key builders for the layout in the module docs.
+    use vow_core::ShardId;
+
+    pub const META_VOTE: u8 = 0x01;
+    pub const META_LAST_PURGED: u8 = 0x02;
+    pub const META_COMMITTED: u8 = 0x03;
+    pub const NODE_IDENTITY: &[u8] = b"node-identity";
+
+    pub const STATE_META: u8 = 0x00;
+    pub const STATE_PROMISE: u8 = 0x01;
+    pub const STATE_BY_DEADLINE: u8 = 0x02;
+    pub const STATE_BY_SETTLED: u8 = 0x03;
+
+    pub const SM_APPLIED: u8 = 0x01;
+    pub const SM_MEMBERSHIP: u8 = 0x02;
+    pub const SM_CLUSTER_TIME: u8 = 0x03;
+    pub const SM_INSTALLING: u8 = 0x04;
+
+    pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
+        shard.0.to_be_bytes()
+    }
+
+    pub fn log(shard: ShardId, index: u64) -> [u8; 12] {
+        let mut k = [0u8; 12];
+        k[..4].copy_from_slice(&shard.0.to_be_bytes());
+        k[4..].copy_from_slice(&index.to_be_bytes());
+        k
+    }
+
+    pub fn log_index(key: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(key.get(4..12)?.try_into().ok()?))
+    }
+
+    pub fn meta(shard: ShardId, kind: u8) -> [u8; 5] {
+        let mut k = [0u8; 5];
+        k[..4].copy_from_slice(&shard.0.to_be_bytes());
+        k[4] = kind;
+        k
+    }
+
+    pub fn sm_meta(shard: ShardId, kind: u8) -> [u8; 6] {
+        let mut k = [0u8; 6];
+        k[..4].copy_from_slice(&shard.0.to_be_bytes());
+        k[4] = STATE_META;
+        k[5] = kind;
+        k
+    }
+
+    /// The prefix of every key of `kind` in the shard's state.
+    pub fn state_kind(shard: ShardId, kind: u8) -> [u8; 5] {
+        meta(shard, kind)
+    }
+
+    pub fn promise(shard: ShardId, id: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(5 + id.len());
+        k.extend_from_slice(&state_kind(shard, STATE_PROMISE));
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
+    /// Orders signed milliseconds correctly as unsigned big-endian bytes.
+    pub fn time(ms: i64) -> [u8; 8] {
+        ((ms as u64) ^ (1 << 63)).to_be_bytes()
+    }
+
+    pub fn timed(shard: ShardId, kind: u8, ms: i64, id: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(13 + id.len());
+        k.extend_from_slice(&state_kind(shard, kind));
+        k.extend_from_slice(&time(ms));
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
+    /// The id at the end of a `timed` key.
+    pub fn timed_id(key: &[u8]) -> Option<&str> {
+        std::str::from_utf8(key.get(13..)?).ok()
+    }
+}
+
+/// Opens (or creates) the node's database with vow's column families.
+pub fn open(path: &Path) -> io::Result<Arc<DB>> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Appends are small and frequent; the WAL is synced by the flusher, never per write.
+    opts.set_max_background_jobs(2);
+    opts.set_bytes_per_sync(1 << 20);
+    opts.increase_parallelism(2);
+    let mut log_opts = Options::default();
+    log_opts.set_write_buffer_size(32 << 20);
+    let mut state_opts = Options::default();
+    state_opts.set_write_buffer_size(32 << 20);
+    state_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_LOG, log_opts),
+        ColumnFamilyDescriptor::new(CF_STATE, state_opts),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+    ];
+    let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(io_err)?;
+    Ok(Arc::new(db))
+}
+
+pub fn io_err(e: rocksdb::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+pub fn corrupt(e: vow_core::DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> io::Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| io::Error::other(format!("column family {name} missing")))
+}
+
+/// The end of a shard's key range: the next shard's prefix (exclusive).
+pub(crate) fn shard_end(shard: ShardId) -> Vec<u8> {
+    match shard.0.checked_add(1) {
+        Some(next) => next.to_be_bytes().to_vec(),
+        None => vec![0xff; 5],
+    }
+}
+
+/// What a data directory records about its owner, so a node never starts on another node's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub node_id: u64,
+    pub cluster_name: String,
+}
+
+/// Checks the directory's identity, writing it on first use. A mismatch is a configuration
+/// error the operator must fix: starting anyway could make two nodes vote with one id.
+pub fn check_identity(db: &DB, want: &NodeIdentity) -> io::Result<()> {
+    let meta = cf(db, CF_META)?;
+    match db.get_cf(meta, keys::NODE_IDENTITY).map_err(io_err)? {
+        Some(bytes) => {
+            let mut d = vow_core::codec::Decoder::new(&bytes);
+            d.version("node identity", 1).map_err(corrupt)?;
+            let node_id = d.u64("node id").map_err(corrupt)?;
+            let cluster_name = d.string("cluster name").map_err(corrupt)?;
+            let found = NodeIdentity { node_id, cluster_name };
+            if &found != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "data directory belongs to node {} of cluster {:?}, but this is node {} of cluster {:?}",
+                        found.node_id, found.cluster_name, want.node_id, want.cluster_name
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        None => {
+            let mut e = vow_core::codec::Encoder::new();
+            e.u8(1).u64(want.node_id).str(&want.cluster_name);
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(meta, keys::NODE_IDENTITY, e.into_bytes(), &wo).map_err(io_err)
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what building and testing vow needs beyond the Rust toolchain, once per machine:
+# libclang (RocksDB's bindgen) from Debian, and a Python venv with grpcio for the external-client test.
+# Idempotent and quiet when everything is already there.
+set -euo pipefail
+
+cache="${VOW_CACHE:-$HOME/.cache/vow}"
+mkdir -p "$cache"
+
+need_apt=()
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libclang'; then
+  need_apt+=(libclang-dev)
+fi
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]} from Debian" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--with-python" ]; then
+  venv="$cache/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv" >&2
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_reflection' >/dev/null 2>&1; then
+    echo "setup: installing grpcio, grpcio-tools and grpcio-reflection" >&2
+    "$venv/bin/pip" install -q 'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcio-reflection>=1.60'
+  fi
+fi

@@ -1,0 +1,188 @@
+//! Harness for the multi-process tests: a [`DevCluster`] is a real cluster of `vowd` processes
+//! started with `vow dev up` in a temporary directory, torn down (and killed, if need be) when
+//! dropped. The binaries come from the same target directory as the test executable, so run
+//! `cargo build --bins` first (the README's test command does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use vow_client::{Client, Options, pb};
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct NodeEntry {
+    pub node_id: u64,
+    pub grpc: String,
+    pub http: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClusterFile {
+    nodes: Vec<NodeEntry>,
+}
+
+/// The directory holding the workspace binaries (`vow`, `vowd`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory").to_path_buf();
+    for bin in ["vow", "vowd"] {
+        assert!(dir.join(bin).exists(), "{} is missing: run `cargo build --workspace --bins` before the tests", dir.join(bin).display());
+    }
+    dir
+}
+
+/// Runs the `vow` CLI with `args`.
+pub fn vow(args: &[&str]) -> Output {
+    let dir = bin_dir();
+    Command::new(dir.join("vow")).args(args).env("VOW_VOWD", dir.join("vowd")).output().expect("running vow")
+}
+
+#[derive(Debug)]
+pub struct DevCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeEntry>,
+    args: Vec<String>,
+}
+
+impl DevCluster {
+    /// Starts `n` nodes; `vowd_args` go to every vowd.
+    pub fn up(n: usize, vowd_args: &[&str]) -> anyhow::Result<DevCluster> {
+        let dir = tempfile::Builder::new().prefix("vow-test-").tempdir()?;
+        let mut args: Vec<String> = vec!["dev".into(), "up".into(), "--nodes".into(), n.to_string()];
+        args.push("--dir".into());
+        args.push(dir.path().display().to_string());
+        for a in vowd_args {
+            args.push(format!("--vowd-arg={a}"));
+        }
+        let mut c = DevCluster { dir, nodes: vec![], args };
+        c.reup()?;
+        Ok(c)
+    }
+
+    /// `vow dev up` again: restarts any node whose process is gone.
+    pub fn reup(&mut self) -> anyhow::Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let out = vow(&args);
+        if !out.status.success() {
+            bail!("vow dev up failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
+        }
+        let text = std::fs::read_to_string(self.dir.path().join("cluster.json"))?;
+        self.nodes = serde_json::from_str::<ClusterFile>(&text)?.nodes;
+        Ok(())
+    }
+
+    pub fn down(&self) -> anyhow::Result<()> {
+        let out = vow(&["dev", "down", "--dir", &self.dir.path().display().to_string()]);
+        if !out.status.success() {
+            bail!("vow dev down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.grpc.clone()).collect()
+    }
+
+    pub fn node(&self, id: u64) -> &NodeEntry {
+        self.nodes.iter().find(|n| n.node_id == id).expect("node in cluster")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.endpoints()).expect("client")
+    }
+
+    /// A client that only knows one node (it still follows leader hints it is given).
+    pub fn client_of(&self, id: u64) -> Client {
+        Client::with_options(&[self.node(id).grpc.as_str()], Options::default()).expect("client")
+    }
+
+    pub async fn status(&self) -> anyhow::Result<pb::StatusResponse> {
+        Ok(self.client().status().await?)
+    }
+
+    /// The leader of shard 0, waiting for one to be elected.
+    pub async fn leader(&self) -> anyhow::Result<u64> {
+        self.wait_for("a leader", Duration::from_secs(30), |s| s.shards.first().map(|sh| sh.leader_id).filter(|l| *l != 0)).await
+    }
+
+    /// Polls the cluster status (through any node) until `f` yields a value.
+    pub async fn wait_for<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&pb::StatusResponse) -> Option<T>) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(s) = self.status().await {
+                if let Some(v) = f(&s) {
+                    return Ok(v);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("timed out waiting for {what}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // status poll interval
+        }
+    }
+
+    /// Status as one node sees it.
+    pub async fn status_of(&self, id: u64) -> anyhow::Result<pb::StatusResponse> {
+        let c = Client::with_options(&[self.node(id).grpc.as_str()], Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) })?;
+        Ok(c.status().await?)
+    }
+
+    pub fn kill9(&self, id: u64) -> anyhow::Result<()> {
+        let pid = self.node(id).pid;
+        let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().context("kill")?.success();
+        if !ok {
+            bail!("kill -9 {pid} failed");
+        }
+        // Wait until the process is really gone (or a zombie), so a restart finds its port free.
+        for _ in 0..200 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10)); // poll for process exit
+        }
+        bail!("process {pid} survived kill -9")
+    }
+
+    /// The tail of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let path = self.dir.path().join(format!("n{}/vowd.log", n.node_id));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- node {} ({})\n", n.node_id, path.display()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{id}/vowd.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if self.down().is_err() {
+            for n in &self.nodes {
+                let _ = Command::new("kill").args(["-9", &n.pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+pub fn value(data: &str) -> pb::Value {
+    pb::Value { headers: Default::default(), data: data.as_bytes().to_vec() }
+}
+
+pub fn create_req(id: &str, key: &str) -> pb::CreateRequest {
+    pb::CreateRequest { id: id.into(), param: Some(value("param")), deadline_ms: 0, tags: Default::default(), idempotency_key: key.into() }
+}

@@ -1,0 +1,335 @@
+//! Real `vowd` processes on loopback: kill -9 the leader under load, restart nodes from their
+//! disks, and check that nothing acknowledged is lost and nothing is settled twice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vow_client::{Client, Error, pb};
+use vow_tests::{DevCluster, create_req, value, vow};
+
+/// What the clients were told: the acknowledged creates, and per promise the settlements the
+/// cluster acknowledged as taking effect (deduplicated repeats excluded).
+#[derive(Default, Debug)]
+struct Acks {
+    created: Vec<String>,
+    settled: BTreeMap<String, Vec<(i32, Vec<u8>)>>,
+    errors: u64,
+}
+
+fn state_of(r: &pb::PromiseResponse) -> i32 {
+    r.promise.as_ref().map_or(0, |p| p.state)
+}
+
+/// One client: creates promises and races two settlements (resolve vs reject, distinct values)
+/// on each, from two connections, recording every acknowledgement.
+async fn load(client: Client, racer: Client, name: String, acks: Arc<Mutex<Acks>>, until: Instant) {
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let id = format!("{name}-{n}");
+        match client.create(create_req(&id, &format!("create-{id}"))).await {
+            Ok(_) => acks.lock().expect("lock").created.push(id.clone()),
+            Err(_) => {
+                acks.lock().expect("lock").errors += 1;
+                continue;
+            }
+        }
+        let v1 = format!("resolved-by-{name}-{n}");
+        let v2 = format!("rejected-by-{name}-{n}");
+        let (a, b) = tokio::join!(
+            client.resolve(&id, value(&v1), Some(format!("r-{id}"))),
+            racer.reject(&id, value(&v2), Some(format!("j-{id}"))),
+        );
+        let mut g = acks.lock().expect("lock");
+        for (res, v) in [(a, v1), (b, v2)] {
+            match res {
+                Ok(r) if !r.deduplicated => g.settled.entry(id.clone()).or_default().push((state_of(&r), v.into_bytes())),
+                Ok(_) | Err(Error::AlreadySettled { .. }) => {}
+                Err(_) => g.errors += 1,
+            }
+        }
+    }
+}
+
+/// Checks every acknowledgement against what `read` returns now.
+async fn verify(acks: &Acks, read: impl AsyncFn(&str) -> Result<pb::Promise, Error>) {
+    for id in &acks.created {
+        let p = read(id).await.unwrap_or_else(|e| panic!("acknowledged create of {id} lost: {e}"));
+        assert_eq!(&p.id, id);
+        if let Some(wins) = acks.settled.get(id) {
+            assert!(wins.len() <= 1, "{id} was settled twice: {wins:?}");
+            if let Some((state, data)) = wins.first() {
+                assert_eq!(p.state, *state, "{id}: acknowledged settlement lost");
+                assert_eq!(p.value.as_ref().map(|v| v.data.clone()).unwrap_or_default(), *data, "{id}: value differs");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill9_under_load_loses_nothing_and_restarts_catch_up() -> anyhow::Result<()> {
+    let mut cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let (client, racer) = (cluster.client(), cluster.client());
+        tasks.push(tokio::spawn(load(client, racer, format!("c{c}"), acks.clone(), until)));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // let load build up before the fault
+    cluster.kill9(leader)?;
+    let killed_at = Instant::now();
+    for t in tasks {
+        t.await?;
+    }
+    let acks = Arc::try_unwrap(acks).map_err(|_| anyhow::anyhow!("acks still shared"))?.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let new_leader = cluster.leader().await?;
+    assert_ne!(new_leader, leader, "a new leader must take over");
+    let settled = acks.settled.values().filter(|v| !v.is_empty()).count();
+    println!(
+        "acknowledged {} creates and {settled} settlements ({} errors); leader {leader} killed {:?} before the end; new leader {new_leader}",
+        acks.created.len(),
+        acks.errors,
+        until.saturating_duration_since(killed_at)
+    );
+    assert!(acks.created.len() > 50, "too little load got through: {acks:?}");
+
+    // Every acknowledged write is on the new leader (linearizable reads).
+    let client = cluster.client();
+    verify(&acks, async |id| client.get(id).await).await;
+
+    // The killed node comes back from its own disk and catches up.
+    cluster.reup()?;
+    let commit = cluster.status().await?.shards[0].commit_index;
+    let restarted = cluster.node(leader).grpc.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster.status_of(leader).await;
+        if s.as_ref().is_ok_and(|s| s.shards[0].applied_index >= commit) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted node did not catch up: {s:?}\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll catch-up
+    }
+    verify(&acks, async |id| Client::get_local(&restarted, id).await).await;
+
+    // Stop everything and start again: all of it is still there.
+    cluster.down()?;
+    cluster.reup()?;
+    let client = cluster.client();
+    verify(&acks, async |id| client.get(id).await).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_serve_every_request_with_canonical_errors() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    let follower = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
+    // Only the follower's address: every request must be forwarded inside the cluster.
+    let c = cluster.client_of(follower);
+    let created = c.create(create_req("f-1", "k1")).await?;
+    assert_eq!(created.promise.as_ref().map(|p| p.state), Some(pb::State::Pending as i32));
+    let again = c.create(create_req("f-1", "k1")).await?;
+    assert!(again.deduplicated, "same key must deduplicate");
+    match c.create(create_req("f-1", "other")).await {
+        Err(Error::AlreadyExists { current: Some(p), .. }) => assert_eq!(p.id, "f-1"),
+        other => panic!("expected ALREADY_EXISTS with the record, got {other:?}"),
+    }
+    let resolved = c.resolve("f-1", value("done"), Some("s1".into())).await?;
+    assert_eq!(state_of(&resolved), pb::State::Resolved as i32);
+    assert!(c.resolve("f-1", value("done"), Some("s1".into())).await?.deduplicated);
+    match c.reject("f-1", value("no"), Some("s2".into())).await {
+        Err(Error::AlreadySettled { current: Some(p), .. }) => assert_eq!(p.state, pb::State::Resolved as i32),
+        other => panic!("expected FAILED_PRECONDITION, got {other:?}"),
+    }
+    assert!(matches!(c.get("never-created").await, Err(Error::NotFound(_))));
+    assert!(matches!(c.resolve("never-created", value("x"), None).await, Err(Error::NotFound(_))));
+    match c.create(pb::CreateRequest { param: Some(pb::Value { data: vec![0; 2 << 20], ..Default::default() }), ..create_req("big", "") }).await {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("max_data_bytes"), "{m}"),
+        other => panic!("expected INVALID_ARGUMENT naming the limit, got {other:?}"),
+    }
+    assert!(matches!(c.create(create_req("", "")).await, Err(Error::InvalidArgument(_))));
+
+    // Search pages through matches in id order.
+    for i in 0..25 {
+        let mut r = create_req(&format!("s-{i:02}"), "");
+        r.tags.insert("batch".into(), if i % 2 == 0 { "even" } else { "odd" }.into());
+        c.create(r).await?;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .search(pb::SearchRequest { id_prefix: "s-".into(), tags: [("batch".to_string(), "even".to_string())].into(), limit: 5, page_token: token.clone(), ..Default::default() })
+            .await?;
+        seen.extend(page.promises.into_iter().map(|p| p.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..25).filter(|i| i % 2 == 0).map(|i| format!("s-{i:02}")).collect();
+    assert_eq!(seen, expected);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_returns_promptly_and_survives_a_leader_change() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    let follower = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
+    let c = cluster.client();
+    c.create(create_req("a-1", "")).await?;
+
+    // Prompt: the await returns right after the resolve is acknowledged.
+    let waiter = cluster.client_of(follower);
+    let w = tokio::spawn(async move { waiter.await_settled("a-1", Duration::from_secs(20)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the await reach the server
+    c.resolve("a-1", value("v"), None).await?;
+    let acked = Instant::now();
+    let p = w.await??;
+    let lag = acked.elapsed();
+    assert_eq!(p.state, pb::State::Resolved as i32);
+    assert!(lag < Duration::from_millis(500), "await returned {lag:?} after the resolve");
+
+    // Through a leader change: kill the leader while the await waits, settle on the new one.
+    c.create(create_req("a-2", "")).await?;
+    let waiter = cluster.client();
+    let w = tokio::spawn(async move { waiter.await_settled("a-2", Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the await reach the server
+    cluster.kill9(leader)?;
+    cluster.wait_for("a new leader", Duration::from_secs(20), |s| s.shards[0].leader_id.ne(&0).then_some(()).filter(|_| s.shards[0].leader_id != leader)).await?;
+    c.reject("a-2", value("e"), None).await?;
+    let p = w.await??;
+    assert_eq!(p.state, pb::State::Rejected as i32, "await must see the settlement made after the leader change");
+
+    // Timeouts are settlements too: a short deadline ends the wait with REJECTED_TIMEDOUT.
+    let mut r = create_req("a-3", "");
+    r.deadline_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64 + 300;
+    c.create(r).await?;
+    let p = c.await_settled("a-3", Duration::from_secs(10)).await?;
+    assert_eq!(p.state, pb::State::RejectedTimedout as i32);
+    // And a wait that runs out returns the pending record, not an error.
+    c.create(create_req("a-4", "")).await?;
+    let p = c.await_settled("a-4", Duration::from_millis(200)).await?;
+    assert_eq!(p.state, pb::State::Pending as i32);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
+    let mut cluster = DevCluster::up(3, &["--snapshot-logs=50"])?;
+    let leader = cluster.leader().await?;
+    let lagging = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
+    cluster.kill9(lagging)?;
+    let c = cluster.client();
+    for i in 0..300 {
+        c.create(create_req(&format!("snap-{i}"), "")).await?;
+    }
+    // The leader has snapshotted and purged what the lagging node lacks.
+    cluster.reup()?;
+    let addr = cluster.node(lagging).grpc.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..300 {
+        loop {
+            match Client::get_local(&addr, &format!("snap-{i}")).await {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "snap-{i} never reached node {lagging}: {e}\n{}", cluster.logs()),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await; // poll catch-up
+        }
+    }
+    assert!(cluster.log_of(lagging).contains("snapshot installed"), "node {lagging} caught up without a snapshot");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    let c = cluster.client();
+    c.create(create_req("m-1", "")).await?;
+    // A fourth vowd that joins through node 1.
+    let dir = cluster.dir.path().join("n4");
+    std::fs::create_dir_all(&dir)?;
+    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
+    let grpc = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
+    let http = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
+    let log = std::fs::File::create(dir.join("vowd.log"))?;
+    let mut child = std::process::Command::new(vow_tests::bin_dir().join("vowd"))
+        .args(["--node-id", "4", "--data-dir", &dir.display().to_string(), "--grpc-addr", &grpc, "--http-addr", &http, "--join", &cluster.node(1).grpc])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let joined = cluster.wait_for("node 4 as a voter", Duration::from_secs(30), |s| s.shards[0].voters.contains(&4).then_some(())).await;
+    let result = async {
+        joined?;
+        // The new node has the data.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Client::get_local(&grpc, "m-1").await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "node 4 never got m-1");
+            tokio::time::sleep(Duration::from_millis(100)).await; // poll replication
+        }
+        let out = vow(&["--endpoints", &cluster.node(2).grpc, "cluster", "remove-node", "--node-id", "4"]);
+        anyhow::ensure!(out.status.success(), "remove-node failed: {}", String::from_utf8_lossy(&out.stderr));
+        cluster.wait_for("node 4 removed", Duration::from_secs(10), |s| (!s.shards[0].voters.contains(&4)).then_some(())).await?;
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+#[test]
+fn cli_round_trip_and_clear_errors() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(1, &[])?;
+    let ep = cluster.node(1).grpc.clone();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoints", ep.as_str()];
+        all.extend_from_slice(args);
+        vow(&all)
+    };
+    let out = run(&["create", "cli-1", "--data", "hello", "--tag", "team=a", "--deadline-in", "1h"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(created["state"], "PENDING");
+    assert_eq!(created["param"]["data"], "hello");
+    let out = run(&["resolve", "cli-1", "--data", "world"]);
+    assert!(out.status.success());
+    let out = run(&["await", "cli-1", "--wait", "1s"]);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!((got["state"].as_str(), got["value"]["data"].as_str()), (Some("RESOLVED"), Some("world")));
+    let out = run(&["search", "--prefix", "cli-", "--state", "resolved"]);
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(found["promises"].as_array().map(Vec::len), Some(1));
+
+    // Unknown promise: exit 3 and says so.
+    let out = run(&["get", "nope"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    // Settled another way: exit 4, with the current record.
+    let out = run(&["reject", "cli-1"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RESOLVED"));
+    // Malformed input: exit 2 with the reason.
+    let out = run(&["create", "cli-2", "--tag", "novalue"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key=value"));
+    let out = run(&["create", "cli-2", "--deadline-in", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+    // A bad endpoint: malformed (exit 2) or unreachable (exit 5), never a hang.
+    let out = vow(&["--endpoints", "not an endpoint", "get", "x"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let started = Instant::now();
+    let out = vow(&["--endpoints", "127.0.0.1:1", "--timeout", "1s", "get", "x"]);
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unavailable"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let out = run(&["cluster", "status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["shards"][0]["leader_id"], 1);
+    Ok(())
+}
