@@ -127,7 +127,7 @@ fn generated_key() -> String {
 
 impl Client {
     /// A client for the cluster reachable at any of `endpoints` (`host:port`). Connections are
-    /// made lazily, so this fails only for malformed addresses.
+    /// made lazily, so this fails only for malformed addresses. Call it inside a tokio runtime.
     pub fn connect<S: AsRef<str>>(endpoints: &[S]) -> Result<Client> {
         Self::with_options(endpoints, Options::default())
     }
@@ -383,8 +383,8 @@ enum Settle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn endpoints_are_checked_and_normalised() {
+    #[tokio::test]
+    async fn endpoints_are_checked_and_normalised() {
         assert!(Client::connect::<&str>(&[]).is_err());
         assert!(matches!(Client::connect(&["not a host:port"]), Err(Error::Client(_))));
         let c = Client::connect(&["http://127.0.0.1:1/", "127.0.0.1:2"]).expect("valid");

@@ -363,13 +363,13 @@ impl ClusterApi {
             .shards()
             .iter()
             .map(|s| {
-                let m = s.raft.metrics().borrow().clone();
+                let m = s.metrics();
                 let membership = m.membership_config.membership();
                 pb::ShardStatus {
                     shard_id: s.id.0,
                     leader_id: m.current_leader.map_or(0, |l| l.0),
                     term: m.current_term,
-                    commit_index: m.committed.map_or(0, |c| c.index),
+                    commit_index: m.local_committed.map_or(0, |c| c.index),
                     voters: membership.voter_ids().map(|v| v.0).collect(),
                     learners: membership.learner_ids().map(|v| v.0).collect(),
                     applied_index: m.last_applied.map_or(0, |a| a.index),

@@ -211,7 +211,8 @@ impl Config {
             raft,
             retention: Duration::from_secs(args.retention_secs.or(file.retention_secs).unwrap_or(7 * 24 * 3600)),
             limits,
-            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            // openraft logs every election step at INFO; its warnings are what operators need.
+            log: args.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into()),
         })
     }
 }

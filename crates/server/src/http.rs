@@ -30,13 +30,13 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
     }
     let mut problems = String::new();
     for shard in node.shards() {
-        let m = shard.raft.metrics().borrow().clone();
+        let m = shard.metrics();
         let member = m.membership_config.membership().get_node(&node.id()).is_some();
         if !member {
             let _ = writeln!(problems, "shard {}: not a member yet", shard.id);
         } else if m.current_leader.is_none() {
             let _ = writeln!(problems, "shard {}: no leader", shard.id);
-        } else if m.last_applied.map(|l| l.index) < m.committed.map(|c| c.index) {
+        } else if m.last_applied.map(|l| l.index) < m.local_committed.map(|c| c.index) {
             let _ = writeln!(problems, "shard {}: catching up", shard.id);
         }
     }
@@ -47,13 +47,13 @@ async fn metrics(State(node): State<Node>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# TYPE vow_shard_is_leader gauge");
     for shard in node.shards() {
-        let m = shard.raft.metrics().borrow().clone();
+        let m = shard.metrics();
         let labels = format!("node=\"{}\",shard=\"{}\"", node.id(), shard.id);
         let _ = writeln!(out, "vow_shard_is_leader{{{labels}}} {}", u8::from(m.state == ServerState::Leader));
         let _ = writeln!(out, "vow_shard_term{{{labels}}} {}", m.current_term);
         let _ = writeln!(out, "vow_shard_leader_id{{{labels}}} {}", m.current_leader.map_or(0, |l| l.0));
         let _ = writeln!(out, "vow_shard_last_log_index{{{labels}}} {}", m.last_log_index.unwrap_or(0));
-        let _ = writeln!(out, "vow_shard_commit_index{{{labels}}} {}", m.committed.map_or(0, |c| c.index));
+        let _ = writeln!(out, "vow_shard_commit_index{{{labels}}} {}", m.local_committed.map_or(0, |c| c.index));
         let _ = writeln!(out, "vow_shard_applied_index{{{labels}}} {}", m.last_applied.map_or(0, |a| a.index));
         let _ = writeln!(out, "vow_shard_snapshot_index{{{labels}}} {}", m.snapshot.map_or(0, |s| s.index));
     }

@@ -212,7 +212,7 @@ impl Node {
             if !shard.is_leader() {
                 continue;
             }
-            let metrics = shard.raft.metrics().borrow().clone();
+            let metrics = shard.metrics();
             let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().filter(|v| *v != self.id()).collect();
             // The most caught-up voter takes over.
             let best = voters.iter().copied().max_by_key(|v| {
@@ -358,7 +358,7 @@ pub fn shard_ids(node: &Node, ids: &[u32]) -> Vec<ShardId> {
 pub fn members(node: &Node) -> BTreeMap<NodeId, String> {
     let mut out = BTreeMap::new();
     for shard in node.shards() {
-        let m = shard.raft.metrics().borrow().membership_config.clone();
+        let m = shard.metrics().membership_config;
         for (id, n) in m.membership().nodes() {
             out.insert(*id, n.grpc_addr.clone());
         }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
-use openraft::{ReadPolicy, ServerState};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{RaftMetrics, ReadPolicy, ServerState};
 use rocksdb::DB;
 use tokio::sync::broadcast;
 use vow_core::{Command, NodeId, Outcome, Promise, Proposal, ShardId};
@@ -102,7 +103,6 @@ impl Shard {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(ctx.raft.snapshot_logs),
             max_in_snapshot_log_to_keep: 1000.min(ctx.raft.snapshot_logs),
             install_snapshot_timeout: 10_000,
-            send_snapshot_timeout: 60_000,
             ..Default::default()
         }
         .validate()?;
@@ -171,22 +171,27 @@ impl Shard {
         ShardError::NotLeader { shard: self.id, leader }
     }
 
+    /// A copy of the shard's current Raft metrics.
+    pub fn metrics(&self) -> RaftMetrics<TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
     /// The address of a member, from the current membership.
     pub fn node_addr(&self, id: NodeId) -> Option<String> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self.metrics().membership_config;
         m.membership().get_node(&id).map(|n| n.grpc_addr.clone())
     }
 
     /// The current leader and its address, as this replica believes.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.metrics();
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id)?.grpc_addr.clone();
         Some((id, addr))
     }
 
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().state == ServerState::Leader
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
     /// Waits up to `timeout` for this replica to know a leader.
@@ -196,7 +201,7 @@ impl Shard {
     }
 
     pub fn voters_and_learners(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self.metrics().membership_config;
         (m.membership().voter_ids().collect(), m.membership().learner_ids().collect())
     }
 }

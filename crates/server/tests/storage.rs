@@ -8,6 +8,8 @@ use std::sync::Arc;
 use futures::stream;
 use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftStateMachine, RaftSnapshotBuilder};
 use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::vote::RaftLeaderId;
 use openraft::{EntryPayload, StorageError};
 use tempfile::TempDir;
 use tokio::sync::broadcast;
@@ -27,8 +29,8 @@ fn open_shard(dir: &std::path::Path, shard: ShardId) -> std::io::Result<(Arc<roc
 
 impl StoreBuilder<TypeConfig, LogStore, ShardStateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, ShardStateMachine), StorageError<TypeConfig>> {
-        let dir = tempfile::tempdir().map_err(|e| StorageError::read(openraft::AnyError::new(&e)))?;
-        let (_, log, sm) = open_shard(dir.path(), ShardId(0)).map_err(|e| StorageError::read(openraft::AnyError::new(&e)))?;
+        let dir = tempfile::tempdir().map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
+        let (_, log, sm) = open_shard(dir.path(), ShardId(0)).map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
         Ok((dir, log, sm))
     }
 }
@@ -47,7 +49,7 @@ fn proposal_entry(index: u64, command: Command) -> Entry {
 }
 
 async fn append(log: &mut LogStore, entries: Vec<Entry>) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = TypeConfig::oneshot();
     log.append(entries, IOFlushed::signal(tx)).await.expect("append");
     rx.await.expect("flusher alive").expect("flushed");
 }
@@ -122,7 +124,7 @@ async fn a_snapshot_moves_a_shard_to_another_database() -> std::io::Result<()> {
     // Secondary indexes came along too: the settled index finds every promise.
     assert_eq!(reader_dst.due_for_collection(i64::MAX, 10_000)?.len(), 2_000);
     // And the snapshot survives a reopen as the current one.
-    drop((db2, log2, dst));
+    drop((db2, log2, dst, reader_dst));
     let (_db3, _log3, mut reopened) = open_shard(dst_dir.path(), ShardId(3))?;
     let current = reopened.get_current_snapshot().await?.expect("current snapshot after restart");
     assert_eq!(current.meta, meta);

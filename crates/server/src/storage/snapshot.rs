@@ -39,6 +39,7 @@ impl SnapshotFile {
     }
 }
 
+#[derive(Debug)]
 struct Fnv(u64);
 
 impl Fnv {
@@ -54,6 +55,7 @@ impl Fnv {
 }
 
 /// Writes a snapshot file record by record.
+#[derive(Debug)]
 pub struct Writer {
     out: BufWriter<File>,
     tmp: PathBuf,
@@ -104,6 +106,7 @@ impl Writer {
 }
 
 /// Reads a snapshot file: first the meta, then the records.
+#[derive(Debug)]
 pub struct Reader {
     input: BufReader<File>,
     count: u64,
@@ -219,6 +222,7 @@ pub fn clean_temporaries(dir: &Path) {
 mod tests {
     use super::*;
     use crate::raft::{LeaderId, LogId, StoredMembership};
+    use openraft::vote::RaftLeaderId;
     use vow_core::NodeId;
 
     fn meta(index: u64) -> SnapshotMeta {

@@ -274,16 +274,17 @@ impl ShardStateMachine {
     /// first and cleared in the same batch that records the new applied log id, and
     /// [`ShardStateMachine::open`] redoes an install it finds marked.
     fn load_snapshot(&mut self, snap: SnapshotFile) -> io::Result<SnapshotMeta> {
-        let state = cf(&self.db, CF_STATE)?;
+        let db = self.db.clone();
+        let state = cf(&db, CF_STATE)?;
         let marker = keys::sm_meta(self.shard, keys::SM_INSTALLING);
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         self.db.put_cf_opt(state, marker, [], &sync).map_err(io_err)?;
         let mut clear = WriteBatch::default();
-        clear.delete_range_cf(state, keys::shard_prefix(self.shard), marker);
+        clear.delete_range_cf(state, &keys::shard_prefix(self.shard)[..], &marker[..]);
         let mut after_marker = marker.to_vec();
         after_marker.push(0);
-        clear.delete_range_cf(state, after_marker, shard_end(self.shard));
+        clear.delete_range_cf(state, &after_marker[..], &shard_end(self.shard)[..]);
         self.db.write(clear).map_err(io_err)?;
 
         let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
@@ -405,6 +406,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 }
 
 /// Builds a snapshot from a consistent RocksDB snapshot while the state machine keeps applying.
+#[derive(Debug)]
 pub struct SnapshotBuilder {
     db: Arc<DB>,
     shard: ShardId,
