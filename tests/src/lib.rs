@@ -30,7 +30,11 @@ pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     let dir = exe.parent().and_then(Path::parent).expect("target directory").to_path_buf();
     for bin in ["vow", "vowd"] {
-        assert!(dir.join(bin).exists(), "{} is missing: run `cargo build --workspace --bins` before the tests", dir.join(bin).display());
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: run `cargo build --workspace --bins` before the tests",
+            dir.join(bin).display()
+        );
     }
     dir
 }
@@ -106,17 +110,25 @@ impl DevCluster {
 
     /// The leader of shard 0, waiting for one to be elected.
     pub async fn leader(&self) -> anyhow::Result<u64> {
-        self.wait_for("a leader", Duration::from_secs(30), |s| s.shards.first().map(|sh| sh.leader_id).filter(|l| *l != 0)).await
+        self.wait_for("a leader", Duration::from_secs(30), |s| {
+            s.shards.first().map(|sh| sh.leader_id).filter(|l| *l != 0)
+        })
+        .await
     }
 
     /// Polls the cluster status (through any node) until `f` yields a value.
-    pub async fn wait_for<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&pb::StatusResponse) -> Option<T>) -> anyhow::Result<T> {
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&pb::StatusResponse) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Ok(s) = self.status().await {
-                if let Some(v) = f(&s) {
-                    return Ok(v);
-                }
+            if let Ok(s) = self.status().await
+                && let Some(v) = f(&s)
+            {
+                return Ok(v);
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("timed out waiting for {what}\n{}", self.logs());
@@ -127,7 +139,10 @@ impl DevCluster {
 
     /// Status as one node sees it.
     pub async fn status_of(&self, id: u64) -> anyhow::Result<pb::StatusResponse> {
-        let c = Client::with_options(&[self.node(id).grpc.as_str()], Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) })?;
+        let c = Client::with_options(
+            &[self.node(id).grpc.as_str()],
+            Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) },
+        )?;
         Ok(c.status().await?)
     }
 
@@ -184,5 +199,11 @@ pub fn value(data: &str) -> pb::Value {
 }
 
 pub fn create_req(id: &str, key: &str) -> pb::CreateRequest {
-    pb::CreateRequest { id: id.into(), param: Some(value("param")), deadline_ms: 0, tags: Default::default(), idempotency_key: key.into() }
+    pb::CreateRequest {
+        id: id.into(),
+        param: Some(value("param")),
+        deadline_ms: 0,
+        tags: Default::default(),
+        idempotency_key: key.into(),
+    }
 }

@@ -44,7 +44,9 @@ async fn load(client: Client, racer: Client, name: String, acks: Arc<Mutex<Acks>
         let mut g = acks.lock().expect("lock");
         for (res, v) in [(a, v1), (b, v2)] {
             match res {
-                Ok(r) if !r.deduplicated => g.settled.entry(id.clone()).or_default().push((state_of(&r), v.into_bytes())),
+                Ok(r) if !r.deduplicated => {
+                    g.settled.entry(id.clone()).or_default().push((state_of(&r), v.into_bytes()))
+                }
                 Ok(_) | Err(Error::AlreadySettled { .. }) => {}
                 Err(_) => g.errors += 1,
             }
@@ -84,7 +86,10 @@ async fn leader_kill9_under_load_loses_nothing_and_restarts_catch_up() -> anyhow
     for t in tasks {
         t.await?;
     }
-    let acks = Arc::try_unwrap(acks).map_err(|_| anyhow::anyhow!("acks still shared"))?.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let acks = Arc::try_unwrap(acks)
+        .map_err(|_| anyhow::anyhow!("acks still shared"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
     let new_leader = cluster.leader().await?;
     assert_ne!(new_leader, leader, "a new leader must take over");
     let settled = acks.settled.values().filter(|v| !v.is_empty()).count();
@@ -147,7 +152,13 @@ async fn followers_serve_every_request_with_canonical_errors() -> anyhow::Result
     }
     assert!(matches!(c.get("never-created").await, Err(Error::NotFound(_))));
     assert!(matches!(c.resolve("never-created", value("x"), None).await, Err(Error::NotFound(_))));
-    match c.create(pb::CreateRequest { param: Some(pb::Value { data: vec![0; 2 << 20], ..Default::default() }), ..create_req("big", "") }).await {
+    match c
+        .create(pb::CreateRequest {
+            param: Some(pb::Value { data: vec![0; 2 << 20], ..Default::default() }),
+            ..create_req("big", "")
+        })
+        .await
+    {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("max_data_bytes"), "{m}"),
         other => panic!("expected INVALID_ARGUMENT naming the limit, got {other:?}"),
     }
@@ -163,7 +174,13 @@ async fn followers_serve_every_request_with_canonical_errors() -> anyhow::Result
     let mut token = String::new();
     loop {
         let page = c
-            .search(pb::SearchRequest { id_prefix: "s-".into(), tags: [("batch".to_string(), "even".to_string())].into(), limit: 5, page_token: token.clone(), ..Default::default() })
+            .search(pb::SearchRequest {
+                id_prefix: "s-".into(),
+                tags: [("batch".to_string(), "even".to_string())].into(),
+                limit: 5,
+                page_token: token.clone(),
+                ..Default::default()
+            })
             .await?;
         seen.extend(page.promises.into_iter().map(|p| p.id));
         if page.next_page_token.is_empty() {
@@ -201,7 +218,11 @@ async fn await_returns_promptly_and_survives_a_leader_change() -> anyhow::Result
     let w = tokio::spawn(async move { waiter.await_settled("a-2", Duration::from_secs(30)).await });
     tokio::time::sleep(Duration::from_millis(300)).await; // let the await reach the server
     cluster.kill9(leader)?;
-    cluster.wait_for("a new leader", Duration::from_secs(20), |s| s.shards[0].leader_id.ne(&0).then_some(()).filter(|_| s.shards[0].leader_id != leader)).await?;
+    cluster
+        .wait_for("a new leader", Duration::from_secs(20), |s| {
+            s.shards[0].leader_id.ne(&0).then_some(()).filter(|_| s.shards[0].leader_id != leader)
+        })
+        .await?;
     c.reject("a-2", value("e"), None).await?;
     let p = w.await??;
     assert_eq!(p.state, pb::State::Rejected as i32, "await must see the settlement made after the leader change");
@@ -237,7 +258,9 @@ async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
         loop {
             match Client::get_local(&addr, &format!("snap-{i}")).await {
                 Ok(_) => break,
-                Err(e) => assert!(Instant::now() < deadline, "snap-{i} never reached node {lagging}: {e}\n{}", cluster.logs()),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "snap-{i} never reached node {lagging}: {e}\n{}", cluster.logs())
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await; // poll catch-up
         }
@@ -259,11 +282,24 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
     let http = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
     let log = std::fs::File::create(dir.join("vowd.log"))?;
     let mut child = std::process::Command::new(vow_tests::bin_dir().join("vowd"))
-        .args(["--node-id", "4", "--data-dir", &dir.display().to_string(), "--grpc-addr", &grpc, "--http-addr", &http, "--join", &cluster.node(1).grpc])
+        .args([
+            "--node-id",
+            "4",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--grpc-addr",
+            &grpc,
+            "--http-addr",
+            &http,
+            "--join",
+            &cluster.node(1).grpc,
+        ])
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    let joined = cluster.wait_for("node 4 as a voter", Duration::from_secs(30), |s| s.shards[0].voters.contains(&4).then_some(())).await;
+    let joined = cluster
+        .wait_for("node 4 as a voter", Duration::from_secs(30), |s| s.shards[0].voters.contains(&4).then_some(()))
+        .await;
     let result = async {
         joined?;
         // The new node has the data.
@@ -274,7 +310,9 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
         }
         let out = vow(&["--endpoints", &cluster.node(2).grpc, "cluster", "remove-node", "--node-id", "4"]);
         anyhow::ensure!(out.status.success(), "remove-node failed: {}", String::from_utf8_lossy(&out.stderr));
-        cluster.wait_for("node 4 removed", Duration::from_secs(10), |s| (!s.shards[0].voters.contains(&4)).then_some(())).await?;
+        cluster
+            .wait_for("node 4 removed", Duration::from_secs(10), |s| (!s.shards[0].voters.contains(&4)).then_some(()))
+            .await?;
         Ok(())
     }
     .await;

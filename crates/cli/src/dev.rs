@@ -57,7 +57,11 @@ pub struct NodeEntry {
 
 pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
-        DevCommand::Up { nodes, dir, shards, vowd_args, wait } => up(nodes, &dir, shards, vowd_args, wait).await,
+        DevCommand::Up { nodes, dir, shards, vowd_args, wait } => {
+            let status = up(nodes, &dir, shards, vowd_args, wait).await?;
+            println!("{}", serde_json::to_string_pretty(&crate::status_json(&status))?);
+            Ok(())
+        }
         DevCommand::Down { dir } => down(&dir).await,
     }
 }
@@ -84,8 +88,10 @@ fn vowd_path() -> PathBuf {
 /// True when `pid` is a live vowd process (not a recycled pid).
 pub fn is_vowd_alive(pid: u32) -> bool {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmd) => cmd.split(|b| *b == 0).next().is_some_and(|arg0| arg0.ends_with(b"vowd"))
-            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")),
+        Ok(cmd) => {
+            cmd.split(|b| *b == 0).next().is_some_and(|arg0| arg0.ends_with(b"vowd"))
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        }
         Err(_) => false,
     }
 }
@@ -118,7 +124,13 @@ fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, extra: &[String
     Ok(child.id())
 }
 
-async fn up(n: u64, dir: &Path, shards: u32, vowd_args: Vec<String>, wait: Duration) -> anyhow::Result<()> {
+async fn up(
+    n: u64,
+    dir: &Path,
+    shards: u32,
+    vowd_args: Vec<String>,
+    wait: Duration,
+) -> anyhow::Result<vow_client::pb::StatusResponse> {
     if n == 0 || n > 9 {
         bail!("--nodes must be between 1 and 9");
     }
@@ -128,13 +140,23 @@ async fn up(n: u64, dir: &Path, shards: u32, vowd_args: Vec<String>, wait: Durat
         let text = std::fs::read_to_string(&file)?;
         let c: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
         if c.nodes.len() as u64 != n {
-            bail!("{} holds a {}-node cluster; use --nodes {} or another --dir", dir.display(), c.nodes.len(), c.nodes.len());
+            bail!(
+                "{} holds a {}-node cluster; use --nodes {} or another --dir",
+                dir.display(),
+                c.nodes.len(),
+                c.nodes.len()
+            );
         }
         c
     } else {
         let mut nodes = Vec::new();
         for id in 1..=n {
-            nodes.push(NodeEntry { node_id: id, grpc: format!("127.0.0.1:{}", free_port()?), http: format!("127.0.0.1:{}", free_port()?), pid: 0 });
+            nodes.push(NodeEntry {
+                node_id: id,
+                grpc: format!("127.0.0.1:{}", free_port()?),
+                http: format!("127.0.0.1:{}", free_port()?),
+                pid: 0,
+            });
         }
         ClusterFile { nodes, shards, vowd_args }
     };
@@ -153,21 +175,29 @@ async fn up(n: u64, dir: &Path, shards: u32, vowd_args: Vec<String>, wait: Durat
     std::fs::rename(&tmp, &file)?;
 
     let endpoints: Vec<&str> = cluster.nodes.iter().map(|e| e.grpc.as_str()).collect();
-    let client = Client::with_options(&endpoints, Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) })?;
+    let client = Client::with_options(
+        &endpoints,
+        Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) },
+    )?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        if let Ok(status) = client.status().await {
-            if !status.shards.is_empty() && status.shards.iter().all(|s| s.leader_id != 0) {
-                println!("{}", serde_json::to_string_pretty(&crate::status_json(&status))?);
-                return Ok(());
-            }
+        if let Ok(status) = client.status().await
+            && !status.shards.is_empty()
+            && status.shards.iter().all(|s| s.leader_id != 0)
+        {
+            return Ok(status);
         }
         for node in &cluster.nodes {
             if !is_vowd_alive(node.pid) {
                 let log = dir.join(format!("n{}/vowd.log", node.node_id));
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                bail!("node {} exited; last lines of {}:\n{}", node.node_id, log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                bail!(
+                    "node {} exited; last lines of {}:\n{}",
+                    node.node_id,
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
         }
         if tokio::time::Instant::now() >= deadline {
@@ -203,4 +233,32 @@ async fn down(dir: &Path) -> anyhow::Result<()> {
     }
     eprintln!("stopped {} node(s); data kept in {}", alive.len(), dir.display());
     Ok(())
+}
+
+/// A throw-away local cluster, for `vow bench --spawn`.
+#[derive(Debug)]
+pub struct Spawned {
+    dir: PathBuf,
+    endpoints: Vec<String>,
+}
+
+impl Spawned {
+    pub async fn start(nodes: u64) -> anyhow::Result<Spawned> {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let dir = std::env::temp_dir().join(format!("vow-bench-{}-{stamp:x}", std::process::id()));
+        up(nodes, &dir, 1, vec![], Duration::from_secs(60)).await?;
+        let text = std::fs::read_to_string(dir.join("cluster.json"))?;
+        let cluster: ClusterFile = serde_json::from_str(&text)?;
+        let endpoints = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
+        Ok(Spawned { dir, endpoints })
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints.clone()
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        down(&self.dir).await?;
+        std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))
+    }
 }

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 other errors, 2 bad usage or input, 3 not found, 4 already
 //! exists / already settled, 5 cluster unavailable.
 
+mod bench;
 mod dev;
 
 use std::collections::HashMap;
@@ -86,6 +87,8 @@ enum Command {
     /// A local development cluster of vowd processes.
     #[command(subcommand)]
     Dev(dev::DevCommand),
+    /// Measure throughput and latency against a cluster.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,7 +207,9 @@ fn value_json(v: &Option<pb::Value>) -> serde_json::Value {
     let headers: std::collections::BTreeMap<_, _> = v.headers.into_iter().collect();
     match String::from_utf8(v.data) {
         Ok(s) => json!({ "headers": headers, "data": s }),
-        Err(e) => json!({ "headers": headers, "data_hex": e.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>() }),
+        Err(e) => {
+            json!({ "headers": headers, "data_hex": e.as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>() })
+        }
     }
 }
 
@@ -303,6 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(status_json(&status));
         }
         Command::Dev(d) => dev::run(d).await?,
+        Command::Bench(b) => bench::run(b, endpoints.iter().map(|s| s.to_string()).collect()).await?,
     }
     Ok(())
 }
@@ -332,12 +338,18 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_env("VOW_LOG")).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("VOW_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if let Some(Error::AlreadyExists { current: Some(p), .. } | Error::AlreadySettled { current: Some(p), .. }) = e.downcast_ref::<Error>() {
+            if let Some(
+                Error::AlreadyExists { current: Some(p), .. } | Error::AlreadySettled { current: Some(p), .. },
+            ) = e.downcast_ref::<Error>()
+            {
                 eprintln!("current: {}", promise_json(p));
             }
             ExitCode::from(exit_code(&e))

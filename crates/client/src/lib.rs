@@ -18,8 +18,8 @@ use prost::Message;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
-pub use vow_api::v1 as pb;
 use vow_api::metadata as md;
+pub use vow_api::v1 as pb;
 use vow_api::v1::cluster_client::ClusterClient;
 use vow_api::v1::promises_client::PromisesClient;
 
@@ -196,7 +196,8 @@ impl Client {
                 Ok(Err(s)) => s,
                 Err(_) => Status::deadline_exceeded("attempt timed out"),
             };
-            let retryable = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
+            let retryable =
+                matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
             // A failed attempt of a write may still have happened; remember it for the final error.
             outcome_unknown |= status.metadata().contains_key(md::OUTCOME_UNKNOWN)
                 || matches!(status.code(), Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
@@ -272,19 +273,40 @@ impl Client {
         resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
     }
 
-    pub async fn resolve(&self, id: &str, value: pb::Value, idempotency_key: Option<String>) -> Result<pb::PromiseResponse> {
+    pub async fn resolve(
+        &self,
+        id: &str,
+        value: pb::Value,
+        idempotency_key: Option<String>,
+    ) -> Result<pb::PromiseResponse> {
         self.settle(Settle::Resolve, id, value, idempotency_key).await
     }
 
-    pub async fn reject(&self, id: &str, value: pb::Value, idempotency_key: Option<String>) -> Result<pb::PromiseResponse> {
+    pub async fn reject(
+        &self,
+        id: &str,
+        value: pb::Value,
+        idempotency_key: Option<String>,
+    ) -> Result<pb::PromiseResponse> {
         self.settle(Settle::Reject, id, value, idempotency_key).await
     }
 
-    pub async fn cancel(&self, id: &str, value: pb::Value, idempotency_key: Option<String>) -> Result<pb::PromiseResponse> {
+    pub async fn cancel(
+        &self,
+        id: &str,
+        value: pb::Value,
+        idempotency_key: Option<String>,
+    ) -> Result<pb::PromiseResponse> {
         self.settle(Settle::Cancel, id, value, idempotency_key).await
     }
 
-    async fn settle(&self, how: Settle, id: &str, value: pb::Value, key: Option<String>) -> Result<pb::PromiseResponse> {
+    async fn settle(
+        &self,
+        how: Settle,
+        id: &str,
+        value: pb::Value,
+        key: Option<String>,
+    ) -> Result<pb::PromiseResponse> {
         let generated = key.as_deref().is_none_or(str::is_empty);
         let req = pb::SettleRequest {
             id: id.to_owned(),

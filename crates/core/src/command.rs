@@ -31,10 +31,15 @@ pub enum Command {
     },
     /// Proposed by the leader's sweeper: time out these promises if they are still pending and
     /// their deadline has passed in cluster time. Ids that no longer qualify are skipped.
-    Timeout { ids: Vec<PromiseId> },
+    Timeout {
+        ids: Vec<PromiseId>,
+    },
     /// Proposed by the leader's retention sweeper: delete these promises if they were settled at
     /// least `retention_ms` ago in cluster time.
-    Collect { ids: Vec<PromiseId>, retention_ms: i64 },
+    Collect {
+        ids: Vec<PromiseId>,
+        retention_ms: i64,
+    },
 }
 
 /// The domain outcome of applying one command. Outcomes are replicated results, not errors:
@@ -42,18 +47,32 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The create took effect, or repeated an earlier one with the same idempotency key.
-    Created { promise: Promise, deduplicated: bool },
+    Created {
+        promise: Promise,
+        deduplicated: bool,
+    },
     /// The id exists and the idempotency key does not match.
-    CreateConflict { current: Promise },
+    CreateConflict {
+        current: Promise,
+    },
     /// The settle took effect, or repeated an earlier one with the same key and state.
-    Settled { promise: Promise, deduplicated: bool },
+    Settled {
+        promise: Promise,
+        deduplicated: bool,
+    },
     /// The promise was already settled (possibly by its deadline) in another way.
-    SettleConflict { current: Promise },
+    SettleConflict {
+        current: Promise,
+    },
     NotFound,
     /// How many promises a `Timeout` command timed out.
-    TimedOut { count: u32 },
+    TimedOut {
+        count: u32,
+    },
     /// How many promises a `Collect` command deleted.
-    Collected { count: u32 },
+    Collected {
+        count: u32,
+    },
 }
 
 /// The effect of a command on one record. The storage layer derives its index updates, and

@@ -63,7 +63,11 @@ impl Limits {
         over("max_entry_bytes", self.max_entry_bytes as u128, HARD_MAX_ENTRY_BYTES as u128)?;
         over("max_idempotency_key_bytes", self.max_idempotency_key_bytes as u128, HARD_MAX_ID_BYTES as u128)?;
         over("max_deadline_ahead_ms", self.max_deadline_ahead_ms.max(0) as u128, HARD_MAX_DEADLINE_AHEAD_MS as u128)?;
-        over("default_deadline_ahead_ms", self.default_deadline_ahead_ms.max(0) as u128, self.max_deadline_ahead_ms.max(0) as u128)?;
+        over(
+            "default_deadline_ahead_ms",
+            self.default_deadline_ahead_ms.max(0) as u128,
+            self.max_deadline_ahead_ms.max(0) as u128,
+        )?;
         if self.max_id_bytes == 0 || self.default_deadline_ahead_ms <= 0 {
             return Err(LimitError("max_id_bytes and default_deadline_ahead_ms must be positive".into()));
         }
@@ -132,7 +136,9 @@ impl Limits {
             return Ok(now_ms.saturating_add(self.default_deadline_ahead_ms));
         }
         if requested_ms < 0 {
-            return Err(LimitError(format!("deadline_ms={requested_ms} is negative; give milliseconds since the epoch")));
+            return Err(LimitError(format!(
+                "deadline_ms={requested_ms} is negative; give milliseconds since the epoch"
+            )));
         }
         if requested_ms > now_ms.saturating_add(self.max_deadline_ahead_ms) {
             return Err(LimitError(format!(
@@ -151,7 +157,10 @@ impl Limits {
         count_limit: &str,
     ) -> Result<(), LimitError> {
         if m.len() > max_count {
-            return Err(LimitError(format!("{what} has {} entries, over the limit {count_limit}={max_count}", m.len())));
+            return Err(LimitError(format!(
+                "{what} has {} entries, over the limit {count_limit}={max_count}",
+                m.len()
+            )));
         }
         for (k, v) in m {
             if k.len() > self.max_entry_bytes || v.len() > self.max_entry_bytes {

@@ -94,13 +94,14 @@ pub fn apply<V: PromiseView>(
             let mut count = 0;
             let mut seen = BTreeSet::new();
             for id in ids.iter().filter(|id| seen.insert(*id)) {
-                if let Some(p) = view.promise(id)? {
-                    if !p.state.is_settled() && p.deadline_ms <= now {
-                        let mut after = p.clone();
-                        time_out(&mut after, now, index);
-                        changes.push(Change { before: Some(p), after: Some(after) });
-                        count += 1;
-                    }
+                if let Some(p) = view.promise(id)?
+                    && !p.state.is_settled()
+                    && p.deadline_ms <= now
+                {
+                    let mut after = p.clone();
+                    time_out(&mut after, now, index);
+                    changes.push(Change { before: Some(p), after: Some(after) });
+                    count += 1;
                 }
             }
             Outcome::TimedOut { count }
@@ -109,11 +110,12 @@ pub fn apply<V: PromiseView>(
             let mut count = 0;
             let mut seen = BTreeSet::new();
             for id in ids.iter().filter(|id| seen.insert(*id)) {
-                if let Some(p) = view.promise(id)? {
-                    if p.state.is_settled() && p.settled_at_ms.saturating_add(*retention_ms) <= now {
-                        changes.push(Change { before: Some(p), after: None });
-                        count += 1;
-                    }
+                if let Some(p) = view.promise(id)?
+                    && p.state.is_settled()
+                    && p.settled_at_ms.saturating_add(*retention_ms) <= now
+                {
+                    changes.push(Change { before: Some(p), after: None });
+                    count += 1;
                 }
             }
             Outcome::Collected { count }

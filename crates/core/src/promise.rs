@@ -27,12 +27,11 @@ impl PromiseId {
     /// non-empty (the Redis Cluster hash-tag rule), otherwise the whole id.
     pub fn placement_key(&self) -> &str {
         let s = self.0.as_str();
-        if let Some(open) = s.find('{') {
-            if let Some(len) = s[open + 1..].find('}') {
-                if len > 0 {
-                    return &s[open + 1..open + 1 + len];
-                }
-            }
+        if let Some(open) = s.find('{')
+            && let Some(len) = s[open + 1..].find('}')
+            && len > 0
+        {
+            return &s[open + 1..open + 1 + len];
         }
         s
     }
@@ -258,10 +257,7 @@ mod tests {
         assert_eq!(id("no-tag").placement_key(), "no-tag");
         assert_eq!(id("open{only").placement_key(), "open{only");
         let n = 8;
-        assert_eq!(
-            ShardId::for_promise(&id("{order-42}/a"), n),
-            ShardId::for_promise(&id("{order-42}/b"), n)
-        );
+        assert_eq!(ShardId::for_promise(&id("{order-42}/a"), n), ShardId::for_promise(&id("{order-42}/b"), n));
     }
 
     #[test]

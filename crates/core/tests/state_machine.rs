@@ -153,8 +153,7 @@ fn arb_proposal() -> impl Strategy<Value = Proposal> {
     let kind = prop::sample::select(vec![SettleAs::Resolve, SettleAs::Reject, SettleAs::Cancel]);
     prop_oneof![
         (0i64..2_000, pid.clone(), 0i64..2_000, key.clone()).prop_map(|(t, p, d, k)| create(t, p, d, k)),
-        (0i64..2_000, pid.clone(), kind, "[a-z]{0,3}", key)
-            .prop_map(|(t, p, a, v, k)| settle(t, p, a, &v, k)),
+        (0i64..2_000, pid.clone(), kind, "[a-z]{0,3}", key).prop_map(|(t, p, a, v, k)| settle(t, p, a, &v, k)),
         (0i64..2_000, prop::collection::vec(pid.clone(), 0..4)).prop_map(|(t, ids)| Proposal {
             stamp_ms: t,
             command: Command::Timeout { ids: ids.into_iter().map(id).collect() },
@@ -209,9 +208,8 @@ proptest! {
         let mut s = MemState::default();
         let mut wins: BTreeMap<PromiseId, u32> = BTreeMap::new();
         for p in &log {
-            if let Command::Create { id, .. } = &p.command {
-                if !s.promises.contains_key(id) { wins.remove(id); }
-            }
+            if let Command::Create { id, .. } = &p.command
+                && !s.promises.contains_key(id) { wins.remove(id); }
             if let (Outcome::Settled { deduplicated: false, promise }, _) = (s.apply(p), ()) {
                 *wins.entry(promise.id.clone()).or_default() += 1;
             }

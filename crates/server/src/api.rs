@@ -124,8 +124,13 @@ impl PromisesApi {
                 let reply = call.call(PromisesClient::new(channel(&self.node, &addr)?), forwarded(req)).await;
                 // A forwarded write that failed in transit may have reached the leader.
                 reply.map_err(|mut s| {
-                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
-                        && !s.metadata().contains_key(md::OUTCOME_UNKNOWN)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::DeadlineExceeded
+                    ) && !s.metadata().contains_key(md::OUTCOME_UNKNOWN)
                         && !s.metadata().contains_key(md::LEADER_ID)
                     {
                         convert::mark_outcome_unknown(&mut s);
@@ -140,7 +145,12 @@ impl PromisesApi {
     }
 
     /// A linearizable read of one promise, locally or at the shard leader.
-    async fn read(&self, shard: &Shard, id: &PromiseId, req: Request<pb::GetRequest>) -> Result<pb::PromiseResponse, Status> {
+    async fn read(
+        &self,
+        shard: &Shard,
+        id: &PromiseId,
+        req: Request<pb::GetRequest>,
+    ) -> Result<pb::PromiseResponse, Status> {
         let consistency = pb::Consistency::try_from(req.get_ref().consistency).unwrap_or(pb::Consistency::Linearizable);
         if consistency == pb::Consistency::Linearizable {
             match self.node.read_barrier(shard).await {
@@ -159,7 +169,12 @@ impl PromisesApi {
         }
     }
 
-    async fn settle(&self, method: &'static str, req: Request<pb::SettleRequest>, settle_as: SettleAs) -> Result<Response<pb::PromiseResponse>, Status> {
+    async fn settle(
+        &self,
+        method: &'static str,
+        req: Request<pb::SettleRequest>,
+        settle_as: SettleAs,
+    ) -> Result<Response<pb::PromiseResponse>, Status> {
         let command = convert::settle_command(self.node.limits(), req.get_ref().clone(), settle_as)?;
         match settle_as {
             SettleAs::Resolve => self.write(method, req, command, Resolve).await,
@@ -169,7 +184,15 @@ impl PromisesApi {
     }
 
     /// One shard's page of a search, locally or at the shard's leader.
-    async fn search_shard(&self, shard: &Shard, req: &pb::SearchRequest, filter: &SearchFilter, after: Option<&str>, limit: usize, forwarded_req: bool) -> Result<(Vec<pb::Promise>, Option<String>), Status> {
+    async fn search_shard(
+        &self,
+        shard: &Shard,
+        req: &pb::SearchRequest,
+        filter: &SearchFilter,
+        after: Option<&str>,
+        limit: usize,
+        forwarded_req: bool,
+    ) -> Result<(Vec<pb::Promise>, Option<String>), Status> {
         match self.node.read_barrier(shard).await {
             Ok(()) => {
                 let page = shard.state.search(filter, after, limit).map_err(|e| Status::internal(e.to_string()))?;
@@ -181,7 +204,8 @@ impl PromisesApi {
                     fwd.metadata_mut().insert(SEARCH_SHARD, v);
                 }
                 let resp = PromisesClient::new(channel(&self.node, &addr)?).search(fwd).await?.into_inner();
-                let next = if resp.next_page_token.is_empty() { None } else { Some(decode_token(&resp.next_page_token)?) };
+                let next =
+                    if resp.next_page_token.is_empty() { None } else { Some(decode_token(&resp.next_page_token)?) };
                 Ok((resp.promises, next))
             }
             Err(e) => Err(shard_status(&e)),
@@ -221,7 +245,7 @@ fn encode_token(id: &str) -> String {
 
 fn decode_token(token: &str) -> Result<String, Status> {
     let bad = || Status::invalid_argument("malformed page_token");
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes = (0..token.len())
@@ -271,7 +295,8 @@ impl Promises for PromisesApi {
         // Subscribe before the read: a settle applied after the read is then always heard.
         let mut settled = shard.subscribe_settled();
         let first = self.read(&shard, &id, Request::new(pb::GetRequest { id: r.id.clone(), consistency: 0 })).await?;
-        let pending = |p: &pb::PromiseResponse| p.promise.as_ref().is_some_and(|p| p.state == pb::State::Pending as i32);
+        let pending =
+            |p: &pb::PromiseResponse| p.promise.as_ref().is_some_and(|p| p.state == pb::State::Pending as i32);
         if !pending(&first) {
             return Ok(Response::new(first));
         }
@@ -288,11 +313,10 @@ impl Promises for PromisesApi {
                     Ok(_) => {}
                     Err(RecvError::Lagged(_)) => {
                         // Missed notifications: look at the replica's state instead.
-                        if let Ok(Some(p)) = shard.state.get(&id) {
-                            if p.state.is_settled() {
+                        if let Ok(Some(p)) = shard.state.get(&id)
+                            && p.state.is_settled() {
                                 break Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false });
                             }
-                        }
                     }
                     Err(RecvError::Closed) => break Err(Status::unavailable("shard stopped")),
                 },
@@ -319,7 +343,9 @@ impl Promises for PromisesApi {
         };
         let after = if r.page_token.is_empty() { None } else { Some(decode_token(&r.page_token)?) };
         let shards: Vec<Shard> = match only_shard {
-            Some(s) => vec![self.node.shard(ShardId(s)).ok_or_else(|| Status::not_found(format!("no shard {s}")))?.clone()],
+            Some(s) => {
+                vec![self.node.shard(ShardId(s)).ok_or_else(|| Status::not_found(format!("no shard {s}")))?.clone()]
+            }
             None => self.node.shards().to_vec(),
         };
         // Each shard returns its next `limit` matches in id order; the merge keeps the first
@@ -327,7 +353,8 @@ impl Promises for PromisesApi {
         let mut all = Vec::new();
         let mut boundary: Option<String> = None;
         for shard in &shards {
-            let (promises, next) = self.search_shard(shard, &r, &filter, after.as_deref(), limit, forwarded_req).await?;
+            let (promises, next) =
+                self.search_shard(shard, &r, &filter, after.as_deref(), limit, forwarded_req).await?;
             all.extend(promises);
             if let Some(n) = next {
                 boundary = Some(boundary.map_or(n.clone(), |b: String| b.min(n)));
@@ -383,7 +410,13 @@ impl ClusterApi {
 
     /// Runs a membership operation here for the shards this node leads, and forwards the rest
     /// to their leaders, one shard per forwarded request.
-    async fn membership<F, Fut>(&self, forwarded_req: bool, shard_ids: &[u32], local: F, remote: impl Fn(ShardId) -> RemoteOp) -> Result<Response<pb::StatusResponse>, Status>
+    async fn membership<F, Fut>(
+        &self,
+        forwarded_req: bool,
+        shard_ids: &[u32],
+        local: F,
+        remote: impl Fn(ShardId) -> RemoteOp,
+    ) -> Result<Response<pb::StatusResponse>, Status>
     where
         F: FnOnce(Vec<ShardId>) -> Fut,
         Fut: Future<Output = anyhow::Result<Vec<(ShardId, String)>>>,
@@ -429,9 +462,12 @@ impl Cluster for ClusterApi {
         }
         let (id, addr) = (NodeId(r.node_id), r.grpc_addr.clone());
         let node = self.node.clone();
-        self.membership(fwd, &r.shard_ids, |shards| async move { node.add_node(id, &addr, &shards).await }, |sid| {
-            RemoteOp::Add(pb::AddNodeRequest { shard_ids: vec![sid.0], ..r.clone() })
-        })
+        self.membership(
+            fwd,
+            &r.shard_ids,
+            |shards| async move { node.add_node(id, &addr, &shards).await },
+            |sid| RemoteOp::Add(pb::AddNodeRequest { shard_ids: vec![sid.0], ..r.clone() }),
+        )
         .await
     }
 
@@ -440,20 +476,29 @@ impl Cluster for ClusterApi {
         let r = req.into_inner();
         let id = NodeId(r.node_id);
         let node = self.node.clone();
-        self.membership(fwd, &r.shard_ids, |shards| async move { node.remove_node(id, &shards).await }, |sid| {
-            RemoteOp::Remove(pb::RemoveNodeRequest { node_id: r.node_id, shard_ids: vec![sid.0] })
-        })
+        self.membership(
+            fwd,
+            &r.shard_ids,
+            |shards| async move { node.remove_node(id, &shards).await },
+            |sid| RemoteOp::Remove(pb::RemoveNodeRequest { node_id: r.node_id, shard_ids: vec![sid.0] }),
+        )
         .await
     }
 
-    async fn transfer_leader(&self, req: Request<pb::TransferLeaderRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let fwd = is_forwarded(&req);
         let r = req.into_inner();
         let to = NodeId(r.to_node_id);
         let node = self.node.clone();
-        self.membership(fwd, &r.shard_ids, |shards| async move { node.transfer_leader(to, &shards).await }, |sid| {
-            RemoteOp::Transfer(pb::TransferLeaderRequest { to_node_id: r.to_node_id, shard_ids: vec![sid.0] })
-        })
+        self.membership(
+            fwd,
+            &r.shard_ids,
+            |shards| async move { node.transfer_leader(to, &shards).await },
+            |sid| RemoteOp::Transfer(pb::TransferLeaderRequest { to_node_id: r.to_node_id, shard_ids: vec![sid.0] }),
+        )
         .await
     }
 }

@@ -171,7 +171,8 @@ impl Config {
             bail!("--shards must be between 1 and {MAX_SHARDS}");
         }
         let defaults = RaftOptions::default();
-        let election_min = args.election_timeout_ms.or(file.election_timeout_ms).unwrap_or(defaults.election_timeout_min_ms);
+        let election_min =
+            args.election_timeout_ms.or(file.election_timeout_ms).unwrap_or(defaults.election_timeout_min_ms);
         let raft = RaftOptions {
             heartbeat_ms: args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(defaults.heartbeat_ms),
             election_timeout_min_ms: election_min,

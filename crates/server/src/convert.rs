@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 use tonic::Status;
-use tonic::metadata::{MetadataValue};
+use tonic::metadata::MetadataValue;
 use vow_api::metadata as md;
 use vow_api::v1 as pb;
 use vow_core::{Command, LimitError, Limits, Outcome, Promise, SettleAs, State, Value};

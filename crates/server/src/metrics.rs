@@ -21,10 +21,17 @@ impl Metrics {
         let o = match result {
             Ok(_) => 0,
             // Replicated domain answers (exists, settled, not found, bad input) are not failures.
-            Err(s) if matches!(
-                s.code(),
-                tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
-            ) => 1,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::AlreadyExists
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::NotFound
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                1
+            }
             Err(_) => 2,
         };
         self.counts[m][o].fetch_add(1, Ordering::Relaxed);

@@ -121,7 +121,8 @@ impl Node {
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
-                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.with_context(|| format!("shard {sid} has no leader"))?;
+                let (_, addr) =
+                    shard.wait_for_leader(LEADER_WAIT).await.with_context(|| format!("shard {sid} has no leader"))?;
                 if !shard.is_leader() {
                     elsewhere.push((sid, addr));
                     continue;
@@ -152,7 +153,8 @@ impl Node {
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
-                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.with_context(|| format!("shard {sid} has no leader"))?;
+                let (_, addr) =
+                    shard.wait_for_leader(LEADER_WAIT).await.with_context(|| format!("shard {sid} has no leader"))?;
                 if !shard.is_leader() {
                     elsewhere.push((sid, addr));
                     continue;
@@ -196,10 +198,10 @@ impl Node {
                         .metrics(|m| m.current_leader.is_some_and(|l| l != self.id()), "leadership moved")
                         .await;
                 }
-            } else if let Some((_, addr)) = shard.wait_for_leader(LEADER_WAIT).await {
-                if !shard.is_leader() {
-                    elsewhere.push((sid, addr));
-                }
+            } else if let Some((_, addr)) = shard.wait_for_leader(LEADER_WAIT).await
+                && !shard.is_leader()
+            {
+                elsewhere.push((sid, addr));
             }
         }
         Ok(elsewhere)
@@ -213,14 +215,11 @@ impl Node {
                 continue;
             }
             let metrics = shard.metrics();
-            let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().filter(|v| *v != self.id()).collect();
+            let voters: Vec<NodeId> =
+                metrics.membership_config.membership().voter_ids().filter(|v| *v != self.id()).collect();
             // The most caught-up voter takes over.
             let best = voters.iter().copied().max_by_key(|v| {
-                metrics
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(v).cloned().flatten())
-                    .map(|log_id| log_id.index)
+                metrics.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|log_id| log_id.index)
             });
             let Some(to) = best else { continue };
             if shard.raft.trigger().transfer_leader(to).await.is_ok() {
@@ -249,7 +248,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let db = storage::open(&config.data_dir.join("db"))
         .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
-    storage::check_identity(&db, &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone() })?;
+    storage::check_identity(
+        &db,
+        &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone() },
+    )?;
     let cluster_name: Arc<str> = config.cluster_name.clone().into();
     let peers = Peers::default();
     let ctx = ShardContext {
@@ -326,7 +328,11 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
 /// Asks the seeds to add this node until one succeeds (the cluster may be electing or busy).
 async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<bool>) {
     use vow_api::v1::cluster_client::ClusterClient;
-    let req = vow_api::v1::AddNodeRequest { node_id: node.id().0, grpc_addr: node.advertise_addr().to_owned(), shard_ids: vec![] };
+    let req = vow_api::v1::AddNodeRequest {
+        node_id: node.id().0,
+        grpc_addr: node.advertise_addr().to_owned(),
+        shard_ids: vec![],
+    };
     let mut delay = Duration::from_millis(200);
     loop {
         for seed in &seeds {
@@ -351,7 +357,11 @@ async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<
 
 /// Shards that a request names, or all of them.
 pub fn shard_ids(node: &Node, ids: &[u32]) -> Vec<ShardId> {
-    if ids.is_empty() { (0..node.shards().len() as u32).map(ShardId).collect() } else { ids.iter().copied().map(ShardId).collect() }
+    if ids.is_empty() {
+        (0..node.shards().len() as u32).map(ShardId).collect()
+    } else {
+        ids.iter().copied().map(ShardId).collect()
+    }
 }
 
 /// Members of every shard with their addresses, as this node sees them.

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::async_runtime::watch::WatchReceiver;
+use openraft::errors::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::{RaftMetrics, ReadPolicy, ServerState};
 use rocksdb::DB;
 use tokio::sync::broadcast;
@@ -53,7 +53,12 @@ pub struct RaftOptions {
 
 impl Default for RaftOptions {
     fn default() -> Self {
-        RaftOptions { heartbeat_ms: 100, election_timeout_min_ms: 400, election_timeout_max_ms: 800, snapshot_logs: 20_000 }
+        RaftOptions {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs: 20_000,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::stream;
-use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftStateMachine, RaftSnapshotBuilder};
+use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::TypeConfigExt;
 use openraft::vote::RaftLeaderId;
@@ -19,7 +19,10 @@ use vow_server::storage::{self, log_store::LogStore, log_store::WalFlusher, stat
 
 struct Builder;
 
-fn open_shard(dir: &std::path::Path, shard: ShardId) -> std::io::Result<(Arc<rocksdb::DB>, LogStore, ShardStateMachine)> {
+fn open_shard(
+    dir: &std::path::Path,
+    shard: ShardId,
+) -> std::io::Result<(Arc<rocksdb::DB>, LogStore, ShardStateMachine)> {
     let db = storage::open(&dir.join("db"))?;
     let log = LogStore::new(db.clone(), shard, WalFlusher::spawn(db.clone()));
     let (tx, _) = broadcast::channel(1024);
@@ -30,7 +33,8 @@ fn open_shard(dir: &std::path::Path, shard: ShardId) -> std::io::Result<(Arc<roc
 impl StoreBuilder<TypeConfig, LogStore, ShardStateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, ShardStateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
-        let (_, log, sm) = open_shard(dir.path(), ShardId(0)).map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
+        let (_, log, sm) =
+            open_shard(dir.path(), ShardId(0)).map_err(|e| StorageError::read(TypeConfig::err_from_error(&e)))?;
         Ok((dir, log, sm))
     }
 }
@@ -82,8 +86,25 @@ async fn log_vote_and_state_survive_a_reopen() -> std::io::Result<()> {
         log.save_vote(&Vote::new_committed(3, NodeId(2))).await?;
         let id = PromiseId::new_unchecked("p");
         let entries = vec![
-            proposal_entry(1, Command::Create { id: id.clone(), param: Value::default(), deadline_ms: 1_000_000, tags: BTreeMap::new(), idempotency_key: String::new() }),
-            proposal_entry(2, Command::Settle { id, settle_as: SettleAs::Resolve, value: Value { headers: BTreeMap::new(), data: b"v".to_vec() }, idempotency_key: "k".into() }),
+            proposal_entry(
+                1,
+                Command::Create {
+                    id: id.clone(),
+                    param: Value::default(),
+                    deadline_ms: 1_000_000,
+                    tags: BTreeMap::new(),
+                    idempotency_key: String::new(),
+                },
+            ),
+            proposal_entry(
+                2,
+                Command::Settle {
+                    id,
+                    settle_as: SettleAs::Resolve,
+                    value: Value { headers: BTreeMap::new(), data: b"v".to_vec() },
+                    idempotency_key: "k".into(),
+                },
+            ),
         ];
         append(&mut log, entries.clone()).await;
         sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await?;
@@ -104,8 +125,25 @@ async fn a_snapshot_moves_a_shard_to_another_database() -> std::io::Result<()> {
     let mut entries = Vec::new();
     for i in 0..2_000u64 {
         let id = PromiseId::new_unchecked(format!("p{i:05}"));
-        entries.push(proposal_entry(2 * i + 1, Command::Create { id: id.clone(), param: Value { headers: BTreeMap::new(), data: vec![7; 256] }, deadline_ms: if i % 2 == 0 { 500 } else { 10_000_000 }, tags: BTreeMap::from([("k".into(), (i % 3).to_string())]), idempotency_key: String::new() }));
-        entries.push(proposal_entry(2 * i + 2, Command::Settle { id, settle_as: SettleAs::Reject, value: Value::default(), idempotency_key: String::new() }));
+        entries.push(proposal_entry(
+            2 * i + 1,
+            Command::Create {
+                id: id.clone(),
+                param: Value { headers: BTreeMap::new(), data: vec![7; 256] },
+                deadline_ms: if i % 2 == 0 { 500 } else { 10_000_000 },
+                tags: BTreeMap::from([("k".into(), (i % 3).to_string())]),
+                idempotency_key: String::new(),
+            },
+        ));
+        entries.push(proposal_entry(
+            2 * i + 2,
+            Command::Settle {
+                id,
+                settle_as: SettleAs::Reject,
+                value: Value::default(),
+                idempotency_key: String::new(),
+            },
+        ));
     }
     src.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await?;
     let snapshot = src.get_snapshot_builder().await.build_snapshot().await?;

@@ -162,7 +162,11 @@ fn message(f: impl FnOnce(&mut Encoder)) -> Vec<u8> {
     e.into_bytes()
 }
 
-fn parse<T>(what: &'static str, bytes: &[u8], f: impl FnOnce(&mut Decoder<'_>) -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+fn parse<T>(
+    what: &'static str,
+    bytes: &[u8],
+    f: impl FnOnce(&mut Decoder<'_>) -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
     let mut d = Decoder::new(bytes);
     d.version(what, FORMAT)?;
     let v = f(&mut d)?;

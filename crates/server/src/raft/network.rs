@@ -4,13 +4,13 @@ use std::future::Future;
 use std::io::Read;
 use std::sync::Arc;
 
+use openraft::alias::SnapshotOf;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::alias::SnapshotOf;
 use tonic::transport::Channel;
 use vow_api::raft::raft_client::RaftClient;
 use vow_api::raft::{RaftRequest, SnapshotChunk};

@@ -50,9 +50,7 @@ impl RaftService {
                 req.cluster_name, self.cluster_name
             )));
         }
-        self.shards
-            .get(req.shard_id as usize)
-            .ok_or_else(|| Status::not_found(format!("no shard {}", req.shard_id)))
+        self.shards.get(req.shard_id as usize).ok_or_else(|| Status::not_found(format!("no shard {}", req.shard_id)))
     }
 }
 
@@ -82,7 +80,10 @@ impl RaftRpc for RaftService {
         reply(codec::encode_transfer_response(&resp))
     }
 
-    async fn install_snapshot(&self, request: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
         let mut stream = request.into_inner();
         let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let header = first.header.ok_or_else(|| Status::invalid_argument("first snapshot chunk has no header"))?;

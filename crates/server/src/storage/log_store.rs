@@ -180,7 +180,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         self.db
-            .put_cf(cf(&self.db, CF_META)?, keys::meta(self.shard, keys::META_COMMITTED), Self::log_id_bytes(&committed))
+            .put_cf(
+                cf(&self.db, CF_META)?,
+                keys::meta(self.shard, keys::META_COMMITTED),
+                Self::log_id_bytes(&committed),
+            )
             .map_err(io_err)
     }
 
@@ -199,19 +203,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(log, keys::log(self.shard, entry.log_id.index), codec::encode_entry(&entry));
         }
         self.db.write(batch).map_err(io_err)?;
-        self.flusher
-            .tx
-            .send(callback)
-            .await
-            .map_err(|_| io::Error::other("WAL flusher stopped"))
+        self.flusher.tx.send(callback).await.map_err(|_| io::Error::other("WAL flusher stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |id| id.index + 1);
         let log = cf(&self.db, CF_LOG)?;
-        self.db
-            .delete_range_cf(log, keys::log(self.shard, from), keys::log(self.shard, u64::MAX))
-            .map_err(io_err)
+        self.db.delete_range_cf(log, keys::log(self.shard, from), keys::log(self.shard, u64::MAX)).map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {

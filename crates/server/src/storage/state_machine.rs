@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::EntryPayload;
 use openraft::alias::SnapshotOf;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use rocksdb::{DB, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::broadcast;
 use vow_core::codec::{Decoder, Encoder};
@@ -418,9 +418,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
         let (db, shard, dir) = (self.db.clone(), self.shard, self.dir.clone());
-        let (meta, path) = tokio::task::spawn_blocking(move || build(&db, shard, &dir))
-            .await
-            .map_err(io::Error::other)??;
+        let (meta, path) =
+            tokio::task::spawn_blocking(move || build(&db, shard, &dir)).await.map_err(io::Error::other)??;
         tracing::info!(shard = %shard, last_log_id = ?meta.last_log_id, "snapshot built");
         Ok(Snapshot { meta, snapshot: SnapshotFile::open(path)? })
     }
