@@ -8,7 +8,8 @@ cache="${VOW_CACHE:-$HOME/.cache/vow}"
 mkdir -p "$cache"
 
 need_apt=()
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q 'libclang'; then
+# bindgen (through clang-sys) needs libclang itself; libclang-cpp, preinstalled on some images, is not it.
+if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
   need_apt+=(libclang-dev)
 fi
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)

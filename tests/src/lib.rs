@@ -147,20 +147,29 @@ impl DevCluster {
     }
 
     pub fn kill9(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, "-9")
+    }
+
+    /// SIGTERM: the graceful stop an orchestrator would send.
+    pub fn term(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, "-TERM")
+    }
+
+    fn signal(&self, id: u64, sig: &str) -> anyhow::Result<()> {
         let pid = self.node(id).pid;
-        let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().context("kill")?.success();
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().context("kill")?.success();
         if !ok {
-            bail!("kill -9 {pid} failed");
+            bail!("kill {sig} {pid} failed");
         }
         // Wait until the process is really gone (or a zombie), so a restart finds its port free.
-        for _ in 0..200 {
+        for _ in 0..1000 {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             if stat.is_empty() || stat.contains(") Z ") {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10)); // poll for process exit
         }
-        bail!("process {pid} survived kill -9")
+        bail!("process {pid} survived kill {sig}")
     }
 
     /// The tail of every node's log, for failure messages.

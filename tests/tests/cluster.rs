@@ -369,5 +369,39 @@ fn cli_round_trip_and_clear_errors() -> anyhow::Result<()> {
     let out = run(&["cluster", "status"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["shards"][0]["leader_id"], 1);
+
+    // The operator endpoints answer on the HTTP address.
+    let http = cluster.node(1).http.clone();
+    for (path, expect) in [("/livez", "ok"), ("/readyz", "ready"), ("/metrics", "vow_shard_is_leader")] {
+        let body = http_get(&http, path)?;
+        assert!(body.starts_with("HTTP/1.1 200") && body.contains(expect), "{path}: {body}");
+    }
+    assert!(http_get(&http, "/metrics")?.contains(r#"vow_requests_total{method="create",outcome="ok"} 1"#));
+    Ok(())
+}
+
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    let c = cluster.client();
+    c.create(create_req("t-1", "")).await?;
+    let others: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != leader).collect();
+    cluster.term(leader)?;
+    // The handoff happens before the process exits, so a survivor already knows the new leader.
+    let status = cluster.status_of(others[0]).await?;
+    let new_leader = status.shards[0].leader_id;
+    assert!(new_leader != 0 && new_leader != leader, "no new leader right after SIGTERM: {status:?}");
+    assert!(cluster.log_of(leader).contains("leadership handed off for shutdown"), "{}", cluster.log_of(leader));
+    assert_eq!(c.get("t-1").await?.state, pb::State::Pending as i32);
     Ok(())
 }
