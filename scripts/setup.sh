@@ -13,6 +13,9 @@ if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
   need_apt+=(libclang-dev)
 fi
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# The jepsen harness builds its hosts from network namespaces, iptables and tc.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian" >&2
   sudo_cmd=""

@@ -8,7 +8,11 @@ scripts/setup.sh --with-python
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The multi-process tests run the real binaries, so build them first.
+# The multi-process tests run the real binaries, so build them first. The sabotaged vowd (test-only
+# deliberate bugs, for the jepsen checker's proof tests) is built first and set aside under its own
+# name; the default build then puts the real vowd back in place.
+cargo build -p vow-server --features sabotage --bin vowd --locked
+cp "$CARGO_TARGET_DIR/debug/vowd" "$CARGO_TARGET_DIR/debug/vowd-sabotage"
 cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
@@ -16,4 +20,8 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 "${VOW_CACHE:-$HOME/.cache/vow}/venv/bin/python" tests/python/external_client.py --bin-dir "$CARGO_TARGET_DIR/debug"
+# A short fault-injection run against the real server (the long one is in the README).
+"$CARGO_TARGET_DIR/debug/vow-jepsen" cleanup
+"$CARGO_TARGET_DIR/debug/vow-jepsen" test --nodes 5 --time-limit 100 --nemesis kill,pause,partition,transfer \
+  --seed "${VOW_JEPSEN_SEED:-$RANDOM}" --out "${VOW_JEPSEN_OUT:-$(mktemp -d /tmp/vow-jepsen-ci.XXXXXX)}"
 echo "all tests passed"

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod raft;
+pub mod sabotage;
 pub mod shard;
 pub mod storage;
 pub mod sweeper;

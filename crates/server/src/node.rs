@@ -83,11 +83,17 @@ impl Node {
     /// Proposes on `shard` if this node leads it, waiting briefly for an election when no
     /// leader is known. Returns `NotLeader` with the leader's address when another node leads.
     pub async fn write(&self, shard: &Shard, command: vow_core::Command) -> Result<vow_core::Outcome, ShardError> {
+        if crate::sabotage::enabled("ack-before-commit") {
+            return shard.predict_and_propose_in_background(command);
+        }
         self.with_leader(shard, || shard.propose(command.clone())).await
     }
 
     /// Waits until this replica of `shard` reflects every write committed before the call.
     pub async fn read_barrier(&self, shard: &Shard) -> Result<(), ShardError> {
+        if crate::sabotage::enabled("stale-reads") {
+            return Ok(());
+        }
         self.with_leader(shard, || shard.read_barrier()).await
     }
 
@@ -303,6 +309,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .map(|s| tokio::spawn(crate::sweeper::run(s.clone(), config.retention, stop_rx.clone())))
         .collect();
     tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
+    for bug in ["stale-reads", "ack-before-commit", "skip-settled-check"] {
+        if crate::sabotage::enabled(bug) {
+            tracing::warn!(bug, "SABOTAGED BUILD: deliberate consistency bug enabled");
+        }
+    }
 
     shutdown.await;
     tracing::info!(node = %config.node_id, "shutting down");

@@ -154,6 +154,17 @@ impl Shard {
         }
     }
 
+    /// Sabotage only (`ack-before-commit`): the outcome the command would have on this
+    /// replica's current state, returned before the command is even proposed.
+    pub fn predict_and_propose_in_background(&self, command: Command) -> Result<Outcome, ShardError> {
+        let proposal = Proposal { stamp_ms: now_ms(), command: command.clone() };
+        let predicted = vow_core::apply(&self.state, 0, 0, &proposal)
+            .map_err(|e| ShardError::Fatal { shard: self.id, reason: e.to_string() })?;
+        let shard = self.clone();
+        tokio::spawn(async move { shard.propose(command).await });
+        Ok(predicted.outcome)
+    }
+
     /// Returns once this replica's state reflects every write committed before the call
     /// (ReadIndex through the leader). Only the leader can do this.
     pub async fn read_barrier(&self) -> Result<(), ShardError> {

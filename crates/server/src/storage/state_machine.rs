@@ -145,6 +145,13 @@ impl ShardState {
     }
 }
 
+impl PromiseView for ShardState {
+    type Error = io::Error;
+    fn promise(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
+        self.get(id)
+    }
+}
+
 fn read_promise(db: &DB, shard: ShardId, id: &PromiseId) -> io::Result<Option<Promise>> {
     match db.get_pinned_cf(cf(db, CF_STATE)?, keys::promise(shard, id.as_str())).map_err(io_err)? {
         None => Ok(None),
@@ -158,15 +165,24 @@ struct BatchView<'a> {
     db: &'a DB,
     shard: ShardId,
     overlay: &'a HashMap<PromiseId, Option<Promise>>,
+    /// Sabotage only (`skip-settled-check`): present settled promises as pending.
+    forget_settlement: bool,
 }
 
 impl PromiseView for BatchView<'_> {
     type Error = io::Error;
     fn promise(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
-        match self.overlay.get(id) {
-            Some(p) => Ok(p.clone()),
-            None => read_promise(self.db, self.shard, id),
-        }
+        let p = match self.overlay.get(id) {
+            Some(p) => p.clone(),
+            None => read_promise(self.db, self.shard, id)?,
+        };
+        Ok(p.map(|mut p| {
+            if self.forget_settlement {
+                p.state = State::Pending;
+                p.deadline_ms = i64::MAX;
+            }
+            p
+        }))
     }
 }
 
@@ -347,7 +363,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ApplyResponse(None)
                 }
                 EntryPayload::Normal(proposal) => {
-                    let view = BatchView { db: &self.db, shard: self.shard, overlay: &overlay };
+                    let forget_settlement = crate::sabotage::enabled("skip-settled-check")
+                        && matches!(proposal.command, vow_core::Command::Settle { .. });
+                    let view = BatchView { db: &self.db, shard: self.shard, overlay: &overlay, forget_settlement };
                     let applied = vow_core::apply(&view, self.cluster_time_ms, entry.log_id.index, &proposal)?;
                     self.cluster_time_ms = applied.cluster_time_ms;
                     for change in &applied.changes {

@@ -1,0 +1,22 @@
+//! Deliberate bugs, for proving that the consistency checker catches real ones (issue #3).
+//!
+//! Compiled only with the `sabotage` cargo feature, which no default build enables; without it
+//! [`enabled`] is a constant `false` and every sabotage branch is compiled out. With it, the
+//! comma-separated `VOW_SABOTAGE` environment variable switches bugs on:
+//! - `stale-reads`: serve linearizable reads from the local replica, skipping ReadIndex and
+//!   forwarding;
+//! - `ack-before-commit`: answer a write from a prediction on local state and propose it in the
+//!   background, before it is committed;
+//! - `skip-settled-check`: let a settle overwrite an already settled promise.
+
+#[cfg(feature = "sabotage")]
+pub fn enabled(bug: &str) -> bool {
+    static BUGS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUGS.get_or_init(|| std::env::var("VOW_SABOTAGE").unwrap_or_default()).split(',').any(|b| b.trim() == bug)
+}
+
+#[cfg(not(feature = "sabotage"))]
+#[inline(always)]
+pub const fn enabled(_bug: &str) -> bool {
+    false
+}

@@ -1,0 +1,705 @@
+//! Checks a recorded history against the write-once register that a vow promise is meant to be.
+//!
+//! # Model
+//!
+//! Each key is an independent register whose state is a [`Register`], initially `Absent`. Because
+//! keys never interact, the history is split by key and each part is checked on its own
+//! (P-compositionality), which keeps every search small even when a run touches thousands of keys.
+//!
+//! Every op is mapped to one model step (see `classify`):
+//!
+//! * a plain acknowledged create moves `Absent -> Pending`; a deduplicated one (an idempotent retry)
+//!   only reads, and sees any existing promise;
+//! * a plain acknowledged resolve / reject moves `Pending -> Resolved{v}` / `Rejected{v}`; a
+//!   deduplicated one reads, and must see exactly that settlement;
+//! * an acknowledged get / await, and any refused op that showed a register, is a read that must see
+//!   exactly that register (refusals did not take effect, but what they showed was true at some
+//!   instant while they ran);
+//! * an op with an unknown outcome (`Info`) that writes may take effect at any instant after its
+//!   invocation, or never; when it does, a create or settle the register would have refused is a
+//!   no-op. Unknown reads, and refusals that showed nothing, constrain nothing and are dropped.
+//!
+//! # Algorithm
+//!
+//! Linearizability per key is decided with the Wing-Gong / Lowe search as Porcupine implements it:
+//! the ops' call and return events are sorted by time into a doubly linked list; a depth-first
+//! search repeatedly picks a call that comes before the first remaining return (an op that may be
+//! linearized next), applies its step to the model, and on success unlinks the op's call and return
+//! and descends. Reaching a return means the op it belongs to cannot be placed any more, so the
+//! search backtracks. Every (set of linearized ops, model state) pair is remembered so each is
+//! explored at most once. Ops with unknown outcome have no return event (it would be at +infinity),
+//! so they never block the search and it succeeds once every op with a known outcome is placed.
+//!
+//! Two prunings keep the search small without losing completeness:
+//!
+//! * an unknown-outcome write that would be a no-op is never linearized, since leaving it
+//!   unplaced keeps every option that placing it as a no-op would;
+//! * a read that can be placed now is placed now, and it is never tried the other way: a read
+//!   changes no state and every op that had to precede it is already placed, so if some
+//!   linearization places it later, moving it here yields another one. When the search backtracks
+//!   over such a read it therefore backtracks further at once. This stops long-running awaits that
+//!   overlap one another from making the search exponential.
+//!
+//! When a key fails, the smallest failing prefix of its history is found by binary search over the
+//! ops' completion times (a prefix cut at time `t` keeps ops invoked by `t`; those still running at
+//! `t` have unknown outcome). Non-linearizability of a prefix carries over to every longer one, so
+//! the first completion time whose prefix fails names the op whose response could not be explained.
+//!
+//! Besides linearizability, [`check`] reports direct invariant violations (double settles, phantom
+//! values, lost settles, divergent replicas, awaits that returned a non-final value) that are easier
+//! to read in a report than a failed search, including evidence from the final reads of every node.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use crate::history::{Op, OpKind, Outcome, Register};
+
+/// One violation found in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Anomaly {
+    pub key: String,
+    /// "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or "await-not-final".
+    pub kind: String,
+    pub detail: String,
+    /// The ops that show the anomaly, ascending.
+    pub op_ids: Vec<u64>,
+}
+
+/// Checks linearizability of one key's ops (in any order) against the write-once register model.
+pub fn check_key(key: &str, ops: &[Op]) -> Result<(), Anomaly> {
+    let refs: Vec<&Op> = ops.iter().collect();
+    check_key_refs(key, &refs)
+}
+
+/// Checks every key's linearizability plus the invariants listed on [`Anomaly::kind`], using the
+/// final reads in `finals` (key -> (node id, register read from that node) after healing).
+/// Anomalies come out grouped by key in key order; an empty result means the run was valid.
+pub fn check(ops: &[Op], finals: &BTreeMap<String, Vec<(u64, Register)>>) -> Vec<Anomaly> {
+    let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in ops {
+        by_key.entry(op.key.as_str()).or_default().push(op);
+    }
+    // A key that only appears in the final reads can still diverge or hold a phantom value.
+    for key in finals.keys() {
+        by_key.entry(key.as_str()).or_default();
+    }
+    let keys: Vec<(&str, Vec<&Op>)> = by_key.into_iter().collect();
+    let per_key = parallel_map(&keys, |(key, key_ops)| {
+        let key_finals = finals.get(*key).map_or(&[][..], Vec::as_slice);
+        check_one(key, key_ops, key_finals)
+    });
+    per_key.into_iter().flatten().collect()
+}
+
+/// All checks for one key, in a fixed order so reports are stable.
+fn check_one(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Anomaly> {
+    let mut out = Vec::new();
+    if let Err(anomaly) = check_key_refs(key, ops) {
+        out.push(anomaly);
+    }
+    out.extend(double_settle(key, ops));
+    out.extend(phantom_values(key, ops, finals));
+    out.extend(lost_settles(key, ops, finals));
+    out.extend(divergence(key, finals));
+    out.extend(await_not_final(key, ops, finals));
+    out
+}
+
+/// Runs `f` over `items` on all cores; keys differ a lot in cost, so workers pull indices from a
+/// shared counter instead of taking fixed chunks. Results keep the order of `items`.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(items.len());
+    if workers <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    std::thread::scope(|scope| {
+        let (next, f) = (&next, &f);
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for handle in handles {
+            match handle.join() {
+                Ok(done) => {
+                    for (i, result) in done {
+                        slots[i] = Some(result);
+                    }
+                }
+                // A bug in the checker must not be reported as a clean run.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    slots.into_iter().map(|slot| slot.expect("every index is claimed by exactly one worker")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linearizability
+// ---------------------------------------------------------------------------------------------
+
+/// Interned id of `Register::Absent`.
+const ABSENT: u32 = 0;
+/// Interned id of `Register::Pending`.
+const PENDING: u32 = 1;
+
+/// Registers interned to small ids, so a search state is one machine word and cheap to hash.
+#[derive(Debug)]
+struct Interner {
+    ids: HashMap<Register, u32>,
+}
+
+impl Interner {
+    fn new() -> Self {
+        let mut interner = Interner { ids: HashMap::new() };
+        interner.id(&Register::Absent);
+        interner.id(&Register::Pending);
+        interner
+    }
+
+    fn id(&mut self, register: &Register) -> u32 {
+        let next = u32::try_from(self.ids.len()).expect("fewer than 2^32 distinct registers per key");
+        *self.ids.entry(register.clone()).or_insert(next)
+    }
+}
+
+/// What an op does to the model when it is linearized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Acknowledged create: requires `Absent`, leaves `Pending`.
+    Create,
+    /// Acknowledged settle: requires `Pending`, leaves the settled register.
+    Settle(u32),
+    /// Saw exactly this register; changes nothing.
+    Read(u32),
+    /// Deduplicated create: saw some existing promise; changes nothing.
+    ReadExisting,
+    /// Create with unknown outcome: applies only to `Absent` (otherwise it was refused).
+    MaybeCreate,
+    /// Settle with unknown outcome: applies only to `Pending` (otherwise it was refused).
+    MaybeSettle(u32),
+}
+
+impl Step {
+    /// The state after this step, or None if the step cannot happen in `state`. Unknown-outcome
+    /// writes that would be refused also return None: not linearizing them is never worse.
+    fn apply(self, state: u32) -> Option<u32> {
+        match self {
+            Step::Create | Step::MaybeCreate => (state == ABSENT).then_some(PENDING),
+            Step::Settle(to) | Step::MaybeSettle(to) => (state == PENDING).then_some(to),
+            Step::Read(seen) => (state == seen).then_some(state),
+            Step::ReadExisting => (state != ABSENT).then_some(state),
+        }
+    }
+
+    fn is_read(self) -> bool {
+        matches!(self, Step::Read(_) | Step::ReadExisting)
+    }
+
+    /// What this step becomes for an op still running at a prefix's cut: writes may or may not
+    /// have happened, and reads have not answered yet so they constrain nothing.
+    fn unfinished(self) -> Option<Step> {
+        match self {
+            Step::Create | Step::MaybeCreate => Some(Step::MaybeCreate),
+            Step::Settle(to) | Step::MaybeSettle(to) => Some(Step::MaybeSettle(to)),
+            Step::Read(_) | Step::ReadExisting => None,
+        }
+    }
+}
+
+/// An op as the search sees it.
+#[derive(Debug, Clone, Copy)]
+struct ModelOp {
+    step: Step,
+    invoke: u64,
+    /// None for ops whose outcome is unknown: they may take effect arbitrarily late, or never.
+    complete: Option<u64>,
+}
+
+/// A resolve or reject's deduplicated flag lives in the response text.
+fn is_deduplicated(op: &Op) -> bool {
+    op.detail.to_ascii_lowercase().contains("deduplicated")
+}
+
+/// The register a resolve / reject writes, or None for other kinds.
+fn settle_register(op: &Op) -> Option<Register> {
+    // A settle without a value is malformed; the empty value still lets it be checked.
+    let value = op.value.clone().unwrap_or_default();
+    match op.kind {
+        OpKind::Resolve => Some(Register::Resolved { value }),
+        OpKind::Reject => Some(Register::Rejected { value }),
+        OpKind::Create | OpKind::Get | OpKind::Await => None,
+    }
+}
+
+/// The model step of `op` in the history cut at `cutoff` (None = the whole history), or None if
+/// the op does not belong to that prefix or constrains nothing.
+fn classify(op: &Op, interner: &mut Interner, cutoff: Option<u64>) -> Option<ModelOp> {
+    if cutoff.is_some_and(|t| op.invoke_ns > t) {
+        return None;
+    }
+    let settled = settle_register(op);
+    let step = match (op.outcome, op.kind) {
+        (Outcome::Info, OpKind::Create) => Step::MaybeCreate,
+        (Outcome::Info, OpKind::Resolve | OpKind::Reject) => Step::MaybeSettle(interner.id(settled.as_ref()?)),
+        (Outcome::Info, OpKind::Get | OpKind::Await) => return None,
+        (Outcome::Ok, OpKind::Create) if is_deduplicated(op) => Step::ReadExisting,
+        (Outcome::Ok, OpKind::Create) => Step::Create,
+        (Outcome::Ok, OpKind::Resolve | OpKind::Reject) => {
+            let to = interner.id(settled.as_ref()?);
+            if is_deduplicated(op) { Step::Read(to) } else { Step::Settle(to) }
+        }
+        (Outcome::Ok, OpKind::Get | OpKind::Await) | (Outcome::Fail, _) => {
+            Step::Read(interner.id(op.observed.as_ref()?))
+        }
+    };
+    if op.outcome == Outcome::Info {
+        return Some(ModelOp { step, invoke: op.invoke_ns, complete: None });
+    }
+    if cutoff.is_some_and(|t| op.complete_ns > t) {
+        return step.unfinished().map(|step| ModelOp { step, invoke: op.invoke_ns, complete: None });
+    }
+    // A completion recorded before the invocation (clock trouble) is read as an instant op.
+    Some(ModelOp { step, invoke: op.invoke_ns, complete: Some(op.complete_ns.max(op.invoke_ns)) })
+}
+
+/// What a search found.
+#[derive(Debug, Clone, Copy)]
+struct SearchResult {
+    linearizable: bool,
+    /// Most ops with a known outcome that were linearized at once.
+    longest: usize,
+    /// Ops with a known outcome, all of which must be linearized.
+    required: usize,
+}
+
+/// Marks the end of a linked list.
+const NIL: usize = usize::MAX;
+/// The list's sentinel head node.
+const HEAD: usize = 0;
+
+/// One frame of the depth-first search: the op placed and the state before it.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    op: usize,
+    before: u32,
+    /// A read placed as soon as it could be; backtracking over it means its parent fails too.
+    forced: bool,
+}
+
+/// The call / return event list, doubly linked so ops can be unlinked and relinked in LIFO order.
+#[derive(Debug)]
+struct Events {
+    next: Vec<usize>,
+    prev: Vec<usize>,
+    /// For node n > 0: the op it belongs to and whether it is the op's call.
+    op_of: Vec<usize>,
+    is_call: Vec<bool>,
+    call_node: Vec<usize>,
+    return_node: Vec<Option<usize>>,
+}
+
+impl Events {
+    fn new(ops: &[ModelOp]) -> Self {
+        // (time, is return, op): on equal times calls sort first, so ops that touch are concurrent.
+        let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(ops.len() * 2);
+        for (i, op) in ops.iter().enumerate() {
+            events.push((op.invoke, false, i));
+            if let Some(complete) = op.complete {
+                events.push((complete, true, i));
+            }
+        }
+        events.sort_unstable();
+        let nodes = events.len() + 1;
+        let mut list = Events {
+            next: (1..=nodes).map(|n| if n == nodes { NIL } else { n }).collect(),
+            prev: (0..nodes).map(|n| if n == 0 { NIL } else { n - 1 }).collect(),
+            op_of: vec![NIL; nodes],
+            is_call: vec![false; nodes],
+            call_node: vec![NIL; ops.len()],
+            return_node: vec![None; ops.len()],
+        };
+        for (n, &(_, is_return, op)) in events.iter().enumerate() {
+            let node = n + 1;
+            list.op_of[node] = op;
+            list.is_call[node] = !is_return;
+            if is_return {
+                list.return_node[op] = Some(node);
+            } else {
+                list.call_node[op] = node;
+            }
+        }
+        list
+    }
+
+    fn unlink(&mut self, node: usize) {
+        let (prev, next) = (self.prev[node], self.next[node]);
+        self.next[prev] = next;
+        if next != NIL {
+            self.prev[next] = prev;
+        }
+    }
+
+    /// Undoes `unlink(node)`; valid because relinks happen in the reverse order of unlinks.
+    fn relink(&mut self, node: usize) {
+        let (prev, next) = (self.prev[node], self.next[node]);
+        self.next[prev] = node;
+        if next != NIL {
+            self.prev[next] = node;
+        }
+    }
+
+    fn lift(&mut self, op: usize) {
+        self.unlink(self.call_node[op]);
+        if let Some(ret) = self.return_node[op] {
+            self.unlink(ret);
+        }
+    }
+
+    fn unlift(&mut self, op: usize) {
+        if let Some(ret) = self.return_node[op] {
+            self.relink(ret);
+        }
+        self.relink(self.call_node[op]);
+    }
+}
+
+/// Porcupine's search over one key's model ops; see the module docs.
+fn search(ops: &[ModelOp]) -> SearchResult {
+    let required = ops.iter().filter(|op| op.complete.is_some()).count();
+    let mut result = SearchResult { linearizable: true, longest: 0, required };
+    if required == 0 {
+        return result;
+    }
+    let mut events = Events::new(ops);
+    // The cache key: a bitset of linearized ops, then the model state in the last word.
+    let words = ops.len().div_ceil(64);
+    let mut key = vec![0u64; words + 1];
+    let mut cache: HashSet<Vec<u64>> = HashSet::new();
+    let mut stack: Vec<Frame> = Vec::with_capacity(ops.len());
+    let mut state = ABSENT;
+    let mut placed_required = 0usize;
+    let mut entry = events.next[HEAD];
+    loop {
+        if placed_required == required {
+            return result;
+        }
+        // While a known-outcome op is unplaced its return is still listed, so `entry` cannot run
+        // off the end before reaching a return; NIL is handled as a return anyway, defensively.
+        let mut backtrack = entry == NIL || !events.is_call[entry];
+        if !backtrack {
+            let i = events.op_of[entry];
+            let step = ops[i].step;
+            if let Some(after) = step.apply(state) {
+                key[i / 64] |= 1 << (i % 64);
+                key[words] = u64::from(after);
+                if !cache.contains(&key[..]) {
+                    cache.insert(key.clone());
+                    stack.push(Frame { op: i, before: state, forced: step.is_read() });
+                    state = after;
+                    events.lift(i);
+                    if ops[i].complete.is_some() {
+                        placed_required += 1;
+                        result.longest = result.longest.max(placed_required);
+                    }
+                    entry = events.next[HEAD];
+                    continue;
+                }
+                key[i / 64] &= !(1 << (i % 64));
+                key[words] = u64::from(state);
+                // The read could be placed here and its successor state already failed, so by the
+                // read-first argument this state fails too.
+                backtrack = step.is_read();
+            }
+            if !backtrack {
+                entry = events.next[entry];
+                continue;
+            }
+        }
+        loop {
+            let Some(frame) = stack.pop() else {
+                result.linearizable = false;
+                return result;
+            };
+            events.unlift(frame.op);
+            key[frame.op / 64] &= !(1 << (frame.op % 64));
+            state = frame.before;
+            key[words] = u64::from(state);
+            if ops[frame.op].complete.is_some() {
+                placed_required -= 1;
+            }
+            if !frame.forced {
+                entry = events.next[events.call_node[frame.op]];
+                break;
+            }
+        }
+    }
+}
+
+/// Searches the history of one key cut at `cutoff` (None = all of it).
+fn search_prefix(ops: &[&Op], cutoff: Option<u64>) -> SearchResult {
+    let mut interner = Interner::new();
+    let model: Vec<ModelOp> = ops.iter().filter_map(|op| classify(op, &mut interner, cutoff)).collect();
+    search(&model)
+}
+
+fn check_key_refs(key: &str, ops: &[&Op]) -> Result<(), Anomaly> {
+    let full = search_prefix(ops, None);
+    if full.linearizable {
+        return Ok(());
+    }
+    // Candidate cut points: completions of ops with a known outcome; only a response can make a
+    // prefix unexplainable.
+    let mut interner = Interner::new();
+    let mut cuts: Vec<u64> =
+        ops.iter().filter_map(|op| classify(op, &mut interner, None)).filter_map(|op| op.complete).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    // The prefix cut at the last completion is equivalent to the whole history, which failed:
+    // everything after it has unknown outcome. Binary search for the first failing cut.
+    let (mut lo, mut hi) = (0usize, cuts.len().saturating_sub(1));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if search_prefix(ops, Some(cuts[mid])).linearizable {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let cut = cuts.get(lo).copied().unwrap_or(u64::MAX);
+    let mut prefix: Vec<&Op> = ops.iter().copied().filter(|op| op.invoke_ns <= cut).collect();
+    prefix.sort_by_key(|op| op.id);
+    let culprits: Vec<String> = prefix
+        .iter()
+        .filter(|op| op.outcome != Outcome::Info && op.complete_ns.max(op.invoke_ns) == cut)
+        .map(|op| describe(op))
+        .collect();
+    let detail = format!(
+        "no linearization: longest prefix {} of {} ops; the history first becomes non-linearizable when {} \
+         completes at {cut} ns (smallest failing prefix: {} of {} ops)",
+        full.longest,
+        full.required,
+        culprits.join(" and "),
+        prefix.len(),
+        ops.len(),
+    );
+    Err(Anomaly {
+        key: key.to_owned(),
+        kind: "nonlinearizable".to_owned(),
+        detail,
+        op_ids: prefix.iter().map(|op| op.id).collect(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invariants
+// ---------------------------------------------------------------------------------------------
+
+/// A register in words, for details.
+fn show(register: &Register) -> String {
+    match register {
+        Register::Absent => "absent".to_owned(),
+        Register::Pending => "pending".to_owned(),
+        Register::Resolved { value } => format!("resolved({value:?})"),
+        Register::Rejected { value } => format!("rejected({value:?})"),
+    }
+}
+
+/// An op in words, for details: `#id p<process> kind(value) outcome -> observed [invoke..complete]`.
+fn describe(op: &Op) -> String {
+    let kind = match op.kind {
+        OpKind::Create => "create",
+        OpKind::Resolve => "resolve",
+        OpKind::Reject => "reject",
+        OpKind::Get => "get",
+        OpKind::Await => "await",
+    };
+    let value = op.value.as_ref().map(|v| format!("({v:?})")).unwrap_or_default();
+    let outcome = match op.outcome {
+        Outcome::Ok => "ok",
+        Outcome::Fail => "fail",
+        Outcome::Info => "info",
+    };
+    let observed = op.observed.as_ref().map(|r| format!(" -> {}", show(r))).unwrap_or_default();
+    format!("#{} p{} {kind}{value} {outcome}{observed} [{}..{}]", op.id, op.process, op.invoke_ns, op.complete_ns)
+}
+
+fn is_settle(op: &Op) -> bool {
+    matches!(op.kind, OpKind::Resolve | OpKind::Reject)
+}
+
+fn ids(ops: &[&Op]) -> Vec<u64> {
+    let mut ids: Vec<u64> = ops.iter().map(|op| op.id).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Groups `items` by register, keeping first-seen order (registers have no order of their own).
+fn group_by_register<T>(items: impl IntoIterator<Item = (Register, T)>) -> Vec<(Register, Vec<T>)> {
+    let mut groups: Vec<(Register, Vec<T>)> = Vec::new();
+    for (register, item) in items {
+        match groups.iter_mut().find(|(r, _)| *r == register) {
+            Some((_, members)) => members.push(item),
+            None => groups.push((register, vec![item])),
+        }
+    }
+    groups
+}
+
+/// Two different settlements were both acknowledged as the one that settled the promise.
+fn double_settle(key: &str, ops: &[&Op]) -> Option<Anomaly> {
+    let acks: Vec<&Op> =
+        ops.iter().copied().filter(|op| is_settle(op) && op.outcome == Outcome::Ok && !is_deduplicated(op)).collect();
+    let groups = group_by_register(acks.iter().filter_map(|op| Some((settle_register(op)?, *op))));
+    if groups.len() < 2 {
+        return None;
+    }
+    let mut sorted = acks.clone();
+    sorted.sort_by_key(|op| op.id);
+    let described: Vec<String> = sorted.iter().map(|op| describe(op)).collect();
+    Some(Anomaly {
+        key: key.to_owned(),
+        kind: "double-settle".to_owned(),
+        detail: format!("{} different settlements were acknowledged: {}", groups.len(), described.join("; ")),
+        op_ids: ids(&acks),
+    })
+}
+
+/// A settled value was seen that no resolve / reject on the key could have written.
+fn phantom_values(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Anomaly> {
+    let could_write = |register: &Register, outcome_ok: fn(Outcome) -> bool| {
+        ops.iter().any(|op| outcome_ok(op.outcome) && settle_register(op).as_ref() == Some(register))
+    };
+    // Refused writes definitely did not happen, so their values do not count as written.
+    let written = |register: &Register| could_write(register, |o| o != Outcome::Fail);
+    let is_phantom = |register: &Register| {
+        matches!(register, Register::Resolved { .. } | Register::Rejected { .. }) && !written(register)
+    };
+    let seen_by_ops = ops.iter().filter_map(|op| {
+        let seen = op.observed.as_ref().filter(|r| is_phantom(r))?;
+        Some((seen.clone(), (Some(*op), None)))
+    });
+    let seen_finally = finals.iter().filter(|(_, r)| is_phantom(r)).map(|(node, r)| (r.clone(), (None, Some(*node))));
+    group_by_register(seen_by_ops.chain(seen_finally))
+        .into_iter()
+        .map(|(register, sightings)| {
+            let observers: Vec<&Op> = sightings.iter().filter_map(|(op, _)| *op).collect();
+            let nodes: Vec<String> = sightings.iter().filter_map(|(_, node)| node.map(|n| n.to_string())).collect();
+            let mut detail = format!("{} was observed but no resolve/reject on this key wrote it", show(&register));
+            if !observers.is_empty() {
+                let seen: Vec<String> = ids(&observers).iter().map(|id| format!("#{id}")).collect();
+                detail.push_str(&format!("; seen by ops {}", seen.join(", ")));
+            }
+            if !nodes.is_empty() {
+                detail.push_str(&format!("; final read on nodes {}", nodes.join(", ")));
+            }
+            if could_write(&register, |o| o == Outcome::Fail) {
+                detail.push_str(" (only a refused op tried to write it)");
+            }
+            Anomaly { key: key.to_owned(), kind: "phantom-value".to_owned(), detail, op_ids: ids(&observers) }
+        })
+        .collect()
+}
+
+/// After healing, a node does not hold a settlement that a client was told had happened.
+fn lost_settles(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Anomaly> {
+    // Deduplicated acknowledgements also promise the settlement is durable.
+    let acks = ops.iter().filter(|op| is_settle(op) && op.outcome == Outcome::Ok);
+    let groups = group_by_register(acks.filter_map(|op| Some((settle_register(op)?, *op))));
+    groups
+        .into_iter()
+        .filter_map(|(acked, ackers)| {
+            let wrong: Vec<String> = finals
+                .iter()
+                .filter(|(_, r)| *r != acked)
+                .map(|(node, r)| format!("node {node} holds {}", show(r)))
+                .collect();
+            if wrong.is_empty() {
+                return None;
+            }
+            let acked_by: Vec<String> = ids(&ackers).iter().map(|id| format!("#{id}")).collect();
+            Some(Anomaly {
+                key: key.to_owned(),
+                kind: "lost-settle".to_owned(),
+                detail: format!(
+                    "{} was acknowledged by {} but after healing {}",
+                    show(&acked),
+                    acked_by.join(", "),
+                    wrong.join(", ")
+                ),
+                op_ids: ids(&ackers),
+            })
+        })
+        .collect()
+}
+
+/// After healing, nodes disagree about the key.
+fn divergence(key: &str, finals: &[(u64, Register)]) -> Option<Anomaly> {
+    let groups = group_by_register(finals.iter().map(|(node, r)| (r.clone(), *node)));
+    if groups.len() < 2 {
+        return None;
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(r, nodes)| {
+            let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
+            format!("{} on nodes {}", show(r), nodes.join(", "))
+        })
+        .collect();
+    Some(Anomaly {
+        key: key.to_owned(),
+        kind: "divergence".to_owned(),
+        detail: format!("final reads differ: {}", parts.join("; ")),
+        op_ids: Vec::new(),
+    })
+}
+
+/// An await returned a settlement that is not what the promise finally holds. With diverged final
+/// reads (reported separately) only a settlement no node holds is flagged.
+fn await_not_final(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Option<Anomaly> {
+    let final_registers: Vec<Register> = group_by_register(finals.iter().map(|(n, r)| (r.clone(), *n)))
+        .into_iter()
+        .map(|(register, _)| register)
+        .collect();
+    if final_registers.is_empty() {
+        return None;
+    }
+    let bad: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|op| op.kind == OpKind::Await && op.outcome == Outcome::Ok)
+        .filter(|op| match &op.observed {
+            Some(seen @ (Register::Resolved { .. } | Register::Rejected { .. })) => !final_registers.contains(seen),
+            _ => false,
+        })
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let mut sorted = bad.clone();
+    sorted.sort_by_key(|op| op.id);
+    let described: Vec<String> = sorted.iter().map(|op| describe(op)).collect();
+    let finals_shown: Vec<String> = final_registers.iter().map(show).collect();
+    Some(Anomaly {
+        key: key.to_owned(),
+        kind: "await-not-final".to_owned(),
+        detail: format!(
+            "awaits returned a non-final settlement: {}; final: {}",
+            described.join("; "),
+            finals_shown.join(" / ")
+        ),
+        op_ids: ids(&bad),
+    })
+}

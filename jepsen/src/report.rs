@@ -1,0 +1,181 @@
+//! What a run leaves behind: `results.json`, `history.jsonl` and `report.html` (a timeline of
+//! every client's operations with the nemesis windows shaded and failing promises outlined).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::checker::Anomaly;
+use crate::history::{NemesisEvent, Op, OpKind, Outcome};
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub valid: bool,
+    pub ops: usize,
+    pub ok: usize,
+    pub fail: usize,
+    pub info: usize,
+    pub anomalies: Vec<Anomaly>,
+    pub nemesis: Vec<NemesisEvent>,
+    pub seed: u64,
+    pub nodes: u64,
+    pub time_limit_secs: u64,
+    pub nemeses: Vec<String>,
+}
+
+impl Results {
+    pub fn new(
+        ops: &[Op],
+        anomalies: Vec<Anomaly>,
+        nemesis: Vec<NemesisEvent>,
+        seed: u64,
+        nodes: u64,
+        time_limit_secs: u64,
+        nemeses: Vec<String>,
+    ) -> Results {
+        let count = |o: Outcome| ops.iter().filter(|op| op.outcome == o).count();
+        Results {
+            valid: anomalies.is_empty(),
+            ops: ops.len(),
+            ok: count(Outcome::Ok),
+            fail: count(Outcome::Fail),
+            info: count(Outcome::Info),
+            anomalies,
+            nemesis,
+            seed,
+            nodes,
+            time_limit_secs,
+            nemeses,
+        }
+    }
+
+    /// The one summary line a run prints.
+    pub fn summary(&self) -> String {
+        let kinds: BTreeSet<&str> = self.anomalies.iter().map(|a| a.kind.as_str()).collect();
+        format!(
+            "valid={} ops={} ok={} fail={} info={} anomalies={}{} nemesis_events={} seed={}",
+            self.valid,
+            self.ops,
+            self.ok,
+            self.fail,
+            self.info,
+            self.anomalies.len(),
+            if kinds.is_empty() { String::new() } else { format!(" {kinds:?}") },
+            self.nemesis.len(),
+            self.seed
+        )
+    }
+}
+
+pub fn write_all(dir: &Path, results: &Results, ops: &[Op]) -> anyhow::Result<()> {
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(results)?)?;
+    let mut lines = String::new();
+    for e in &results.nemesis {
+        let _ = writeln!(
+            lines,
+            "{}",
+            serde_json::json!({"type": "nemesis", "at_ns": e.at_ns, "action": e.action, "detail": e.detail})
+        );
+    }
+    for op in ops {
+        let mut v = serde_json::to_value(op)?;
+        v["type"] = "op".into();
+        let _ = writeln!(lines, "{v}");
+    }
+    std::fs::write(dir.join("history.jsonl"), lines)?;
+    std::fs::write(dir.join("report.html"), html(results, ops))?;
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn html(results: &Results, ops: &[Op]) -> String {
+    let bad_keys: BTreeSet<&str> = results.anomalies.iter().map(|a| a.key.as_str()).collect();
+    let end_ns =
+        ops.iter().map(|o| o.complete_ns).chain(results.nemesis.iter().map(|e| e.at_ns)).max().unwrap_or(1).max(1);
+    let processes: BTreeSet<u64> = ops.iter().map(|o| o.process).collect();
+    let row = |p: u64| processes.iter().position(|x| *x == p).unwrap_or(0);
+    let (width, row_h, top) = (1600.0, 18.0, 20.0);
+    let x = |ns: u64| ns as f64 / end_ns as f64 * width;
+    let height = top + row_h * processes.len() as f64 + 20.0;
+    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">"#);
+    // Nemesis windows: from each fault event to the next heal.
+    let mut open: Option<&NemesisEvent> = None;
+    for e in &results.nemesis {
+        if e.action == "heal" {
+            if let Some(s) = open.take() {
+                let _ = write!(
+                    svg,
+                    r##"<rect x="{:.1}" y="0" width="{:.1}" height="{height}" fill="#999" opacity="0.2"><title>{}: {}</title></rect><text x="{:.1}" y="12" font-size="10">{}</text>"##,
+                    x(s.at_ns),
+                    (x(e.at_ns) - x(s.at_ns)).max(1.0),
+                    escape(&s.action),
+                    escape(&s.detail),
+                    x(s.at_ns),
+                    escape(&s.action)
+                );
+            }
+        } else if open.is_none() {
+            open = Some(e);
+        }
+    }
+    for op in ops {
+        let color = match op.outcome {
+            Outcome::Ok => match op.kind {
+                OpKind::Create => "#4a90d9",
+                OpKind::Resolve | OpKind::Reject => "#2e7d32",
+                OpKind::Get | OpKind::Await => "#9ccc65",
+            },
+            Outcome::Fail => "#ef9a9a",
+            Outcome::Info => "#ffb300",
+        };
+        let bad = bad_keys.contains(op.key.as_str());
+        let y = top + row(op.process) as f64 * row_h;
+        let _ = write!(
+            svg,
+            r##"<rect x="{:.2}" y="{y:.1}" width="{:.2}" height="{:.1}" fill="{color}"{}><title>#{} p{} {:?} {} {} → {:?} {:?} {}</title></rect>"##,
+            x(op.invoke_ns),
+            (x(op.complete_ns) - x(op.invoke_ns)).max(0.5),
+            row_h - 4.0,
+            if bad { r##" stroke="#d50000" stroke-width="2""## } else { "" },
+            op.id,
+            op.process,
+            op.kind,
+            escape(&op.key),
+            escape(op.value.as_deref().unwrap_or("")),
+            op.outcome,
+            op.observed,
+            escape(&op.detail)
+        );
+    }
+    svg.push_str("</svg>");
+    let mut anomalies = String::new();
+    for a in &results.anomalies {
+        let _ = write!(
+            anomalies,
+            "<li><b>{}</b> on <code>{}</code>: {} (ops {:?})</li>",
+            escape(&a.kind),
+            escape(&a.key),
+            escape(&a.detail),
+            a.op_ids
+        );
+    }
+    format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>vow-jepsen report</title>
+<style>body{{font-family:sans-serif}} svg{{border:1px solid #ccc}}</style></head><body>
+<h1>vow-jepsen: {}</h1>
+<p>{}</p>
+<p>Rows are clients; bars are operations from invocation to completion (blue create, green settle, light green read,
+red refused, amber unknown). Grey bands are fault windows. Operations on failing promises are outlined in red.</p>
+<h2>Anomalies</h2><ul>{}</ul>
+{svg}
+</body></html>"#,
+        if results.valid { "valid" } else { "INVALID" },
+        escape(&results.summary()),
+        if anomalies.is_empty() { "<li>none</li>".to_string() } else { anomalies }
+    )
+}

@@ -1,0 +1,185 @@
+//! One test run, start to finish: hosts up, clients and nemesis, heal, final reads, check.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::sync::mpsc;
+use vow_client::{Client, Error};
+
+use crate::history::{Op, Register};
+use crate::hosts::{self, Hosts};
+use crate::nemesis::{self, Nemesis};
+use crate::report::{self, Results};
+use crate::{checker, net, workload};
+
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub nodes: u64,
+    pub time_limit: Duration,
+    pub nemeses: Vec<String>,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub vowd: PathBuf,
+    pub clients: u64,
+    /// Extra environment for every vowd (e.g. the sabotage switch of a test build).
+    pub vowd_env: Vec<(String, String)>,
+}
+
+/// Removes our namespaces when dropped, whatever happened.
+struct NetGuard;
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        net::cleanup();
+    }
+}
+
+async fn wait_for_leader(hosts: &Hosts, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    let c = hosts.client(Duration::from_secs(1))?;
+    loop {
+        if let Ok(s) = c.status().await
+            && s.shards.iter().all(|sh| sh.leader_id != 0)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no leader within {within:?}; see the node logs in {}", hosts.dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll while the cluster elects
+    }
+}
+
+/// Waits until every node has applied what the leader has committed, so final reads compare
+/// converged replicas.
+async fn wait_converged(hosts: &Hosts, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut applied = Vec::new();
+        let mut commit = 0;
+        for id in hosts.ids() {
+            if let Ok(s) = hosts.client_of(id)?.status().await
+                && let Some(sh) = s.shards.first()
+            {
+                applied.push(sh.applied_index);
+                if sh.leader_id == id {
+                    commit = sh.commit_index;
+                }
+            }
+        }
+        if commit > 0 && applied.len() == hosts.ids().len() && applied.iter().all(|a| *a >= commit) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("replicas did not converge within {within:?} (applied {applied:?}, commit {commit})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll convergence
+    }
+}
+
+async fn final_reads(hosts: &Hosts, keys: &BTreeSet<String>) -> anyhow::Result<BTreeMap<String, Vec<(u64, Register)>>> {
+    let mut finals: BTreeMap<String, Vec<(u64, Register)>> = BTreeMap::new();
+    for id in hosts.ids() {
+        let addr = hosts::grpc(id);
+        for key in keys {
+            let reg = match Client::get_local(&addr, key).await {
+                Ok(p) => workload::register_of(&p),
+                Err(Error::NotFound(_)) => Register::Absent,
+                Err(e) => return Err(e).with_context(|| format!("final read of {key} from node {id}")),
+            };
+            finals.entry(key.clone()).or_default().push((id, reg));
+        }
+    }
+    Ok(finals)
+}
+
+/// Runs one test and returns its results (also written to `opts.out`).
+pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
+    // Namespaces, iptables and tc need root.
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if uid.as_deref().ok() != Some("0") {
+        bail!("vow-jepsen must run as root (it creates network namespaces and iptables rules)");
+    }
+    let leftovers = net::leftovers();
+    if !leftovers.is_empty() {
+        bail!("leftovers of an earlier run would interfere: {}; run `vow-jepsen cleanup`", leftovers.join(", "));
+    }
+    if opts.nodes < 1 || opts.nodes > 9 {
+        bail!("--nodes must be between 1 and 9");
+    }
+    let windows = nemesis::plan(&opts.nemeses, opts.time_limit, opts.seed)?;
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let _guard = NetGuard;
+    net::setup(opts.nodes)?;
+    let mut hosts = Hosts::new(opts.vowd.clone(), &opts.out, opts.nodes, opts.vowd_env.clone());
+    for id in hosts.ids() {
+        hosts.start(id)?;
+    }
+    wait_for_leader(&hosts, Duration::from_secs(30)).await?;
+
+    let start = Instant::now();
+    let until = start + opts.time_limit;
+    let ns = move || start.elapsed().as_nanos() as u64;
+    let (tx, mut rx) = mpsc::channel::<Op>(4096);
+    let next_id = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for p in 0..opts.clients {
+        let c = hosts.client(Duration::from_secs(3))?;
+        clients.push(tokio::spawn(workload::client(p, c, opts.seed, start, until, next_id.clone(), tx.clone())));
+    }
+    drop(tx);
+    let collector = tokio::spawn(async move {
+        let mut ops = Vec::new();
+        while let Some(op) = rx.recv().await {
+            ops.push(op);
+        }
+        ops
+    });
+
+    let mut nemesis = Nemesis::default();
+    let mut fault_error = None;
+    for w in &windows {
+        tokio::time::sleep_until((start + w.at).into()).await;
+        if let Err(e) = nemesis.apply(&mut hosts, w, ns()).await {
+            fault_error = Some(e.context(format!("applying {:?}", w.fault)));
+            break;
+        }
+        tokio::time::sleep(w.hold).await;
+        nemesis.heal(&mut hosts, ns()).await?;
+    }
+    // Always heal before the final reads, whatever happened above.
+    nemesis.heal(&mut hosts, ns()).await?;
+    for c in clients {
+        c.await?;
+    }
+    let mut ops = collector.await?;
+    ops.sort_by_key(|o| o.id);
+    if let Some(e) = fault_error {
+        return Err(e);
+    }
+    wait_for_leader(&hosts, Duration::from_secs(30)).await?;
+    wait_converged(&hosts, Duration::from_secs(60)).await?;
+    let keys: BTreeSet<String> = ops.iter().map(|o| o.key.clone()).collect();
+    let finals = final_reads(&hosts, &keys).await?;
+    hosts.stop_all();
+
+    let anomalies = checker::check(&ops, &finals);
+    let results = Results::new(
+        &ops,
+        anomalies,
+        nemesis.events,
+        opts.seed,
+        opts.nodes,
+        opts.time_limit.as_secs(),
+        opts.nemeses.clone(),
+    );
+    report::write_all(&opts.out, &results, &ops)?;
+    Ok(results)
+}

@@ -1,0 +1,767 @@
+//! Checker tests: hand-written histories that must pass or must be caught, a cross-check of the
+//! linearizability search against brute force on small random histories, and a throughput check.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vow_jepsen::checker::{Anomaly, check, check_key};
+use vow_jepsen::history::{Op, OpKind, Outcome, Register};
+
+const OK: Outcome = Outcome::Ok;
+const FAIL: Outcome = Outcome::Fail;
+const INFO: Outcome = Outcome::Info;
+
+type Finals = BTreeMap<String, Vec<(u64, Register)>>;
+
+fn resolved(value: &str) -> Register {
+    Register::Resolved { value: value.to_owned() }
+}
+
+fn rejected(value: &str) -> Register {
+    Register::Rejected { value: value.to_owned() }
+}
+
+/// Builds a history, numbering ops in the order they are added; ops go to key "k" unless `on` says otherwise.
+struct History {
+    ops: Vec<Op>,
+    key: String,
+}
+
+impl History {
+    fn new() -> Self {
+        History { ops: Vec::new(), key: "k".to_owned() }
+    }
+
+    fn on(&mut self, key: &str) -> &mut Self {
+        key.clone_into(&mut self.key);
+        self
+    }
+
+    fn add(
+        &mut self,
+        process: u64,
+        kind: OpKind,
+        value: Option<&str>,
+        (invoke_ns, complete_ns): (u64, u64),
+        outcome: Outcome,
+        observed: Option<Register>,
+    ) -> u64 {
+        let id = self.ops.len() as u64;
+        self.ops.push(Op {
+            id,
+            process,
+            kind,
+            key: self.key.clone(),
+            value: value.map(str::to_owned),
+            invoke_ns,
+            complete_ns,
+            outcome,
+            observed,
+            detail: String::new(),
+        });
+        id
+    }
+
+    fn create(&mut self, p: u64, span: (u64, u64), outcome: Outcome, observed: Option<Register>) -> u64 {
+        self.add(p, OpKind::Create, None, span, outcome, observed)
+    }
+
+    fn resolve(&mut self, p: u64, v: &str, span: (u64, u64), outcome: Outcome, observed: Option<Register>) -> u64 {
+        self.add(p, OpKind::Resolve, Some(v), span, outcome, observed)
+    }
+
+    fn reject(&mut self, p: u64, v: &str, span: (u64, u64), outcome: Outcome, observed: Option<Register>) -> u64 {
+        self.add(p, OpKind::Reject, Some(v), span, outcome, observed)
+    }
+
+    fn get(&mut self, p: u64, span: (u64, u64), outcome: Outcome, observed: Option<Register>) -> u64 {
+        self.add(p, OpKind::Get, None, span, outcome, observed)
+    }
+
+    fn await_(&mut self, p: u64, span: (u64, u64), outcome: Outcome, observed: Option<Register>) -> u64 {
+        self.add(p, OpKind::Await, None, span, outcome, observed)
+    }
+
+    /// Marks op `id` as an idempotent retry the cluster answered from its dedup table.
+    fn dedup(&mut self, id: u64) {
+        self.ops[id as usize].detail = "deduplicated".to_owned();
+    }
+
+    fn check(&self) -> Vec<Anomaly> {
+        check(&self.ops, &Finals::new())
+    }
+
+    fn check_with(&self, finals: &[(u64, Register)]) -> Vec<Anomaly> {
+        let mut all = Finals::new();
+        all.insert(self.key.clone(), finals.to_vec());
+        check(&self.ops, &all)
+    }
+}
+
+/// The anomaly kinds, sorted, for compact assertions.
+fn kinds(anomalies: &[Anomaly]) -> Vec<&str> {
+    let mut kinds: Vec<&str> = anomalies.iter().map(|a| a.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds
+}
+
+fn find<'a>(anomalies: &'a [Anomaly], kind: &str) -> &'a Anomaly {
+    anomalies.iter().find(|a| a.kind == kind).unwrap_or_else(|| panic!("no {kind} in {anomalies:#?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linearizable histories
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn empty_history_is_valid() {
+    assert_eq!(check(&[], &Finals::new()), vec![]);
+    assert_eq!(check_key("k", &[]), Ok(()));
+}
+
+#[test]
+fn sequential_create_resolve_get_is_valid() {
+    let mut h = History::new();
+    h.get(2, (0, 5), FAIL, Some(Register::Absent)); // NOT_FOUND, concurrent with the create
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.get(1, (20, 30), OK, Some(Register::Pending));
+    h.resolve(1, "a", (40, 50), OK, Some(resolved("a")));
+    h.resolve(2, "b", (55, 58), FAIL, Some(resolved("a"))); // FAILED_PRECONDITION shows the winner
+    h.get(1, (60, 70), OK, Some(resolved("a")));
+    h.await_(1, (80, 90), OK, Some(resolved("a")));
+    h.create(2, (95, 99), FAIL, Some(resolved("a"))); // ALREADY_EXISTS shows the record
+    assert_eq!(h.check_with(&[(1, resolved("a")), (2, resolved("a")), (3, resolved("a"))]), vec![]);
+    assert_eq!(check_key("k", &h.ops), Ok(()));
+}
+
+#[test]
+fn racing_resolve_and_reject_where_one_wins_is_valid() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.await_(3, (15, 65), OK, Some(resolved("a")));
+    h.resolve(1, "a", (20, 60), OK, Some(resolved("a")));
+    // Completes before the winning resolve does, yet already saw it: the resolve took effect first.
+    h.reject(2, "b", (25, 50), FAIL, Some(resolved("a")));
+    h.get(4, (55, 70), OK, Some(resolved("a")));
+    // The other way round on a second key: the reject wins.
+    h.on("k2");
+    h.create(1, (100, 110), OK, Some(Register::Pending));
+    h.resolve(1, "c", (120, 160), FAIL, Some(rejected("d")));
+    h.reject(2, "d", (125, 150), OK, Some(rejected("d")));
+    h.await_(3, (115, 155), OK, Some(rejected("d")));
+    let mut finals = Finals::new();
+    finals.insert("k".to_owned(), vec![(1, resolved("a")), (2, resolved("a"))]);
+    finals.insert("k2".to_owned(), vec![(1, rejected("d")), (2, rejected("d"))]);
+    assert_eq!(check(&h.ops, &finals), vec![]);
+}
+
+#[test]
+fn unknown_resolve_observed_later_is_valid() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), INFO, None);
+    // An unknown-outcome write may take effect long after the client gave up on it.
+    h.get(2, (40, 50), OK, Some(Register::Pending));
+    h.get(2, (100, 110), OK, Some(resolved("a")));
+    h.reject(3, "b", (120, 130), FAIL, Some(resolved("a")));
+    assert_eq!(h.check_with(&[(1, resolved("a")), (2, resolved("a"))]), vec![]);
+}
+
+#[test]
+fn unknown_resolve_never_observed_is_valid() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), INFO, None);
+    h.get(2, (40, 50), OK, Some(Register::Pending));
+    h.reject(2, "b", (60, 70), OK, Some(rejected("b")));
+    h.get(3, (80, 90), OK, Some(rejected("b")));
+    assert_eq!(h.check_with(&[(1, rejected("b")), (2, rejected("b"))]), vec![]);
+}
+
+#[test]
+fn unknown_create_that_takes_effect_late_is_valid() {
+    let mut h = History::new();
+    h.create(1, (0, 10), INFO, None);
+    h.get(2, (20, 30), FAIL, Some(Register::Absent));
+    h.get(2, (40, 50), OK, Some(Register::Pending));
+    // The retry is answered from the dedup table and may see the promise in any state.
+    let retry = h.create(1, (60, 70), OK, Some(Register::Pending));
+    h.dedup(retry);
+    assert_eq!(h.check(), vec![]);
+}
+
+#[test]
+fn reads_concurrent_with_a_write_may_see_old_or_new_value() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 60), OK, Some(resolved("a")));
+    h.get(2, (30, 40), OK, Some(Register::Pending));
+    h.get(3, (35, 50), OK, Some(resolved("a")));
+    // Overlaps the read that saw the new value, so it may still come before the write.
+    h.get(4, (40, 70), OK, Some(Register::Pending));
+    h.await_(5, (15, 80), OK, Some(Register::Pending));
+    assert_eq!(h.check(), vec![]);
+}
+
+#[test]
+fn deduplicated_retry_of_the_same_settle_is_valid() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    let retry = h.resolve(1, "a", (40, 50), OK, Some(resolved("a")));
+    h.dedup(retry);
+    assert_eq!(h.check_with(&[(1, resolved("a"))]), vec![]);
+}
+
+#[test]
+fn ops_that_observed_nothing_are_ignored() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(2, "x", (20, 30), FAIL, None); // refused before reaching the register
+    h.get(3, (20, 30), INFO, None); // timed out
+    h.await_(4, (20, 30), OK, None); // answered without a record
+    h.get(1, (40, 50), OK, Some(Register::Pending));
+    assert_eq!(h.check(), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Histories that must be caught
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn stale_read_after_acknowledged_resolve_is_caught() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    let stale = h.get(2, (40, 50), OK, Some(Register::Pending));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable"], "{anomalies:#?}");
+    let a = &anomalies[0];
+    assert_eq!(a.key, "k");
+    assert_eq!(a.op_ids, [0, 1, 2]);
+    assert!(a.detail.starts_with("no linearization: longest prefix 2 of 3 ops"), "{}", a.detail);
+    assert!(a.detail.contains(&format!("#{stale} ")), "{}", a.detail);
+    assert_eq!(check_key("k", &h.ops).map_err(|a| a.kind), Err("nonlinearizable".to_owned()));
+}
+
+#[test]
+fn reported_prefix_ends_at_the_first_unexplainable_response() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    h.get(2, (40, 50), OK, Some(resolved("a")));
+    let bad = h.get(2, (60, 70), OK, Some(Register::Pending));
+    h.await_(3, (65, 200), OK, Some(resolved("a"))); // running when the bad read answered
+    h.get(2, (80, 90), OK, Some(resolved("a"))); // invoked after it: not part of the prefix
+    h.get(2, (100, 110), OK, Some(resolved("a")));
+    let a = check_key("k", &h.ops).unwrap_err();
+    assert_eq!(a.op_ids, [0, 1, 2, 3, 4]);
+    assert!(a.detail.contains(&format!("#{bad} ")), "{}", a.detail);
+    assert!(a.detail.contains("smallest failing prefix: 5 of 7 ops"), "{}", a.detail);
+}
+
+#[test]
+fn two_acknowledged_settles_with_different_values_are_caught() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    let first = h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    let second = h.reject(2, "b", (40, 50), OK, Some(rejected("b")));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["double-settle", "nonlinearizable"], "{anomalies:#?}");
+    assert_eq!(find(&anomalies, "double-settle").op_ids, [first, second]);
+
+    // Concurrent settles: still only one of them may be acknowledged.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 50), OK, Some(resolved("a")));
+    h.resolve(2, "b", (25, 45), OK, Some(resolved("b")));
+    assert_eq!(kinds(&h.check()), ["double-settle", "nonlinearizable"]);
+}
+
+#[test]
+fn deduplicated_ack_of_a_losing_value_is_nonlinearizable_but_not_a_double_settle() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    let retry = h.reject(2, "b", (40, 50), OK, Some(rejected("b")));
+    h.dedup(retry);
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+}
+
+#[test]
+fn value_never_written_is_a_phantom() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    let reader = h.get(2, (20, 30), OK, Some(resolved("zzz")));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable", "phantom-value"], "{anomalies:#?}");
+    assert_eq!(find(&anomalies, "phantom-value").op_ids, [reader]);
+
+    // A value only a refused op tried to write never reached the register either.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.reject(1, "x", (20, 30), FAIL, None);
+    h.await_(2, (15, 40), OK, Some(rejected("x")));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable", "phantom-value"], "{anomalies:#?}");
+    assert!(find(&anomalies, "phantom-value").detail.contains("refused"));
+
+    // The right value under the wrong settlement kind is not what was written.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), INFO, None);
+    h.get(2, (40, 50), OK, Some(rejected("a")));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable", "phantom-value"]);
+
+    // A final read can show a phantom too.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    let anomalies = h.check_with(&[(1, resolved("q")), (2, resolved("q"))]);
+    assert_eq!(kinds(&anomalies), ["phantom-value"], "{anomalies:#?}");
+    assert!(anomalies[0].detail.contains("final read on nodes 1, 2"), "{}", anomalies[0].detail);
+}
+
+#[test]
+fn settled_then_pending_again_is_caught() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), INFO, None);
+    h.get(2, (40, 50), OK, Some(resolved("a")));
+    h.get(2, (60, 70), OK, Some(Register::Pending));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+
+    // Both reads overlap the resolve, but one follows the other.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 100), OK, Some(resolved("a")));
+    h.get(2, (30, 40), OK, Some(resolved("a")));
+    h.get(3, (50, 60), OK, Some(Register::Pending));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+}
+
+#[test]
+fn read_of_absent_after_acknowledged_create_is_caught() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.get(2, (20, 30), FAIL, Some(Register::Absent));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+
+    // A second plain (not deduplicated) acknowledged create means the promise was created twice.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.create(2, (20, 30), OK, Some(Register::Pending));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+}
+
+#[test]
+fn acknowledged_settle_missing_after_healing_is_a_lost_settle() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    let ack = h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    h.get(2, (40, 50), OK, Some(resolved("a")));
+    let anomalies = h.check_with(&[(1, Register::Pending), (2, Register::Pending), (3, Register::Pending)]);
+    assert_eq!(kinds(&anomalies), ["lost-settle"], "{anomalies:#?}");
+    assert_eq!(anomalies[0].op_ids, [ack]);
+
+    let anomalies = h.check_with(&[(1, resolved("a")), (2, Register::Absent), (3, resolved("a"))]);
+    assert_eq!(kinds(&anomalies), ["divergence", "lost-settle"], "{anomalies:#?}");
+    assert!(find(&anomalies, "lost-settle").detail.contains("node 2 holds absent"));
+}
+
+#[test]
+fn nodes_that_disagree_after_healing_diverge() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), INFO, None);
+    let anomalies = h.check_with(&[(1, resolved("a")), (2, Register::Pending), (3, Register::Pending)]);
+    assert_eq!(kinds(&anomalies), ["divergence"], "{anomalies:#?}");
+    assert_eq!(anomalies[0].detail, "final reads differ: resolved(\"a\") on nodes 1; pending on nodes 2, 3");
+}
+
+#[test]
+fn await_returning_a_value_that_is_not_final_is_caught() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.await_(4, (5, 15), OK, Some(Register::Pending)); // an await that gave up pending is fine
+    h.resolve(1, "a", (20, 30), INFO, None);
+    h.reject(2, "b", (20, 30), INFO, None);
+    let bad = h.await_(3, (10, 40), OK, Some(resolved("a")));
+    let anomalies = h.check_with(&[(1, rejected("b")), (2, rejected("b"))]);
+    assert_eq!(kinds(&anomalies), ["await-not-final"], "{anomalies:#?}");
+    assert_eq!(anomalies[0].op_ids, [bad]);
+}
+
+#[test]
+fn anomalies_come_out_in_key_order_and_serialize() {
+    let mut h = History::new();
+    for key in ["c", "a", "b"] {
+        h.on(key);
+        h.create(1, (0, 10), OK, Some(Register::Pending));
+        h.get(2, (20, 30), OK, Some(if key == "a" { Register::Pending } else { Register::Absent }));
+    }
+    let anomalies = h.check();
+    let keys: Vec<&str> = anomalies.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(keys, ["b", "c"]);
+    let json = serde_json::to_value(&anomalies[0]).unwrap();
+    assert_eq!(json["kind"], "nonlinearizable");
+    assert_eq!(json["key"], "b");
+    assert_eq!(json["op_ids"], serde_json::json!([4, 5]));
+    assert!(json["detail"].is_string());
+}
+
+#[test]
+fn many_overlapping_awaits_do_not_blow_up_a_failing_search() {
+    // 60 awaits span the whole history; without placing reads eagerly the search would try 2^60
+    // subsets of them before giving up.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    for p in 0..60 {
+        h.await_(10 + p, (15, 1_000), OK, Some(resolved("a")));
+    }
+    for p in 0..30 {
+        h.resolve(100 + p, &format!("late-{p}"), (25, 35), INFO, None);
+    }
+    h.get(2, (40, 50), OK, Some(Register::Pending));
+    let started = Instant::now();
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-check against brute force
+// ---------------------------------------------------------------------------------------------
+
+/// A small deterministic PRNG (splitmix64), so the tests need no extra dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The model step of `op` from `state`, written straight from the spec: None if impossible.
+fn brute_step(op: &Op, state: &Register) -> Option<Register> {
+    let dedup = op.detail.contains("deduplicated");
+    let value = op.value.clone().unwrap_or_default();
+    let target = match op.kind {
+        OpKind::Resolve => Some(Register::Resolved { value }),
+        OpKind::Reject => Some(Register::Rejected { value }),
+        _ => None,
+    };
+    match (op.outcome, op.kind) {
+        (Outcome::Info, OpKind::Create) => {
+            Some(if *state == Register::Absent { Register::Pending } else { state.clone() })
+        }
+        (Outcome::Info, _) => Some(if *state == Register::Pending { target? } else { state.clone() }),
+        (Outcome::Ok, OpKind::Create) if dedup => (*state != Register::Absent).then(|| state.clone()),
+        (Outcome::Ok, OpKind::Create) => (*state == Register::Absent).then_some(Register::Pending),
+        (Outcome::Ok, OpKind::Resolve | OpKind::Reject) if dedup => {
+            (Some(state) == target.as_ref()).then(|| state.clone())
+        }
+        (Outcome::Ok, OpKind::Resolve | OpKind::Reject) => {
+            if *state == Register::Pending {
+                target
+            } else {
+                None
+            }
+        }
+        (Outcome::Ok | Outcome::Fail, _) => (op.observed.as_ref() == Some(state)).then(|| state.clone()),
+    }
+}
+
+/// Whether `op` constrains the history at all.
+fn brute_relevant(op: &Op) -> bool {
+    match op.outcome {
+        Outcome::Info => matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject),
+        Outcome::Ok => !matches!(op.kind, OpKind::Get | OpKind::Await) || op.observed.is_some(),
+        Outcome::Fail => op.observed.is_some(),
+    }
+}
+
+/// Tries every order of the ops that respects real time, with unknown-outcome writes optional.
+fn brute_force_linearizable(ops: &[Op]) -> bool {
+    fn go(ops: &[&Op], used: &mut [bool], state: &Register) -> bool {
+        let required_left = |used: &[bool]| ops.iter().zip(used).any(|(op, u)| !u && op.outcome != Outcome::Info);
+        if !required_left(used) {
+            return true;
+        }
+        for x in 0..ops.len() {
+            if used[x] {
+                continue;
+            }
+            // An unplaced op with a known outcome that returned before x was invoked must come first.
+            let blocked = ops
+                .iter()
+                .enumerate()
+                .any(|(y, op)| !used[y] && y != x && op.outcome != Outcome::Info && op.complete_ns < ops[x].invoke_ns);
+            if blocked {
+                continue;
+            }
+            if let Some(next) = brute_step(ops[x], state) {
+                used[x] = true;
+                if go(ops, used, &next) {
+                    return true;
+                }
+                used[x] = false;
+            }
+        }
+        false
+    }
+    let relevant: Vec<&Op> = ops.iter().filter(|op| brute_relevant(op)).collect();
+    go(&relevant, &mut vec![false; relevant.len()], &Register::Absent)
+}
+
+fn random_register(rng: &mut Rng) -> Register {
+    match rng.below(6) {
+        0 => Register::Absent,
+        1 => Register::Pending,
+        2 => resolved("a"),
+        3 => resolved("b"),
+        4 => rejected("a"),
+        _ => rejected("b"),
+    }
+}
+
+fn random_small_history(rng: &mut Rng) -> Vec<Op> {
+    let mut h = History::new();
+    let n = 1 + rng.below(7);
+    for p in 0..n {
+        let invoke = rng.below(20);
+        let span = (invoke, invoke + rng.below(12));
+        let outcome = match rng.below(10) {
+            0..=5 => OK,
+            6 | 7 => FAIL,
+            _ => INFO,
+        };
+        let value = if rng.chance(50) { "a" } else { "b" };
+        let observed = match outcome {
+            Outcome::Info => None,
+            Outcome::Fail => rng.chance(80).then(|| random_register(rng)),
+            Outcome::Ok => Some(random_register(rng)),
+        };
+        let id = match rng.below(5) {
+            0 => h.create(p, span, outcome, observed),
+            1 => h.resolve(p, value, span, outcome, observed),
+            2 => h.reject(p, value, span, outcome, observed),
+            3 => h.get(p, span, outcome, observed),
+            _ => h.await_(p, span, outcome, observed),
+        };
+        if outcome == OK && rng.chance(15) {
+            h.dedup(id);
+        }
+    }
+    h.ops
+}
+
+#[test]
+fn search_agrees_with_brute_force_on_small_random_histories() {
+    let mut rng = Rng(7);
+    let (mut valid, mut invalid) = (0, 0);
+    for round in 0..40_000 {
+        let ops = random_small_history(&mut rng);
+        let expected = brute_force_linearizable(&ops);
+        let got = check_key("k", &ops);
+        assert_eq!(got.is_ok(), expected, "round {round}: {got:?}\n{ops:#?}");
+        if let Err(anomaly) = got {
+            invalid += 1;
+            // The reported prefix must itself be non-linearizable.
+            let prefix: Vec<Op> = ops.iter().filter(|op| anomaly.op_ids.contains(&op.id)).cloned().collect();
+            assert!(!brute_force_linearizable(&prefix), "round {round}: prefix {:?} is linearizable", anomaly.op_ids);
+            assert!(check_key("k", &prefix).is_err(), "round {round}");
+        } else {
+            valid += 1;
+        }
+    }
+    eprintln!("brute force: {valid} linearizable, {invalid} not");
+    // Both answers must be exercised for the comparison to mean anything.
+    assert!(valid > 2_000 && invalid > 2_000, "valid {valid}, invalid {invalid}");
+}
+
+/// Turns one op of a valid history into a likely-invalid one by changing what it observed.
+fn perturb(ops: &mut [Op], rng: &mut Rng) {
+    let observers: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].observed.is_some()).collect();
+    if observers.is_empty() {
+        return;
+    }
+    let i = observers[rng.below(observers.len() as u64) as usize];
+    // Reuse values that were really written, so the change is subtle rather than a phantom.
+    let written: Vec<Register> = ops
+        .iter()
+        .filter_map(|op| match (op.kind, &op.value) {
+            (OpKind::Resolve, Some(v)) => Some(resolved(v)),
+            (OpKind::Reject, Some(v)) => Some(rejected(v)),
+            _ => None,
+        })
+        .collect();
+    ops[i].observed = Some(match rng.below(3) {
+        0 => Register::Absent,
+        1 => Register::Pending,
+        _ if written.is_empty() => Register::Pending,
+        _ => written[rng.below(written.len() as u64) as usize].clone(),
+    });
+}
+
+#[test]
+fn search_agrees_with_brute_force_on_near_valid_histories() {
+    let mut rng = Rng(11);
+    let (mut valid, mut invalid) = (0, 0);
+    for round in 0..3_000 {
+        let (mut ops, _) = generated_valid_run(1, 2 + rng.below(3), 2, 1_000 + round);
+        assert!(brute_force_linearizable(&ops), "round {round}: generator made an invalid history");
+        if rng.chance(70) {
+            perturb(&mut ops, &mut rng);
+        }
+        let expected = brute_force_linearizable(&ops);
+        let got = check_key(&ops[0].key, &ops);
+        assert_eq!(got.is_ok(), expected, "round {round}: {got:?}\n{ops:#?}");
+        if expected { valid += 1 } else { invalid += 1 }
+    }
+    eprintln!("near-valid: {valid} linearizable, {invalid} not");
+    assert!(valid > 300 && invalid > 300, "valid {valid}, invalid {invalid}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput
+// ---------------------------------------------------------------------------------------------
+
+/// A valid history: `procs` clients per key each run `per_proc` ops with overlapping intervals;
+/// each op takes effect at a random instant inside its interval and its response is computed from
+/// the model at that instant. Also returns the final reads of three agreeing nodes.
+fn generated_valid_run(keys: usize, procs: u64, per_proc: usize, seed: u64) -> (Vec<Op>, Finals) {
+    let mut rng = Rng(seed);
+    let mut ops = Vec::new();
+    let mut finals = Finals::new();
+    for k in 0..keys {
+        let key = format!("key-{k:05}");
+        // (effect instant, op, whether an unknown-outcome write took effect)
+        let mut planned: Vec<(u64, Op, bool)> = Vec::new();
+        for process in 0..procs {
+            let mut t = rng.below(30);
+            for _ in 0..per_proc {
+                let invoke = t;
+                let at = invoke + 1 + rng.below(40);
+                let complete = at + 1 + rng.below(40);
+                t = complete + rng.below(20);
+                let kind = match rng.below(100) {
+                    0..15 => OpKind::Create,
+                    15..30 => OpKind::Resolve,
+                    30..40 => OpKind::Reject,
+                    40..75 => OpKind::Get,
+                    _ => OpKind::Await,
+                };
+                let value =
+                    matches!(kind, OpKind::Resolve | OpKind::Reject).then(|| format!("{key}-{}", planned.len()));
+                let outcome = match rng.below(100) {
+                    0..8 => INFO,
+                    8..12 => FAIL, // refused without showing anything
+                    _ => OK,
+                };
+                let op = Op {
+                    id: 0,
+                    process,
+                    kind,
+                    key: key.clone(),
+                    value,
+                    invoke_ns: invoke,
+                    complete_ns: complete,
+                    outcome,
+                    observed: None,
+                    detail: String::new(),
+                };
+                planned.push((at, op, rng.chance(50)));
+            }
+        }
+        planned.sort_by_key(|(at, op, _)| (*at, op.process));
+        let mut state = Register::Absent;
+        for (_, mut op, takes_effect) in planned {
+            let target = match (op.kind, &op.value) {
+                (OpKind::Resolve, Some(value)) => Some(Register::Resolved { value: value.clone() }),
+                (OpKind::Reject, Some(value)) => Some(Register::Rejected { value: value.clone() }),
+                _ => None,
+            };
+            match op.outcome {
+                Outcome::Info => {
+                    if takes_effect {
+                        match (op.kind, &state) {
+                            (OpKind::Create, Register::Absent) => state = Register::Pending,
+                            (OpKind::Resolve | OpKind::Reject, Register::Pending) => state = target.clone().unwrap(),
+                            _ => {}
+                        }
+                    }
+                }
+                Outcome::Fail => {}
+                Outcome::Ok => match (op.kind, &state) {
+                    (OpKind::Create, Register::Absent) => {
+                        state = Register::Pending;
+                        op.observed = Some(Register::Pending);
+                    }
+                    (OpKind::Resolve | OpKind::Reject, Register::Pending) => {
+                        state = target.clone().unwrap();
+                        op.observed = Some(state.clone());
+                    }
+                    (OpKind::Get | OpKind::Await, Register::Absent) | (OpKind::Create, _) | (_, Register::Absent) => {
+                        op.outcome = FAIL;
+                        op.observed = Some(state.clone());
+                    }
+                    (OpKind::Resolve | OpKind::Reject, _) => {
+                        op.outcome = FAIL;
+                        op.observed = Some(state.clone());
+                    }
+                    (OpKind::Get | OpKind::Await, _) => op.observed = Some(state.clone()),
+                },
+            }
+            op.id = ops.len() as u64;
+            ops.push(op);
+        }
+        finals.insert(key, (1..=3).map(|node| (node, state.clone())).collect());
+    }
+    (ops, finals)
+}
+
+#[test]
+fn two_thousand_keys_of_fifty_ops_check_quickly() {
+    let (ops, finals) = generated_valid_run(2_000, 5, 10, 42);
+    assert_eq!(ops.len(), 100_000);
+    let started = Instant::now();
+    let anomalies = check(&ops, &finals);
+    let elapsed = started.elapsed();
+    eprintln!("checked {} ops on {} keys in {elapsed:?}", ops.len(), finals.len());
+    assert_eq!(anomalies, vec![], "a generated valid history was rejected");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[test]
+fn long_keys_with_one_corrupted_response_check_quickly() {
+    // 200 keys of 200 ops from 10 concurrent clients, each with one response altered: failing
+    // searches are exhaustive and run again for the smallest prefix, the checker's worst case.
+    let (mut ops, finals) = generated_valid_run(200, 10, 20, 9);
+    let mut rng = Rng(3);
+    for chunk in ops.chunks_mut(200) {
+        perturb(chunk, &mut rng);
+    }
+    let started = Instant::now();
+    let anomalies = check(&ops, &finals);
+    let elapsed = started.elapsed();
+    let failing = anomalies.iter().filter(|a| a.kind == "nonlinearizable").count();
+    eprintln!(
+        "checked {} corrupted ops on {} keys in {elapsed:?}: {failing} keys nonlinearizable",
+        ops.len(),
+        finals.len()
+    );
+    assert!(failing > 50, "only {failing} keys caught");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
