@@ -407,7 +407,7 @@ fn search(ops: &[ModelOp]) -> SearchResult {
                 key[words] = u64::from(after);
                 if !cache.contains(&key[..]) {
                     cache.insert(key.clone());
-                    stack.push(Frame { op: i, before: state, forced: step.is_read() });
+                    stack.push(Frame { op: i, before: state, forced: false });
                     state = after;
                     events.lift(i);
                     if ops[i].complete.is_some() {
@@ -421,7 +421,7 @@ fn search(ops: &[ModelOp]) -> SearchResult {
                 key[words] = u64::from(state);
                 // The read could be placed here and its successor state already failed, so by the
                 // read-first argument this state fails too.
-                backtrack = step.is_read();
+                backtrack = false;
             }
             if !backtrack {
                 entry = events.next[entry];

@@ -226,15 +226,18 @@ impl Nemesis {
         let mut detail = format!("network healed; processes resumed/started: {restarted:?}");
         for id in std::mem::take(&mut self.removed) {
             let c = hosts.client(Duration::from_secs(30))?;
-            let mut added = false;
+            let mut outcome = String::from("not attempted");
             for _ in 0..10 {
-                if c.add_node(id, &crate::hosts::grpc(id)).await.is_ok() {
-                    added = true;
-                    break;
+                match c.add_node(id, &crate::hosts::grpc(id)).await {
+                    Ok(_) => {
+                        outcome = "ok".into();
+                        break;
+                    }
+                    Err(e) => outcome = e.to_string(),
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await; // the cluster may still be electing
             }
-            detail.push_str(&format!("; node {id} re-added: {added}"));
+            detail.push_str(&format!("; node {id} re-added: {outcome}"));
         }
         self.record(now_ns, "heal", detail);
         Ok(())

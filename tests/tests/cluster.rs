@@ -405,3 +405,25 @@ async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
     assert_eq!(c.get("t-1").await?.state, pb::State::Pending as i32);
     Ok(())
 }
+
+/// Regression (found by vow-jepsen, seed 1): a membership call reaching a node that knows no
+/// leader — removed, or cut off — failed with FAILED_PRECONDITION, so clients gave up instead of
+/// retrying at another node, and a removed node could not be added back through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    cluster.leader().await?;
+    cluster.kill9(2)?;
+    cluster.kill9(3)?;
+    // Node 1 alone cannot elect a leader.
+    let c = vow_client::Client::with_options(
+        &[cluster.node(1).grpc.as_str()],
+        vow_client::Options { call_timeout: Duration::from_secs(6), attempt_timeout: Duration::from_secs(5) },
+    )?;
+    // Retryable: the client keeps trying until its deadline, then reports the cluster unavailable.
+    match c.add_node(4, "127.0.0.1:1").await {
+        Err(Error::Unavailable { .. }) => {}
+        other => panic!("expected UNAVAILABLE (retry elsewhere), got {other:?}"),
+    }
+    Ok(())
+}

@@ -6,6 +6,8 @@
 
 mod bench;
 mod dev;
+mod etcd;
+mod plot;
 
 use std::collections::HashMap;
 use std::process::ExitCode;

@@ -422,7 +422,13 @@ impl ClusterApi {
         Fut: Future<Output = anyhow::Result<Vec<(ShardId, String)>>>,
     {
         let shards = node::shard_ids(&self.node, shard_ids);
-        let elsewhere = local(shards).await.map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        let elsewhere = local(shards).await.map_err(|e| {
+            if e.downcast_ref::<node::NoLeader>().is_some() {
+                Status::unavailable(format!("{e:#}"))
+            } else {
+                Status::failed_precondition(format!("{e:#}"))
+            }
+        })?;
         for (sid, addr) in elsewhere {
             if forwarded_req {
                 return Err(Status::unavailable(format!("shard {sid} is led by {addr}, not this node")));

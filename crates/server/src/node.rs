@@ -21,6 +21,12 @@ use crate::raft::VowNode;
 use crate::shard::{Shard, ShardContext, ShardError};
 use crate::storage::{self, NodeIdentity, log_store::WalFlusher};
 
+/// A membership or leadership operation found no leader for a shard: retry, possibly at another
+/// node (a node that was removed, or is cut off, does not know the leader).
+#[derive(Debug, thiserror::Error)]
+#[error("shard {0} has no leader known to this node")]
+pub struct NoLeader(pub ShardId);
+
 /// How long a request waits for a shard to elect a leader before answering UNAVAILABLE.
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 
@@ -128,7 +134,7 @@ impl Node {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
                 let (_, addr) =
-                    shard.wait_for_leader(LEADER_WAIT).await.with_context(|| format!("shard {sid} has no leader"))?;
+                    shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
                     elsewhere.push((sid, addr));
                     continue;
@@ -160,7 +166,7 @@ impl Node {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
                 let (_, addr) =
-                    shard.wait_for_leader(LEADER_WAIT).await.with_context(|| format!("shard {sid} has no leader"))?;
+                    shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
                     elsewhere.push((sid, addr));
                     continue;
@@ -204,10 +210,11 @@ impl Node {
                         .metrics(|m| m.current_leader.is_some_and(|l| l != self.id()), "leadership moved")
                         .await;
                 }
-            } else if let Some((_, addr)) = shard.wait_for_leader(LEADER_WAIT).await
-                && !shard.is_leader()
-            {
-                elsewhere.push((sid, addr));
+            } else {
+                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
+                if !shard.is_leader() {
+                    elsewhere.push((sid, addr));
+                }
             }
         }
         Ok(elsewhere)
