@@ -63,7 +63,8 @@ pub struct Anomaly {
     /// "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or "await-not-final".
     pub kind: String,
     pub detail: String,
-    /// The ops that show the anomaly, ascending.
+    /// The ops that show the anomaly, ascending: for "nonlinearizable" every op of the key invoked
+    /// by the time the smallest failing prefix ends; empty when only final reads show the anomaly.
     pub op_ids: Vec<u64>,
 }
 
@@ -228,7 +229,7 @@ struct ModelOp {
     complete: Option<u64>,
 }
 
-/// A resolve or reject's deduplicated flag lives in the response text.
+/// Whether the cluster answered a retry from its dedup table; the flag lives in the response text.
 fn is_deduplicated(op: &Op) -> bool {
     op.detail.to_ascii_lowercase().contains("deduplicated")
 }
@@ -407,7 +408,7 @@ fn search(ops: &[ModelOp]) -> SearchResult {
                 key[words] = u64::from(after);
                 if !cache.contains(&key[..]) {
                     cache.insert(key.clone());
-                    stack.push(Frame { op: i, before: state, forced: false });
+                    stack.push(Frame { op: i, before: state, forced: step.is_read() });
                     state = after;
                     events.lift(i);
                     if ops[i].complete.is_some() {
@@ -421,7 +422,7 @@ fn search(ops: &[ModelOp]) -> SearchResult {
                 key[words] = u64::from(state);
                 // The read could be placed here and its successor state already failed, so by the
                 // read-first argument this state fails too.
-                backtrack = false;
+                backtrack = step.is_read();
             }
             if !backtrack {
                 entry = events.next[entry];
