@@ -81,7 +81,14 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// Summarises a latency histogram (microseconds) and an error count over `elapsed`.
-pub fn summarize(target: &str, workload: &str, clients: usize, h: &Histogram<u64>, errors: u64, elapsed: Duration) -> BenchResult {
+pub fn summarize(
+    target: &str,
+    workload: &str,
+    clients: usize,
+    h: &Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+) -> BenchResult {
     let ops = h.len();
     BenchResult {
         target: target.to_owned(),
@@ -108,7 +115,11 @@ enum Conn {
 impl Conn {
     async fn create(&self, id: &str) -> Result<(), String> {
         match self {
-            Conn::Vow(c) => c.create(pb::CreateRequest { id: id.to_owned(), ..Default::default() }).await.map(drop).map_err(|e| e.to_string()),
+            Conn::Vow(c) => c
+                .create(pb::CreateRequest { id: id.to_owned(), ..Default::default() })
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
             Conn::Etcd(e) => e.create(id).await,
         }
     }
@@ -232,7 +243,10 @@ fn vow_client(endpoints: &[String], c: usize) -> anyhow::Result<Client> {
     // Start each client at a different node; the client then follows leader hints.
     let mut rotated = endpoints.to_vec();
     rotated.rotate_left(c % endpoints.len().max(1));
-    Ok(Client::with_options(&rotated, Options { call_timeout: Duration::from_secs(10), attempt_timeout: Duration::from_secs(5) })?)
+    Ok(Client::with_options(
+        &rotated,
+        Options { call_timeout: Duration::from_secs(10), attempt_timeout: Duration::from_secs(5) },
+    )?)
 }
 
 fn conn(target: &str, ep: &Endpoints, c: usize) -> anyhow::Result<Conn> {
@@ -243,7 +257,14 @@ fn conn(target: &str, ep: &Endpoints, c: usize) -> anyhow::Result<Conn> {
 }
 
 /// Runs one workload at one client count against one target. Returns the summary and the histogram.
-async fn run_one(target: &str, ep: &Endpoints, workload: &str, clients: usize, args: &BenchArgs, run_id: &str) -> anyhow::Result<(BenchResult, Histogram<u64>)> {
+async fn run_one(
+    target: &str,
+    ep: &Endpoints,
+    workload: &str,
+    clients: usize,
+    args: &BenchArgs,
+    run_id: &str,
+) -> anyhow::Result<(BenchResult, Histogram<u64>)> {
     let preloaded: Arc<Vec<String>> = if workload == "get" {
         let c = conn(target, ep, 0)?;
         let mut ids = Vec::new();
@@ -311,7 +332,17 @@ async fn run_one(target: &str, ep: &Endpoints, workload: &str, clients: usize, a
 pub fn print_table(results: &[BenchResult]) {
     println!(
         "{:<6} {:<14} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>16}",
-        "target", "workload", "clients", "ops/s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "errors", "vs etcd ops, p99"
+        "target",
+        "workload",
+        "clients",
+        "ops/s",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "p999_us",
+        "max_us",
+        "errors",
+        "vs etcd ops, p99"
     );
     for r in results {
         let peer = results.iter().find(|p| p.target == "etcd" && p.workload == r.workload && p.clients == r.clients);
@@ -323,7 +354,17 @@ pub fn print_table(results: &[BenchResult]) {
         };
         println!(
             "{:<6} {:<14} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>16}",
-            r.target, r.workload, r.clients, r.ops_per_sec, r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.max_us, r.errors, ratio
+            r.target,
+            r.workload,
+            r.clients,
+            r.ops_per_sec,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.p999_us,
+            r.max_us,
+            r.errors,
+            ratio
         );
     }
 }
@@ -425,7 +466,18 @@ mod tests {
     fn results_serialize_with_the_documented_fields() -> anyhow::Result<()> {
         let r = summarize("vow", "create-settle", 64, &new_histogram(), 0, Duration::from_secs(1));
         let v: serde_json::Value = serde_json::to_value(&r)?;
-        for field in ["target", "workload", "clients", "ops_per_sec", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "errors"] {
+        for field in [
+            "target",
+            "workload",
+            "clients",
+            "ops_per_sec",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "errors",
+        ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert_eq!(v["clients"], 64);

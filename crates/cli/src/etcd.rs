@@ -92,7 +92,11 @@ fn etcd_binary() -> anyhow::Result<PathBuf> {
         }
     }
     eprintln!("etcd not found; installing Debian's etcd-server");
-    let sudo = if Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0")) { vec![] } else { vec!["sudo"] };
+    let sudo = if Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0")) {
+        vec![]
+    } else {
+        vec!["sudo"]
+    };
     let apt = |args: &[&str]| -> anyhow::Result<()> {
         let mut all = sudo.clone();
         all.extend_from_slice(args);
@@ -113,8 +117,14 @@ impl Spawned {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
         let dir = std::env::temp_dir().join(format!("vow-bench-etcd-{}-{stamp:x}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let ports: Vec<(u16, u16)> = (0..members).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
-        let cluster = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}")).collect::<Vec<_>>().join(",");
+        let ports: Vec<(u16, u16)> =
+            (0..members).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut children = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let log = std::fs::File::create(dir.join(format!("e{i}.log")))?;
@@ -125,7 +135,14 @@ impl Spawned {
                 .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
                 .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
                 .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new", "--initial-cluster-token", "vow-bench"])
+                .args([
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "vow-bench",
+                ])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -142,7 +159,9 @@ impl Spawned {
             match client.get("ready-probe").await {
                 Ok(()) => break,
                 Err(e) if e.contains("not found") => break,
-                Err(e) if tokio::time::Instant::now() > deadline => bail!("etcd did not become ready: {e} (logs in {})", spawned.dir.display()),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("etcd did not become ready: {e} (logs in {})", spawned.dir.display())
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await, // poll while etcd elects
             }
         }

@@ -9,8 +9,14 @@ use plotters::prelude::*;
 use crate::bench::BenchResult;
 
 fn color(i: usize) -> RGBColor {
-    const PALETTE: [RGBColor; 6] =
-        [RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xd6, 0x27, 0x28), RGBColor(0x2c, 0xa0, 0x2c), RGBColor(0xff, 0x7f, 0x0e), RGBColor(0x94, 0x67, 0xbd), RGBColor(0x8c, 0x56, 0x4b)];
+    const PALETTE: [RGBColor; 6] = [
+        RGBColor(0x1f, 0x77, 0xb4),
+        RGBColor(0xd6, 0x27, 0x28),
+        RGBColor(0x2c, 0xa0, 0x2c),
+        RGBColor(0xff, 0x7f, 0x0e),
+        RGBColor(0x94, 0x67, 0xbd),
+        RGBColor(0x8c, 0x56, 0x4b),
+    ];
     PALETTE[i % PALETTE.len()]
 }
 
@@ -68,10 +74,12 @@ pub fn latency_cdf(path: &Path, runs: &[(BenchResult, Histogram<u64>)]) -> anyho
         if h.is_empty() {
             continue;
         }
-        let points: Vec<(f64, f64)> = (0..=200).map(|k| {
-            let q = f64::from(k) / 200.0;
-            (h.value_at_quantile(q).max(1) as f64, q * 100.0)
-        }).collect();
+        let points: Vec<(f64, f64)> = (0..=200)
+            .map(|k| {
+                let q = f64::from(k) / 200.0;
+                (h.value_at_quantile(q).max(1) as f64, q * 100.0)
+            })
+            .collect();
         let c = color(i);
         chart
             .draw_series(LineSeries::new(points, c.stroke_width(2)))
@@ -79,7 +87,13 @@ pub fn latency_cdf(path: &Path, runs: &[(BenchResult, Histogram<u64>)]) -> anyho
             .label(format!("{} {} x{}", r.target, r.workload, r.clients))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }

@@ -152,8 +152,8 @@ impl Client {
     }
 
     /// Follows a leader hint: prefer that address, adding it if it is a member we did not know.
-    fn follow_hint(&self, status: &Status) -> bool {
-        let Some(addr) = status.metadata().get(md::LEADER_ADDR).and_then(|v| v.to_str().ok()).map(normalize) else {
+    fn follow_hint(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+        let Some(addr) = metadata.get(md::LEADER_ADDR).and_then(|v| v.to_str().ok()).map(normalize) else {
             return false;
         };
         let mut e = self.lock();
@@ -176,7 +176,7 @@ impl Client {
     async fn call<T, F, Fut>(&self, extra_attempt_time: Duration, mut op: F) -> Result<T>
     where
         F: FnMut(Channel, Duration) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, Status>>,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.options.call_timeout + extra_attempt_time;
         let mut attempt = 0u32;
@@ -189,9 +189,11 @@ impl Client {
             let result = tokio::time::timeout(per_attempt, op(channel, per_attempt)).await;
             let status = match result {
                 Ok(Ok(v)) => {
-                    let mut e = self.lock();
-                    e.preferred = index;
-                    return Ok(v);
+                    // A node that forwarded the call to the leader says so: go there next time.
+                    if !self.follow_hint(v.metadata()) {
+                        self.lock().preferred = index;
+                    }
+                    return Ok(v.into_inner());
                 }
                 Ok(Err(s)) => s,
                 Err(_) => Status::deadline_exceeded("attempt timed out"),
@@ -207,7 +209,7 @@ impl Client {
             if Instant::now() + backoff(attempt) >= deadline {
                 return Err(Error::from_status(&status, outcome_unknown));
             }
-            if self.follow_hint(&status) {
+            if self.follow_hint(status.metadata()) {
                 rotate = 0;
             } else {
                 rotate += 1;
@@ -233,7 +235,7 @@ impl Client {
         let mut resp = self
             .call(Duration::ZERO, |c, t| {
                 let req = Self::request(req.clone(), t);
-                async move { PromisesClient::new(c).create(req).await.map(|r| r.into_inner()) }
+                async move { PromisesClient::new(c).create(req).await }
             })
             .await?;
         // A deduplicated answer to a key we invented can only be our own earlier attempt.
@@ -253,7 +255,7 @@ impl Client {
         let resp = self
             .call(Duration::ZERO, |c, t| {
                 let req = Self::request(req.clone(), t);
-                async move { PromisesClient::new(c).get(req).await.map(|r| r.into_inner()) }
+                async move { PromisesClient::new(c).get(req).await }
             })
             .await?;
         resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
@@ -323,7 +325,6 @@ impl Client {
                         Settle::Reject => client.reject(req).await,
                         Settle::Cancel => client.cancel(req).await,
                     }
-                    .map(|r| r.into_inner())
                 }
             })
             .await?;
@@ -342,7 +343,7 @@ impl Client {
                 let left = until.saturating_duration_since(Instant::now());
                 let req = pb::AwaitRequest { id: id.to_owned(), wait_timeout_ms: left.as_millis().max(1) as u32 };
                 let req = Self::request(req, left + self.options.attempt_timeout);
-                async move { PromisesClient::new(c).r#await(req).await.map(|r| r.into_inner()) }
+                async move { PromisesClient::new(c).r#await(req).await }
             })
             .await?;
         resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
@@ -351,7 +352,7 @@ impl Client {
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
         self.call(Duration::ZERO, |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { PromisesClient::new(c).search(req).await.map(|r| r.into_inner()) }
+            async move { PromisesClient::new(c).search(req).await }
         })
         .await
     }
@@ -359,7 +360,7 @@ impl Client {
     pub async fn status(&self) -> Result<pb::StatusResponse> {
         self.call(Duration::ZERO, |c, t| {
             let req = Self::request(pb::StatusRequest {}, t);
-            async move { ClusterClient::new(c).status(req).await.map(|r| r.into_inner()) }
+            async move { ClusterClient::new(c).status(req).await }
         })
         .await
     }
@@ -370,7 +371,7 @@ impl Client {
         let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![] };
         self.call(Duration::from_secs(60), |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { ClusterClient::new(c).add_node(req).await.map(|r| r.into_inner()) }
+            async move { ClusterClient::new(c).add_node(req).await }
         })
         .await
     }
@@ -379,7 +380,7 @@ impl Client {
         let req = pb::RemoveNodeRequest { node_id, shard_ids: vec![] };
         self.call(Duration::from_secs(10), |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { ClusterClient::new(c).remove_node(req).await.map(|r| r.into_inner()) }
+            async move { ClusterClient::new(c).remove_node(req).await }
         })
         .await
     }
@@ -388,7 +389,7 @@ impl Client {
         let req = pb::TransferLeaderRequest { to_node_id, shard_ids: vec![] };
         self.call(Duration::from_secs(5), |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { ClusterClient::new(c).transfer_leader(req).await.map(|r| r.into_inner()) }
+            async move { ClusterClient::new(c).transfer_leader(req).await }
         })
         .await
     }

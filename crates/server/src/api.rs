@@ -91,6 +91,13 @@ fn forwarded<T>(req: Request<T>) -> Request<T> {
     fwd
 }
 
+fn with_leader_hint<T>(mut reply: Response<T>, leader_addr: &str) -> Response<T> {
+    if let Ok(v) = leader_addr.parse() {
+        reply.metadata_mut().insert(md::LEADER_ADDR, v);
+    }
+    reply
+}
+
 fn channel(node: &Node, addr: &str) -> Result<Channel, Status> {
     node.peers().channel(addr).map_err(|e| Status::unavailable(format!("bad leader address {addr}: {e}")))
 }
@@ -122,6 +129,8 @@ impl PromisesApi {
             Ok(outcome) => convert::outcome_reply(outcome).map(Response::new),
             Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
                 let reply = call.call(PromisesClient::new(channel(&self.node, &addr)?), forwarded(req)).await;
+                // Tell the client where the leader is, so its next call goes there directly.
+                let reply = reply.map(|r| with_leader_hint(r, &addr));
                 // A forwarded write that failed in transit may have reached the leader.
                 reply.map_err(|mut s| {
                     if matches!(
@@ -150,20 +159,22 @@ impl PromisesApi {
         shard: &Shard,
         id: &PromiseId,
         req: Request<pb::GetRequest>,
-    ) -> Result<pb::PromiseResponse, Status> {
+    ) -> Result<Response<pb::PromiseResponse>, Status> {
         let consistency = pb::Consistency::try_from(req.get_ref().consistency).unwrap_or(pb::Consistency::Linearizable);
         if consistency == pb::Consistency::Linearizable {
             match self.node.read_barrier(shard).await {
                 Ok(()) => {}
                 Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
                     let mut client = PromisesClient::new(channel(&self.node, &addr)?);
-                    return Ok(client.get(forwarded(req)).await?.into_inner());
+                    return Ok(with_leader_hint(client.get(forwarded(req)).await?, &addr));
                 }
                 Err(e) => return Err(shard_status(&e)),
             }
         }
         match shard.state.get(id) {
-            Ok(Some(p)) => Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false }),
+            Ok(Some(p)) => {
+                Ok(Response::new(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false }))
+            }
             Ok(None) => Err(Status::not_found(format!("no promise {id}"))),
             Err(e) => Err(Status::internal(format!("reading promise {id}: {e}"))),
         }
@@ -266,7 +277,7 @@ impl Promises for PromisesApi {
         let started = Instant::now();
         let id = self.node.limits().check_id(&req.get_ref().id).map_err(|e| Status::invalid_argument(e.0))?;
         let shard = self.node.shard_for(&id).clone();
-        let result = self.read(&shard, &id, req).await.map(Response::new);
+        let result = self.read(&shard, &id, req).await;
         self.node.metrics().record("get", &result, started.elapsed());
         result
     }
@@ -294,7 +305,10 @@ impl Promises for PromisesApi {
         let shard = self.node.shard_for(&id).clone();
         // Subscribe before the read: a settle applied after the read is then always heard.
         let mut settled = shard.subscribe_settled();
-        let first = self.read(&shard, &id, Request::new(pb::GetRequest { id: r.id.clone(), consistency: 0 })).await?;
+        let first = self
+            .read(&shard, &id, Request::new(pb::GetRequest { id: r.id.clone(), consistency: 0 }))
+            .await?
+            .into_inner();
         let pending =
             |p: &pb::PromiseResponse| p.promise.as_ref().is_some_and(|p| p.state == pb::State::Pending as i32);
         if !pending(&first) {

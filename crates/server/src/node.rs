@@ -133,8 +133,7 @@ impl Node {
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
-                let (_, addr) =
-                    shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
+                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
                     elsewhere.push((sid, addr));
                     continue;
@@ -165,8 +164,7 @@ impl Node {
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
-                let (_, addr) =
-                    shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
+                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
                     elsewhere.push((sid, addr));
                     continue;

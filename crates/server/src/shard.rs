@@ -108,6 +108,9 @@ impl Shard {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(ctx.raft.snapshot_logs),
             max_in_snapshot_log_to_keep: 1000.min(ctx.raft.snapshot_logs),
             install_snapshot_timeout: 10_000,
+            // Replicate an entry as soon as it is written locally, so the leader's fsync and the
+            // followers' run in parallel instead of one after the other (measured with vow bench).
+            broadcast_submitted_on_append: Some(true),
             ..Default::default()
         }
         .validate()?;
