@@ -5,14 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-20}"; secs="${2:-60}"; out="${3:-/tmp/vow-jepsen-soak}"
-bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
-mkdir -p "$out"
+mkdir -p "$out/bin"
+# Copies of the binaries, so a rebuild during the soak does not change what is under test.
+for b in vowd vow-jepsen; do cp "${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug/$b" "$out/bin/$b"; done
+bin="$out/bin"
 printf '| run | seed | nemesis mix | ops | ok | fail | info | valid |\n|---|---|---|---|---|---|---|---|\n'
 failed=0
 for i in $(seq 1 "$runs"); do
   dir="$out/run-$i"
   rm -rf "$dir"
-  "$bin/vow-jepsen" test --nodes 5 --time-limit "$secs" --nemesis all --seed "$i" --out "$dir" >"$dir.log" 2>&1 || true
+  "$bin/vow-jepsen" test --vowd "$bin/vowd" --nodes 5 --time-limit "$secs" --nemesis all --seed "$i" --out "$dir" >"$dir.log" 2>&1 || true
   if [ -f "$dir/results.json" ]; then
     python3 - "$dir/results.json" "$i" <<'PY'
 import json, sys, collections
