@@ -60,7 +60,8 @@ use crate::history::{Op, OpKind, Outcome, Register};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Anomaly {
     pub key: String,
-    /// "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or "await-not-final".
+    /// "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or
+    /// "await-not-final"; the run adds "no-recovery" when the healed cluster does not converge.
     pub kind: String,
     pub detail: String,
     /// The ops that show the anomaly, ascending: for "nonlinearizable" every op of the key invoked

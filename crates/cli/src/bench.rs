@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Stop each run after this many promises were created (the scale test's loader) instead of
+    /// after --duration; throughput is then over the time the run took.
+    #[arg(long)]
+    promises: Option<u64>,
 }
 
 /// One row of results: a target, a workload and a client count.
@@ -174,13 +178,20 @@ struct Job {
     /// Ids to read, for `get`.
     preloaded: Arc<Vec<String>>,
     progress: Arc<AtomicU64>,
+    /// Promises left to create, when the run is bounded by count rather than time.
+    budget: Option<Arc<AtomicU64>>,
 }
 
 async fn one_client(job: Job, conn: Conn, waiter: Option<Client>) -> Recorder {
-    let Job { workload, tag, value, measure_from, until, preloaded, progress } = job;
+    let Job { workload, tag, value, measure_from, until, preloaded, progress, budget } = job;
     let mut rec = Recorder { hist: new_histogram(), errors: 0, measure_from, progress };
     let mut n = 0u64;
     while Instant::now() < until {
+        if let Some(b) = &budget
+            && b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(1)).is_err()
+        {
+            break;
+        }
         n += 1;
         let id = format!("bench-{tag}-{n}");
         match workload.as_str() {
@@ -280,7 +291,12 @@ async fn run_one(
     let progress = Arc::new(AtomicU64::new(0));
     let start_line = Arc::new(Barrier::new(clients + 1));
     let now = Instant::now() + Duration::from_millis(200);
-    let (measure_from, until) = (now + args.warmup, now + args.warmup + args.duration);
+    let budget = args.promises.map(|n| Arc::new(AtomicU64::new(n)));
+    let (measure_from, until) = match budget {
+        // Count-bounded: measure everything, stop when the budget is spent.
+        Some(_) => (now, now + Duration::from_secs(24 * 3600)),
+        None => (now + args.warmup, now + args.warmup + args.duration),
+    };
     let mut tasks = Vec::new();
     for c in 0..clients {
         let connection = conn(target, ep, c)?;
@@ -293,6 +309,7 @@ async fn run_one(
             until,
             preloaded: preloaded.clone(),
             progress: progress.clone(),
+            budget: budget.clone(),
         };
         let barrier = start_line.clone();
         tasks.push(tokio::spawn(async move {
@@ -304,7 +321,7 @@ async fn run_one(
         let total = (args.warmup + args.duration).as_secs().max(1);
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix:>34} [{bar:30}] {pos}/{len}s {msg}")
+            indicatif::ProgressStyle::with_template("{prefix:>34} [{bar:30}] {pos}/{len} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_prefix(format!("{target} {workload} x{clients}"));
@@ -312,9 +329,16 @@ async fn run_one(
     });
     start_line.wait().await;
     if let Some(bar) = &bar {
-        while Instant::now() < until {
+        if let Some(n) = args.promises {
+            bar.set_length(n);
+        }
+        while Instant::now() < until && !tasks.iter().all(|t| t.is_finished()) {
             tokio::time::sleep(Duration::from_millis(250)).await; // progress refresh
-            bar.set_position(now.elapsed().as_secs().min(bar.length().unwrap_or(0)));
+            let done = match args.promises {
+                Some(n) => n - budget.as_ref().map_or(0, |b| b.load(Ordering::Relaxed)),
+                None => now.elapsed().as_secs(),
+            };
+            bar.set_position(done.min(bar.length().unwrap_or(0)));
             bar.set_message(format!("{} ops", progress.load(Ordering::Relaxed)));
         }
         bar.finish_and_clear();
@@ -326,7 +350,8 @@ async fn run_one(
         hist.add(&r.hist).context("merging histograms")?;
         errors += r.errors;
     }
-    Ok((summarize(target, workload, clients, &hist, errors, args.duration), hist))
+    let elapsed = if args.promises.is_some() { now.elapsed() } else { args.duration };
+    Ok((summarize(target, workload, clients, &hist, errors, elapsed), hist))
 }
 
 pub fn print_table(results: &[BenchResult]) {
