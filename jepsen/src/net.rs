@@ -50,6 +50,16 @@ pub fn leftovers() -> Vec<String> {
     if Command::new("ip").args(["link", "show", BRIDGE]).output().is_ok_and(|o| o.status.success()) {
         found.push(format!("bridge {BRIDGE}"));
     }
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or(""))
+                && name.starts_with(PREFIX)
+                && name != BRIDGE
+            {
+                found.push(format!("link {name}"));
+            }
+        }
+    }
     let mut check = vec!["-C"];
     check.extend_from_slice(&FORWARD_RULE_ADD[1..]);
     if Command::new("iptables").args(&check).output().is_ok_and(|o| o.status.success()) {
@@ -76,6 +86,14 @@ pub fn cleanup() {
     let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
     // Remove every copy of our forwarding rule (a crashed run may have left more than one).
     while Command::new("iptables").args(FORWARD_RULE_DEL).output().is_ok_and(|o| o.status.success()) {}
+    // The kernel tears a deleted namespace (and the veth peers in it) down asynchronously; wait
+    // for that, so the next run does not trip over links that are still going away.
+    for _ in 0..200 {
+        if leftovers().is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50)); // poll the kernel's teardown
+    }
 }
 
 /// With br_netfilter loaded, bridged packets traverse the root namespace's FORWARD chain, whose
