@@ -427,3 +427,42 @@ async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// `vow bench` end to end: spawns its own cluster, runs, and writes the documented outputs.
+#[test]
+fn bench_smoke_run_writes_results_and_plots() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let dir = out.path().display().to_string();
+    let run = vow(&[
+        "bench",
+        "--spawn",
+        "1",
+        "--workload",
+        "create-settle,get",
+        "--clients",
+        "1,2",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--quiet",
+        "--out",
+        &dir,
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(table.contains("create-settle") && table.contains("get"), "{table}");
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json"))?)?;
+    let rows = results.as_array().expect("an array of runs");
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        assert_eq!(r["target"], "vow");
+        assert!(r["ops_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert_eq!(r["errors"], 0);
+        assert!(r["p50_us"].as_u64() <= r["p99_us"].as_u64(), "{r}");
+    }
+    for svg in ["throughput.svg", "latency.svg"] {
+        assert!(std::fs::read_to_string(out.path().join(svg))?.starts_with("<svg"), "{svg}");
+    }
+    Ok(())
+}
