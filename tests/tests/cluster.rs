@@ -247,14 +247,15 @@ async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
     let lagging = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
     cluster.kill9(lagging)?;
     let c = cluster.client();
-    for i in 0..300 {
+    // Enough entries that the leader snapshots and purges (openraft purges in batches of 256
+    // entries, keeping the last --snapshot-logs) well past where the lagging node stopped.
+    for i in 0..1000 {
         c.create(create_req(&format!("snap-{i}"), "")).await?;
     }
-    // The leader has snapshotted and purged what the lagging node lacks.
     cluster.reup()?;
     let addr = cluster.node(lagging).grpc.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
-    for i in 0..300 {
+    for i in (0..1000).step_by(7).chain([999]) {
         loop {
             match Client::get_local(&addr, &format!("snap-{i}")).await {
                 Ok(_) => break,
