@@ -149,16 +149,18 @@ impl Hosts {
     pub fn client(&self, call_timeout: Duration) -> anyhow::Result<Client> {
         Ok(Client::with_options(
             &self.endpoints(),
-            Options { call_timeout, attempt_timeout: call_timeout.min(Duration::from_secs(1)) },
+            Options { call_timeout, attempt_timeout: call_timeout.min(Duration::from_secs(1)), ..Default::default() },
         )?)
     }
 
-    /// A client pinned to one node.
+    /// A client pinned to one node: it never follows leader hints elsewhere.
     pub fn client_of(&self, id: u64) -> anyhow::Result<Client> {
-        Ok(Client::with_options(
-            &[grpc(id)],
-            Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) },
-        )?)
+        let options = Options {
+            call_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(1),
+            follow_leader_hints: false,
+        };
+        Ok(Client::with_options(&[grpc(id)], options)?)
     }
 }
 

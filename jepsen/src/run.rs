@@ -139,7 +139,17 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     let mut clients = Vec::new();
     for p in 0..opts.clients {
         let c = hosts.client(Duration::from_secs(3))?;
-        clients.push(tokio::spawn(workload::client(p, c, opts.seed, start, until, next_id.clone(), tx.clone())));
+        let readers = hosts.ids().into_iter().map(|id| hosts.client_of(id)).collect::<anyhow::Result<Vec<_>>>()?;
+        clients.push(tokio::spawn(workload::client(
+            p,
+            c,
+            readers,
+            opts.seed,
+            start,
+            until,
+            next_id.clone(),
+            tx.clone(),
+        )));
     }
     drop(tx);
     let collector = tokio::spawn(async move {

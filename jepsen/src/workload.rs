@@ -54,6 +54,7 @@ fn classify(kind: OpKind, r: Result<(Option<pb::Promise>, bool), Error>) -> (Out
 pub async fn client(
     process: u64,
     client: Client,
+    readers: Vec<Client>,
     seed: u64,
     start: Instant,
     until: Instant,
@@ -75,6 +76,7 @@ pub async fn client(
             60..90 => OpKind::Get,
             _ => OpKind::Await,
         };
+        let reader = rng.random_range(0..readers.len().max(1)).min(readers.len().saturating_sub(1));
         let value = format!("p{process}-{n}");
         let v = pb::Value { headers: Default::default(), data: value.clone().into_bytes() };
         let invoked = Instant::now();
@@ -93,8 +95,12 @@ pub async fn client(
             OpKind::Reject => {
                 client.reject(&key, v, Some(format!("s-{value}"))).await.map(|r| (r.promise, r.deduplicated))
             }
-            OpKind::Get => client.get(&key).await.map(|p| (Some(p), false)),
-            OpKind::Await => client.await_settled(&key, Duration::from_millis(500)).await.map(|p| (Some(p), false)),
+            // Reads go to a node picked at random, as clients spread over a cluster do: every node
+            // must answer linearizably, not only the leader.
+            OpKind::Get => readers[reader].get(&key).await.map(|p| (Some(p), false)),
+            OpKind::Await => {
+                readers[reader].await_settled(&key, Duration::from_millis(500)).await.map(|p| (Some(p), false))
+            }
         };
         let (outcome, observed, detail) = classify(kind, r);
         let op = Op {

@@ -141,7 +141,11 @@ impl DevCluster {
     pub async fn status_of(&self, id: u64) -> anyhow::Result<pb::StatusResponse> {
         let c = Client::with_options(
             &[self.node(id).grpc.as_str()],
-            Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) },
+            Options {
+                call_timeout: Duration::from_secs(2),
+                attempt_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
         )?;
         Ok(c.status().await?)
     }

@@ -413,13 +413,19 @@ async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()> {
     let cluster = DevCluster::up(3, &[])?;
-    cluster.leader().await?;
-    cluster.kill9(2)?;
-    cluster.kill9(3)?;
-    // Node 1 alone cannot elect a leader.
+    let leader = cluster.leader().await?;
+    // Keep a follower; kill the leader and the other follower. The survivor cannot elect anyone.
+    let survivor = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
+    for n in cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != survivor) {
+        cluster.kill9(n)?;
+    }
     let c = vow_client::Client::with_options(
-        &[cluster.node(1).grpc.as_str()],
-        vow_client::Options { call_timeout: Duration::from_secs(6), attempt_timeout: Duration::from_secs(5) },
+        &[cluster.node(survivor).grpc.as_str()],
+        vow_client::Options {
+            call_timeout: Duration::from_secs(6),
+            attempt_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
     )?;
     // Retryable: the client keeps trying until its deadline, then reports the cluster unavailable.
     match c.add_node(4, "127.0.0.1:1").await {

@@ -256,7 +256,11 @@ fn vow_client(endpoints: &[String], c: usize) -> anyhow::Result<Client> {
     rotated.rotate_left(c % endpoints.len().max(1));
     Ok(Client::with_options(
         &rotated,
-        Options { call_timeout: Duration::from_secs(10), attempt_timeout: Duration::from_secs(5) },
+        Options {
+            call_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
+            ..Default::default()
+        },
     )?)
 }
 

@@ -177,7 +177,7 @@ async fn up(
     let endpoints: Vec<&str> = cluster.nodes.iter().map(|e| e.grpc.as_str()).collect();
     let client = Client::with_options(
         &endpoints,
-        Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1) },
+        Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1), ..Default::default() },
     )?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {

@@ -249,7 +249,11 @@ fn now_ms() -> i64 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let endpoints: Vec<&str> = cli.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let client = || -> anyhow::Result<Client> {
-        let options = Options { call_timeout: cli.timeout, attempt_timeout: cli.timeout.min(Duration::from_secs(5)) };
+        let options = Options {
+            call_timeout: cli.timeout,
+            attempt_timeout: cli.timeout.min(Duration::from_secs(5)),
+            ..Default::default()
+        };
         Ok(Client::with_options(&endpoints, options)?)
     };
     match cli.command {

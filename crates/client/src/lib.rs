@@ -81,11 +81,18 @@ pub struct Options {
     pub call_timeout: Duration,
     /// Time one attempt may take (an Await attempt gets its wait on top).
     pub attempt_timeout: Duration,
+    /// Move to the leader when a node says where it is (on redirects and forwarded replies).
+    /// Off for a client that must talk to one particular node.
+    pub follow_leader_hints: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { call_timeout: Duration::from_secs(15), attempt_timeout: Duration::from_secs(5) }
+        Options {
+            call_timeout: Duration::from_secs(15),
+            attempt_timeout: Duration::from_secs(5),
+            follow_leader_hints: true,
+        }
     }
 }
 
@@ -190,7 +197,7 @@ impl Client {
             let status = match result {
                 Ok(Ok(v)) => {
                     // A node that forwarded the call to the leader says so: go there next time.
-                    if !self.follow_hint(v.metadata()) {
+                    if !(self.options.follow_leader_hints && self.follow_hint(v.metadata())) {
                         self.lock().preferred = index;
                     }
                     return Ok(v.into_inner());
@@ -209,7 +216,7 @@ impl Client {
             if Instant::now() + backoff(attempt) >= deadline {
                 return Err(Error::from_status(&status, outcome_unknown));
             }
-            if self.follow_hint(status.metadata()) {
+            if self.options.follow_leader_hints && self.follow_hint(status.metadata()) {
                 rotate = 0;
             } else {
                 rotate += 1;

@@ -437,7 +437,7 @@ impl ClusterApi {
     {
         let shards = node::shard_ids(&self.node, shard_ids);
         let elsewhere = local(shards).await.map_err(|e| {
-            if e.downcast_ref::<node::NoLeader>().is_some() {
+            if e.downcast_ref::<node::NoLeader>().is_some() || e.downcast_ref::<node::Busy>().is_some() {
                 Status::unavailable(format!("{e:#}"))
             } else {
                 Status::failed_precondition(format!("{e:#}"))

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use openraft::ChangeMembers;
+use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use vow_core::{Limits, NodeId, PromiseId, ShardId};
@@ -17,7 +18,7 @@ use vow_core::{Limits, NodeId, PromiseId, ShardId};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
-use crate::raft::VowNode;
+use crate::raft::{TypeConfig, VowNode};
 use crate::shard::{Shard, ShardContext, ShardError};
 use crate::storage::{self, NodeIdentity, log_store::WalFlusher};
 
@@ -26,6 +27,31 @@ use crate::storage::{self, NodeIdentity, log_store::WalFlusher};
 #[derive(Debug, thiserror::Error)]
 #[error("shard {0} has no leader known to this node")]
 pub struct NoLeader(pub ShardId);
+
+/// A membership change that cannot be made now but may succeed if retried: the shard is still
+/// committing an earlier change (e.g. a leader without a quorum), or leadership moved.
+#[derive(Debug, thiserror::Error)]
+#[error("shard {shard}: {reason}")]
+pub struct Busy {
+    pub shard: ShardId,
+    pub reason: String,
+}
+
+/// Classifies a failed membership write: retryable conditions become [`Busy`].
+fn membership_error(
+    shard: ShardId,
+    what: String,
+    e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+) -> anyhow::Error {
+    match &e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))
+        | RaftError::APIError(ClientWriteError::ForwardToLeader(_))
+        | RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => {
+            anyhow::Error::new(Busy { shard, reason: format!("{what}: {e}") })
+        }
+        _ => anyhow::Error::new(e).context(what),
+    }
+}
 
 /// How long a request waits for a shard to elect a leader before answering UNAVAILABLE.
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
@@ -147,12 +173,12 @@ impl Node {
                 .raft
                 .add_learner(id, VowNode { grpc_addr: addr.to_owned() }, true)
                 .await
-                .with_context(|| format!("adding node {id} as learner of shard {sid}"))?;
+                .map_err(|e| membership_error(sid, format!("adding node {id} as learner of shard {sid}"), e))?;
             shard
                 .raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
-                .with_context(|| format!("promoting node {id} to voter of shard {sid}"))?;
+                .map_err(|e| membership_error(sid, format!("promoting node {id} to voter of shard {sid}"), e))?;
             tracing::info!(shard = %sid, node = %id, "member added");
         }
         Ok(elsewhere)
@@ -179,13 +205,13 @@ impl Node {
                     .raft
                     .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                     .await
-                    .with_context(|| format!("removing node {id} from shard {sid}"))?;
+                    .map_err(|e| membership_error(sid, format!("removing node {id} from shard {sid}"), e))?;
             } else if learners.contains(&id) {
                 shard
                     .raft
                     .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
                     .await
-                    .with_context(|| format!("removing learner {id} from shard {sid}"))?;
+                    .map_err(|e| membership_error(sid, format!("removing learner {id} from shard {sid}"), e))?;
             }
             tracing::info!(shard = %sid, node = %id, "member removed");
         }
