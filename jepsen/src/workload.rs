@@ -51,16 +51,24 @@ fn classify(kind: OpKind, r: Result<(Option<pb::Promise>, bool), Error>) -> (Out
 
 /// One client's loop until `until`. Its choices come from `seed`, so a replay issues the same
 /// sequence of operations.
+/// A workload client's connections: one that follows the leader for writes, and one pinned to
+/// each node for reads.
+#[derive(Debug)]
+pub struct Connections {
+    pub writer: Client,
+    pub readers: Vec<Client>,
+}
+
 pub async fn client(
     process: u64,
-    client: Client,
-    readers: Vec<Client>,
+    conns: Connections,
     seed: u64,
     start: Instant,
     until: Instant,
     next_id: Arc<AtomicU64>,
     out: mpsc::Sender<Op>,
 ) {
+    let Connections { writer: client, readers } = conns;
     let mut rng = StdRng::seed_from_u64(seed ^ process.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = 0u64;
     let ns = |t: Instant| t.saturating_duration_since(start).as_nanos() as u64;
@@ -76,7 +84,7 @@ pub async fn client(
             60..90 => OpKind::Get,
             _ => OpKind::Await,
         };
-        let reader = rng.random_range(0..readers.len().max(1)).min(readers.len().saturating_sub(1));
+        let reader = rng.random_range(0..readers.len());
         let value = format!("p{process}-{n}");
         let v = pb::Value { headers: Default::default(), data: value.clone().into_bytes() };
         let invoked = Instant::now();
