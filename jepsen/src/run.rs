@@ -138,12 +138,11 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     let next_id = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for p in 0..opts.clients {
-        let c = hosts.client(Duration::from_secs(3))?;
+        let writer = hosts.client(Duration::from_secs(3))?;
         let readers = hosts.ids().into_iter().map(|id| hosts.client_of(id)).collect::<anyhow::Result<Vec<_>>>()?;
         clients.push(tokio::spawn(workload::client(
             p,
-            c,
-            readers,
+            workload::Connections { writer, readers },
             opts.seed,
             start,
             until,
