@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderError, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, StreamAppendResult,
+    TransferLeaderError, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{EntryPayload, vote::RaftLeaderId};
 use vow_core::codec::{DecodeError, Decoder, Encoder};
@@ -263,6 +263,36 @@ pub fn decode_append_response(b: &[u8]) -> Result<AppendEntriesResponse<TypeConf
     })
 }
 
+/// One reply on the streamed AppendEntries RPC: the log id the follower now matches, or why
+/// it stopped accepting.
+pub fn encode_stream_append_result(r: &StreamAppendResult<TypeConfig>) -> Vec<u8> {
+    message(|e| match r {
+        Ok(matching) => {
+            e.u8(0);
+            opt_log_id(e, matching);
+        }
+        Err(StreamAppendError::Conflict(id)) => {
+            e.u8(1);
+            log_id(e, id);
+        }
+        Err(StreamAppendError::HigherVote(v)) => {
+            e.u8(2);
+            vote(e, v);
+        }
+    })
+}
+
+pub fn decode_stream_append_result(b: &[u8]) -> Result<StreamAppendResult<TypeConfig>, DecodeError> {
+    parse("stream append result", b, |d| {
+        Ok(match d.u8("stream append result kind")? {
+            0 => Ok(read_opt_log_id(d)?),
+            1 => Err(StreamAppendError::Conflict(read_log_id(d)?)),
+            2 => Err(StreamAppendError::HigherVote(read_vote(d)?)),
+            _ => return Err(DecodeError::Invalid("stream append result kind")),
+        })
+    })
+}
+
 pub fn encode_transfer_request(r: &TransferLeaderRequest<TypeConfig>) -> Vec<u8> {
     message(|e| {
         vote(e, r.from_leader());
@@ -386,6 +416,15 @@ mod tests {
         ] {
             assert_eq!(decode_append_response(&encode_append_response(&r)), Ok(r));
         }
+        for r in [
+            Ok(None),
+            Ok(Some(lid(2, 1, 40))),
+            Err(StreamAppendError::Conflict(lid(2, 1, 41))),
+            Err(StreamAppendError::HigherVote(Vote::new(7, NodeId(2)))),
+        ] {
+            assert_eq!(decode_stream_append_result(&encode_stream_append_result(&r)), Ok(r));
+        }
+        assert!(decode_stream_append_result(&[1, 9]).is_err());
         assert!(decode_append_request(&[1, 0xff]).is_err());
         assert!(decode_entry(&[2]).is_err());
     }

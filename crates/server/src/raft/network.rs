@@ -1,15 +1,20 @@
 //! The sending side of the Raft transport: openraft's network traits over tonic.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 
 use openraft::alias::SnapshotOf;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tonic::transport::Channel;
 use vow_api::raft::raft_client::RaftClient;
@@ -22,6 +27,11 @@ use crate::storage::snapshot::SnapshotFile;
 
 /// Bytes of snapshot data per streamed chunk.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The least time a streamed AppendEntries may wait for its reply before the stream is
+/// declared stalled and dropped (openraft then opens a new one). Longer than a unary call's
+/// deadline: dropping a stream throws away every request in flight on it.
+const MIN_STREAM_STALL: Duration = Duration::from_millis(250);
 
 /// Creates a shard's clients to its peers.
 #[derive(Clone, Debug)]
@@ -95,8 +105,79 @@ impl PeerClient {
     }
 }
 
+/// Send times of the streamed requests that have no reply yet, oldest first.
+type InFlight = Arc<Mutex<VecDeque<Instant>>>;
+
+fn in_flight(q: &InFlight) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
+
+    /// Replication on one gRPC stream: requests go out as openraft produces them, without
+    /// waiting for the previous reply, so a follower's fsync of one batch overlaps the sending
+    /// of the next, and no call pays for a new HTTP/2 stream. A request without a reply after
+    /// the RPC's hard TTL ends the stream as unreachable, as a unary call's deadline would.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let setup = option.soft_ttl().max(MIN_STREAM_STALL);
+        let stall = option.hard_ttl().max(MIN_STREAM_STALL);
+        let mut header = Some((self.shard, self.target, self.cluster_name.clone()));
+        let sent: InFlight = Arc::default();
+        let sent_in = sent.clone();
+        let requests = input.map(move |rpc| {
+            in_flight(&sent_in).push_back(Instant::now());
+            let mut req = RaftRequest { payload: codec::encode_append_request(&rpc).into(), ..Default::default() };
+            if let Some((shard, target, cluster)) = header.take() {
+                req.shard_id = shard.0;
+                req.target_node_id = target.0;
+                req.cluster_name = cluster.to_string();
+            }
+            req
+        });
+        Box::pin(async move {
+            let mut client = self.client()?;
+            let replies = match tokio::time::timeout(setup, client.stream_append(requests)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(status)) => return Err(status_error(status)),
+                Err(_) => return Err(unreachable(format!("no answer to a replication stream in {setup:?}"))),
+            };
+            let mut check = tokio::time::interval(stall / 2);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let results = futures::stream::unfold(Some((replies, sent, check)), move |state| async move {
+                let (mut replies, sent, mut check) = state?;
+                loop {
+                    tokio::select! {
+                        reply = replies.message() => {
+                            let item = match reply {
+                                Ok(Some(reply)) => {
+                                    in_flight(&sent).pop_front();
+                                    codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+                                }
+                                Ok(None) => return None,
+                                Err(status) => Err(status_error(status)),
+                            };
+                            let next = item.is_ok().then_some((replies, sent, check));
+                            return Some((item, next));
+                        }
+                        _ = check.tick() => {
+                            if in_flight(&sent).front().is_some_and(|t| t.elapsed() > stall) {
+                                return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(results.boxed())
+        })
+    }
 
     async fn append_entries(
         &mut self,

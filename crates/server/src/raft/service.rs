@@ -2,9 +2,10 @@
 //! shard's Raft instance, encodes the reply.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt, stream};
 use openraft::alias::SnapshotOf;
 use tonic::{Request, Response, Status, Streaming};
 use vow_api::raft::raft_server::Raft as RaftRpc;
@@ -54,8 +55,64 @@ impl RaftService {
     }
 }
 
+/// Replies on the streamed AppendEntries RPC.
+pub type ReplyStream = Pin<Box<dyn Stream<Item = Result<RaftReply, Status>> + Send + 'static>>;
+
+impl RaftService {
+    /// Feeds one leader's stream of AppendEntries requests to the addressed shard, replying to
+    /// each in order. The first request names the shard; a malformed request ends the stream
+    /// after the replies to the requests before it, with INVALID_ARGUMENT.
+    fn append_stream(&self, mut input: Streaming<RaftRequest>) -> ReplyStream {
+        let service = self.clone();
+        let replies = async move {
+            let first = match input.next().await {
+                Some(Ok(first)) => first,
+                Some(Err(status)) => return stream::iter([Err(status)]).boxed(),
+                None => return stream::empty().boxed(),
+            };
+            let shard = match service.shard(&first) {
+                Ok(shard) => shard.clone(),
+                Err(status) => return stream::iter([Err(status)]).boxed(),
+            };
+            let invalid: Arc<Mutex<Option<Status>>> = Arc::default();
+            let invalid_in = invalid.clone();
+            // A transport error ends the input quietly: the connection is gone, nobody to tell.
+            let requests = stream::iter([Ok(first)]).chain(input).scan((), move |_, msg| {
+                let rpc = match msg.map(|m| codec::decode_append_request(&m.payload)) {
+                    Ok(Ok(rpc)) => Some(rpc),
+                    Ok(Err(e)) => {
+                        *invalid_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(malformed(e));
+                        None
+                    }
+                    Err(_) => None,
+                };
+                std::future::ready(rpc)
+            });
+            let results = shard.raft.stream_append(requests).map(|r| match r {
+                Ok(result) => Ok(RaftReply { payload: codec::encode_stream_append_result(&result).into() }),
+                Err(fatal) => Err(stopped(fatal)),
+            });
+            let trailer = stream::once(async move { invalid.lock().unwrap_or_else(|p| p.into_inner()).take() })
+                .filter_map(|status| std::future::ready(status.map(Err)));
+            results.chain(trailer).boxed()
+        };
+        stream::once(replies).flatten().boxed()
+    }
+}
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
+    type StreamAppendStream = ReplyStream;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        // Answer with headers at once; the first request (which names the shard) may come
+        // much later, when the leader has something to send.
+        Ok(Response::new(self.append_stream(request.into_inner())))
+    }
+
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let shard = self.shard(&req)?;

@@ -6,11 +6,16 @@
 //! completes them all: concurrent appends of all shards share one fsync. Because RocksDB has one
 //! WAL per database, an fsync covers every write issued before it, so callbacks complete in
 //! order and never before their entries are durable.
+//!
+//! openraft reads every entry back right after appending it: once per follower to replicate it
+//! and once more to apply it. A [`LogCache`] of the most recent entries answers those reads
+//! from memory; older ranges (a lagging follower, a restart) come from RocksDB.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
@@ -19,7 +24,7 @@ use vow_core::ShardId;
 use vow_core::codec::{Decoder, Encoder};
 
 use super::{CF_LOG, CF_META, cf, corrupt, io_err, keys};
-use crate::raft::{LogId, TypeConfig, Vote, codec};
+use crate::raft::{Entry, LogId, TypeConfig, Vote, codec};
 
 /// Callbacks waiting for the next WAL fsync, at most this many queued before appends wait.
 const FLUSH_QUEUE: usize = 4096;
@@ -72,12 +77,69 @@ impl WalFlusher {
     }
 }
 
-/// One shard's view of the log; also its own [`RaftLogReader`].
+/// Most recent entries of a shard kept in memory (a few MiB with 256-byte values).
+const CACHED_ENTRIES: usize = 8192;
+
+/// The newest appended entries of one shard, consecutive by index, mirroring the tail of the
+/// log in RocksDB: every append, truncation and purge updates both, in that order.
+#[derive(Debug, Default)]
+struct LogCache {
+    entries: VecDeque<Entry>,
+}
+
+impl LogCache {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry) {
+        let index = entry.log_id.index;
+        match self.entries.back().map(|e| e.log_id.index) {
+            // openraft truncates before it overwrites, but stay consistent if it ever does not.
+            Some(last) if index <= last => self.truncate_from(index),
+            Some(last) if index > last + 1 => self.entries.clear(),
+            _ => {}
+        }
+        self.entries.push_back(entry);
+        if self.entries.len() > CACHED_ENTRIES {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Drops the entries at `index` and after.
+    fn truncate_from(&mut self, index: u64) {
+        let first = self.first_index().unwrap_or(index);
+        let keep = index.saturating_sub(first) as usize;
+        self.entries.truncate(keep);
+    }
+
+    /// Drops the entries up to and including `index`.
+    fn purge_through(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|e| e.log_id.index <= index) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// The entries `[start, end)` if all of them are cached.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        let last = self.entries.back()?.log_id.index;
+        if start < first || end > last + 1 {
+            return None;
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(self.entries.range(from..to).cloned().collect())
+    }
+}
+
+/// One shard's view of the log; also its own [`RaftLogReader`]. Clones share the cache.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     shard: ShardId,
     flusher: WalFlusher,
+    cache: Arc<Mutex<LogCache>>,
 }
 
 impl Debug for LogStore {
@@ -88,7 +150,12 @@ impl Debug for LogStore {
 
 impl LogStore {
     pub fn new(db: Arc<DB>, shard: ShardId, flusher: WalFlusher) -> Self {
-        LogStore { db, shard, flusher }
+        LogStore { db, shard, flusher, cache: Arc::default() }
+    }
+
+    fn cache(&self) -> MutexGuard<'_, LogCache> {
+        // The cache holds no invariant a panicking holder could break halfway.
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn get_meta(&self, kind: u8) -> io::Result<Option<Vec<u8>>> {
@@ -136,6 +203,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => Some(i.saturating_add(1)),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => None,
+        };
+        if let Some(end) = end
+            && let Some(entries) = self.cache().get(start, end)
+        {
+            return Ok(entries);
+        }
         let log = cf(&self.db, CF_LOG)?;
         let mut entries = Vec::new();
         let from = keys::log(self.shard, start);
@@ -209,15 +286,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let log = cf(&self.db, CF_LOG)?;
         let mut batch = WriteBatch::default();
-        for entry in entries {
-            batch.put_cf(log, keys::log(self.shard, entry.log_id.index), codec::encode_entry(&entry));
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        for entry in &entries {
+            batch.put_cf(log, keys::log(self.shard, entry.log_id.index), codec::encode_entry(entry));
         }
         self.db.write(batch).map_err(io_err)?;
+        {
+            let mut cache = self.cache();
+            for entry in entries {
+                cache.push(entry);
+            }
+        }
         self.flusher.tx.send(callback).await.map_err(|_| io::Error::other("WAL flusher stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |id| id.index + 1);
+        self.cache().truncate_from(from);
         let log = cf(&self.db, CF_LOG)?;
         self.db.delete_range_cf(log, keys::log(self.shard, from), keys::log(self.shard, u64::MAX)).map_err(io_err)
     }
@@ -232,6 +317,74 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Self::log_id_bytes(&Some(log_id)),
         );
         batch.delete_range_cf(cf(&self.db, CF_LOG)?, keys::log(self.shard, 0), keys::log(self.shard, log_id.index + 1));
+        self.cache().purge_through(log_id.index);
         self.db.write(batch).map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::EntryPayload;
+    use openraft::vote::RaftLeaderId;
+    use vow_core::NodeId;
+
+    use super::*;
+    use crate::raft::LeaderId;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry { log_id: LogId::new(LeaderId::new(term, NodeId(1)), index), payload: EntryPayload::Blank }
+    }
+
+    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
+        entries.map(|es| es.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect())
+    }
+
+    fn cache_of(range: std::ops::RangeInclusive<u64>) -> LogCache {
+        let mut c = LogCache::default();
+        for i in range {
+            c.push(entry(1, i));
+        }
+        c
+    }
+
+    #[test]
+    fn serves_only_ranges_it_holds_completely() {
+        let c = cache_of(5..=9);
+        assert_eq!(indexes(c.get(5, 10)), Some(vec![(1, 5), (1, 6), (1, 7), (1, 8), (1, 9)]));
+        assert_eq!(indexes(c.get(7, 8)), Some(vec![(1, 7)]));
+        assert_eq!(indexes(c.get(7, 7)), Some(vec![]));
+        assert_eq!(indexes(c.get(4, 6)), None, "starts before the cache");
+        assert_eq!(indexes(c.get(8, 11)), None, "ends after the cache");
+        assert_eq!(indexes(LogCache::default().get(0, 1)), None);
+    }
+
+    #[test]
+    fn truncation_and_overwrite_drop_the_old_suffix() {
+        let mut c = cache_of(1..=6);
+        c.truncate_from(4);
+        assert_eq!(indexes(c.get(1, 4)), Some(vec![(1, 1), (1, 2), (1, 3)]));
+        assert_eq!(indexes(c.get(1, 5)), None);
+        // A new leader's entry at an index that is already cached replaces it and what follows.
+        let mut c = cache_of(1..=6);
+        c.push(entry(2, 3));
+        assert_eq!(indexes(c.get(1, 4)), Some(vec![(1, 1), (1, 2), (2, 3)]));
+        assert_eq!(indexes(c.get(1, 5)), None);
+        c.truncate_from(0);
+        assert_eq!(indexes(c.get(1, 2)), None);
+    }
+
+    #[test]
+    fn purge_gap_and_capacity_keep_the_cache_consecutive() {
+        let mut c = cache_of(1..=6);
+        c.purge_through(3);
+        assert_eq!(indexes(c.get(3, 5)), None);
+        assert_eq!(indexes(c.get(4, 7)), Some(vec![(1, 4), (1, 5), (1, 6)]));
+        // An entry that does not follow the cached ones (after a snapshot) restarts the cache.
+        c.push(entry(1, 100));
+        assert_eq!(indexes(c.get(6, 7)), None);
+        assert_eq!(indexes(c.get(100, 101)), Some(vec![(1, 100)]));
+        let c = cache_of(1..=(CACHED_ENTRIES as u64 + 10));
+        assert_eq!(c.entries.len(), CACHED_ENTRIES);
+        assert_eq!(c.first_index(), Some(11));
     }
 }

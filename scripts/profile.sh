@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Where the CPU goes: a three-node `vow dev` cluster under `vow bench` create-settle load, with the
+# CPU time each process spends per operation, and (with --perf) a flat perf profile of the leader
+# grouped by crate. The figures in ARCHITECTURE.md "Hot path" come from this script.
+#
+# Usage: scripts/profile.sh [--perf] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+perf=0
+if [ "${1:-}" = "--perf" ]; then perf=1; shift; fi
+clients="${1:-64}"; secs="${2:-12}"; dir="${3:-/tmp/vow-profile}"
+bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
+export VOW_VOWD="$bin/vowd"
+json() { python3 -c "import json; d=json.load(open('$dir/cluster/cluster.json')); print($1)"; }
+ticks() { awk "{print \$14+\$15}" "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+[ -e "$dir/cluster" ] && { "$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true; }
+rm -rf "$dir"; mkdir -p "$dir"
+"$bin/vow" dev up --nodes 3 --dir "$dir/cluster" >/dev/null
+trap '"$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true' EXIT
+eps=$(json "','.join(x['grpc'] for x in d['nodes'])")
+leader=$("$bin/vow" --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
+
+env -u TOKIO_WORKER_THREADS "$bin/vow" --endpoints "$eps" bench --workload create-settle --clients "$clients" --duration "${secs}s" \
+  --warmup 2s --quiet --out "$dir/bench" >"$dir/bench.txt" 2>&1 &
+bench=$!
+sleep 4 # warm-up plus a little
+pids=$(json "' '.join(str(x['pid']) for x in d['nodes'])")
+declare -A before
+for p in $pids $bench; do before[$p]=$(ticks "$p"); done
+window=$(( secs - 4 > 3 ? secs - 4 : 3 ))
+if [ "$perf" = 1 ]; then
+  lpid=$(json "[x['pid'] for x in d['nodes'] if x['node_id'] == $leader][0]")
+  perf record -F 999 -p "$lpid" -o "$dir/perf.data" -- sleep "$window" >/dev/null 2>&1
+else
+  sleep "$window"
+fi
+declare -A used
+for p in $pids $bench; do used[$p]=$(( $(ticks "$p") - before[$p] )); done
+wait "$bench" || { cat "$dir/bench.txt"; exit 1; }
+line=$(grep create-settle "$dir/bench.txt" | tail -1)
+echo "$line"
+ops=$(echo "$line" | awk '{print $4}')
+for p in $pids $bench; do
+  role=bench
+  for i in 0 1 2; do
+    if [ "$(json "d['nodes'][$i]['pid']")" = "$p" ]; then
+      role=$([ "$(json "d['nodes'][$i]['node_id']")" = "$leader" ] && echo leader || echo follower)
+    fi
+  done
+  python3 -c "t=${used[$p]}/$hz; print(f'{\"$role\":9} cpu {t/$window*100:5.0f}%  {t/$window/$ops*1e6:6.0f} us/op')"
+done
+if [ "$perf" = 1 ]; then
+  echo "leader profile by crate (perf report -i $dir/perf.data for symbols):"
+  perf report -i "$dir/perf.data" --no-children --sort dso,symbol 2>/dev/null | grep '%' | python3 -c '
+import sys, re, collections
+total = collections.Counter()
+for line in sys.stdin:
+    m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)", line)
+    if not m:
+        continue
+    pct, dso, kind, sym = float(m.group(1)), m.group(2), m.group(3), m.group(4).strip()
+    if kind == "k":
+        key = "kernel"
+    elif "libc" in dso:
+        key = "libc malloc/free" if re.search(r"malloc|free|_int_|unlink_chunk|consolidate", sym) else "libc other"
+    else:
+        c = re.match(r"(?:<|impl )*([A-Za-z_][A-Za-z0-9_]*)::", sym)
+        key = c.group(1) if c else sym[:40]
+    total[key] += pct
+for k, v in total.most_common(18):
+    print(f"  {v:5.1f}%  {k}")'
+fi
