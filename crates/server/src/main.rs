@@ -7,6 +7,9 @@ use tracing_subscriber::EnvFilter;
 use vow_server::config::{Args, Config};
 use vow_server::node::{self, Listeners};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
