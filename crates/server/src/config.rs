@@ -58,7 +58,8 @@ pub struct Args {
     /// Minimum election timeout in milliseconds (the maximum is twice this).
     #[arg(long, env = "VOW_ELECTION_TIMEOUT_MS")]
     pub election_timeout_ms: Option<u64>,
-    /// Build a snapshot and purge the log after this many entries.
+    /// Build a snapshot and purge the log after this many entries (or a quarter of the state's
+    /// records, if that is more).
     #[arg(long, env = "VOW_SNAPSHOT_LOGS")]
     pub snapshot_logs: Option<u64>,
     /// How long settled promises are kept, in seconds (default 7 days).

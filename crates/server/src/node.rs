@@ -335,9 +335,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     } else if !config.join.is_empty() {
         tokio::spawn(join_cluster(node.clone(), config.join.clone(), stop_rx.clone()));
     }
-    let sweepers: Vec<_> = shards
+    let background: Vec<_> = shards
         .iter()
         .map(|s| tokio::spawn(crate::sweeper::run(s.clone(), config.retention, stop_rx.clone())))
+        .chain(shards.iter().map(|s| tokio::spawn(s.clone().run_snapshot_policy(stop_rx.clone()))))
         .collect();
     tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
     for bug in ["stale-reads", "ack-before-commit", "skip-settled-check"] {
@@ -351,7 +352,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     node.inner.shutting_down.store(true, Ordering::Relaxed);
     node.hand_off_leadership().await;
     let _ = stop_tx.send(true);
-    for s in sweepers {
+    for s in background {
         let _ = s.await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;

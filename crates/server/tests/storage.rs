@@ -161,6 +161,13 @@ async fn a_snapshot_moves_a_shard_to_another_database() -> std::io::Result<()> {
     assert_eq!(all_src, all_dst);
     // Secondary indexes came along too: the settled index finds every promise.
     assert_eq!(reader_dst.due_for_collection(i64::MAX, 10_000)?.len(), 2_000);
+    // Building again (here and on the source) keeps only the newest file: snapshots of a
+    // growing state must not pile up on disk.
+    for _ in 0..3 {
+        src.get_snapshot_builder().await.build_snapshot().await?;
+    }
+    let files = std::fs::read_dir(src_dir.path().join("snapshots-3"))?.count();
+    assert_eq!(files, 1, "old snapshot files are removed after a build");
     // And the snapshot survives a reopen as the current one.
     drop((db2, log2, dst, reader_dst));
     let (_db3, _log3, mut reopened) = open_shard(dst_dir.path(), ShardId(3))?;

@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
 use openraft::EntryPayload;
@@ -205,6 +206,9 @@ pub struct ShardStateMachine {
     membership: StoredMembership,
     cluster_time_ms: i64,
     settled: broadcast::Sender<Promise>,
+    /// Records in the newest snapshot built or installed here (0 until there is one): the
+    /// state's size, for the snapshot policy.
+    snapshot_records: Arc<AtomicU64>,
 }
 
 impl Debug for ShardStateMachine {
@@ -230,6 +234,7 @@ impl ShardStateMachine {
             membership: StoredMembership::default(),
             cluster_time_ms: 0,
             settled,
+            snapshot_records: Arc::default(),
         };
         let state = cf(&sm.db, CF_STATE)?;
         if sm.db.get_cf(state, keys::sm_meta(shard, keys::SM_INSTALLING)).map_err(io_err)?.is_some() {
@@ -306,7 +311,9 @@ impl ShardStateMachine {
         let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
         let prefix = keys::shard_prefix(self.shard);
         let mut batch = WriteBatch::default();
+        let mut records = 0;
         while let Some((key, value)) = reader.next_record()? {
+            records += 1;
             let mut full = Vec::with_capacity(4 + key.len());
             full.extend_from_slice(&prefix);
             full.extend_from_slice(&key);
@@ -319,6 +326,7 @@ impl ShardStateMachine {
             }
         }
         self.db.write(batch).map_err(io_err)?;
+        self.snapshot_records.store(records, Ordering::Relaxed);
         // The snapshot's own records include the applied meta; load it, then make it agree
         // with the snapshot meta, and clear the marker in the same durable batch.
         self.load_meta()?;
@@ -332,6 +340,11 @@ impl ShardStateMachine {
     }
 
     /// A handle for reads of this shard's state.
+    /// Records in the newest snapshot of this replica, kept current as snapshots come and go.
+    pub fn snapshot_records(&self) -> Arc<AtomicU64> {
+        self.snapshot_records.clone()
+    }
+
     pub fn reader(&self) -> ShardState {
         ShardState::new(self.db.clone(), self.shard)
     }
@@ -398,7 +411,12 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), shard: self.shard, dir: self.snapshot_dir.clone() }
+        SnapshotBuilder {
+            db: self.db.clone(),
+            shard: self.shard,
+            dir: self.snapshot_dir.clone(),
+            records: self.snapshot_records.clone(),
+        }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
@@ -429,6 +447,7 @@ pub struct SnapshotBuilder {
     db: Arc<DB>,
     shard: ShardId,
     dir: PathBuf,
+    records: Arc<AtomicU64>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -436,14 +455,23 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
         let (db, shard, dir) = (self.db.clone(), self.shard, self.dir.clone());
-        let (meta, path) =
-            tokio::task::spawn_blocking(move || build(&db, shard, &dir)).await.map_err(io::Error::other)??;
+        let (meta, path, records) = tokio::task::spawn_blocking(move || {
+            let built = build(&db, shard, &dir)?;
+            // Only the newest snapshot is ever served or installed; the older ones go (a reader
+            // still streaming one to a follower keeps its open file).
+            snapshot::latest(&dir)?;
+            Ok::<_, io::Error>(built)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.records.store(records, Ordering::Relaxed);
         tracing::info!(shard = %shard, last_log_id = ?meta.last_log_id, "snapshot built");
         Ok(Snapshot { meta, snapshot: SnapshotFile::open(path)? })
     }
 }
 
-fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(SnapshotMeta, PathBuf)> {
+/// Writes the shard's state as of now to a snapshot file: its meta, path and record count.
+fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(SnapshotMeta, PathBuf, u64)> {
     let snap = db.snapshot();
     let state = cf(db, CF_STATE)?;
     let get = |kind| snap.get_cf(state, keys::sm_meta(shard, kind)).map_err(io_err);
@@ -457,6 +485,7 @@ fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(Snapshot
     };
     let meta = SnapshotMeta { last_log_id: applied, last_membership: membership };
     let mut writer = snapshot::Writer::create(dir, &meta)?;
+    let mut records = 0;
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(shard_end(shard));
     opts.set_snapshot(&snap);
@@ -465,11 +494,12 @@ fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(Snapshot
     while it.valid() {
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
             writer.record(&k[4..], v)?;
+            records += 1;
         }
         it.next();
     }
     it.status().map_err(io_err)?;
     let path = dir.join(snapshot::file_name(&meta));
     writer.finish(&path)?;
-    Ok((meta, path))
+    Ok((meta, path, records))
 }
