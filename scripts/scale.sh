@@ -24,18 +24,20 @@ for i in 0 1 2; do
   echo "node $id: RSS $(( $(ps -o rss= -p "$pid") / 1024 )) MiB, disk $(du -sm "$dir/n$id" | cut -f1) MiB"
 done
 
-# Restart a follower from its disk and time until it serves a local read of the last promise.
+# Restart a follower from its disk and time until it serves (/readyz: it knows the leader and has
+# applied what the leader had committed): once after a clean stop, once after kill -9.
 leader=$(vow --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
 victim=$(json "[x for x in d['nodes'] if x['node_id'] != $leader][0]['node_id']")
-vgrpc=$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['grpc']")
 vhttp=$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['http']")
-vpid=$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['pid']")
-kill -TERM "$vpid"
-while kill -0 "$vpid" 2>/dev/null && ! grep -q ') Z ' "/proc/$vpid/stat" 2>/dev/null; do sleep 0.05; done
-start=$(now_ms)
-vow dev up --nodes 3 --dir "$dir" >/dev/null
-until curl -sf "http://$vhttp/readyz" >/dev/null; do sleep 0.05; done
-echo "node $victim restarted and ready in $(( $(now_ms) - start )) ms (RSS after restart $(( $(ps -o rss= -p "$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['pid']")") / 1024 )) MiB)"
+for signal in TERM KILL; do
+  vpid=$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['pid']")
+  kill -"$signal" "$vpid"
+  while kill -0 "$vpid" 2>/dev/null && ! grep -q ') Z ' "/proc/$vpid/stat" 2>/dev/null; do sleep 0.05; done
+  start=$(now_ms)
+  vow dev up --nodes 3 --dir "$dir" >/dev/null
+  until curl -sf "http://$vhttp/readyz" >/dev/null; do sleep 0.05; done
+  echo "node $victim restarted after SIG$signal and ready in $(( $(now_ms) - start )) ms (RSS after restart $(( $(ps -o rss= -p "$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['pid']")") / 1024 )) MiB)"
+done
 
 # A new node joins and catches up by snapshot.
 mkdir -p "$dir/n4"
@@ -49,3 +51,5 @@ until curl -sf "http://$h4/readyz" >/dev/null; do sleep 0.1; done
 echo "node 4 joined, caught up and ready in $(( $(now_ms) - start )) ms; disk $(du -sm "$dir/n4" | cut -f1) MiB; snapshot installs: $(grep -c 'snapshot installed' "$dir/n4/vowd.log")"
 kill "$n4"; wait "$n4" 2>/dev/null || true
 vow dev down --dir "$dir" >/dev/null
+# The data is gigabytes; keep it only when asked.
+[ -n "${VOW_SCALE_KEEP:-}" ] || rm -rf "$dir"

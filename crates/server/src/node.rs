@@ -360,6 +360,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     for shard in shards.iter() {
         let _ = shard.raft.shutdown().await;
     }
+    // Memtables to disk, so the next start has no WAL to replay (a crash still replays it).
+    if let Err(e) = storage::flush_all(&db) {
+        tracing::warn!(error = %e, "flushing memtables at shutdown failed; the next start replays the WAL");
+    }
     tracing::info!(node = %config.node_id, "stopped");
     Ok(())
 }
