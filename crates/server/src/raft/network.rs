@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use openraft::base::{BoxFuture, BoxStream};
-
 use openraft::alias::SnapshotOf;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
@@ -118,7 +117,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     /// Replication on one gRPC stream: requests go out as openraft produces them, without
     /// waiting for the previous reply, so a follower's fsync of one batch overlaps the sending
     /// of the next, and no call pays for a new HTTP/2 stream. A request without a reply after
-    /// the RPC's hard TTL ends the stream as unreachable, as a unary call's deadline would.
+    /// the RPC's hard TTL (at least [`MIN_STREAM_STALL`]) ends the stream as unreachable, as a
+    /// unary call's deadline would.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,

@@ -81,7 +81,9 @@ impl WalFlusher {
 const CACHED_ENTRIES: usize = 8192;
 
 /// The newest appended entries of one shard, consecutive by index, mirroring the tail of the
-/// log in RocksDB: every append, truncation and purge updates both, in that order.
+/// log in RocksDB: every append, truncation and purge updates both. An append writes RocksDB
+/// first; a truncation or purge drops from the cache first. Either way a reader that misses the
+/// cache finds in RocksDB what the cache held a moment before.
 #[derive(Debug, Default)]
 struct LogCache {
     entries: VecDeque<Entry>,
