@@ -473,3 +473,50 @@ fn bench_smoke_run_writes_results_and_plots() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A counter of one node's `/metrics`, for shard 0.
+fn shard_counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains("shard=\"0\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+}
+
+/// Concurrent writes reach Raft in batches (fewer batches than proposals on the leader), and
+/// every caller still gets its own outcome back: the create of its id, the value it resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_are_batched_and_each_caller_gets_its_own_outcome() -> anyhow::Result<()> {
+    const WRITERS: usize = 300;
+    let cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    // Ten writers per connection, as many connections as a busy service would hold.
+    let clients: Vec<Client> = (0..WRITERS / 10).map(|_| cluster.client_of(leader)).collect();
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..WRITERS {
+        let c = clients[i % clients.len()].clone();
+        writers.spawn(async move {
+            let id = format!("batched-{i}");
+            let created = c.create(create_req(&id, &format!("create-{id}"))).await?;
+            assert_eq!(created.promise.as_ref().map(|p| p.id.as_str()), Some(id.as_str()), "create of {id}");
+            let v = format!("value-of-{i}");
+            let resolved = c.resolve(&id, value(&v), Some(format!("resolve-{id}"))).await?;
+            let p = resolved.promise.expect("promise in reply");
+            assert_eq!((p.id.as_str(), p.state), (id.as_str(), pb::State::Resolved as i32), "resolve of {id}");
+            assert_eq!(p.value.map(|v| v.data), Some(v.into_bytes()), "value of {id}");
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done??;
+    }
+    let metrics = http_get(&cluster.node(leader).http, "/metrics")?;
+    let proposals = shard_counter(&metrics, "vow_shard_proposals_total");
+    let batches = shard_counter(&metrics, "vow_shard_proposal_batches_total");
+    assert!(proposals >= 2 * WRITERS as u64, "{proposals} proposals for {} writes", 2 * WRITERS);
+    // Typically 600 proposals go in ~20 batches; one per batch on average would mean none.
+    assert!(batches * 2 <= proposals, "little batching: {batches} batches for {proposals} proposals");
+    eprintln!("{proposals} proposals in {batches} batches");
+    Ok(())
+}

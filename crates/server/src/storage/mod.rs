@@ -146,6 +146,15 @@ pub fn open(path: &Path) -> io::Result<Arc<DB>> {
     let mut state_opts = Options::default();
     state_opts.set_write_buffer_size(32 << 20);
     state_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Every create looks up an id that does not exist yet. Bloom filters on whole keys, in the
+    // memtable and in the SST files, answer "absent" without searching the skip list or reading
+    // blocks (the skip-list search was ~8% of a follower's CPU under create-settle load).
+    state_opts.set_memtable_whole_key_filtering(true);
+    state_opts.set_memtable_prefix_bloom_ratio(0.1);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    state_opts.set_block_based_table_factory(&table);
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_LOG, log_opts),
         ColumnFamilyDescriptor::new(CF_STATE, state_opts),
