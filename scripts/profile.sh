@@ -10,7 +10,7 @@ perf=0
 if [ "${1:-}" = "--perf" ]; then perf=1; shift; fi
 clients="${1:-64}"; secs="${2:-12}"; dir="${3:-/tmp/vow-profile}"
 bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
-export VOW_VOWD="$bin/vowd"
+export VOW_VOWD="${VOW_VOWD:-$bin/vowd}"
 json() { python3 -c "import json; d=json.load(open('$dir/cluster/cluster.json')); print($1)"; }
 ticks() { awk "{print \$14+\$15}" "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)

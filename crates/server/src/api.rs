@@ -7,9 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use std::pin::Pin;
+use std::task::Poll;
+
+use futures::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::transport::Channel;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status};
 use vow_api::metadata as md;
 use vow_api::v1 as pb;
@@ -56,7 +61,9 @@ pub async fn serve(
     let raft = RaftService { node_id: node.id(), cluster_name, shards: node.shards().into(), data_dir };
     // The builder's tcp_nodelay only applies to listeners it binds itself; ours is bound by the
     // caller, so set it here. Without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|conn| conn.map(ScalarWrites));
     // Raft messages carry up to max_payload_entries entries of up to 16 MiB each.
     let max_message = 64 << 20;
     tonic::transport::Server::builder()
@@ -74,6 +81,54 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// A client connection that tells HTTP/2 it cannot write vectored. h2 then copies DATA payloads
+/// of up to 1 KiB into its write buffer instead of chaining every payload over 256 bytes, and a
+/// unary reply — headers, a message of a few hundred bytes, trailers — leaves in one write. With
+/// chaining the trailers could not be buffered behind the chained payload and went out in a
+/// second write (and a second read and wake-up at the client) for every reply with a 256-byte
+/// value; larger payloads are still chained.
+struct ScalarWrites(TcpStream);
+
+impl tokio::io::AsyncRead for ScalarWrites {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ScalarWrites {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
+impl Connected for ScalarWrites {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
+    }
 }
 
 fn is_forwarded<T>(req: &Request<T>) -> bool {
