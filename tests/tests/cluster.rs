@@ -435,7 +435,8 @@ async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()>
     Ok(())
 }
 
-/// `vow bench` end to end: spawns its own cluster, runs, and writes the documented outputs.
+/// `vow bench` end to end: spawns its own cluster, runs, and writes the documented outputs. A
+/// client count given twice runs twice without error (it once re-created the same ids).
 #[test]
 fn bench_smoke_run_writes_results_and_plots() -> anyhow::Result<()> {
     let out = tempfile::tempdir()?;
@@ -447,7 +448,7 @@ fn bench_smoke_run_writes_results_and_plots() -> anyhow::Result<()> {
         "--workload",
         "create-settle,get",
         "--clients",
-        "1,2",
+        "1,2,2",
         "--duration",
         "1s",
         "--warmup",
@@ -461,7 +462,7 @@ fn bench_smoke_run_writes_results_and_plots() -> anyhow::Result<()> {
     assert!(table.contains("create-settle") && table.contains("get"), "{table}");
     let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json"))?)?;
     let rows = results.as_array().expect("an array of runs");
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 6);
     for r in rows {
         assert_eq!(r["target"], "vow");
         assert!(r["ops_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{r}");

@@ -438,12 +438,14 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
     let mut results = Vec::new();
     let mut histograms = Vec::new();
     for w in &workloads {
-        for &c in &counts {
+        for (step, &c) in counts.iter().enumerate() {
+            // Ids are unique per step, so a client count given twice does not re-create ids.
+            let step_id = format!("{run_id}-{step}");
             for t in &targets {
                 if t == "etcd" && w == "await-latency" {
                     continue; // etcd has watches, not awaits; the comparison would not be like for like
                 }
-                let (r, h) = run_one(t, &ep, w, c, &args, &run_id).await?;
+                let (r, h) = run_one(t, &ep, w, c, &args, &step_id).await?;
                 if r.errors > 0 {
                     eprintln!("warning: {} operations failed: {t} {w} with {c} clients", r.errors);
                 }
