@@ -72,7 +72,7 @@ async fn run_batcher(raft: Raft, mut queue: mpsc::Receiver<Pending>, counters: A
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.proposals.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let (proposals, replies): (Vec<Proposal>, Vec<_>) = batch.drain(..).map(|p| (p.proposal, p.reply)).unzip();
-        match raft.client_write_many(proposals).await {
+        match raft.client_write_many(proposals.into_iter().map(Arc::new)).await {
             Ok(results) => {
                 tokio::spawn(deliver(results, replies));
             }

@@ -49,7 +49,10 @@ fn lid(term: u64, index: u64) -> LogId {
 }
 
 fn proposal_entry(index: u64, command: Command) -> Entry {
-    Entry { log_id: lid(1, index), payload: EntryPayload::Normal(Proposal { stamp_ms: 1_000 + index as i64, command }) }
+    Entry {
+        log_id: lid(1, index),
+        payload: EntryPayload::Normal(Arc::new(Proposal { stamp_ms: 1_000 + index as i64, command })),
+    }
 }
 
 async fn append(log: &mut LogStore, entries: Vec<Entry>) {

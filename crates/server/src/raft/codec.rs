@@ -6,6 +6,7 @@
 //! trusted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, StreamAppendResult,
@@ -140,7 +141,7 @@ pub fn read_entry(d: &mut Decoder<'_>) -> Result<Entry, DecodeError> {
     let log_id = read_log_id(d)?;
     let payload = match d.u8("entry payload")? {
         PAYLOAD_BLANK => EntryPayload::Blank,
-        PAYLOAD_NORMAL => EntryPayload::Normal(Proposal::decode(d.bytes("proposal")?)?),
+        PAYLOAD_NORMAL => EntryPayload::Normal(Arc::new(Proposal::decode(d.bytes("proposal")?)?)),
         PAYLOAD_MEMBERSHIP => EntryPayload::Membership(read_membership(d)?),
         _ => return Err(DecodeError::Invalid("entry payload")),
     };
@@ -397,7 +398,9 @@ mod tests {
                 idempotency_key: "k".into(),
             },
         };
-        for payload in [EntryPayload::Blank, EntryPayload::Normal(proposal), EntryPayload::Membership(members)] {
+        for payload in
+            [EntryPayload::Blank, EntryPayload::Normal(Arc::new(proposal)), EntryPayload::Membership(members)]
+        {
             let e = Entry { log_id: lid(3, 1, 7), payload };
             assert_eq!(decode_entry(&encode_entry(&e)), Ok(e));
         }

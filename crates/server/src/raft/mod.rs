@@ -6,6 +6,7 @@ pub mod network;
 pub mod service;
 
 use std::fmt;
+use std::sync::Arc;
 
 use vow_core::{NodeId, Outcome, Proposal};
 
@@ -31,8 +32,11 @@ pub struct ApplyResponse(pub Option<Outcome>);
 
 openraft::declare_raft_types!(
     /// vow's openraft configuration: log entries carry a [`Proposal`]; node ids are [`NodeId`].
+    /// The proposal is shared, not owned: openraft clones every entry it reads back (once per
+    /// follower to replicate it, once to apply it), and a deep copy of a command is several
+    /// allocations and a copy of its data.
     pub TypeConfig:
-        D = Proposal,
+        D = Arc<Proposal>,
         R = ApplyResponse,
         NodeId = NodeId,
         Node = VowNode,
