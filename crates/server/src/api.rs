@@ -4,11 +4,10 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
