@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tonic::transport::{Channel, Endpoint};
+use vow_client::transport::H2Channel;
 
 pub mod pb {
     #![allow(missing_debug_implementations, clippy::all)] // generated code
@@ -21,7 +21,7 @@ use pb::request_op::Request;
 
 #[derive(Clone, Debug)]
 pub struct Etcd {
-    kv: KvClient<Channel>,
+    kv: KvClient<H2Channel>,
 }
 
 fn key(id: &str) -> Vec<u8> {
@@ -30,7 +30,8 @@ fn key(id: &str) -> Vec<u8> {
 
 impl Etcd {
     pub fn connect(endpoint: &str) -> anyhow::Result<Etcd> {
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))?.tcp_nodelay(true).connect_lazy();
+        // The same transport as vow's own client, so that the comparison is of the servers.
+        let channel = H2Channel::new(endpoint).map_err(anyhow::Error::msg)?;
         Ok(Etcd { kv: KvClient::new(channel) })
     }
 

@@ -16,12 +16,14 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use transport::H2Channel;
 use vow_api::metadata as md;
 pub use vow_api::v1 as pb;
 use vow_api::v1::cluster_client::ClusterClient;
 use vow_api::v1::promises_client::PromisesClient;
+
+pub mod transport;
 
 /// What went wrong, in the terms a caller acts on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -99,7 +101,7 @@ impl Default for Options {
 #[derive(Debug)]
 struct Endpoints {
     addrs: Vec<String>,
-    channels: Vec<Channel>,
+    channels: Vec<H2Channel>,
     /// Index of the endpoint to try first: the last one that answered or the last leader hint.
     preferred: usize,
 }
@@ -115,10 +117,8 @@ fn normalize(addr: &str) -> String {
     addr.trim().trim_start_matches("http://").trim_end_matches('/').to_owned()
 }
 
-fn channel_for(addr: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error::Client(format!("bad endpoint {addr:?}: {e}")))?;
-    Ok(endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy())
+fn channel_for(addr: &str) -> Result<H2Channel> {
+    H2Channel::new(addr).map_err(Error::Client)
 }
 
 /// Backoff between attempts: 25 ms doubling to 1 s, with jitter so clients spread out.
@@ -152,7 +152,7 @@ impl Client {
         self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pick(&self, attempt: u32) -> (usize, Channel) {
+    fn pick(&self, attempt: u32) -> (usize, H2Channel) {
         let e = self.lock();
         let i = (e.preferred + attempt as usize) % e.channels.len();
         (i, e.channels[i].clone())
@@ -182,7 +182,7 @@ impl Client {
     /// Runs `op` with retries until it succeeds, fails for good, or the call deadline passes.
     async fn call<T, F, Fut>(&self, extra_attempt_time: Duration, mut op: F) -> Result<T>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(H2Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.options.call_timeout + extra_attempt_time;
