@@ -30,6 +30,13 @@
 //! are written with a synced write. Applying a batch writes the records, the indexes and the
 //! applied log id in one `WriteBatch`; it is not synced itself because the log entries it came
 //! from already are, and a lost apply is redone from the log on restart.
+//!
+//! The WAL is flushed manually (`manual_wal_flush`): an unsynced write only appends to RocksDB's
+//! WAL buffer in memory, and the flusher's `flush_wal(sync)` writes the buffer out and fsyncs it.
+//! A synced write (votes, the node identity, the end of a snapshot install) flushes the buffer
+//! before its own fsync. So a process crash now loses exactly what a power cut always could —
+//! unsynced writes, which nothing relies on — and the apply and commit-index writes no longer
+//! cost a `write` system call each (~1.8 per batch before).
 
 pub mod log_store;
 pub mod snapshot;
@@ -141,6 +148,8 @@ pub fn open(path: &Path) -> io::Result<Arc<DB>> {
     // 1M-promise node took 10 s to start). Past this size RocksDB flushes the family pinning
     // the oldest WAL file.
     opts.set_max_total_wal_size(64 << 20);
+    // See "Durability" above.
+    opts.set_manual_wal_flush(true);
     let mut log_opts = Options::default();
     log_opts.set_write_buffer_size(32 << 20);
     let mut state_opts = Options::default();
