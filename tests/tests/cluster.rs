@@ -162,6 +162,17 @@ async fn followers_serve_every_request_with_canonical_errors() -> anyhow::Result
         Err(Error::InvalidArgument(m)) => assert!(m.contains("max_data_bytes"), "{m}"),
         other => panic!("expected INVALID_ARGUMENT naming the limit, got {other:?}"),
     }
+    // A value at the limit travels both ways intact: many times the HTTP/2 flow-control window,
+    // so the client's transport must hand window back as it reads the reply.
+    let at_limit: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    c.create(create_req("big-ok", "")).await?;
+    let settled =
+        c.resolve("big-ok", pb::Value { data: at_limit.clone(), ..Default::default() }, Some("big".into())).await?;
+    assert_eq!(settled.promise.and_then(|p| p.value).map(|v| v.data.len()), Some(1 << 20));
+    let read = c.get("big-ok").await?;
+    assert!(read.value.is_some_and(|v| v.data == at_limit), "1 MiB value read back intact");
+    let awaited = c.await_settled("big-ok", Duration::from_secs(1)).await?;
+    assert!(awaited.value.is_some_and(|v| v.data == at_limit), "1 MiB value awaited intact");
     assert!(matches!(c.create(create_req("", "")).await, Err(Error::InvalidArgument(_))));
 
     // Search pages through matches in id order.
