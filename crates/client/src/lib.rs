@@ -7,8 +7,9 @@
 //! so a retried create or settle takes effect at most once.
 //!
 //! The message types are the generated ones of `proto/vow/v1/vow.proto`, re-exported as [`pb`].
-//! This crate depends on the API definitions and tonic only; it never pulls in RocksDB or server
-//! code.
+//! Calls travel over [`transport::H2Channel`], one HTTP/2 connection per endpoint driven by the
+//! `h2` crate. This crate depends on the API definitions, tonic and h2 only; it never pulls in
+//! RocksDB or server code.
 
 use std::sync::Arc;
 use std::sync::Mutex;
