@@ -8,7 +8,9 @@
 //! bench`), that is most of the client's CPU per call.
 //!
 //! [`H2Channel`] is a `tower::Service` over `http` requests, so tonic's generated clients run
-//! on it unchanged. The connection is made on the first call and again on the first call after
+//! on it unchanged, for unary calls (every call of vow's API, and etcd's KV calls in `vow
+//! bench`): the request body is collected before it is sent, so a client-streaming call would
+//! wait for its stream to end. The connection is made on the first call and again on the first call after
 //! it broke. Errors are tonic [`Status`]es a caller can act on: `Unavailable` when the request
 //! never left (no connection, connection already closed, stream refused), `Unknown` when it may
 //! have reached the server (the connection broke while the call was in flight).

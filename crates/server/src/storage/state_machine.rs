@@ -26,6 +26,9 @@ const INSTALL_BATCH_RECORDS: usize = 4096;
 
 /// Records per generation of [`RecentRecords`].
 const RECENT_RECORDS: usize = 4096;
+/// Approximate bytes per generation of [`RecentRecords`]: values go up to 1 MiB, so the count
+/// alone does not bound the memory.
+const RECENT_BYTES: usize = 2 << 20;
 
 /// Read access to one shard's applied state, for the API, sweepers and snapshots. Cheap to clone.
 #[derive(Clone)]
@@ -166,12 +169,14 @@ fn read_promise(db: &DB, shard: ShardId, id: &PromiseId) -> io::Result<Option<Pr
 /// The records the state machine wrote most recently (`None`: deleted), so that a command on a
 /// promise written a moment ago — the settle that follows a create — does not search the
 /// memtable for it (that search was ~5% of the cluster's CPU under create-settle load). Two
-/// generations: when the young one is full it becomes the old one and the old one is dropped,
-/// so the last 4,096 to 8,192 records written are here. Only `apply` writes records and only
-/// after its batch is in the database; a snapshot install empties it.
+/// generations: when the young one holds [`RECENT_RECORDS`] records or [`RECENT_BYTES`] it
+/// becomes the old one and the old one is dropped, so memory stays under ~4 MiB per shard. Only
+/// `apply` writes records and only after its batch is in the database; a snapshot install
+/// empties it.
 #[derive(Default)]
 struct RecentRecords {
     young: HashMap<PromiseId, Option<Promise>>,
+    young_bytes: usize,
     old: HashMap<PromiseId, Option<Promise>>,
 }
 
@@ -181,16 +186,33 @@ impl RecentRecords {
     }
 
     fn insert(&mut self, id: PromiseId, record: Option<Promise>) {
-        if self.young.len() >= RECENT_RECORDS {
+        if self.young.len() >= RECENT_RECORDS || self.young_bytes >= RECENT_BYTES {
             self.old = std::mem::take(&mut self.young);
+            self.young_bytes = 0;
         }
+        self.young_bytes += id.as_str().len() + record.as_ref().map_or(0, approx_size);
         self.young.insert(id, record);
     }
 
     fn clear(&mut self) {
         self.young.clear();
+        self.young_bytes = 0;
         self.old.clear();
     }
+}
+
+/// Roughly the memory a record holds: its variable-length parts plus a fixed overhead.
+fn approx_size(p: &Promise) -> usize {
+    let strings =
+        |m: &std::collections::BTreeMap<String, String>| m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    256 + p.id.as_str().len()
+        + p.param.data.len()
+        + p.value.data.len()
+        + strings(&p.param.headers)
+        + strings(&p.value.headers)
+        + strings(&p.tags)
+        + p.idempotency_key_create.len()
+        + p.idempotency_key_settle.len()
 }
 
 /// The records as of the previous entry in this apply batch: the batch's own changes first,
@@ -580,5 +602,29 @@ mod tests {
         assert!(recent.get(&id(2 * RECENT_RECORDS)).is_some());
         recent.clear();
         assert!(recent.get(&id(2 * RECENT_RECORDS)).is_none());
+    }
+
+    #[test]
+    fn recent_records_are_bounded_by_bytes_too() {
+        let mut recent = RecentRecords::default();
+        let big = |n: usize| Promise {
+            id: id(n),
+            state: State::Pending,
+            param: vow_core::Value { headers: Default::default(), data: vec![0; 1 << 20] },
+            value: vow_core::Value::default(),
+            deadline_ms: 0,
+            tags: Default::default(),
+            created_at_ms: 0,
+            settled_at_ms: 0,
+            idempotency_key_create: String::new(),
+            idempotency_key_settle: String::new(),
+            revision: 0,
+        };
+        for n in 0..10 {
+            recent.insert(id(n), Some(big(n)));
+        }
+        let held = recent.young.len() + recent.old.len();
+        assert!(held <= 2 * (RECENT_BYTES >> 20) + 2, "{held} records of 1 MiB held");
+        assert!(recent.get(&id(9)).is_some(), "the newest is always there");
     }
 }
