@@ -70,23 +70,22 @@ impl H2Channel {
         })
     }
 
-    fn cached(&self) -> Option<h2::client::SendRequest<Bytes>> {
-        self.shared.sender.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The current connection's handle once it can take another stream; `None` if there is no
+    /// connection or it has closed.
+    async fn current_ready(&self) -> Option<h2::client::SendRequest<Bytes>> {
+        let sender = self.shared.sender.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        sender.ready().await.ok()
     }
 
     /// A handle on a connection that can take another stream: the current one, or a new one if
     /// there is none or it has closed.
     async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, Status> {
-        if let Some(sender) = self.cached()
-            && let Ok(ready) = sender.ready().await
-        {
+        if let Some(ready) = self.current_ready().await {
             return Ok(ready);
         }
         let _one_at_a_time = self.shared.connecting.lock().await;
         // Someone else may have connected while we waited.
-        if let Some(sender) = self.cached()
-            && let Ok(ready) = sender.ready().await
-        {
+        if let Some(ready) = self.current_ready().await {
             return Ok(ready);
         }
         let sender = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())

@@ -190,7 +190,7 @@ impl RecentRecords {
             self.old = std::mem::take(&mut self.young);
             self.young_bytes = 0;
         }
-        self.young_bytes += id.as_str().len() + record.as_ref().map_or(0, approx_size);
+        self.young_bytes += record.as_ref().map_or(id.as_str().len(), approx_size);
         self.young.insert(id, record);
     }
 
