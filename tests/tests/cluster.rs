@@ -536,3 +536,68 @@ async fn concurrent_writes_are_batched_and_each_caller_gets_its_own_outcome() ->
     eprintln!("{proposals} proposals in {batches} batches");
     Ok(())
 }
+
+/// A TCP relay that holds what the client sends until it is released, then delivers it: a
+/// request stuck in a partitioned link or in a paused node's socket, arriving late.
+struct HeldLink {
+    addr: String,
+    release: Arc<tokio::sync::Notify>,
+}
+
+async fn held_link(target: String) -> anyhow::Result<HeldLink> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let released = release.clone();
+    tokio::spawn(async move {
+        let Ok((mut inbound, _)) = listener.accept().await else { return };
+        released.notified().await;
+        let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    });
+    Ok(HeldLink { addr, release })
+}
+
+/// Regression (found by the CI's vow-jepsen run, seed 3998: a "phantom" settlement): a resolve
+/// whose first attempt was held up timed out, the retry at another node was refused as not
+/// found, and the client reported NOT_FOUND — a definite "this did not happen" — although the
+/// first attempt could still arrive after the promise was created and settle it. After an
+/// attempt with an unknown fate the client must report the outcome as unknown; retrying with
+/// the same idempotency key then settles the promise exactly once, whatever the late attempt did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_after_a_lost_attempt_is_reported_unknown() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(1, &[])?;
+    cluster.leader().await?;
+    let node = cluster.nodes[0].grpc.clone();
+    let held = held_link(node.clone()).await?;
+    // The held link first, so the first attempt goes there and times out; the retry goes direct.
+    let c = Client::with_options(
+        &[held.addr.as_str(), node.as_str()],
+        vow_client::Options {
+            call_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_millis(500),
+            follow_leader_hints: false,
+        },
+    )?;
+    match c.resolve("late-1", value("late"), Some("late-key".into())).await {
+        Err(e) if e.is_outcome_unknown() => {}
+        other => panic!("expected an unknown outcome (the held attempt may still arrive), got {other:?}"),
+    }
+    // Without a lost attempt, not found is a plain refusal.
+    match cluster.client().resolve("never", value("x"), Some("k".into())).await {
+        Err(Error::NotFound(_)) => {}
+        other => panic!("expected NOT_FOUND, got {other:?}"),
+    }
+
+    // The promise appears, then the held attempt arrives.
+    cluster.client().create(create_req("late-1", "c1")).await?;
+    held.release.notify_one();
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the late request be served
+    // The held attempt arrives with its cancellation right behind it; the server usually drops
+    // it unproposed (its caller is gone) but may not. Retrying with the same key settles the
+    // promise once, with this value, either way.
+    let again = cluster.client().resolve("late-1", value("late"), Some("late-key".into())).await?;
+    let p = again.promise.expect("promise");
+    assert_eq!((p.state, p.value.map(|v| v.data)), (pb::State::Resolved as i32, Some(b"late".to_vec())));
+    Ok(())
+}

@@ -181,7 +181,7 @@ impl Client {
     }
 
     /// Runs `op` with retries until it succeeds, fails for good, or the call deadline passes.
-    async fn call<T, F, Fut>(&self, extra_attempt_time: Duration, mut op: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, effect: Effect, extra_attempt_time: Duration, mut op: F) -> Result<T>
     where
         F: FnMut(H2Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
@@ -212,6 +212,15 @@ impl Client {
             outcome_unknown |= status.metadata().contains_key(md::OUTCOME_UNKNOWN)
                 || matches!(status.code(), Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
             if !retryable {
+                if effect == Effect::Write && outcome_unknown && status.code() == Code::NotFound {
+                    return Err(Error::Unavailable {
+                        message: format!(
+                            "{}: an earlier attempt of this write may still take effect if the promise is created",
+                            status.message()
+                        ),
+                        outcome_unknown: true,
+                    });
+                }
                 return Err(Error::from_status(&status, false));
             }
             if Instant::now() + backoff(attempt) >= deadline {
@@ -241,7 +250,7 @@ impl Client {
             req.idempotency_key = generated_key();
         }
         let mut resp = self
-            .call(Duration::ZERO, |c, t| {
+            .call(Effect::Write, Duration::ZERO, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move { PromisesClient::new(c).create(req).await }
             })
@@ -261,7 +270,7 @@ impl Client {
     pub async fn get_with(&self, id: &str, consistency: pb::Consistency) -> Result<pb::Promise> {
         let req = pb::GetRequest { id: id.to_owned(), consistency: consistency as i32 };
         let resp = self
-            .call(Duration::ZERO, |c, t| {
+            .call(Effect::Read, Duration::ZERO, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move { PromisesClient::new(c).get(req).await }
             })
@@ -324,7 +333,7 @@ impl Client {
             idempotency_key: key.filter(|k| !k.is_empty()).unwrap_or_else(generated_key),
         };
         let mut resp = self
-            .call(Duration::ZERO, |c, t| {
+            .call(Effect::Write, Duration::ZERO, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move {
                     let mut client = PromisesClient::new(c);
@@ -347,7 +356,7 @@ impl Client {
     pub async fn await_settled(&self, id: &str, wait: Duration) -> Result<pb::Promise> {
         let until = Instant::now() + wait;
         let resp = self
-            .call(wait, |c, _| {
+            .call(Effect::Read, wait, |c, _| {
                 let left = until.saturating_duration_since(Instant::now());
                 let req = pb::AwaitRequest { id: id.to_owned(), wait_timeout_ms: left.as_millis().max(1) as u32 };
                 let req = Self::request(req, left + self.options.attempt_timeout);
@@ -358,7 +367,7 @@ impl Client {
     }
 
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
-        self.call(Duration::ZERO, |c, t| {
+        self.call(Effect::Read, Duration::ZERO, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { PromisesClient::new(c).search(req).await }
         })
@@ -366,7 +375,7 @@ impl Client {
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse> {
-        self.call(Duration::ZERO, |c, t| {
+        self.call(Effect::Read, Duration::ZERO, |c, t| {
             let req = Self::request(pb::StatusRequest {}, t);
             async move { ClusterClient::new(c).status(req).await }
         })
@@ -377,7 +386,7 @@ impl Client {
     /// node that has much to catch up.
     pub async fn add_node(&self, node_id: u64, grpc_addr: &str) -> Result<pb::StatusResponse> {
         let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![] };
-        self.call(Duration::from_secs(60), |c, t| {
+        self.call(Effect::Write, Duration::from_secs(60), |c, t| {
             let req = Self::request(req.clone(), t);
             async move { ClusterClient::new(c).add_node(req).await }
         })
@@ -386,7 +395,7 @@ impl Client {
 
     pub async fn remove_node(&self, node_id: u64) -> Result<pb::StatusResponse> {
         let req = pb::RemoveNodeRequest { node_id, shard_ids: vec![] };
-        self.call(Duration::from_secs(10), |c, t| {
+        self.call(Effect::Write, Duration::from_secs(10), |c, t| {
             let req = Self::request(req.clone(), t);
             async move { ClusterClient::new(c).remove_node(req).await }
         })
@@ -395,12 +404,25 @@ impl Client {
 
     pub async fn transfer_leader(&self, to_node_id: u64) -> Result<pb::StatusResponse> {
         let req = pb::TransferLeaderRequest { to_node_id, shard_ids: vec![] };
-        self.call(Duration::from_secs(5), |c, t| {
+        self.call(Effect::Write, Duration::from_secs(5), |c, t| {
             let req = Self::request(req.clone(), t);
             async move { ClusterClient::new(c).transfer_leader(req).await }
         })
         .await
     }
+}
+
+/// Whether a call changes state, which decides what a refusal after a lost attempt means.
+///
+/// A write attempt whose fate is unknown (timed out, connection lost) may still be on its way:
+/// held in a partitioned link or by a paused node, it can reach the leader after later attempts
+/// were answered. "Already exists" and "already settled" stay true whatever arrives later, but
+/// "not found" does not: the promise may be created next and the late attempt then settle it.
+/// So a write refused as not found after such an attempt fails as outcome unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Read,
+    Write,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -69,6 +69,13 @@ async fn run_batcher(raft: Raft, mut queue: mpsc::Receiver<Pending>, counters: A
         {
             batch.push(pending);
         }
+        // A caller that has gone (its client gave up and cancelled the call) was not told an
+        // outcome, so leaving its proposal out is as true as carrying it out, and it keeps a
+        // request that arrives late (after the client retried elsewhere) from acting late.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         counters.batches.fetch_add(1, Ordering::Relaxed);
         counters.proposals.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let (proposals, replies): (Vec<Proposal>, Vec<_>) = batch.drain(..).map(|p| (p.proposal, p.reply)).unzip();
