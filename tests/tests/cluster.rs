@@ -558,10 +558,11 @@ async fn held_link(target: String) -> anyhow::Result<HeldLink> {
     Ok(HeldLink { addr, release })
 }
 
-/// Regression (found by the CI's vow-jepsen run, seed 3998: a "phantom" settlement): a resolve
-/// whose first attempt was held up timed out, the retry at another node was refused as not
-/// found, and the client reported NOT_FOUND — a definite "this did not happen" — although the
-/// first attempt could still arrive after the promise was created and settle it. After an
+/// Regression for the "phantom" settlement a CI vow-jepsen run reported (seed 3998; its history
+/// was not kept, so this is the path reasoned out from the checker's verdict, and replayed
+/// here): a resolve whose first attempt was held up timed out, the retry at another node was
+/// refused as not found, and the client reported NOT_FOUND — a definite "this did not happen" —
+/// although the first attempt could still arrive after the promise was created and settle it. After an
 /// attempt with an unknown fate the client must report the outcome as unknown; retrying with
 /// the same idempotency key then settles the promise exactly once, whatever the late attempt did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
