@@ -541,21 +541,34 @@ async fn concurrent_writes_are_batched_and_each_caller_gets_its_own_outcome() ->
 /// request stuck in a partitioned link or in a paused node's socket, arriving late.
 struct HeldLink {
     addr: String,
-    release: Arc<tokio::sync::Notify>,
+    release: tokio::sync::oneshot::Sender<()>,
+    /// Fires once the held bytes have been written to the target.
+    delivered: tokio::sync::oneshot::Receiver<()>,
 }
 
 async fn held_link(target: String) -> anyhow::Result<HeldLink> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    let release = Arc::new(tokio::sync::Notify::new());
-    let released = release.clone();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let (delivered_tx, delivered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let Ok((mut inbound, _)) = listener.accept().await else { return };
-        released.notified().await;
+        if released.await.is_err() {
+            return;
+        }
         let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+        // What waited in the socket (connection preface, request, cancellation) is a few
+        // hundred bytes, there in full: one read takes it.
+        let mut held = vec![0; 64 << 10];
+        let Ok(n) = inbound.read(&mut held).await else { return };
+        if outbound.write_all(&held[..n]).await.is_err() {
+            return;
+        }
+        let _ = delivered_tx.send(());
         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
     });
-    Ok(HeldLink { addr, release })
+    Ok(HeldLink { addr, release, delivered })
 }
 
 /// Regression for the "phantom" settlement a CI vow-jepsen run reported (seed 3998; its history
@@ -592,8 +605,8 @@ async fn a_write_refused_after_a_lost_attempt_is_reported_unknown() -> anyhow::R
 
     // The promise appears, then the held attempt arrives.
     cluster.client().create(create_req("late-1", "c1")).await?;
-    held.release.notify_one();
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the late request be served
+    let _ = held.release.send(());
+    held.delivered.await?;
     // The held attempt arrives with its cancellation right behind it; the server usually drops
     // it unproposed (its caller is gone) but may not. Retrying with the same key settles the
     // promise once, with this value, either way.
