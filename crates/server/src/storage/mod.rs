@@ -157,8 +157,10 @@ pub fn open(path: &Path) -> io::Result<Arc<DB>> {
     // Flushes and the first compaction are left uncompressed (LZ4 there was ~2% of a follower's
     // CPU under load, for data that is rewritten soon anyway); the levels that hold most of a
     // large store stay compressed.
-    use rocksdb::DBCompressionType::{Lz4, None as Plain};
-    state_opts.set_compression_per_level(&[Plain, Plain, Lz4, Lz4, Lz4, Lz4, Lz4]);
+    use rocksdb::DBCompressionType as Compression;
+    let mut per_level = [Compression::Lz4; 7];
+    per_level[..2].fill(Compression::None);
+    state_opts.set_compression_per_level(&per_level);
     // Every create looks up an id that does not exist yet. Bloom filters on whole keys, in the
     // memtable and in the SST files, answer "absent" without searching the skip list or reading
     // blocks (the skip-list search was ~8% of a follower's CPU under create-settle load).
