@@ -69,6 +69,9 @@ pub struct BenchResult {
     pub target: String,
     pub workload: String,
     pub clients: usize,
+    /// Which entry of `--clients` this run was (from 0). A count given twice makes two steps, and
+    /// each target's row is compared with the other target's run of the same step.
+    pub step: usize,
     pub ops: u64,
     pub ops_per_sec: f64,
     pub p50_us: u64,
@@ -98,6 +101,7 @@ pub fn summarize(
         target: target.to_owned(),
         workload: workload.to_owned(),
         clients,
+        step: 0,
         ops,
         ops_per_sec: if elapsed.is_zero() { 0.0 } else { ops as f64 / elapsed.as_secs_f64() },
         p50_us: h.value_at_quantile(0.50),
@@ -374,8 +378,7 @@ pub fn print_table(results: &[BenchResult]) {
         "vs etcd ops, p99"
     );
     for r in results {
-        let peer = results.iter().find(|p| p.target == "etcd" && p.workload == r.workload && p.clients == r.clients);
-        let ratio = match peer {
+        let ratio = match etcd_peer(results, r) {
             Some(p) if r.target != "etcd" && p.ops_per_sec > 0.0 && p.p99_us > 0 => {
                 format!("{:.2}x, {:.2}x", r.ops_per_sec / p.ops_per_sec, r.p99_us as f64 / p.p99_us as f64)
             }
@@ -396,6 +399,11 @@ pub fn print_table(results: &[BenchResult]) {
             ratio
         );
     }
+}
+
+/// The etcd run that `r` is compared with: the same workload and step.
+fn etcd_peer<'a>(results: &'a [BenchResult], r: &BenchResult) -> Option<&'a BenchResult> {
+    results.iter().find(|p| p.target == "etcd" && p.workload == r.workload && p.step == r.step)
 }
 
 pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<()> {
@@ -445,7 +453,8 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
                 if t == "etcd" && w == "await-latency" {
                     continue; // etcd has watches, not awaits; the comparison would not be like for like
                 }
-                let (r, h) = run_one(t, &ep, w, c, &args, &step_id).await?;
+                let (mut r, h) = run_one(t, &ep, w, c, &args, &step_id).await?;
+                r.step = step;
                 if r.errors > 0 {
                     eprintln!("warning: {} operations failed: {t} {w} with {c} clients", r.errors);
                 }
@@ -513,5 +522,19 @@ mod tests {
         }
         assert_eq!(v["clients"], 64);
         Ok(())
+    }
+
+    #[test]
+    fn a_client_count_given_twice_is_compared_step_by_step() {
+        let row = |target: &str, step: usize, ops_per_sec: f64| BenchResult {
+            target: target.to_owned(),
+            step,
+            ops_per_sec,
+            ..summarize(target, "create-settle", 64, &new_histogram(), 0, Duration::from_secs(1))
+        };
+        let results = [row("vow", 0, 300.0), row("etcd", 0, 100.0), row("vow", 1, 400.0), row("etcd", 1, 200.0)];
+        let peer = |i: usize| etcd_peer(&results, &results[i]).map(|p| p.ops_per_sec);
+        assert_eq!(peer(0), Some(100.0));
+        assert_eq!(peer(2), Some(200.0), "the second vow run is compared with the etcd run beside it");
     }
 }
