@@ -182,9 +182,16 @@ impl DevCluster {
         for n in &self.nodes {
             let path = self.dir.path().join(format!("n{}/vowd.log", n.node_id));
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            // A node that died ends its log with a backtrace; what killed it comes before.
+            let frame = |l: &&str| {
+                let t = l.trim_start();
+                t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+            };
+            let lines: Vec<&str> = text.lines().filter(|l| !frame(l)).collect();
+            let causes = lines.iter().filter(|l| l.contains("panicked") || l.contains("ERROR") || l.starts_with("Error"));
+            let tail = lines.iter().rev().take(15).rev();
             out.push_str(&format!("--- node {} ({})\n", n.node_id, path.display()));
-            for l in tail.into_iter().rev() {
+            for l in causes.take(5).chain(tail) {
                 out.push_str(l);
                 out.push('\n');
             }

@@ -360,7 +360,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     for shard in shards.iter() {
         let _ = shard.raft.shutdown().await;
     }
-    // Memtables to disk, so the next start has no WAL to replay (a crash still replays it).
+    // Applied changes still in memory, then the memtables, to disk, so the next start has
+    // neither log entries nor WAL to replay (a crash still replays both).
+    for shard in shards.iter() {
+        if let Err(e) = shard.state.flush() {
+            tracing::warn!(shard = %shard.id, error = %e, "writing applied state at shutdown failed; the next start re-applies it");
+        }
+    }
     if let Err(e) = storage::flush_all(&db) {
         tracing::warn!(error = %e, "flushing memtables at shutdown failed; the next start replays the WAL");
     }

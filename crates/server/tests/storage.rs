@@ -81,44 +81,82 @@ async fn shards_share_one_database_without_touching_each_other() -> std::io::Res
     Ok(())
 }
 
+/// A create and a settle of promise "p", as log entries 1 and 2.
+fn create_and_settle() -> Vec<Entry> {
+    let id = PromiseId::new_unchecked("p");
+    vec![
+        proposal_entry(
+            1,
+            Command::Create {
+                id: id.clone(),
+                param: Value::default(),
+                deadline_ms: 1_000_000,
+                tags: BTreeMap::new(),
+                idempotency_key: String::new(),
+            },
+        ),
+        proposal_entry(
+            2,
+            Command::Settle {
+                id,
+                settle_as: SettleAs::Resolve,
+                value: Value { headers: BTreeMap::new(), data: b"v".to_vec() },
+                idempotency_key: "k".into(),
+            },
+        ),
+    ]
+}
+
+async fn apply(sm: &mut ShardStateMachine, entries: Vec<Entry>) -> std::io::Result<()> {
+    sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await
+}
+
+fn assert_settled(sm: &ShardStateMachine) -> std::io::Result<()> {
+    let p = sm.reader().get(&PromiseId::new_unchecked("p"))?.expect("record survives");
+    assert_eq!((p.state, p.value.data.as_slice(), p.revision), (State::Resolved, &b"v"[..], 2));
+    Ok(())
+}
+
 #[tokio::test]
 async fn log_vote_and_state_survive_a_reopen() -> std::io::Result<()> {
     let dir = tempfile::tempdir()?;
     {
         let (_db, mut log, mut sm) = open_shard(dir.path(), ShardId(0))?;
         log.save_vote(&Vote::new_committed(3, NodeId(2))).await?;
-        let id = PromiseId::new_unchecked("p");
-        let entries = vec![
-            proposal_entry(
-                1,
-                Command::Create {
-                    id: id.clone(),
-                    param: Value::default(),
-                    deadline_ms: 1_000_000,
-                    tags: BTreeMap::new(),
-                    idempotency_key: String::new(),
-                },
-            ),
-            proposal_entry(
-                2,
-                Command::Settle {
-                    id,
-                    settle_as: SettleAs::Resolve,
-                    value: Value { headers: BTreeMap::new(), data: b"v".to_vec() },
-                    idempotency_key: "k".into(),
-                },
-            ),
-        ];
-        append(&mut log, entries.clone()).await;
-        sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await?;
+        append(&mut log, create_and_settle()).await;
+        apply(&mut sm, create_and_settle()).await?;
+        assert_settled(&sm)?;
+        // What a node's shutdown does after stopping Raft.
+        sm.reader().flush()?;
     }
     let (_db, mut log, mut sm) = open_shard(dir.path(), ShardId(0))?;
     assert_eq!(log.read_vote().await?, Some(Vote::new_committed(3, NodeId(2))));
     assert_eq!(log.get_log_state().await?.last_log_id, Some(lid(1, 2)));
     assert_eq!(sm.applied_state().await?.0, Some(lid(1, 2)));
-    let p = sm.reader().get(&PromiseId::new_unchecked("p"))?.expect("record survives");
-    assert_eq!((p.state, p.value.data.as_slice(), p.revision), (State::Resolved, &b"v"[..], 2));
-    Ok(())
+    assert_settled(&sm)
+}
+
+/// Applied changes reach the database only every thousand or so records; a crash loses the
+/// rest, and the applied log id with them, so Raft applies those entries again from its log.
+#[tokio::test]
+async fn state_applied_but_not_written_is_applied_again_from_the_log() -> std::io::Result<()> {
+    let dir = tempfile::tempdir()?;
+    {
+        let (_db, mut log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+        append(&mut log, create_and_settle()).await;
+        apply(&mut sm, create_and_settle()).await?;
+        assert_settled(&sm)?;
+        // Dropped without a flush: a crash.
+    }
+    let (_db, mut log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+    let (applied, _) = sm.applied_state().await?;
+    assert_eq!(applied, None, "the database has nothing applied");
+    assert_eq!(sm.reader().get(&PromiseId::new_unchecked("p"))?, None);
+    let from_log = log.try_get_log_entries(1..3).await?;
+    assert_eq!(from_log.len(), 2, "the log still holds what must be applied again");
+    apply(&mut sm, from_log).await?;
+    assert_eq!(sm.applied_state().await?.0, Some(lid(1, 2)));
+    assert_settled(&sm)
 }
 
 #[tokio::test]

@@ -27,9 +27,10 @@
 //!
 //! Log appends are written without sync and acknowledged to Raft only after the [`log_store`]
 //! flusher's `flush_wal(sync)`, which covers every shard's appends at once (group commit). Votes
-//! are written with a synced write. Applying a batch writes the records, the indexes and the
-//! applied log id in one `WriteBatch`; it is not synced itself because the log entries it came
-//! from already are, and a lost apply is redone from the log on restart.
+//! are written with a synced write. Applied changes are kept in memory and written every ~1,000
+//! records, the records, the indexes and the applied log id in one `WriteBatch`
+//! ([`write_behind`]); that write is not synced because the log entries it came from already
+//! are, and a lost apply is redone from the log on restart.
 //!
 //! The WAL is flushed manually (`manual_wal_flush`): an unsynced write only appends to RocksDB's
 //! WAL buffer in memory, and the flusher's `flush_wal(sync)` writes the buffer out and fsyncs it.
@@ -41,6 +42,7 @@
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;
+pub mod write_behind;
 
 use std::io;
 use std::path::Path;

@@ -1,7 +1,6 @@
 //! One shard's state machine on RocksDB: applies committed entries with [`vow_core::apply`],
 //! builds and installs snapshots, and announces settled promises.
 
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io;
 use std::path::PathBuf;
@@ -14,32 +13,23 @@ use openraft::alias::SnapshotOf;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use rocksdb::{DB, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::broadcast;
-use vow_core::codec::{Decoder, Encoder};
-use vow_core::{Change, Promise, PromiseId, PromiseView, ShardId, State};
+use vow_core::codec::Decoder;
+use vow_core::{Promise, PromiseId, PromiseView, ShardId, State};
 
 use super::snapshot::{self, SnapshotFile};
+use super::write_behind::{Layer, Meta, WriteBehind, put_meta};
 use super::{CF_STATE, cf, corrupt, io_err, keys, shard_end};
 use crate::raft::{ApplyResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig, codec};
 
 /// Records per write batch when installing a snapshot, so memory stays bounded.
 const INSTALL_BATCH_RECORDS: usize = 4096;
 
-/// The maps apply consults for every command, keyed by promise id. foldhash instead of the
-/// standard SipHash (hashing and lookups were 2.7% of a follower's samples, now 1.1%); ids are
-/// chosen by clients, so each map still gets a random seed.
-type IdMap<V> = HashMap<PromiseId, V, foldhash::fast::RandomState>;
-
-/// Records per generation of [`RecentRecords`].
-const RECENT_RECORDS: usize = 4096;
-/// Approximate bytes per generation of [`RecentRecords`]: values go up to 1 MiB, so the count
-/// alone does not bound the memory.
-const RECENT_BYTES: usize = 2 << 20;
-
 /// Read access to one shard's applied state, for the API, sweepers and snapshots. Cheap to clone.
 #[derive(Clone)]
 pub struct ShardState {
     db: Arc<DB>,
     shard: ShardId,
+    layer: Arc<WriteBehind>,
 }
 
 impl Debug for ShardState {
@@ -74,11 +64,10 @@ impl SearchFilter {
 const SEARCH_SCAN_LIMIT: usize = 10_000;
 
 impl ShardState {
-    pub fn new(db: Arc<DB>, shard: ShardId) -> Self {
-        ShardState { db, shard }
-    }
-
     pub fn get(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
+        if let Some(p) = self.layer.lock().record(id) {
+            return Ok(p.cloned());
+        }
         read_promise(&self.db, self.shard, id)
     }
 
@@ -92,7 +81,25 @@ impl ShardState {
         self.scan_timed(keys::STATE_BY_SETTLED, settled_before_ms, limit)
     }
 
+    /// The database's index keys merged with the unflushed ones, read under the layer's lock
+    /// so that no flush falls between the two.
     fn scan_timed(&self, kind: u8, up_to_ms: i64, limit: usize) -> io::Result<Vec<PromiseId>> {
+        let layer = self.layer.lock();
+        let unflushed = layer.timed(kind, up_to_ms);
+        let deleted = &unflushed.deleted;
+        let mut found: Vec<(Vec<u8>, PromiseId)> = self
+            .scan_timed_db(kind, up_to_ms, limit + deleted.len())?
+            .into_iter()
+            .filter(|(key, _)| !deleted.contains(&key.as_slice()))
+            .collect();
+        found.extend(unflushed.put);
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.dedup_by(|a, b| a.0 == b.0);
+        Ok(found.into_iter().take(limit).map(|(_, id)| id).collect())
+    }
+
+    /// Index keys of `kind` in the database up to `up_to_ms`, with their ids.
+    fn scan_timed_db(&self, kind: u8, up_to_ms: i64, limit: usize) -> io::Result<Vec<(Vec<u8>, PromiseId)>> {
         let state = cf(&self.db, CF_STATE)?;
         let mut opts = ReadOptions::default();
         let lower = keys::state_kind(self.shard, kind).to_vec();
@@ -104,8 +111,10 @@ impl ShardState {
         it.seek(&lower);
         let mut ids = Vec::new();
         while it.valid() && ids.len() < limit {
-            if let Some(id) = it.key().and_then(keys::timed_id) {
-                ids.push(PromiseId::new_unchecked(id));
+            if let Some(key) = it.key()
+                && let Some(id) = keys::timed_id(key)
+            {
+                ids.push((key.to_vec(), PromiseId::new_unchecked(id)));
             }
             it.next();
         }
@@ -115,6 +124,8 @@ impl ShardState {
 
     /// Promises in id order after `after` that match `filter`, at most `limit`.
     pub fn search(&self, filter: &SearchFilter, after: Option<&str>, limit: usize) -> io::Result<SearchPage> {
+        // A scan in key order is the database's job: let it see everything applied.
+        self.flush()?;
         let state = cf(&self.db, CF_STATE)?;
         let kind_prefix = keys::state_kind(self.shard, keys::STATE_PROMISE);
         let prefix = keys::promise(self.shard, &filter.id_prefix);
@@ -157,6 +168,13 @@ impl ShardState {
     }
 }
 
+impl ShardState {
+    /// Writes the changes applied but not yet in the database (see [`super::write_behind`]).
+    pub fn flush(&self) -> io::Result<()> {
+        self.layer.lock().flush(&self.db, self.shard)
+    }
+}
+
 impl PromiseView for ShardState {
     type Error = io::Error;
     fn promise(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
@@ -171,71 +189,21 @@ fn read_promise(db: &DB, shard: ShardId, id: &PromiseId) -> io::Result<Option<Pr
     }
 }
 
-/// The records the state machine wrote most recently (`None`: deleted), so that a command on a
-/// promise written a moment ago — the settle that follows a create — does not search the
-/// memtable for it (that search was ~5% of the cluster's CPU under create-settle load). Two
-/// generations: when the young one holds [`RECENT_RECORDS`] records or [`RECENT_BYTES`] it
-/// becomes the old one and the old one is dropped, so memory stays under ~4 MiB per shard. Only
-/// `apply` writes records and only after its batch is in the database; a snapshot install
-/// empties it.
-#[derive(Default)]
-struct RecentRecords {
-    young: IdMap<Option<Promise>>,
-    young_bytes: usize,
-    old: IdMap<Option<Promise>>,
-}
-
-impl RecentRecords {
-    fn get(&self, id: &PromiseId) -> Option<&Option<Promise>> {
-        self.young.get(id).or_else(|| self.old.get(id))
-    }
-
-    fn insert(&mut self, id: PromiseId, record: Option<Promise>) {
-        if self.young.len() >= RECENT_RECORDS || self.young_bytes >= RECENT_BYTES {
-            self.old = std::mem::take(&mut self.young);
-            self.young_bytes = 0;
-        }
-        self.young_bytes += record.as_ref().map_or(id.as_str().len(), approx_size);
-        self.young.insert(id, record);
-    }
-
-    fn clear(&mut self) {
-        self.young.clear();
-        self.young_bytes = 0;
-        self.old.clear();
-    }
-}
-
-/// Roughly the memory a record holds: its variable-length parts plus a fixed overhead.
-fn approx_size(p: &Promise) -> usize {
-    let strings =
-        |m: &std::collections::BTreeMap<String, String>| m.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-    256 + p.id.as_str().len()
-        + p.param.data.len()
-        + p.value.data.len()
-        + strings(&p.param.headers)
-        + strings(&p.value.headers)
-        + strings(&p.tags)
-        + p.idempotency_key_create.len()
-        + p.idempotency_key_settle.len()
-}
-
-/// The records as of the previous entry in this apply batch: the batch's own changes first,
-/// then the records written lately, then the database.
-struct BatchView<'a> {
+/// The records as of the previous entry: the changes applied but not flushed, the records
+/// flushed lately, then the database.
+struct LayeredView<'a> {
     db: &'a DB,
     shard: ShardId,
-    overlay: &'a IdMap<Option<Promise>>,
-    recent: &'a RecentRecords,
+    layer: &'a Layer,
     /// Sabotage only (`skip-settled-check`): present settled promises as pending.
     forget_settlement: bool,
 }
 
-impl PromiseView for BatchView<'_> {
+impl PromiseView for LayeredView<'_> {
     type Error = io::Error;
     fn promise(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
-        let p = match self.overlay.get(id).or_else(|| self.recent.get(id)) {
-            Some(p) => p.clone(),
+        let p = match self.layer.record(id) {
+            Some(p) => p.cloned(),
             None => read_promise(self.db, self.shard, id)?,
         };
         Ok(p.map(|mut p| {
@@ -245,15 +213,6 @@ impl PromiseView for BatchView<'_> {
             }
             p
         }))
-    }
-}
-
-/// The secondary index keys a record version contributes.
-fn index_key(shard: ShardId, p: &Promise) -> Vec<u8> {
-    if p.state.is_settled() {
-        keys::timed(shard, keys::STATE_BY_SETTLED, p.settled_at_ms, p.id.as_str())
-    } else {
-        keys::timed(shard, keys::STATE_BY_DEADLINE, p.deadline_ms, p.id.as_str())
     }
 }
 
@@ -270,7 +229,7 @@ pub struct ShardStateMachine {
     /// Records in the newest snapshot built or installed here (0 until there is one): the
     /// state's size, for the snapshot policy.
     snapshot_records: Arc<AtomicU64>,
-    recent: RecentRecords,
+    layer: Arc<WriteBehind>,
 }
 
 impl Debug for ShardStateMachine {
@@ -297,7 +256,7 @@ impl ShardStateMachine {
             cluster_time_ms: 0,
             settled,
             snapshot_records: Arc::default(),
-            recent: RecentRecords::default(),
+            layer: Arc::default(),
         };
         let state = cf(&sm.db, CF_STATE)?;
         if sm.db.get_cf(state, keys::sm_meta(shard, keys::SM_INSTALLING)).map_err(io_err)?.is_some() {
@@ -325,36 +284,9 @@ impl ShardStateMachine {
         Ok(())
     }
 
-    /// Records the applied log id and cluster time, and the membership too when it changed.
-    fn put_meta(&self, batch: &mut WriteBatch, membership_changed: bool) -> io::Result<()> {
-        let state = cf(&self.db, CF_STATE)?;
-        let mut e = Encoder::new();
-        codec::opt_log_id(&mut e, &self.applied);
-        batch.put_cf(state, keys::sm_meta(self.shard, keys::SM_APPLIED), e.into_bytes());
-        if membership_changed {
-            let mut e = Encoder::new();
-            codec::stored_membership(&mut e, &self.membership);
-            batch.put_cf(state, keys::sm_meta(self.shard, keys::SM_MEMBERSHIP), e.into_bytes());
-        }
-        let mut e = Encoder::new();
-        e.i64(self.cluster_time_ms);
-        batch.put_cf(state, keys::sm_meta(self.shard, keys::SM_CLUSTER_TIME), e.into_bytes());
-        Ok(())
-    }
-
-    fn write_change(&self, batch: &mut WriteBatch, change: &Change) -> io::Result<()> {
-        let state = cf(&self.db, CF_STATE)?;
-        if let Some(before) = &change.before {
-            batch.delete_cf(state, index_key(self.shard, before));
-            if change.after.is_none() {
-                batch.delete_cf(state, keys::promise(self.shard, before.id.as_str()));
-            }
-        }
-        if let Some(after) = &change.after {
-            batch.put_cf(state, index_key(self.shard, after), []);
-            batch.put_cf(state, keys::promise(self.shard, after.id.as_str()), after.encode());
-        }
-        Ok(())
+    /// The state machine's keys as they are now, membership included.
+    fn meta(&self) -> Meta {
+        Meta { applied: self.applied, cluster_time_ms: self.cluster_time_ms, membership: Some(self.membership.clone()) }
     }
 
     /// Replaces the shard's state with the snapshot's, crash-safely: the install marker is set
@@ -372,8 +304,8 @@ impl ShardStateMachine {
         let mut after_marker = marker.to_vec();
         after_marker.push(0);
         clear.delete_range_cf(state, &after_marker[..], &shard_end(self.shard)[..]);
+        self.layer.lock().clear();
         self.db.write(clear).map_err(io_err)?;
-        self.recent.clear();
 
         let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
         let prefix = keys::shard_prefix(self.shard);
@@ -400,7 +332,7 @@ impl ShardStateMachine {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         let mut done = WriteBatch::default();
-        self.put_meta(&mut done, true)?;
+        put_meta(&mut done, state, self.shard, &self.meta());
         done.delete_cf(state, marker);
         self.db.write_opt(done, &sync).map_err(io_err)?;
         Ok(meta)
@@ -413,7 +345,7 @@ impl ShardStateMachine {
     }
 
     pub fn reader(&self) -> ShardState {
-        ShardState::new(self.db.clone(), self.shard)
+        ShardState { db: self.db.clone(), shard: self.shard, layer: self.layer.clone() }
     }
 }
 
@@ -429,8 +361,6 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        let mut batch = WriteBatch::default();
-        let mut overlay: IdMap<Option<Promise>> = IdMap::default();
         let mut replies = Vec::new();
         let mut settled = Vec::new();
         let mut membership_changed = false;
@@ -447,34 +377,27 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 EntryPayload::Normal(proposal) => {
                     let forget_settlement = crate::sabotage::enabled("skip-settled-check")
                         && matches!(proposal.command, vow_core::Command::Settle { .. });
-                    let view = BatchView {
-                        db: &self.db,
-                        shard: self.shard,
-                        overlay: &overlay,
-                        recent: &self.recent,
-                        forget_settlement,
-                    };
+                    let mut layer = self.layer.lock();
+                    let view = LayeredView { db: &self.db, shard: self.shard, layer: &layer, forget_settlement };
                     let applied = vow_core::apply(&view, self.cluster_time_ms, entry.log_id.index, &proposal)?;
                     self.cluster_time_ms = applied.cluster_time_ms;
                     for change in applied.changes {
-                        self.write_change(&mut batch, &change)?;
                         if let Some(p) = change.newly_settled() {
                             settled.push(p.clone());
                         }
-                        let id = change.after.as_ref().or(change.before.as_ref()).map(|p| p.id.clone());
-                        if let Some(id) = id {
-                            overlay.insert(id, change.after);
-                        }
+                        layer.change(self.shard, change);
                     }
                     ApplyResponse(Some(applied.outcome))
                 }
             };
             replies.push((responder, reply));
         }
-        self.put_meta(&mut batch, membership_changed)?;
-        self.db.write(batch).map_err(io_err)?;
-        for (id, record) in overlay {
-            self.recent.insert(id, record);
+        {
+            let mut layer = self.layer.lock();
+            layer.set_meta(self.applied, self.cluster_time_ms, membership_changed.then_some(&self.membership));
+            if layer.wants_flush() {
+                layer.flush(&self.db, self.shard)?;
+            }
         }
         for (responder, reply) in replies {
             if let Some(r) = responder {
@@ -489,12 +412,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            db: self.db.clone(),
-            shard: self.shard,
-            dir: self.snapshot_dir.clone(),
-            records: self.snapshot_records.clone(),
-        }
+        SnapshotBuilder { state: self.reader(), dir: self.snapshot_dir.clone(), records: self.snapshot_records.clone() }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
@@ -522,8 +440,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 /// Builds a snapshot from a consistent RocksDB snapshot while the state machine keeps applying.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    db: Arc<DB>,
-    shard: ShardId,
+    state: ShardState,
     dir: PathBuf,
     records: Arc<AtomicU64>,
 }
@@ -532,9 +449,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
-        let (db, shard, dir) = (self.db.clone(), self.shard, self.dir.clone());
+        let (state, dir) = (self.state.clone(), self.dir.clone());
+        let shard = state.shard;
         let (meta, path, records) = tokio::task::spawn_blocking(move || {
-            let built = build(&db, shard, &dir)?;
+            // Everything applied goes into the database first: the snapshot is read from there,
+            // and once it exists the log before it may be purged.
+            state.flush()?;
+            let built = build(&state.db, shard, &dir)?;
             // Only the newest snapshot is ever served or installed; the older ones go (a reader
             // still streaming one to a follower keeps its open file).
             snapshot::latest(&dir)?;
@@ -584,52 +505,82 @@ fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(Snapshot
 
 #[cfg(test)]
 mod tests {
+    use vow_core::Change;
+
     use super::*;
 
-    fn id(n: usize) -> PromiseId {
-        PromiseId::new_unchecked(format!("p{n}"))
-    }
-
-    #[test]
-    fn recent_records_keep_the_last_generation_and_forget_older_ones() {
-        let mut recent = RecentRecords::default();
-        for n in 0..RECENT_RECORDS {
-            recent.insert(id(n), None);
-        }
-        assert!(recent.get(&id(0)).is_some(), "a full young generation is all still there");
-        recent.insert(id(RECENT_RECORDS), None);
-        assert!(recent.get(&id(0)).is_some(), "the previous generation is still there");
-        for n in RECENT_RECORDS + 1..=2 * RECENT_RECORDS {
-            recent.insert(id(n), None);
-        }
-        assert!(recent.get(&id(0)).is_none(), "two generations back is forgotten");
-        assert!(recent.get(&id(RECENT_RECORDS)).is_some());
-        assert!(recent.get(&id(2 * RECENT_RECORDS)).is_some());
-        recent.clear();
-        assert!(recent.get(&id(2 * RECENT_RECORDS)).is_none());
-    }
-
-    #[test]
-    fn recent_records_are_bounded_by_bytes_too() {
-        let mut recent = RecentRecords::default();
-        let big = |n: usize| Promise {
-            id: id(n),
+    fn promise(n: usize, deadline_ms: i64) -> Promise {
+        Promise {
+            id: PromiseId::new_unchecked(format!("p{n}")),
             state: State::Pending,
-            param: vow_core::Value { headers: Default::default(), data: vec![0; 1 << 20] },
+            param: vow_core::Value::default(),
             value: vow_core::Value::default(),
-            deadline_ms: 0,
+            deadline_ms,
             tags: Default::default(),
             created_at_ms: 0,
             settled_at_ms: 0,
             idempotency_key_create: String::new(),
             idempotency_key_settle: String::new(),
             revision: 0,
-        };
-        for n in 0..10 {
-            recent.insert(id(n), Some(big(n)));
         }
-        let held = recent.young.len() + recent.old.len();
-        assert!(held <= 2 * (RECENT_BYTES >> 20) + 2, "{held} records of 1 MiB held");
-        assert!(recent.get(&id(9)).is_some(), "the newest is always there");
+    }
+
+    fn open() -> (tempfile::TempDir, ShardStateMachine) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open(&dir.path().join("db")).unwrap();
+        let sm = ShardStateMachine::open(db, ShardId(0), dir.path().join("snap"), broadcast::channel(1).0).unwrap();
+        (dir, sm)
+    }
+
+    fn apply(sm: &ShardStateMachine, change: Change) {
+        let mut layer = sm.layer.lock();
+        layer.change(sm.shard, change);
+        layer.set_meta(None, 0, None);
+    }
+
+    fn ids(found: Vec<PromiseId>) -> Vec<String> {
+        found.into_iter().map(PromiseId::into_string).collect()
+    }
+
+    #[test]
+    fn sweeps_see_unflushed_changes_and_not_flushed_keys_they_replaced() {
+        let (_dir, sm) = open();
+        let state = sm.reader();
+        let (p1, p2, p3) = (promise(1, 100), promise(2, 50), promise(3, 5_000));
+        apply(&sm, Change { before: None, after: Some(p1.clone()) });
+        state.flush().unwrap();
+        apply(&sm, Change { before: None, after: Some(p2.clone()) });
+        apply(&sm, Change { before: None, after: Some(p3) });
+        assert_eq!(ids(state.due_for_timeout(1_000, 10).unwrap()), ["p2", "p1"], "oldest deadline first");
+        assert_eq!(ids(state.due_for_timeout(1_000, 1).unwrap()), ["p2"], "the limit holds");
+
+        let settled = Promise { state: State::Resolved, settled_at_ms: 10, ..p1.clone() };
+        apply(&sm, Change { before: Some(p1), after: Some(settled) });
+        assert_eq!(ids(state.due_for_timeout(1_000, 10).unwrap()), ["p2"], "p1's deadline key is deleted, unflushed");
+        assert_eq!(ids(state.due_for_collection(10, 10).unwrap()), ["p1"]);
+        assert_eq!(state.get(&PromiseId::new_unchecked("p1")).unwrap().unwrap().state, State::Resolved);
+
+        state.flush().unwrap();
+        assert_eq!(ids(state.due_for_timeout(1_000, 10).unwrap()), ["p2"], "the same once flushed");
+        assert_eq!(ids(state.due_for_collection(10, 10).unwrap()), ["p1"]);
+    }
+
+    #[test]
+    fn search_and_snapshots_see_unflushed_changes() {
+        let (dir, sm) = open();
+        let state = sm.reader();
+        apply(&sm, Change { before: None, after: Some(promise(1, 100)) });
+        let page = state.search(&SearchFilter::default(), None, 10).unwrap();
+        assert_eq!(page.promises.len(), 1);
+
+        apply(&sm, Change { before: None, after: Some(promise(2, 100)) });
+        state.layer.lock().flush(&state.db, state.shard).unwrap();
+        apply(&sm, Change { before: None, after: Some(promise(3, 100)) });
+        let mut builder =
+            SnapshotBuilder { state: state.clone(), dir: dir.path().join("snap"), records: Arc::default() };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(builder.build_snapshot()).unwrap();
+        // Three records and their deadline keys, plus the applied log id and the cluster time.
+        assert_eq!(builder.records.load(Ordering::Relaxed), 8);
     }
 }
