@@ -188,7 +188,8 @@ impl DevCluster {
                 t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
             };
             let lines: Vec<&str> = text.lines().filter(|l| !frame(l)).collect();
-            let causes = lines.iter().filter(|l| l.contains("panicked") || l.contains("ERROR") || l.starts_with("Error"));
+            let causes =
+                lines.iter().filter(|l| l.contains("panicked") || l.contains("ERROR") || l.starts_with("Error"));
             let tail = lines.iter().rev().take(15).rev();
             out.push_str(&format!("--- node {} ({})\n", n.node_id, path.display()));
             for l in causes.take(5).chain(tail) {
