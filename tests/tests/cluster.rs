@@ -330,7 +330,11 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
     .await;
     let _ = child.kill();
     let _ = child.wait();
-    result
+    result.map_err(|e| {
+        let log = std::fs::read_to_string(dir.join("vowd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        e.context(format!("--- node 4\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
+    })
 }
 
 #[test]
