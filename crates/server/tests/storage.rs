@@ -216,3 +216,31 @@ async fn a_snapshot_moves_a_shard_to_another_database() -> std::io::Result<()> {
     assert_eq!(current.meta, meta);
     Ok(())
 }
+
+/// A flush from another task (a search, a snapshot) can come between two entries of one apply
+/// call. It must write exactly the entries applied so far together with their log id: changes
+/// ahead of the recorded log id would be applied a second time after a crash.
+#[tokio::test]
+async fn a_flush_between_two_entries_writes_the_first_with_its_log_id() -> std::io::Result<()> {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir()?;
+    {
+        let (_db, mut log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+        append(&mut log, create_and_settle()).await;
+        let reader = sm.reader();
+        let entries = stream::iter(create_and_settle()).map(move |e| {
+            if e.log_id.index == 2 {
+                reader.flush()?;
+            }
+            Ok((e, None))
+        });
+        sm.apply(entries).await?;
+        assert_settled(&sm)?;
+        // Dropped without another flush: a crash.
+    }
+    let (_db, _log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+    assert_eq!(sm.applied_state().await?.0, Some(lid(1, 1)), "the flush recorded entry 1 as applied");
+    let p = sm.reader().get(&PromiseId::new_unchecked("p"))?.expect("entry 1's create was written");
+    assert_eq!(p.state, State::Pending, "and nothing of entry 2");
+    Ok(())
+}

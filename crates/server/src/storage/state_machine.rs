@@ -71,6 +71,11 @@ impl ShardState {
         read_promise(&self.db, self.shard, id)
     }
 
+    /// Writes the changes applied but not yet in the database (see [`super::write_behind`]).
+    pub fn flush(&self) -> io::Result<()> {
+        self.layer.lock().flush(&self.db, self.shard)
+    }
+
     /// Ids of pending promises whose deadline is at or before `now_ms`, oldest first.
     pub fn due_for_timeout(&self, now_ms: i64, limit: usize) -> io::Result<Vec<PromiseId>> {
         self.scan_timed(keys::STATE_BY_DEADLINE, now_ms, limit)
@@ -165,13 +170,6 @@ impl ShardState {
         }
         it.status().map_err(io_err)?;
         Ok(page)
-    }
-}
-
-impl ShardState {
-    /// Writes the changes applied but not yet in the database (see [`super::write_behind`]).
-    pub fn flush(&self) -> io::Result<()> {
-        self.layer.lock().flush(&self.db, self.shard)
     }
 }
 
@@ -363,38 +361,44 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     {
         let mut replies = Vec::new();
         let mut settled = Vec::new();
-        let mut membership_changed = false;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             self.applied = Some(entry.log_id);
-            let reply = match entry.payload {
-                EntryPayload::Blank => ApplyResponse(None),
-                EntryPayload::Membership(m) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id), m);
-                    membership_changed = true;
-                    ApplyResponse(None)
-                }
-                EntryPayload::Normal(proposal) => {
-                    let forget_settlement = crate::sabotage::enabled("skip-settled-check")
-                        && matches!(proposal.command, vow_core::Command::Settle { .. });
-                    let mut layer = self.layer.lock();
-                    let view = LayeredView { db: &self.db, shard: self.shard, layer: &layer, forget_settlement };
-                    let applied = vow_core::apply(&view, self.cluster_time_ms, entry.log_id.index, &proposal)?;
-                    self.cluster_time_ms = applied.cluster_time_ms;
-                    for change in applied.changes {
-                        if let Some(p) = change.newly_settled() {
-                            settled.push(p.clone());
-                        }
-                        layer.change(self.shard, change);
+            // An entry's changes and the log id they bring the state to enter the layer under
+            // one lock, so that a flush from another task (search, snapshot, shutdown) never
+            // writes part of an entry, or changes ahead of the applied log id it records.
+            let reply = {
+                let mut layer = self.layer.lock();
+                let mut membership_changed = false;
+                let reply = match entry.payload {
+                    EntryPayload::Blank => ApplyResponse(None),
+                    EntryPayload::Membership(m) => {
+                        self.membership = StoredMembership::new(Some(entry.log_id), m);
+                        membership_changed = true;
+                        ApplyResponse(None)
                     }
-                    ApplyResponse(Some(applied.outcome))
-                }
+                    EntryPayload::Normal(proposal) => {
+                        let forget_settlement = crate::sabotage::enabled("skip-settled-check")
+                            && matches!(proposal.command, vow_core::Command::Settle { .. });
+                        let view = LayeredView { db: &self.db, shard: self.shard, layer: &layer, forget_settlement };
+                        let applied = vow_core::apply(&view, self.cluster_time_ms, entry.log_id.index, &proposal)?;
+                        self.cluster_time_ms = applied.cluster_time_ms;
+                        for change in applied.changes {
+                            if let Some(p) = change.newly_settled() {
+                                settled.push(p.clone());
+                            }
+                            layer.change(self.shard, change);
+                        }
+                        ApplyResponse(Some(applied.outcome))
+                    }
+                };
+                layer.set_meta(self.applied, self.cluster_time_ms, membership_changed.then_some(&self.membership));
+                reply
             };
             replies.push((responder, reply));
         }
         {
             let mut layer = self.layer.lock();
-            layer.set_meta(self.applied, self.cluster_time_ms, membership_changed.then_some(&self.membership));
             if layer.wants_flush() {
                 layer.flush(&self.db, self.shard)?;
             }
