@@ -511,23 +511,8 @@ fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(Snapshot
 mod tests {
     use vow_core::Change;
 
+    use super::super::write_behind::tests::pending as promise;
     use super::*;
-
-    fn promise(n: usize, deadline_ms: i64) -> Promise {
-        Promise {
-            id: PromiseId::new_unchecked(format!("p{n}")),
-            state: State::Pending,
-            param: vow_core::Value::default(),
-            value: vow_core::Value::default(),
-            deadline_ms,
-            tags: Default::default(),
-            created_at_ms: 0,
-            settled_at_ms: 0,
-            idempotency_key_create: String::new(),
-            idempotency_key_settle: String::new(),
-            revision: 0,
-        }
-    }
 
     fn open() -> (tempfile::TempDir, ShardStateMachine) {
         let dir = tempfile::tempdir().unwrap();

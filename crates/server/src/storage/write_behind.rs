@@ -291,7 +291,7 @@ pub(crate) fn put_meta(batch: &mut WriteBatch, state: &rocksdb::ColumnFamily, sh
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vow_core::State;
 
@@ -299,7 +299,8 @@ mod tests {
         PromiseId::new_unchecked(format!("p{n}"))
     }
 
-    fn pending(n: usize, deadline_ms: i64) -> Promise {
+    /// A pending promise `p<n>` with no data, for tests.
+    pub(crate) fn pending(n: usize, deadline_ms: i64) -> Promise {
         Promise {
             id: id(n),
             state: State::Pending,
