@@ -181,12 +181,20 @@ impl Client {
     }
 
     /// Runs `op` with retries until it succeeds, fails for good, or the call deadline passes.
-    async fn call<T, F, Fut>(&self, effect: Effect, extra_attempt_time: Duration, mut op: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, effect: Effect, patience: Patience, mut op: F) -> Result<T>
     where
         F: FnMut(H2Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        let deadline = Instant::now() + self.options.call_timeout + extra_attempt_time;
+        let start = Instant::now();
+        let (extra_attempt_time, extra_retry_time) = match patience {
+            Patience::Default => (Duration::ZERO, Duration::ZERO),
+            Patience::LongAttempt(d) => (d, Duration::ZERO),
+            Patience::LongCall(d) => (d, d),
+        };
+        // No attempt runs past `deadline`; no new attempt starts after `retry_until`.
+        let deadline = start + self.options.call_timeout + extra_attempt_time;
+        let retry_until = start + self.options.call_timeout + extra_retry_time;
         let mut attempt = 0u32;
         let mut rotate = 0u32;
         let mut outcome_unknown = false;
@@ -223,7 +231,7 @@ impl Client {
                 }
                 return Err(Error::from_status(&status, false));
             }
-            if Instant::now() + backoff(attempt) >= deadline {
+            if Instant::now() + backoff(attempt) >= retry_until {
                 return Err(Error::from_status(&status, outcome_unknown));
             }
             if self.options.follow_leader_hints && self.follow_hint(status.metadata()) {
@@ -250,7 +258,7 @@ impl Client {
             req.idempotency_key = generated_key();
         }
         let mut resp = self
-            .call(Effect::Write, Duration::ZERO, |c, t| {
+            .call(Effect::Write, Patience::Default, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move { PromisesClient::new(c).create(req).await }
             })
@@ -270,7 +278,7 @@ impl Client {
     pub async fn get_with(&self, id: &str, consistency: pb::Consistency) -> Result<pb::Promise> {
         let req = pb::GetRequest { id: id.to_owned(), consistency: consistency as i32 };
         let resp = self
-            .call(Effect::Read, Duration::ZERO, |c, t| {
+            .call(Effect::Read, Patience::Default, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move { PromisesClient::new(c).get(req).await }
             })
@@ -333,7 +341,7 @@ impl Client {
             idempotency_key: key.filter(|k| !k.is_empty()).unwrap_or_else(generated_key),
         };
         let mut resp = self
-            .call(Effect::Write, Duration::ZERO, |c, t| {
+            .call(Effect::Write, Patience::Default, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move {
                     let mut client = PromisesClient::new(c);
@@ -356,7 +364,7 @@ impl Client {
     pub async fn await_settled(&self, id: &str, wait: Duration) -> Result<pb::Promise> {
         let until = Instant::now() + wait;
         let resp = self
-            .call(Effect::Read, wait, |c, _| {
+            .call(Effect::Read, Patience::LongCall(wait), |c, _| {
                 let left = until.saturating_duration_since(Instant::now());
                 let req = pb::AwaitRequest { id: id.to_owned(), wait_timeout_ms: left.as_millis().max(1) as u32 };
                 let req = Self::request(req, left + self.options.attempt_timeout);
@@ -367,7 +375,7 @@ impl Client {
     }
 
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
-        self.call(Effect::Read, Duration::ZERO, |c, t| {
+        self.call(Effect::Read, Patience::Default, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { PromisesClient::new(c).search(req).await }
         })
@@ -375,7 +383,7 @@ impl Client {
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse> {
-        self.call(Effect::Read, Duration::ZERO, |c, t| {
+        self.call(Effect::Read, Patience::Default, |c, t| {
             let req = Self::request(pb::StatusRequest {}, t);
             async move { ClusterClient::new(c).status(req).await }
         })
@@ -386,7 +394,7 @@ impl Client {
     /// node that has much to catch up.
     pub async fn add_node(&self, node_id: u64, grpc_addr: &str) -> Result<pb::StatusResponse> {
         let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![] };
-        self.call(Effect::Write, Duration::from_secs(60), |c, t| {
+        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(60)), |c, t| {
             let req = Self::request(req.clone(), t);
             async move { ClusterClient::new(c).add_node(req).await }
         })
@@ -395,7 +403,7 @@ impl Client {
 
     pub async fn remove_node(&self, node_id: u64) -> Result<pb::StatusResponse> {
         let req = pb::RemoveNodeRequest { node_id, shard_ids: vec![] };
-        self.call(Effect::Write, Duration::from_secs(10), |c, t| {
+        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(10)), |c, t| {
             let req = Self::request(req.clone(), t);
             async move { ClusterClient::new(c).remove_node(req).await }
         })
@@ -404,12 +412,25 @@ impl Client {
 
     pub async fn transfer_leader(&self, to_node_id: u64) -> Result<pb::StatusResponse> {
         let req = pb::TransferLeaderRequest { to_node_id, shard_ids: vec![] };
-        self.call(Effect::Write, Duration::from_secs(5), |c, t| {
+        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(5)), |c, t| {
             let req = Self::request(req.clone(), t);
             async move { ClusterClient::new(c).transfer_leader(req).await }
         })
         .await
     }
+}
+
+/// How much longer than [`Options::call_timeout`] a call may take.
+#[derive(Debug, Clone, Copy)]
+enum Patience {
+    Default,
+    /// One attempt may run this much longer (a membership change waits for a node to catch
+    /// up), but attempts that fail fast are retried only within the default budget: without a
+    /// quorum, `add_node` reports the cluster unavailable after `call_timeout`, not a minute.
+    LongAttempt(Duration),
+    /// The whole call may run this much longer, retrying throughout (an Await's wait: a node
+    /// lost halfway through is replaced for the rest of it).
+    LongCall(Duration),
 }
 
 /// Whether a call changes state, which decides what a refusal after a lost attempt means.
