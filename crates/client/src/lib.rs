@@ -80,7 +80,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Total time a call may take, retries included.
+    /// Total time a call may take, retries included (an Await gets its wait on top; a
+    /// membership change's single attempt may run up to a minute longer, but it is not retried
+    /// past this).
     pub call_timeout: Duration,
     /// Time one attempt may take (an Await attempt gets its wait on top).
     pub attempt_timeout: Duration,
