@@ -244,3 +244,40 @@ async fn a_flush_between_two_entries_writes_the_first_with_its_log_id() -> std::
     assert_eq!(p.state, State::Pending, "and nothing of entry 2");
     Ok(())
 }
+
+/// One apply call with thousands of entries (a restart re-applying its log, a follower catching
+/// up) writes to the database as it goes instead of holding every change in memory.
+#[tokio::test]
+async fn a_long_apply_call_writes_as_it_goes() -> std::io::Result<()> {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir()?;
+    let creates: Vec<Entry> = (1..=3_000u64)
+        .map(|i| {
+            proposal_entry(
+                i,
+                Command::Create {
+                    id: PromiseId::new_unchecked(format!("p{i}")),
+                    param: Value::default(),
+                    deadline_ms: 1_000_000,
+                    tags: BTreeMap::new(),
+                    idempotency_key: String::new(),
+                },
+            )
+        })
+        .collect();
+    let (db, mut log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+    append(&mut log, creates.clone()).await;
+    let written_by_2500 = Arc::new(std::sync::Mutex::new(None));
+    let seen = written_by_2500.clone();
+    let entries = stream::iter(creates).map(move |e| {
+        if e.log_id.index == 2_500 {
+            let state = db.cf_handle(storage::CF_STATE).expect("state family");
+            let applied = storage::keys::sm_meta(ShardId(0), storage::keys::SM_APPLIED);
+            *seen.lock().unwrap() = Some(db.get_cf(state, applied).expect("read").is_some());
+        }
+        Ok((e, None))
+    });
+    sm.apply(entries).await?;
+    assert_eq!(*written_by_2500.lock().unwrap(), Some(true), "nothing reached the database during the call");
+    Ok(())
+}

@@ -393,15 +393,14 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     }
                 };
                 layer.set_meta(self.applied, self.cluster_time_ms, membership_changed.then_some(&self.membership));
+                // Checked per entry, so a long run of entries (a restart re-applying its log, a
+                // follower catching up) keeps the layer's memory bounded too.
+                if layer.wants_flush() {
+                    layer.flush(&self.db, self.shard)?;
+                }
                 reply
             };
             replies.push((responder, reply));
-        }
-        {
-            let mut layer = self.layer.lock();
-            if layer.wants_flush() {
-                layer.flush(&self.db, self.shard)?;
-            }
         }
         for (responder, reply) in replies {
             if let Some(r) = responder {

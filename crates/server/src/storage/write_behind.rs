@@ -11,8 +11,8 @@
 //! What it saves is most of the `state` writes of a short-lived promise. Under create-settle
 //! load a promise is created and settled a few milliseconds apart; both changes land in the same
 //! unflushed generation, so RocksDB sees its record once instead of twice, and its deadline index
-//! key (written by the create, deleted by the settle) not at all — two memtable inserts out of
-//! five, and the flush and compaction work behind them.
+//! key (written by the create, deleted by the settle) not at all — two memtable inserts instead
+//! of five, and less flush and compaction work behind them.
 //!
 //! Everyone reading the shard's state goes through [`WriteBehind`]: first the unflushed
 //! changes, then the records flushed lately ([`RecentRecords`], which also spares a settle the
@@ -32,11 +32,12 @@ use crate::raft::{LogId, StoredMembership, codec};
 /// The maps consulted for every command, keyed by promise id or state key. foldhash instead of
 /// the standard SipHash (hashing and lookups were 2.7% of a follower's samples, now 1.1%); ids
 /// are chosen by clients, so each map still gets a random seed.
-pub(crate) type IdMap<V> = HashMap<PromiseId, V, foldhash::fast::RandomState>;
-type KeyMap<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type IdMap<V> = Map<PromiseId, V>;
+type KeyMap<V> = Map<Vec<u8>, V>;
 
 /// Unflushed records at which apply writes them to the database.
-pub(crate) const FLUSH_RECORDS: usize = 1024;
+const FLUSH_RECORDS: usize = 1024;
 /// Approximate unflushed bytes at which apply writes them: values go up to 1 MiB.
 const FLUSH_BYTES: usize = 2 << 20;
 /// Records per generation of [`RecentRecords`].
@@ -54,12 +55,7 @@ struct Slot<V> {
     in_db: bool,
 }
 
-fn put<K: Eq + std::hash::Hash, V>(
-    map: &mut HashMap<K, Slot<V>, foldhash::fast::RandomState>,
-    key: K,
-    value: V,
-    new: bool,
-) {
+fn put<K: Eq + std::hash::Hash, V>(map: &mut Map<K, Slot<V>>, key: K, value: V, new: bool) {
     match map.get_mut(&key) {
         Some(slot) => slot.value = Some(value),
         None => {
@@ -68,7 +64,7 @@ fn put<K: Eq + std::hash::Hash, V>(
     }
 }
 
-fn delete<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, Slot<V>, foldhash::fast::RandomState>, key: K) {
+fn delete<K: Eq + std::hash::Hash, V>(map: &mut Map<K, Slot<V>>, key: K) {
     match map.get_mut(&key) {
         Some(slot) if !slot.in_db => {
             map.remove(&key);
