@@ -65,7 +65,7 @@ const SEARCH_SCAN_LIMIT: usize = 10_000;
 
 impl ShardState {
     pub fn get(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
-        if let Some(p) = self.layer.lock().record(id) {
+        if let Some(p) = self.layer.lock()?.record(id) {
             return Ok(p.cloned());
         }
         read_promise(&self.db, self.shard, id)
@@ -73,7 +73,7 @@ impl ShardState {
 
     /// Writes the changes applied but not yet in the database (see [`super::write_behind`]).
     pub fn flush(&self) -> io::Result<()> {
-        self.layer.lock().flush(&self.db, self.shard)
+        self.layer.lock()?.flush(&self.db, self.shard)
     }
 
     /// Ids of pending promises whose deadline is at or before `now_ms`, oldest first.
@@ -89,7 +89,7 @@ impl ShardState {
     /// The database's index keys merged with the unflushed ones, read under the layer's lock
     /// so that no flush falls between the two.
     fn scan_timed(&self, kind: u8, up_to_ms: i64, limit: usize) -> io::Result<Vec<PromiseId>> {
-        let layer = self.layer.lock();
+        let layer = self.layer.lock()?;
         let unflushed = layer.timed(kind, up_to_ms);
         let deleted = &unflushed.deleted;
         let mut found: Vec<(Vec<u8>, PromiseId)> = self
@@ -302,7 +302,7 @@ impl ShardStateMachine {
         let mut after_marker = marker.to_vec();
         after_marker.push(0);
         clear.delete_range_cf(state, &after_marker[..], &shard_end(self.shard)[..]);
-        self.layer.lock().clear();
+        self.layer.lock()?.clear();
         self.db.write(clear).map_err(io_err)?;
 
         let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
@@ -368,7 +368,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             // one lock, so that a flush from another task (search, snapshot, shutdown) never
             // writes part of an entry, or changes ahead of the applied log id it records.
             let reply = {
-                let mut layer = self.layer.lock();
+                let mut layer = self.layer.lock()?;
                 let mut membership_changed = false;
                 let reply = match entry.payload {
                     EntryPayload::Blank => ApplyResponse(None),
@@ -521,7 +521,7 @@ mod tests {
     }
 
     fn apply(sm: &ShardStateMachine, change: Change) {
-        let mut layer = sm.layer.lock();
+        let mut layer = sm.layer.lock().unwrap();
         layer.change(sm.shard, change);
         layer.set_meta(None, 0, None);
     }
@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(page.promises.len(), 1);
 
         apply(&sm, Change { before: None, after: Some(promise(2, 100)) });
-        state.layer.lock().flush(&state.db, state.shard).unwrap();
+        state.layer.lock().unwrap().flush(&state.db, state.shard).unwrap();
         apply(&sm, Change { before: None, after: Some(promise(3, 100)) });
         let mut builder =
             SnapshotBuilder { state: state.clone(), dir: dir.path().join("snap"), records: Arc::default() };

@@ -18,7 +18,7 @@
 //! changes, then the records flushed lately ([`RecentRecords`], which also spares a settle the
 //! memtable search for the record its create just wrote), then the database.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
@@ -160,10 +160,11 @@ pub(crate) struct Layer {
 }
 
 impl WriteBehind {
-    pub fn lock(&self) -> MutexGuard<'_, Layer> {
-        // A panic while holding the lock leaves the maps consistent (every update is one map
-        // operation), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The layer, or an error if a panic interrupted an update: an entry applied halfway is
+    /// not a state to read or write out (the log cache may shrug off a poisoned lock; this
+    /// layer holds the only copy of what was applied since the last write).
+    pub fn lock(&self) -> io::Result<MutexGuard<'_, Layer>> {
+        self.inner.lock().map_err(|_| io::Error::other("write-behind layer poisoned by a panic during apply"))
     }
 }
 
@@ -245,7 +246,7 @@ impl Layer {
     /// Unflushed index keys of `kind` whose time is at or before `up_to_ms`.
     pub fn timed(&self, kind: u8, up_to_ms: i64) -> TimedKeys<'_> {
         let mut put = Vec::new();
-        let mut deleted = std::collections::HashSet::default();
+        let mut deleted = HashSet::default();
         let bound = keys::time(up_to_ms);
         for (key, slot) in &self.unflushed.index {
             if key.get(4) != Some(&kind) || key.get(5..13).is_none_or(|t| t > &bound[..]) {
@@ -268,7 +269,7 @@ pub(crate) struct TimedKeys<'a> {
     /// Keys put, with their ids.
     pub put: Vec<(Vec<u8>, PromiseId)>,
     /// Keys deleted, which the database may still hold.
-    pub deleted: std::collections::HashSet<&'a [u8], foldhash::fast::RandomState>,
+    pub deleted: HashSet<&'a [u8], foldhash::fast::RandomState>,
 }
 
 /// Writes the applied log id and cluster time, and the membership if it changed.
