@@ -28,6 +28,9 @@ pub mod metadata {
     pub const OUTCOME_UNKNOWN: &str = "vow-outcome-unknown";
     /// The current record (an encoded `v1.Promise`) on ALREADY_EXISTS / FAILED_PRECONDITION.
     pub const CURRENT_BIN: &str = "vow-current-bin";
+    /// "true" when [`CURRENT_BIN`] leaves out the record's param, value and tags because the
+    /// whole record would not fit in a trailer; a Get returns the whole record.
+    pub const CURRENT_TRIMMED: &str = "vow-current-trimmed";
     /// Set by a node that forwards a request to the leader; a forwarded request is not forwarded again.
     pub const FORWARDED: &str = "vow-forwarded";
 }

@@ -101,6 +101,25 @@ const TAG_TIMEOUT: u8 = 3;
 const TAG_COLLECT: u8 = 4;
 
 impl Proposal {
+    /// About how many bytes [`Proposal::encode`] produces (a little more, never much less),
+    /// without encoding: for byte budgets on what is sent or kept in memory.
+    pub fn size_hint(&self) -> usize {
+        const FIELD: usize = 10; // a varint length or fixed-width integer
+        let map = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| k.len() + v.len() + 2 * FIELD).sum::<usize>();
+        let value = |v: &Value| v.data.len() + map(&v.headers) + 2 * FIELD;
+        let ids = |ids: &[PromiseId]| ids.iter().map(|id| id.as_str().len() + FIELD).sum::<usize>();
+        4 * FIELD
+            + match &self.command {
+                Command::Create { id, param, tags, idempotency_key, .. } => {
+                    id.as_str().len() + value(param) + map(tags) + idempotency_key.len() + 4 * FIELD
+                }
+                Command::Settle { id, value: v, idempotency_key, .. } => {
+                    id.as_str().len() + value(v) + idempotency_key.len() + 3 * FIELD
+                }
+                Command::Timeout { ids: i } | Command::Collect { ids: i, .. } => ids(i) + 2 * FIELD,
+            }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::with_capacity(128);
         e.u8(PROPOSAL_FORMAT).i64(self.stamp_ms);
@@ -175,6 +194,35 @@ impl std::fmt::Display for Proposal {
             Command::Settle { id, settle_as, .. } => write!(f, "{settle_as:?} {id} @{}", self.stamp_ms),
             Command::Timeout { ids } => write!(f, "timeout {} promises @{}", ids.len(), self.stamp_ms),
             Command::Collect { ids, .. } => write!(f, "collect {} promises @{}", ids.len(), self.stamp_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_size_hint_covers_the_encoding() {
+        let headers: BTreeMap<String, String> = (0..50).map(|i| (format!("h{i}"), "v".repeat(i))).collect();
+        let value = Value { headers: headers.clone(), data: vec![1; 5000] };
+        let id = PromiseId::new_unchecked("promise-1");
+        let commands = [
+            Command::Create {
+                id: id.clone(),
+                param: value.clone(),
+                deadline_ms: -1,
+                tags: headers,
+                idempotency_key: "k".repeat(200),
+            },
+            Command::Settle { id: id.clone(), settle_as: SettleAs::Reject, value, idempotency_key: String::new() },
+            Command::Timeout { ids: vec![id.clone(); 1000] },
+            Command::Collect { ids: vec![], retention_ms: i64::MAX },
+        ];
+        for command in commands {
+            let p = Proposal { stamp_ms: i64::MIN, command };
+            let (hint, len) = (p.size_hint(), p.encode().len());
+            assert!(hint >= len && hint <= len * 2 + 64, "hint {hint} for {len} bytes: {:?}", p.command);
         }
     }
 }

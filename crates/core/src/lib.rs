@@ -17,6 +17,6 @@ pub mod promise;
 
 pub use codec::DecodeError;
 pub use command::{Change, Command, Outcome, Proposal};
-pub use limits::{LimitError, Limits};
+pub use limits::{HARD_MAX_RECORD_BYTES, LimitError, Limits};
 pub use machine::{Applied, MemState, PromiseView, apply};
 pub use promise::{NodeId, Promise, PromiseId, SettleAs, ShardId, State, Value};

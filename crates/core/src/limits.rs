@@ -28,6 +28,12 @@ pub const HARD_MAX_DATA_BYTES: usize = 16 << 20;
 pub const HARD_MAX_ENTRIES: usize = 1024;
 pub const HARD_MAX_ENTRY_BYTES: usize = 64 << 10;
 pub const HARD_MAX_DEADLINE_AHEAD_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
+/// The largest record any configuration may allow (see [`Limits::max_record_bytes`]). Every
+/// size bound downstream derives from it: a Raft message, a snapshot record, a reply.
+pub const HARD_MAX_RECORD_BYTES: usize = 64 << 20;
+
+/// Encoding overhead allowed per map entry or field (tags, length prefixes) in the size bounds.
+const FIELD_OVERHEAD_BYTES: usize = 16;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -71,7 +77,43 @@ impl Limits {
         if self.max_id_bytes == 0 || self.default_deadline_ahead_ms <= 0 {
             return Err(LimitError("max_id_bytes and default_deadline_ahead_ms must be positive".into()));
         }
+        if self.max_record_bytes() > HARD_MAX_RECORD_BYTES {
+            return Err(LimitError(format!(
+                "these limits allow records of up to {} bytes, over the hard maximum {HARD_MAX_RECORD_BYTES}; \
+                 lower max_data_bytes, max_headers, max_tags or max_entry_bytes",
+                self.max_record_bytes()
+            )));
+        }
         Ok(())
+    }
+
+    /// The most bytes a value (param or settle value) within these limits encodes to.
+    pub fn max_value_bytes(&self) -> usize {
+        self.max_data_bytes + self.max_map_bytes(self.max_headers) + FIELD_OVERHEAD_BYTES
+    }
+
+    fn max_map_bytes(&self, entries: usize) -> usize {
+        entries * (2 * self.max_entry_bytes + FIELD_OVERHEAD_BYTES)
+    }
+
+    /// The most bytes a command (a create, the larger kind) within these limits encodes to, in a
+    /// request or a log entry.
+    pub fn max_command_bytes(&self) -> usize {
+        self.max_id_bytes
+            + self.max_idempotency_key_bytes
+            + self.max_value_bytes()
+            + self.max_map_bytes(self.max_tags)
+            + 8 * FIELD_OVERHEAD_BYTES
+    }
+
+    /// The most bytes a promise record within these limits encodes to: its id, both keys, its
+    /// param, its value and its tags.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_id_bytes
+            + 2 * self.max_idempotency_key_bytes
+            + 2 * self.max_value_bytes()
+            + self.max_map_bytes(self.max_tags)
+            + 16 * FIELD_OVERHEAD_BYTES
     }
 
     pub fn check_id(&self, id: &str) -> Result<PromiseId, LimitError> {
@@ -197,5 +239,33 @@ mod tests {
         let l = Limits { max_data_bytes: 17 << 20, ..Limits::default() };
         assert!(l.validate().unwrap_err().0.contains("max_data_bytes"));
         assert!(Limits::default().validate().is_ok());
+        let huge = Limits { max_headers: 1024, max_entry_bytes: 64 << 10, ..Limits::default() };
+        assert!(huge.validate().unwrap_err().0.contains("hard maximum"), "each limit alone is fine, together too much");
+    }
+
+    #[test]
+    fn size_bounds_cover_the_largest_input_the_limits_allow() {
+        let l = Limits::default();
+        let entry = "k".repeat(l.max_entry_bytes);
+        let map: BTreeMap<String, String> =
+            (0..l.max_headers).map(|i| (format!("{i:0>width$}", width = l.max_entry_bytes), entry.clone())).collect();
+        let value = Value { headers: map.clone(), data: vec![7; l.max_data_bytes] };
+        let record = crate::Promise {
+            id: PromiseId::new_unchecked("i".repeat(l.max_id_bytes)),
+            state: crate::State::Resolved,
+            param: value.clone(),
+            value,
+            deadline_ms: i64::MAX,
+            tags: map,
+            created_at_ms: i64::MAX,
+            settled_at_ms: i64::MAX,
+            revision: u64::MAX,
+            idempotency_key_create: "c".repeat(l.max_idempotency_key_bytes),
+            idempotency_key_settle: "s".repeat(l.max_idempotency_key_bytes),
+        };
+        let encoded = record.encode().len();
+        assert!(encoded <= l.max_record_bytes(), "{encoded} > {}", l.max_record_bytes());
+        // Default limits keep a whole record under the 4 MiB a gRPC client accepts by default.
+        assert!(l.max_record_bytes() < 4 << 20, "{}", l.max_record_bytes());
     }
 }

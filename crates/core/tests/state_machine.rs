@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use vow_core::{Command, MemState, Outcome, Promise, PromiseId, Proposal, SettleAs, State, Value};
+use proptest::sample::Index;
+use vow_core::codec::Encoder;
+use vow_core::{Command, DecodeError, MemState, Outcome, Promise, PromiseId, Proposal, SettleAs, State, Value};
 
 fn id(s: &str) -> PromiseId {
     PromiseId::new_unchecked(s)
@@ -223,5 +225,334 @@ proptest! {
     fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         let _ = Proposal::decode(&bytes);
         let _ = Promise::decode(&bytes);
+    }
+}
+
+// Decoding mutated valid encodings. Arbitrary bytes almost never get past the version byte and
+// the first length prefix, so the decoder's deeper paths (maps, values, id lists, the settle
+// kind, trailing bytes) are reached only by starting from real encodings and damaging them.
+
+/// Short strings with multi-byte characters, so that a cut or a flipped bit can land inside one.
+fn arb_text() -> impl Strategy<Value = String> {
+    "[a-z{}é€𝄞]{0,6}"
+}
+
+fn arb_map() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map(arb_text(), arb_text(), 0..3)
+}
+
+fn arb_value() -> impl Strategy<Value = Value> {
+    (arb_map(), prop::collection::vec(any::<u8>(), 0..24)).prop_map(|(headers, data)| Value { headers, data })
+}
+
+fn arb_id() -> impl Strategy<Value = PromiseId> {
+    arb_text().prop_map(PromiseId::new_unchecked)
+}
+
+fn arb_ids() -> impl Strategy<Value = Vec<PromiseId>> {
+    prop::collection::vec(arb_id(), 0..4)
+}
+
+fn arb_promise() -> impl Strategy<Value = Promise> {
+    let state = prop::sample::select(vec![
+        State::Pending,
+        State::Resolved,
+        State::Rejected,
+        State::RejectedCanceled,
+        State::RejectedTimedout,
+    ]);
+    (
+        (arb_id(), state, arb_value(), arb_value(), any::<i64>(), arb_map()),
+        (any::<i64>(), any::<i64>(), arb_text(), arb_text(), any::<u64>()),
+    )
+        .prop_map(
+            |((id, state, param, value, deadline_ms, tags), (created, settled, key_create, key_settle, revision))| {
+                Promise {
+                    id,
+                    state,
+                    param,
+                    value,
+                    deadline_ms,
+                    tags,
+                    created_at_ms: created,
+                    settled_at_ms: settled,
+                    idempotency_key_create: key_create,
+                    idempotency_key_settle: key_settle,
+                    revision,
+                }
+            },
+        )
+}
+
+/// Which variant a command is. Exhaustive on purpose: a new variant does not compile here until
+/// it is counted, and then `arb_every_command` must generate it for the test to pass.
+fn variant(c: &Command) -> usize {
+    match c {
+        Command::Create { .. } => 0,
+        Command::Settle { .. } => 1,
+        Command::Timeout { .. } => 2,
+        Command::Collect { .. } => 3,
+    }
+}
+const COMMAND_VARIANTS: usize = 4;
+
+/// One command of every variant, so that every case covers them all.
+fn arb_every_command() -> impl Strategy<Value = Vec<Command>> {
+    let kind = prop::sample::select(vec![SettleAs::Resolve, SettleAs::Reject, SettleAs::Cancel]);
+    (
+        (arb_id(), arb_value(), any::<i64>(), arb_map(), arb_text()),
+        (arb_id(), kind, arb_value(), arb_text()),
+        arb_ids(),
+        (arb_ids(), any::<i64>()),
+    )
+        .prop_map(|(create, settle, timeout, collect)| {
+            vec![
+                Command::Create {
+                    id: create.0,
+                    param: create.1,
+                    deadline_ms: create.2,
+                    tags: create.3,
+                    idempotency_key: create.4,
+                },
+                Command::Settle { id: settle.0, settle_as: settle.1, value: settle.2, idempotency_key: settle.3 },
+                Command::Timeout { ids: timeout },
+                Command::Collect { ids: collect.0, retention_ms: collect.1 },
+            ]
+        })
+}
+
+fn varint_bytes(v: u64) -> Vec<u8> {
+    let mut e = Encoder::new();
+    e.u64(v);
+    e.into_bytes()
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// Where the length and count prefixes of an encoding lie, found by walking the value in the
+/// codec's field order. The walk must end exactly at the encoding's length, so a format change
+/// shows up here instead of silently aiming the prefix mutations at other bytes.
+#[derive(Debug, Default)]
+struct Layout {
+    end: usize,
+    /// Offset, width and value of each prefix.
+    prefixes: Vec<(usize, usize, u64)>,
+}
+
+impl Layout {
+    fn fixed(&mut self, width: usize) -> &mut Self {
+        self.end += width;
+        self
+    }
+
+    fn varint(&mut self, v: u64) -> &mut Self {
+        self.fixed(varint_bytes(v).len())
+    }
+
+    fn i64(&mut self, v: i64) -> &mut Self {
+        self.varint(zigzag(v))
+    }
+
+    fn prefix(&mut self, v: usize) -> &mut Self {
+        let width = varint_bytes(v as u64).len();
+        self.prefixes.push((self.end, width, v as u64));
+        self.fixed(width)
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.prefix(b.len()).fixed(b.len())
+    }
+
+    fn map(&mut self, m: &BTreeMap<String, String>) -> &mut Self {
+        self.prefix(m.len());
+        for (k, v) in m {
+            self.bytes(k.as_bytes()).bytes(v.as_bytes());
+        }
+        self
+    }
+
+    fn value(&mut self, v: &Value) -> &mut Self {
+        self.map(&v.headers).bytes(&v.data)
+    }
+
+    fn ids(&mut self, ids: &[PromiseId]) -> &mut Self {
+        self.prefix(ids.len());
+        for id in ids {
+            self.bytes(id.as_str().as_bytes());
+        }
+        self
+    }
+}
+
+fn promise_layout(p: &Promise) -> Layout {
+    let mut l = Layout::default();
+    l.fixed(1).bytes(p.id.as_str().as_bytes()).fixed(1).value(&p.param).value(&p.value);
+    l.i64(p.deadline_ms).map(&p.tags).i64(p.created_at_ms).i64(p.settled_at_ms);
+    l.bytes(p.idempotency_key_create.as_bytes()).bytes(p.idempotency_key_settle.as_bytes()).varint(p.revision);
+    l
+}
+
+fn proposal_layout(p: &Proposal) -> Layout {
+    let mut l = Layout::default();
+    l.fixed(1).i64(p.stamp_ms).fixed(1);
+    match &p.command {
+        Command::Create { id, param, deadline_ms, tags, idempotency_key } => {
+            l.bytes(id.as_str().as_bytes()).value(param).i64(*deadline_ms).map(tags).bytes(idempotency_key.as_bytes());
+        }
+        Command::Settle { id, value, idempotency_key, .. } => {
+            l.bytes(id.as_str().as_bytes()).fixed(1).value(value).bytes(idempotency_key.as_bytes());
+        }
+        Command::Timeout { ids } => {
+            l.ids(ids);
+        }
+        Command::Collect { ids, retention_ms } => {
+            l.i64(*retention_ms).ids(ids);
+        }
+    }
+    l
+}
+
+/// What a damaged length or count prefix says instead.
+#[derive(Debug, Clone)]
+enum NewLength {
+    Plus(u64),
+    Minus(u64),
+    Zero,
+    Max,
+    Any(u64),
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    FlipBits {
+        at: Index,
+        mask: u8,
+    },
+    Truncate {
+        at: Index,
+    },
+    Insert {
+        at: Index,
+        byte: u8,
+    },
+    Delete {
+        at: Index,
+    },
+    /// Rewrites one of the encoding's prefixes (as the layout found them) as a varint of another
+    /// value, possibly of another width.
+    Prefix {
+        which: Index,
+        to: NewLength,
+    },
+}
+
+fn arb_mutation() -> impl Strategy<Value = Mutation> {
+    let to = prop_oneof![
+        (1u64..4).prop_map(NewLength::Plus),
+        (1u64..4).prop_map(NewLength::Minus),
+        Just(NewLength::Zero),
+        Just(NewLength::Max),
+        any::<u64>().prop_map(NewLength::Any),
+    ];
+    prop_oneof![
+        (any::<Index>(), 1u8..=255).prop_map(|(at, mask)| Mutation::FlipBits { at, mask }),
+        any::<Index>().prop_map(|at| Mutation::Truncate { at }),
+        (any::<Index>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
+        any::<Index>().prop_map(|at| Mutation::Delete { at }),
+        (any::<Index>(), to).prop_map(|(which, to)| Mutation::Prefix { which, to }),
+    ]
+}
+
+/// Applies `m` to `bytes`. Prefix offsets come from the undamaged encoding's layout: after an
+/// earlier mutation that shifted bytes they may miss, which is just another kind of damage.
+fn mutate(bytes: &mut Vec<u8>, layout: &Layout, m: &Mutation) {
+    let len = bytes.len();
+    match m {
+        Mutation::FlipBits { at, mask } if len > 0 => bytes[at.index(len)] ^= mask,
+        Mutation::Truncate { at } => bytes.truncate(at.index(len + 1)),
+        Mutation::Insert { at, byte } => bytes.insert(at.index(len + 1), *byte),
+        Mutation::Delete { at } if len > 0 => {
+            bytes.remove(at.index(len));
+        }
+        Mutation::Prefix { which, to } if !layout.prefixes.is_empty() => {
+            let (offset, width, old) = layout.prefixes[which.index(layout.prefixes.len())];
+            if offset + width <= len {
+                let new = match to {
+                    NewLength::Plus(d) => old.saturating_add(*d),
+                    NewLength::Minus(d) => old.saturating_sub(*d),
+                    NewLength::Zero => 0,
+                    NewLength::Max => u64::MAX,
+                    NewLength::Any(v) => *v,
+                };
+                bytes.splice(offset..offset + width, varint_bytes(new));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks one encoding: it round-trips and its layout spans it exactly, no strict prefix of it
+/// decodes, and damage never panics the decoder. Whatever still decodes after damage must be a
+/// value the codec can write and read back.
+fn check_damaged<T: PartialEq + std::fmt::Debug>(
+    encoded: &[u8],
+    original: &T,
+    layout: &Layout,
+    cut: &Index,
+    mutations: &[Mutation],
+    decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    encode: impl Fn(&T) -> Vec<u8>,
+) -> Result<(), TestCaseError> {
+    let decoded = decode(encoded);
+    prop_assert_eq!(decoded.as_ref(), Ok(original), "an undamaged encoding round-trips");
+    prop_assert_eq!(layout.end, encoded.len(), "the layout walk disagrees with the encoding");
+    let at = cut.index(encoded.len());
+    prop_assert!(decode(&encoded[..at]).is_err(), "a strict prefix of {} bytes decoded", at);
+    let mut bytes = encoded.to_vec();
+    for m in mutations {
+        mutate(&mut bytes, layout, m);
+        if let Ok(v) = decode(&bytes) {
+            prop_assert_eq!(decode(&encode(&v)), Ok(v), "a damaged input decoded to a value that does not round-trip");
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    #[test]
+    fn decoding_damaged_valid_encodings_never_panics(
+        record in arb_promise(),
+        commands in arb_every_command(),
+        stamp_ms in any::<i64>(),
+        mutations in prop::collection::vec(prop::collection::vec(arb_mutation(), 1..4), 1 + COMMAND_VARIANTS),
+        cuts in prop::collection::vec(any::<Index>(), 1 + COMMAND_VARIANTS),
+    ) {
+        let covered: std::collections::BTreeSet<usize> = commands.iter().map(variant).collect();
+        prop_assert_eq!(covered.len(), COMMAND_VARIANTS, "every command variant is generated");
+        check_damaged(
+            &record.encode(),
+            &record,
+            &promise_layout(&record),
+            &cuts[0],
+            &mutations[0],
+            Promise::decode,
+            Promise::encode,
+        )?;
+        for (i, command) in commands.into_iter().enumerate() {
+            let proposal = Proposal { stamp_ms, command };
+            check_damaged(
+                &proposal.encode(),
+                &proposal,
+                &proposal_layout(&proposal),
+                &cuts[i + 1],
+                &mutations[i + 1],
+                Proposal::decode,
+                Proposal::encode,
+            )?;
+        }
     }
 }

@@ -26,15 +26,23 @@ use vow_core::{NodeId, PromiseId, SettleAs, ShardId};
 use crate::convert::{self, shard_status};
 use crate::node::{self, Node};
 use crate::raft::service::RaftService;
-use crate::shard::{Shard, ShardError, now_ms};
-use crate::storage::state_machine::SearchFilter;
+use crate::shard::{Shard, ShardError};
+use crate::storage::state_machine::{Announcement, SearchFilter};
 
 /// Default and largest server-side wait of an Await.
 const AWAIT_DEFAULT: Duration = Duration::from_secs(30);
 const AWAIT_MAX: Duration = Duration::from_secs(300);
+/// How often a waiting Await asks the shard leader whether its promise has settled. A replica
+/// that is cut off, removed or far behind applies nothing, so without this its waiters would
+/// sleep through settlements until their wait ran out; with it they are at most this late.
+const AWAIT_RECHECK: Duration = Duration::from_secs(5);
 /// Search page size: default and cap.
 const SEARCH_DEFAULT_LIMIT: usize = 100;
 const SEARCH_MAX_LIMIT: usize = 1000;
+/// Encoded bytes of records a Search page carries (at least one record, whatever its size): a
+/// page of large records stays well under the 4 MiB a gRPC client accepts by default, and the
+/// page token carries on.
+pub const SEARCH_PAGE_BYTES: usize = 1 << 20;
 /// Metadata on a search forwarded to one shard's leader: search only that shard.
 const SEARCH_SHARD: &str = "vow-search-shard";
 
@@ -57,25 +65,32 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(vow_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let raft = RaftService { node_id: node.id(), cluster_name, shards: node.shards().into(), data_dir };
+    let raft =
+        RaftService { node_id: node.id(), cluster_name, shards: node.shards().into(), data_dir, clock: node.wall() };
     // The builder's tcp_nodelay only applies to listeners it binds itself; ours is bound by the
     // caller, so set it here. Without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .map(|conn| conn.map(ScalarWrites));
-    // Raft messages carry up to max_payload_entries entries of up to 16 MiB each.
-    let max_message = 64 << 20;
+    // A public request is at most the largest command the configured limits allow; anything
+    // larger is refused before it is buffered whole. Replies are bounded by the same limits (a
+    // record) or by SEARCH_PAGE_BYTES (a page).
+    let max_request = node.limits().max_command_bytes() + REQUEST_SLACK_BYTES;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(PromisesServer::new(PromisesApi { node: node.clone() }).max_decoding_message_size(max_message))
-        .add_service(ClusterServer::new(ClusterApi { node }))
+        .add_service(
+            PromisesServer::new(PromisesApi { node: node.clone() })
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(ClusterServer::new(ClusterApi { node }).max_decoding_message_size(REQUEST_SLACK_BYTES))
         .add_service(
             vow_api::raft::raft_server::RaftServer::new(raft)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+                .max_decoding_message_size(crate::raft::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::raft::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
@@ -152,8 +167,80 @@ fn with_leader_hint<T>(mut reply: Response<T>, leader_addr: &str) -> Response<T>
     reply
 }
 
+/// Room beyond the largest command for the rest of a request (field tags, the id prefix of a
+/// search, a membership request).
+const REQUEST_SLACK_BYTES: usize = 64 << 10;
+
 fn channel(node: &Node, addr: &str) -> Result<Channel, Status> {
     node.peers().channel(addr).map_err(|e| Status::unavailable(format!("bad leader address {addr}: {e}")))
+}
+
+/// A client for forwarding to the leader at `addr`. Replies are bounded by the leader's limits
+/// (one record, or a search page), not by tonic's 4 MiB default.
+fn promises_client(node: &Node, addr: &str) -> Result<PromisesClient<Channel>, Status> {
+    Ok(PromisesClient::new(channel(node, addr)?).max_decoding_message_size(usize::MAX))
+}
+
+/// Whether a forwarded call changes state: a write that failed in transit may have happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Read,
+    Write,
+}
+
+/// What the client hears when a call forwarded to the leader at `addr` failed. The leader's own
+/// answers pass through: domain refusals, and an UNAVAILABLE that says what it means (a leader
+/// hint, or the outcome-unknown marker). Anything else — the leader unreachable or lost mid-call,
+/// a transport or protocol error, a server error — becomes UNAVAILABLE as the contract promises,
+/// marked outcome-unknown for a write since the leader may have carried it out. The hint names
+/// whoever this node now believes leads, unless that is the node that just failed.
+fn forward_failure(s: Status, effect: Effect, addr: &str, shard: &Shard) -> Status {
+    use tonic::Code;
+    let definite = match s.code() {
+        Code::AlreadyExists
+        | Code::FailedPrecondition
+        | Code::NotFound
+        | Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::Unauthenticated => true,
+        Code::Unavailable => s.metadata().contains_key(md::OUTCOME_UNKNOWN) || s.metadata().contains_key(md::LEADER_ID),
+        _ => false,
+    };
+    if definite {
+        return s;
+    }
+    let mut out =
+        Status::unavailable(format!("forwarding to the leader at {addr} failed: {}: {}", s.code(), s.message()));
+    if let Some((id, leader_addr)) = shard.leader().filter(|(_, a)| a != addr) {
+        convert::add_leader_hint(&mut out, id, &leader_addr);
+    }
+    if effect == Effect::Write {
+        convert::mark_outcome_unknown(&mut out);
+    }
+    out
+}
+
+/// The time left before the caller's `grpc-timeout` passes, if it sent one.
+fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long a write may wait for its outcome: a little less than the caller's deadline, so the
+/// caller hears "outcome unknown" from us rather than tonic's bare CANCELLED when it passes.
+fn write_budget(deadline: Duration) -> Duration {
+    let margin = (deadline / 10).clamp(Duration::from_millis(5), Duration::from_millis(100));
+    deadline.saturating_sub(margin)
 }
 
 #[derive(Debug)]
@@ -179,29 +266,28 @@ impl PromisesApi {
             vow_core::Command::Create { id, .. } | vow_core::Command::Settle { id, .. } => self.node.shard_for(id),
             _ => return Err(Status::internal("not a client command")),
         };
-        let result = match self.node.write(shard, command).await {
-            Ok(outcome) => convert::outcome_reply(outcome).map(Response::new),
-            Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
-                let reply = call.call(PromisesClient::new(channel(&self.node, &addr)?), forwarded(req)).await;
-                // Tell the client where the leader is, so its next call goes there directly.
-                let reply = reply.map(|r| with_leader_hint(r, &addr));
-                // A forwarded write that failed in transit may have reached the leader.
-                reply.map_err(|mut s| {
-                    if matches!(
-                        s.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::Unknown
-                            | tonic::Code::Cancelled
-                            | tonic::Code::DeadlineExceeded
-                    ) && !s.metadata().contains_key(md::OUTCOME_UNKNOWN)
-                        && !s.metadata().contains_key(md::LEADER_ID)
-                    {
-                        convert::mark_outcome_unknown(&mut s);
-                    }
-                    s
-                })
+        let budget = deadline_of(&req).map(write_budget);
+        let attempt = async {
+            match self.node.write(shard, command).await {
+                Ok(outcome) => convert::outcome_reply(outcome).map(Response::new),
+                Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
+                    let reply = call.call(promises_client(&self.node, &addr)?, forwarded(req)).await;
+                    // Tell the client where the leader is, so its next call goes there directly.
+                    reply
+                        .map(|r| with_leader_hint(r, &addr))
+                        .map_err(|s| forward_failure(s, Effect::Write, &addr, shard))
+                }
+                Err(e) => Err(shard_status(&e)),
             }
-            Err(e) => Err(shard_status(&e)),
+        };
+        let result = match budget {
+            None => attempt.await,
+            Some(budget) => tokio::time::timeout(budget, attempt).await.unwrap_or_else(|_| {
+                Err(shard_status(&ShardError::OutcomeUnknown {
+                    shard: shard.id,
+                    reason: "the call's deadline passed before the write's outcome was known".into(),
+                }))
+            }),
         };
         self.node.metrics().record(method, &result, started.elapsed());
         result
@@ -219,8 +305,11 @@ impl PromisesApi {
             match self.node.read_barrier(shard).await {
                 Ok(()) => {}
                 Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !is_forwarded(&req) => {
-                    let mut client = PromisesClient::new(channel(&self.node, &addr)?);
-                    return Ok(with_leader_hint(client.get(forwarded(req)).await?, &addr));
+                    let reply = promises_client(&self.node, &addr)?
+                        .get(forwarded(req))
+                        .await
+                        .map_err(|s| forward_failure(s, Effect::Read, &addr, shard))?;
+                    return Ok(with_leader_hint(reply, &addr));
                 }
                 Err(e) => return Err(shard_status(&e)),
             }
@@ -248,6 +337,67 @@ impl PromisesApi {
         }
     }
 
+    /// A linearizable read of `id` (at the leader, forwarded if need be).
+    async fn read_linearizable(&self, shard: &Shard, id: &PromiseId) -> Result<pb::PromiseResponse, Status> {
+        let req =
+            Request::new(pb::GetRequest { id: id.to_string(), consistency: pb::Consistency::Linearizable as i32 });
+        Ok(self.read(shard, id, req).await?.into_inner())
+    }
+
+    /// The record of `id` once it is settled, or after `wait` the record as a linearizable read
+    /// finds it then (possibly still pending). Any replica applies every settle, so the wait is
+    /// on this replica's announcements, whoever leads; a snapshot install or a lagging listener
+    /// makes it look at the replica's state, and every [`AWAIT_RECHECK`] it asks the leader, so
+    /// a replica that stopped applying cannot keep a waiter behind for longer than that.
+    async fn wait_settled(&self, shard: &Shard, id: &PromiseId, wait: Duration) -> Result<pb::PromiseResponse, Status> {
+        let settled =
+            |p: &pb::PromiseResponse| p.promise.as_ref().is_some_and(|p| p.state != pb::State::Pending as i32);
+        let settled_here = || match shard.state.get(id) {
+            Ok(Some(p)) if p.state.is_settled() => {
+                Some(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false })
+            }
+            _ => None,
+        };
+        // Subscribe before the read: a settle applied after the read is then always heard.
+        let mut announcements = shard.subscribe();
+        let first = self.read_linearizable(shard, id).await?;
+        if settled(&first) {
+            return Ok(first);
+        }
+        let _waiting = self.node.metrics().await_waiting();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + AWAIT_RECHECK, AWAIT_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = recheck.tick() => {
+                    // A failed check (no leader reachable now) is not the waiter's failure.
+                    if let Ok(p) = self.read_linearizable(shard, id).await && settled(&p) {
+                        return Ok(p);
+                    }
+                }
+                event = announcements.recv() => match event {
+                    Ok(Announcement::Settled(settled_id)) if settled_id == *id => {
+                        if let Some(p) = settled_here() {
+                            return Ok(p);
+                        }
+                    }
+                    Ok(Announcement::Settled(_)) => {}
+                    // The state was replaced, or notifications were missed: look at the state.
+                    Ok(Announcement::StateReplaced) | Err(RecvError::Lagged(_)) => {
+                        if let Some(p) = settled_here() {
+                            return Ok(p);
+                        }
+                    }
+                    Err(RecvError::Closed) => return Err(Status::unavailable("shard stopped")),
+                },
+            }
+        }
+        // The wait ran out: answer with what is true now, not with the first read.
+        self.read_linearizable(shard, id).await
+    }
+
     /// One shard's page of a search, locally or at the shard's leader.
     async fn search_shard(
         &self,
@@ -260,7 +410,14 @@ impl PromisesApi {
     ) -> Result<(Vec<pb::Promise>, Option<String>), Status> {
         match self.node.read_barrier(shard).await {
             Ok(()) => {
-                let page = shard.state.search(filter, after, limit).map_err(|e| Status::internal(e.to_string()))?;
+                // A scan reads RocksDB for up to SEARCH_SCAN_LIMIT records: not on a runtime thread.
+                let (state, filter, after) = (shard.state.clone(), filter.clone(), after.map(str::to_owned));
+                let page = tokio::task::spawn_blocking(move || {
+                    state.search(&filter, after.as_deref(), limit, SEARCH_PAGE_BYTES)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("search task failed: {e}")))?
+                .map_err(|e| Status::internal(e.to_string()))?;
                 Ok((page.promises.into_iter().map(convert::promise_to_pb).collect(), page.next_after))
             }
             Err(ShardError::NotLeader { leader: Some((_, addr)), .. }) if !forwarded_req => {
@@ -268,7 +425,11 @@ impl PromisesApi {
                 if let Ok(v) = shard.id.0.to_string().parse() {
                     fwd.metadata_mut().insert(SEARCH_SHARD, v);
                 }
-                let resp = PromisesClient::new(channel(&self.node, &addr)?).search(fwd).await?.into_inner();
+                let resp = promises_client(&self.node, &addr)?
+                    .search(fwd)
+                    .await
+                    .map_err(|s| forward_failure(s, Effect::Read, &addr, shard))?
+                    .into_inner();
                 let next =
                     if resp.next_page_token.is_empty() { None } else { Some(decode_token(&resp.next_page_token)?) };
                 Ok((resp.promises, next))
@@ -304,6 +465,21 @@ forward_call!(Resolve, pb::SettleRequest, resolve);
 forward_call!(Reject, pb::SettleRequest, reject);
 forward_call!(Cancel, pb::SettleRequest, cancel);
 
+/// How many of the records (of the given encoded sizes, in page order) fit in a page of at most
+/// `limit` records and `max_bytes` bytes; the first record always fits.
+pub fn page_len(sizes: impl IntoIterator<Item = usize>, limit: usize, max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for size in sizes {
+        if n == limit || (n > 0 && bytes.saturating_add(size) > max_bytes) {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        n += 1;
+    }
+    n
+}
+
 fn encode_token(id: &str) -> String {
     id.bytes().map(|b| format!("{b:02x}")).collect()
 }
@@ -323,7 +499,7 @@ fn decode_token(token: &str) -> Result<String, Status> {
 #[tonic::async_trait]
 impl Promises for PromisesApi {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
-        let command = convert::create_command(self.node.limits(), req.get_ref().clone(), now_ms())?;
+        let command = convert::create_command(self.node.limits(), req.get_ref().clone(), self.node.wall_ms())?;
         self.write("create", req, command, Create).await
     }
 
@@ -357,40 +533,7 @@ impl Promises for PromisesApi {
             ms => Duration::from_millis(u64::from(ms)).min(AWAIT_MAX),
         };
         let shard = self.node.shard_for(&id).clone();
-        // Subscribe before the read: a settle applied after the read is then always heard.
-        let mut settled = shard.subscribe_settled();
-        let first = self
-            .read(&shard, &id, Request::new(pb::GetRequest { id: r.id.clone(), consistency: 0 }))
-            .await?
-            .into_inner();
-        let pending =
-            |p: &pb::PromiseResponse| p.promise.as_ref().is_some_and(|p| p.state == pb::State::Pending as i32);
-        if !pending(&first) {
-            return Ok(Response::new(first));
-        }
-        // Any replica applies every settle, so the wait is local, whoever leads.
-        let timer = tokio::time::sleep(wait);
-        tokio::pin!(timer);
-        let result = loop {
-            tokio::select! {
-                _ = &mut timer => break Ok(first),
-                event = settled.recv() => match event {
-                    Ok(p) if p.id == id => {
-                        break Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false });
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
-                        // Missed notifications: look at the replica's state instead.
-                        if let Ok(Some(p)) = shard.state.get(&id)
-                            && p.state.is_settled() {
-                                break Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false });
-                            }
-                    }
-                    Err(RecvError::Closed) => break Err(Status::unavailable("shard stopped")),
-                },
-            }
-        };
-        let result = result.map(Response::new);
+        let result = self.wait_settled(&shard, &id, wait).await.map(Response::new);
         self.node.metrics().record("await", &result, started.elapsed());
         result
     }
@@ -432,8 +575,10 @@ impl Promises for PromisesApi {
         if let Some(b) = &boundary {
             all.retain(|p| p.id <= *b);
         }
-        let next_page_token = if all.len() > limit {
-            all.truncate(limit);
+        // The page ends at `limit` records or SEARCH_PAGE_BYTES, whichever comes first.
+        let keep = page_len(all.iter().map(prost::Message::encoded_len), limit, SEARCH_PAGE_BYTES);
+        let next_page_token = if all.len() > keep {
+            all.truncate(keep);
             all.last().map(|p| encode_token(&p.id)).unwrap_or_default()
         } else {
             boundary.as_deref().map(encode_token).unwrap_or_default()
@@ -534,6 +679,13 @@ impl Cluster for ClusterApi {
         if r.node_id == 0 || r.grpc_addr.is_empty() {
             return Err(Status::invalid_argument("add-node needs a positive node_id and a grpc_addr"));
         }
+        let shards = self.node.shards().len();
+        if r.shard_count != 0 && r.shard_count as usize != shards {
+            return Err(Status::failed_precondition(format!(
+                "node {} runs {} shards but this cluster has {shards}; start it with --shards {shards}",
+                r.node_id, r.shard_count
+            )));
+        }
         let (id, addr) = (NodeId(r.node_id), r.grpc_addr.clone());
         let node = self.node.clone();
         self.membership(
@@ -580,6 +732,33 @@ impl Cluster for ClusterApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_end_at_the_count_or_the_byte_budget() {
+        assert_eq!(page_len([10, 10, 10], 2, 100), 2, "the count ends it");
+        assert_eq!(page_len([40, 40, 40], 10, 100), 2, "the bytes end it");
+        assert_eq!(page_len([40, 60, 1], 10, 100), 2, "exactly the budget fits");
+        assert_eq!(page_len([500, 1], 10, 100), 1, "one record always fits, whatever its size");
+        assert_eq!(page_len([], 10, 100), 0);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_and_writes_answer_before_them() {
+        let with = |v: &'static str| {
+            let mut r = Request::new(());
+            r.metadata_mut().insert("grpc-timeout", tonic::metadata::MetadataValue::from_static(v));
+            deadline_of(&r)
+        };
+        assert_eq!(with("5000m"), Some(Duration::from_secs(5)));
+        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("x"), None);
+        assert_eq!(with("5q"), None);
+        assert_eq!(deadline_of(&Request::new(())), None);
+        assert_eq!(write_budget(Duration::from_secs(5)), Duration::from_millis(4900));
+        assert_eq!(write_budget(Duration::from_millis(200)), Duration::from_millis(180));
+        assert!(write_budget(Duration::from_millis(3)) < Duration::from_millis(3));
+    }
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {

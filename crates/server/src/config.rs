@@ -62,7 +62,8 @@ pub struct Args {
     /// records, if that is more).
     #[arg(long, env = "VOW_SNAPSHOT_LOGS")]
     pub snapshot_logs: Option<u64>,
-    /// How long settled promises are kept, in seconds (default 7 days).
+    /// How long settled promises are kept, in seconds (default 7 days, at least 60: a client
+    /// retrying a write with the same idempotency key must still find its record).
     #[arg(long, env = "VOW_RETENTION_SECS")]
     pub retention_secs: Option<u64>,
     /// Largest param or value data in bytes (default 1 MiB, at most 16 MiB).
@@ -74,6 +75,9 @@ pub struct Args {
     /// Log filter, e.g. `info` or `vow_server=debug` (RUST_LOG works too).
     #[arg(long, env = "VOW_LOG")]
     pub log: Option<String>,
+    /// For tests of clock skew only: run this node's wall clock this many milliseconds off.
+    #[arg(long, env = "VOW_TEST_CLOCK_OFFSET_MS", hide = true, allow_hyphen_values = true)]
+    pub test_clock_offset_ms: Option<i64>,
 }
 
 /// The TOML file: the same settings as the flags, plus the full limits table.
@@ -128,9 +132,17 @@ pub struct Config {
     pub retention: Duration,
     pub limits: Limits,
     pub log: String,
+    /// See [`Args::test_clock_offset_ms`].
+    pub test_clock_offset_ms: i64,
 }
 
 pub const MAX_SHARDS: u32 = 256;
+
+/// The shortest retention accepted. A client retries a write with the same idempotency key for
+/// as long as its call lasts (15 s by default in the Rust SDK), and a held-up attempt can arrive
+/// later still; a record collected before then would let the retry act a second time (a
+/// retried create would make a new promise). A minute covers the SDK's retries four times.
+pub const MIN_RETENTION: Duration = Duration::from_secs(60);
 
 impl Config {
     pub fn from_args(args: Args) -> anyhow::Result<Config> {
@@ -200,6 +212,15 @@ impl Config {
                 .map_or(d.default_deadline_ahead_ms, secs_ms),
         };
         limits.validate().map_err(|e| anyhow::anyhow!("invalid limits: {e}"))?;
+        let retention = Duration::from_secs(args.retention_secs.or(file.retention_secs).unwrap_or(7 * 24 * 3600));
+        if retention < MIN_RETENTION {
+            bail!(
+                "--retention-secs {} is below the minimum {}: a client retrying a write could find its \
+                 record already collected and make it take effect twice",
+                retention.as_secs(),
+                MIN_RETENTION.as_secs()
+            );
+        }
         Ok(Config {
             node_id: node,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("vow-data")),
@@ -211,10 +232,11 @@ impl Config {
             cluster_name: args.cluster_name.or(file.cluster_name).unwrap_or_else(|| "vow".into()),
             shards,
             raft,
-            retention: Duration::from_secs(args.retention_secs.or(file.retention_secs).unwrap_or(7 * 24 * 3600)),
+            retention,
             limits,
             // openraft logs every election step at INFO; its warnings are what operators need.
             log: args.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into()),
+            test_clock_offset_ms: args.test_clock_offset_ms.unwrap_or(0),
         })
     }
 }
@@ -262,6 +284,11 @@ mod tests {
         assert!(format!("{err:#}").contains("not a number"));
         let err = Config::from_args(Args { max_data_bytes: Some(1 << 30), ..Args::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("max_data_bytes"));
+        for secs in [0, 59] {
+            let err = Config::from_args(Args { retention_secs: Some(secs), ..Args::default() }).unwrap_err();
+            assert!(format!("{err:#}").contains("below the minimum 60"), "{err:#}");
+        }
+        assert!(Config::from_args(Args { retention_secs: Some(60), ..Args::default() }).is_ok());
         Ok(())
     }
 }

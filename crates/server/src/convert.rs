@@ -82,8 +82,24 @@ pub fn settle_command(limits: &Limits, r: pb::SettleRequest, settle_as: SettleAs
     Ok(Command::Settle { id, settle_as, value, idempotency_key: r.idempotency_key })
 }
 
+/// Largest encoded record a refusal carries whole in its `vow-current-bin` trailer. Trailers
+/// travel as HTTP/2 headers, which clients cap (grpcio at 8 KiB, hyper at 16 KiB, both counting
+/// the base64 form and every other header): a bigger record would turn the refusal into a
+/// protocol error.
+pub const CURRENT_TRAILER_MAX_BYTES: usize = 4096;
+
+/// `status` with the current record in its trailer: whole if it is small, otherwise without its
+/// param, value and tags and marked `vow-current-trimmed` (a Get returns the whole record).
 fn with_current(mut status: Status, current: Promise) -> Status {
-    let bytes = promise_to_pb(current).encode_to_vec();
+    let mut record = promise_to_pb(current);
+    let mut bytes = record.encode_to_vec();
+    if bytes.len() > CURRENT_TRAILER_MAX_BYTES {
+        record.param = None;
+        record.value = None;
+        record.tags.clear();
+        bytes = record.encode_to_vec();
+        status.metadata_mut().insert(md::CURRENT_TRIMMED, MetadataValue::from_static("true"));
+    }
     status.metadata_mut().insert_bin(md::CURRENT_BIN, MetadataValue::from_bytes(&bytes));
     status
 }
@@ -116,25 +132,27 @@ pub fn outcome_reply(outcome: Outcome) -> Result<pb::PromiseResponse, Status> {
 }
 
 /// A shard error as a status, with the leader hint and the outcome-unknown marker in metadata.
+/// Every shard error is UNAVAILABLE: this replica cannot serve now, another node or a later try
+/// may (a stopped shard stops on this node only).
 pub fn shard_status(e: &ShardError) -> Status {
-    let mut status = match e {
-        ShardError::NotLeader { .. } | ShardError::Unavailable { .. } | ShardError::OutcomeUnknown { .. } => {
-            Status::unavailable(e.to_string())
-        }
-        ShardError::Fatal { .. } => Status::internal(e.to_string()),
-    };
+    let mut status = Status::unavailable(e.to_string());
     if let ShardError::NotLeader { leader: Some((id, addr)), .. } = e {
-        if let Ok(v) = id.0.to_string().parse() {
-            status.metadata_mut().insert(md::LEADER_ID, v);
-        }
-        if let Ok(v) = addr.parse() {
-            status.metadata_mut().insert(md::LEADER_ADDR, v);
-        }
+        add_leader_hint(&mut status, *id, addr);
     }
     if matches!(e, ShardError::OutcomeUnknown { .. }) {
         mark_outcome_unknown(&mut status);
     }
     status
+}
+
+/// Names the shard leader in `status`'s metadata.
+pub fn add_leader_hint(status: &mut Status, id: vow_core::NodeId, addr: &str) {
+    if let Ok(v) = id.0.to_string().parse() {
+        status.metadata_mut().insert(md::LEADER_ID, v);
+    }
+    if let Ok(v) = addr.parse() {
+        status.metadata_mut().insert(md::LEADER_ADDR, v);
+    }
 }
 
 pub fn mark_outcome_unknown(status: &mut Status) {

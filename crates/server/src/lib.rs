@@ -10,6 +10,7 @@
 //! in RocksDB or any of this.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod http;

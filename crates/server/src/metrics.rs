@@ -13,6 +13,17 @@ const OUTCOMES: [&str; 3] = ["ok", "domain", "error"];
 pub struct Metrics {
     counts: [[AtomicU64; 3]; 7],
     micros: [AtomicU64; 7],
+    awaits_waiting: AtomicU64,
+}
+
+/// Counts one Await as waiting (`vow_awaits_waiting`) for as long as it lives.
+#[derive(Debug)]
+pub struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -38,9 +49,17 @@ impl Metrics {
         self.micros[m].fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Marks an Await as waiting on this node until the returned guard is dropped.
+    pub fn await_waiting(&self) -> Waiting<'_> {
+        self.awaits_waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(&self.awaits_waiting)
+    }
+
     /// Appends the request metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
+        let _ = writeln!(out, "# TYPE vow_awaits_waiting gauge");
+        let _ = writeln!(out, "vow_awaits_waiting {}", self.awaits_waiting.load(Ordering::Relaxed));
         let _ = writeln!(out, "# TYPE vow_requests_total counter");
         for (m, method) in METHODS.iter().enumerate() {
             for (o, outcome) in OUTCOMES.iter().enumerate() {

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use vow_core::{Limits, NodeId, PromiseId, ShardId};
 
+use crate::clock::{PeerClocks, WallClock};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
@@ -71,6 +72,7 @@ struct Inner {
     peers: Peers,
     limits: Limits,
     metrics: Metrics,
+    wall: WallClock,
     shutting_down: AtomicBool,
 }
 
@@ -102,6 +104,16 @@ impl Node {
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// This node's wall clock.
+    pub fn wall(&self) -> WallClock {
+        self.inner.wall
+    }
+
+    /// This node's wall-clock time now (ms since the epoch).
+    pub fn wall_ms(&self) -> i64 {
+        self.inner.wall.now_ms()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -287,16 +299,28 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
     storage::check_identity(
         &db,
-        &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone() },
+        &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone(), shards: config.shards },
     )?;
     let cluster_name: Arc<str> = config.cluster_name.clone().into();
     let peers = Peers::default();
+    let wall = WallClock::with_offset(config.test_clock_offset_ms);
+    if config.test_clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_ms = config.test_clock_offset_ms,
+            "TEST CLOCK: this node's wall clock runs off on purpose"
+        );
+    }
     let ctx = ShardContext {
         node_id: config.node_id,
         cluster_name: cluster_name.clone(),
         db: db.clone(),
-        flusher: WalFlusher::spawn(db.clone()),
+        flusher: WalFlusher::spawn_with_failpoint(
+            db.clone(),
+            crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
+        ),
         peers: peers.clone(),
+        clocks: PeerClocks::new(wall),
+        queue_bytes: Arc::new(tokio::sync::Semaphore::new(crate::shard::PROPOSAL_QUEUE_BYTES)),
         data_dir: config.data_dir.clone(),
         raft: config.raft.clone(),
     };
@@ -313,6 +337,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             peers,
             limits: config.limits.clone(),
             metrics: Metrics::default(),
+            wall,
             shutting_down: AtomicBool::new(false),
         }),
     };
@@ -341,7 +366,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .chain(shards.iter().map(|s| tokio::spawn(s.clone().run_snapshot_policy(stop_rx.clone()))))
         .collect();
     tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
-    for bug in ["stale-reads", "ack-before-commit", "skip-settled-check"] {
+    for bug in ["stale-reads", "ack-before-commit", "skip-settled-check", "wal-fsync-failpoint"] {
         if crate::sabotage::enabled(bug) {
             tracing::warn!(bug, "SABOTAGED BUILD: deliberate consistency bug enabled");
         }
@@ -385,6 +410,7 @@ async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<
         node_id: node.id().0,
         grpc_addr: node.advertise_addr().to_owned(),
         shard_ids: vec![],
+        shard_count: node.shards().len() as u32,
     };
     let mut delay = Duration::from_millis(200);
     loop {
@@ -396,6 +422,10 @@ async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<
                 Ok(_) => {
                     tracing::info!(seed = %seed, "joined the cluster");
                     return;
+                }
+                // A refusal that retrying cannot fix (another shard count) is the operator's to see.
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    tracing::error!(seed = %seed, error = %e.message(), "the cluster refuses this node")
                 }
                 Err(e) => tracing::warn!(seed = %seed, error = %e.message(), "join attempt failed"),
             }

@@ -1,4 +1,5 @@
-//! Deliberate bugs, for proving that the consistency checker catches real ones (issue #3).
+//! Deliberate bugs, for proving that the consistency checker catches real ones (issue #3), and
+//! failpoints, for tests of faults the operating system rarely produces on demand.
 //!
 //! Compiled only with the `sabotage` cargo feature, which no default build enables; without it
 //! [`enabled`] is a constant `false` and every sabotage branch is compiled out. With it, the
@@ -7,7 +8,9 @@
 //!   forwarding;
 //! - `ack-before-commit`: answer a write from a prediction on local state and propose it in the
 //!   background, before it is committed;
-//! - `skip-settled-check`: let a settle overwrite an already settled promise.
+//! - `skip-settled-check`: let a settle overwrite an already settled promise;
+//! - `wal-fsync-failpoint`: while the file `fail-wal-fsync` exists in the data directory, every
+//!   WAL fsync fails (a disk error): the shards stop with their writes in flight.
 
 #[cfg(feature = "sabotage")]
 pub fn enabled(bug: &str) -> bool {

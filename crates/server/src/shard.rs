@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -15,16 +15,17 @@ use openraft::errors::{ClientWriteError, Fatal, ForwardToLeader, LinearizableRea
 use openraft::raft::{WriteResponse, WriteResult};
 use openraft::{RaftMetrics, ReadPolicy, ServerState};
 use rocksdb::DB;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use vow_core::{Command, NodeId, Outcome, Promise, Proposal, ShardId};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot, watch};
+use vow_core::{Command, NodeId, Outcome, Proposal, ShardId};
 
+use crate::clock::PeerClocks;
 use crate::peers::Peers;
 use crate::raft::network::NetworkFactory;
 use crate::raft::{Raft, TypeConfig, VowNode};
 use crate::storage::log_store::{LogStore, WalFlusher};
-use crate::storage::state_machine::{ShardState, ShardStateMachine};
+use crate::storage::state_machine::{Announcement, ShardState, ShardStateMachine};
 
-/// Settlement notifications buffered per shard before slow listeners lag (and re-read).
+/// Announcements (promise ids) buffered per shard before slow listeners lag (and re-read).
 const SETTLED_CHANNEL: usize = 4096;
 /// How often each replica checks whether its log has grown enough for a new snapshot.
 const SNAPSHOT_CHECK_EVERY: Duration = Duration::from_millis(500);
@@ -33,9 +34,23 @@ const SNAPSHOT_CHECK_EVERY: Duration = Duration::from_millis(500);
 const MAX_BATCH: usize = 256;
 /// Proposals queued for a shard's batcher before `propose` waits.
 const PROPOSAL_QUEUE: usize = 4096;
+/// Bytes of proposals (by [`Proposal::size_hint`]) queued for the batchers of all shards of a
+/// node before `propose` waits: 4,096 proposals of a few MiB each would otherwise be ~8 GiB.
+pub const PROPOSAL_QUEUE_BYTES: usize = 256 << 20;
 
-/// What openraft says of one proposal: applied (with the state machine's outcome) or why not.
-type WriteReply = Result<WriteResponse<TypeConfig>, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>;
+/// What became of one proposal: applied (with the state machine's outcome) or why not.
+type WriteReply = Result<WriteResponse<TypeConfig>, NotWritten>;
+
+/// Why a proposal has no outcome.
+#[derive(Debug)]
+enum NotWritten {
+    /// openraft refused or gave up on it.
+    Refused(ClientWriteError<TypeConfig>),
+    /// The Raft core stopped before taking the batch: nothing of it was appended.
+    NotSubmitted(String),
+    /// The Raft core stopped with the entry in flight: it may still commit on the followers.
+    InFlight(String),
+}
 
 /// How much batching happened on this replica: proposals handed to Raft, and in how many
 /// batches (`/metrics`: `vow_shard_proposals_total`, `vow_shard_proposal_batches_total`).
@@ -49,6 +64,9 @@ pub struct BatchCounters {
 struct Pending {
     proposal: Proposal,
     reply: oneshot::Sender<WriteReply>,
+    /// The proposal's share of [`PROPOSAL_QUEUE_BYTES`], given back when the batcher hands it
+    /// to Raft.
+    _queued: OwnedSemaphorePermit,
 }
 
 /// Hands every proposal queued since the last batch to openraft as one `client_write_many`:
@@ -84,25 +102,36 @@ async fn run_batcher(raft: Raft, mut queue: mpsc::Receiver<Pending>, counters: A
                 tokio::spawn(deliver(results, replies));
             }
             Err(fatal) => {
+                // Refused at submission: the Raft core had stopped and took none of the batch.
                 for reply in replies {
-                    let _ = reply.send(Err(RaftError::Fatal(fatal.clone())));
+                    let _ = reply.send(Err(NotWritten::NotSubmitted(fatal.to_string())));
                 }
             }
         }
     }
 }
 
-/// Sends a batch's replies to their callers, in submission order. If the shard stops mid-batch
-/// the remaining replies are dropped, which `propose` reports as an unknown outcome.
+/// Sends a batch's replies to their callers, in submission order. The batch was handed to the
+/// Raft core, so once the core stops (a storage error, a panic, shutdown) every entry not
+/// answered yet may still be on the followers and commit there: its outcome is unknown. If the
+/// stream ends early the remaining replies are dropped, which `propose` reports the same way.
 async fn deliver(
     mut results: BoxStream<'static, Result<WriteResult<TypeConfig>, Fatal<TypeConfig>>>,
     replies: Vec<oneshot::Sender<WriteReply>>,
 ) {
+    let mut stopped: Option<String> = None;
     for reply in replies {
-        let result = match results.next().await {
-            Some(Ok(written)) => written.map_err(RaftError::APIError),
-            Some(Err(fatal)) => Err(RaftError::Fatal(fatal)),
-            None => return,
+        let result = match &stopped {
+            Some(reason) => Err(NotWritten::InFlight(reason.clone())),
+            None => match results.next().await {
+                Some(Ok(written)) => written.map_err(NotWritten::Refused),
+                Some(Err(fatal)) => {
+                    let reason = fatal.to_string();
+                    stopped = Some(reason.clone());
+                    Err(NotWritten::InFlight(reason))
+                }
+                None => return,
+            },
         };
         let _ = reply.send(result);
     }
@@ -158,6 +187,10 @@ pub struct ShardContext {
     pub db: Arc<DB>,
     pub flusher: WalFlusher,
     pub peers: Peers,
+    /// This node's clock and its peers' readings, for bounded proposal stamps.
+    pub clocks: PeerClocks,
+    /// [`PROPOSAL_QUEUE_BYTES`], shared by the node's shards.
+    pub queue_bytes: Arc<Semaphore>,
     pub data_dir: PathBuf,
     pub raft: RaftOptions,
 }
@@ -168,9 +201,12 @@ pub struct Shard {
     pub id: ShardId,
     pub raft: Raft,
     pub state: ShardState,
-    settled: broadcast::Sender<Promise>,
+    announce: broadcast::Sender<Announcement>,
     proposals: mpsc::Sender<Pending>,
     pub batching: Arc<BatchCounters>,
+    node_id: NodeId,
+    clocks: PeerClocks,
+    queue_bytes: Arc<Semaphore>,
     snapshot_logs: u64,
     snapshot_records: Arc<AtomicU64>,
 }
@@ -181,21 +217,23 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+/// The share of [`PROPOSAL_QUEUE_BYTES`] a proposal takes while queued: its size, but never
+/// more than the whole (one proposal alone always fits).
+fn queue_permits(proposal: &Proposal) -> u32 {
+    proposal.size_hint().min(PROPOSAL_QUEUE_BYTES) as u32
+}
+
 /// Whether a replica that applied up to `applied` and last snapshotted at `snapshotted` should
 /// build a snapshot, given the configured floor and the last snapshot's record count.
 fn snapshot_due(applied: u64, snapshotted: u64, floor: u64, records: u64) -> bool {
     applied.saturating_sub(snapshotted) >= floor.max(records / 4)
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 impl Shard {
     pub async fn open(ctx: &ShardContext, id: ShardId) -> anyhow::Result<Shard> {
-        let (settled, _) = broadcast::channel(SETTLED_CHANNEL);
+        let (announce, _) = broadcast::channel(SETTLED_CHANNEL);
         let snapshot_dir = ctx.data_dir.join("snapshots").join(format!("shard-{}", id.0));
-        let sm = ShardStateMachine::open(ctx.db.clone(), id, snapshot_dir, settled.clone())?;
+        let sm = ShardStateMachine::open(ctx.db.clone(), id, snapshot_dir, announce.clone())?;
         let state = sm.reader();
         let snapshot_records = sm.snapshot_records();
         let log = LogStore::new(ctx.db.clone(), id, ctx.flusher.clone());
@@ -214,7 +252,12 @@ impl Shard {
             ..Default::default()
         }
         .validate()?;
-        let network = NetworkFactory { peers: ctx.peers.clone(), shard: id, cluster_name: ctx.cluster_name.clone() };
+        let network = NetworkFactory {
+            peers: ctx.peers.clone(),
+            shard: id,
+            cluster_name: ctx.cluster_name.clone(),
+            clocks: ctx.clocks.clone(),
+        };
         let raft = Raft::new(ctx.node_id, Arc::new(config), network, log, sm).await?;
         let (proposals, queue) = mpsc::channel(PROPOSAL_QUEUE);
         let batching = Arc::new(BatchCounters::default());
@@ -223,9 +266,12 @@ impl Shard {
             id,
             raft,
             state,
-            settled,
+            announce,
             proposals,
             batching,
+            node_id: ctx.node_id,
+            clocks: ctx.clocks.clone(),
+            queue_bytes: ctx.queue_bytes.clone(),
             snapshot_logs: ctx.raft.snapshot_logs,
             snapshot_records,
         })
@@ -257,9 +303,18 @@ impl Shard {
         }
     }
 
-    /// Subscribes to promises settled on this replica from now on.
-    pub fn subscribe_settled(&self) -> broadcast::Receiver<Promise> {
-        self.settled.subscribe()
+    /// The time to stamp on a proposal now: this node's clock, unless a majority of the shard's
+    /// voters' clocks read earlier (see [`crate::clock`]).
+    pub fn stamp_ms(&self) -> i64 {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        self.clocks.bound(self.node_id, m.membership_config.membership().voter_ids())
+    }
+
+    /// Subscribes to what this replica applies from now on that waiters care about: settled
+    /// promises, and the replacement of the whole state by a snapshot.
+    pub fn subscribe(&self) -> broadcast::Receiver<Announcement> {
+        self.announce.subscribe()
     }
 
     /// Initialises the shard with `members` as voters if it has never been initialised.
@@ -281,32 +336,44 @@ impl Shard {
     /// Concurrent proposals go to Raft together (see [`run_batcher`]).
     pub async fn propose(&self, command: Command) -> Result<Outcome, ShardError> {
         let (reply, replied) = oneshot::channel();
-        let pending = Pending { proposal: Proposal { stamp_ms: now_ms(), command }, reply };
+        let proposal = Proposal { stamp_ms: self.stamp_ms(), command };
+        let Ok(queued) = self.queue_bytes.clone().acquire_many_owned(queue_permits(&proposal)).await else {
+            return Err(ShardError::Unavailable { shard: self.id, reason: "shard is shutting down".into() });
+        };
+        let pending = Pending { proposal, reply, _queued: queued };
         if self.proposals.send(pending).await.is_err() {
             return Err(ShardError::Unavailable { shard: self.id, reason: "shard is shutting down".into() });
         }
         let Ok(result) = replied.await else {
             return Err(ShardError::OutcomeUnknown { shard: self.id, reason: "shard stopped before replying".into() });
         };
+        let shard = self.id;
         match result {
-            Ok(written) => written.response.0.ok_or_else(|| ShardError::Fatal {
-                shard: self.id,
+            // The entry was applied; only its reply is missing.
+            Ok(written) => written.response.0.ok_or_else(|| ShardError::OutcomeUnknown {
+                shard,
                 reason: "state machine returned no outcome for a command".into(),
             }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
-            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => Err(ShardError::OutcomeUnknown {
-                shard: self.id,
+            Err(NotWritten::Refused(ClientWriteError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
+            Err(NotWritten::Refused(ClientWriteError::LogEntryDiscarded(f))) => Err(ShardError::OutcomeUnknown {
+                shard,
                 reason: format!("leadership changed before the entry committed (new leader {:?})", f.leader_id),
             }),
-            Err(RaftError::APIError(e)) => Err(ShardError::Unavailable { shard: self.id, reason: e.to_string() }),
-            Err(RaftError::Fatal(e)) => Err(ShardError::Fatal { shard: self.id, reason: e.to_string() }),
+            Err(NotWritten::Refused(e)) => Err(ShardError::Unavailable { shard, reason: e.to_string() }),
+            Err(NotWritten::NotSubmitted(reason)) => {
+                Err(ShardError::Unavailable { shard, reason: format!("shard stopped: {reason}") })
+            }
+            Err(NotWritten::InFlight(reason)) => Err(ShardError::OutcomeUnknown {
+                shard,
+                reason: format!("shard stopped with the write in flight: {reason}"),
+            }),
         }
     }
 
     /// Sabotage only (`ack-before-commit`): the outcome the command would have on this
     /// replica's current state, returned before the command is even proposed.
     pub fn predict_and_propose_in_background(&self, command: Command) -> Result<Outcome, ShardError> {
-        let proposal = Proposal { stamp_ms: now_ms(), command: command.clone() };
+        let proposal = Proposal { stamp_ms: self.stamp_ms(), command: command.clone() };
         let predicted = vow_core::apply(&self.state, 0, 0, &proposal)
             .map_err(|e| ShardError::Fatal { shard: self.id, reason: e.to_string() })?;
         let shard = self.clone();

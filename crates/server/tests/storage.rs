@@ -196,8 +196,8 @@ async fn a_snapshot_moves_a_shard_to_another_database() -> std::io::Result<()> {
     assert_eq!(dst.applied_state().await?.0, Some(lid(1, 4_000)));
     let (reader_src, reader_dst) = (src.reader(), dst.reader());
     let filter = Default::default();
-    let all_src = reader_src.search(&filter, None, 5_000)?.promises;
-    let all_dst = reader_dst.search(&filter, None, 5_000)?.promises;
+    let all_src = reader_src.search(&filter, None, 5_000, usize::MAX)?.promises;
+    let all_dst = reader_dst.search(&filter, None, 5_000, usize::MAX)?.promises;
     assert_eq!(all_src.len(), 2_000);
     assert_eq!(all_src, all_dst);
     // Secondary indexes came along too: the settled index finds every promise.
@@ -279,5 +279,176 @@ async fn a_long_apply_call_writes_as_it_goes() -> std::io::Result<()> {
     });
     sm.apply(entries).await?;
     assert_eq!(*written_by_2500.lock().unwrap(), Some(true), "nothing reached the database during the call");
+    Ok(())
+}
+
+/// Records in a snapshot file other than the state machine's own keys (applied log id, cluster
+/// time, membership), after checking its trailer: promises and their index keys.
+fn records_in(file: std::fs::File) -> std::io::Result<(vow_server::raft::SnapshotMeta, u64)> {
+    let (meta, mut reader) = storage::snapshot::Reader::open(file)?;
+    let mut n = 0;
+    while let Some((key, _)) = reader.next_record()? {
+        if key.first() != Some(&storage::keys::STATE_META) {
+            n += 1;
+        }
+    }
+    Ok((meta, n))
+}
+
+/// `count` creates of distinct ids at log indexes `first..first + count`.
+fn creates(first: u64, count: u64, prefix: &str) -> Vec<Entry> {
+    (0..count)
+        .map(|i| {
+            proposal_entry(
+                first + i,
+                Command::Create {
+                    id: PromiseId::new_unchecked(format!("{prefix}{i:07}")),
+                    param: Value { headers: BTreeMap::new(), data: vec![1; 16] },
+                    deadline_ms: 10_000_000,
+                    tags: BTreeMap::new(),
+                    idempotency_key: String::new(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// openraft builds a snapshot in a task of its own while the state machine installs one from
+/// the leader. Whatever the interleaving: the build succeeds, what it wrote is one whole state
+/// (before the install or after it), the snapshot served afterwards is the installed one with
+/// every record, and the installed state survives a crash. Before builds took their view under
+/// the install lock, a build could read a half-installed state and write it over the received
+/// file under the same name (records lost), or find its own file deleted and fail (the shard
+/// stopped for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_builds_racing_installs_never_lose_records() -> std::io::Result<()> {
+    use rand::{Rng, SeedableRng};
+    const PROMISES: u64 = 100_000; // two records each (the promise and its deadline key)
+    let src_dir = tempfile::tempdir()?;
+    let (_db, _log, mut src) = open_shard(src_dir.path(), ShardId(0))?;
+    for chunk in creates(1, PROMISES, "big-").chunks(10_000) {
+        apply(&mut src, chunk.to_vec()).await?;
+    }
+    let received = src.get_snapshot_builder().await.build_snapshot().await?;
+    let (meta, expected) = records_in(received.snapshot.file.try_clone()?)?;
+    assert_eq!(expected, 2 * PROMISES, "each promise and its deadline key");
+
+    let seed: u64 = std::env::var("VOW_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (replay with VOW_TEST_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..8 {
+        let dir = tempfile::tempdir()?;
+        let (db, log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+        apply(&mut sm, creates(1, 1_000, "small-")).await?;
+        let (_, before) = {
+            let own = sm.get_snapshot_builder().await.build_snapshot().await?;
+            records_in(own.snapshot.file)?
+        };
+        // The received file, as the Raft service would hand it over: a copy in the directory.
+        let incoming = dir.path().join(format!("recv-{round}.tmp"));
+        std::fs::copy(&received.snapshot.path, &incoming)?;
+        let file = storage::snapshot::SnapshotFile::open(incoming)?;
+
+        let mut builder = sm.get_snapshot_builder().await;
+        let build_delay = std::time::Duration::from_millis(rng.random_range(0..1_500));
+        let build = tokio::spawn(async move {
+            tokio::time::sleep(build_delay).await; // lands anywhere in the install below
+            builder.build_snapshot().await
+        });
+        sm.install_snapshot(&meta, file).await?;
+        let built = build.await.map_err(std::io::Error::other)?;
+        let built = built.unwrap_or_else(|e| panic!("round {round}: the build failed: {e}"));
+        let (built_meta, built_records) = records_in(built.snapshot.file)?;
+        assert!(
+            (built_meta.last_log_id < meta.last_log_id && built_records == before)
+                || (built_meta == meta && built_records == expected),
+            "round {round} (build after {build_delay:?}): built {built_records} records at {:?}; \
+             whole states have {before} (before) or {expected} (installed)",
+            built_meta.last_log_id
+        );
+        let current = sm.get_current_snapshot().await?.expect("a current snapshot");
+        let (current_meta, current_records) = records_in(current.snapshot.file)?;
+        assert_eq!((current_meta, current_records), (meta.clone(), expected), "round {round}: the served snapshot");
+
+        // A crash now: the reopened state is the installed one, every promise present.
+        drop((db, log, sm));
+        let (_db, _log, mut reopened) = open_shard(dir.path(), ShardId(0))?;
+        assert_eq!(reopened.applied_state().await?.0, meta.last_log_id);
+        let reader = reopened.reader();
+        for i in [0, PROMISES / 2, PROMISES - 1] {
+            let id = PromiseId::new_unchecked(format!("big-{i:07}"));
+            assert!(reader.get(&id)?.is_some(), "round {round}: {id} lost");
+        }
+    }
+    Ok(())
+}
+
+/// An install announces that the whole state was replaced, so that waiters (Await) look at it
+/// again: the settlements it brought were never applied here one by one.
+#[tokio::test]
+async fn a_snapshot_install_tells_waiters_to_look_again() -> std::io::Result<()> {
+    let (src_dir, dst_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (_db, _log, mut src) = open_shard(src_dir.path(), ShardId(0))?;
+    apply(&mut src, create_and_settle()).await?;
+    let snapshot = src.get_snapshot_builder().await.build_snapshot().await?;
+
+    let db = storage::open(&dst_dir.path().join("db"))?;
+    let (tx, mut rx) = broadcast::channel(16);
+    let mut dst = ShardStateMachine::open(db, ShardId(0), dst_dir.path().join("snapshots"), tx)?;
+    dst.install_snapshot(&snapshot.meta, snapshot.snapshot).await?;
+    assert_eq!(rx.try_recv().ok(), Some(vow_server::storage::state_machine::Announcement::StateReplaced));
+    assert_settled(&dst)
+}
+
+/// A crash at each step of a snapshot install: after the file was received but before the
+/// install marked itself (the file is a temporary one and goes; the old state stays), after the
+/// marker (the install is redone from the received file), after the rename to its final name
+/// (redone from that). The snapshot is never found as the current one before its state is in
+/// place, so openraft never restores from a file the state machine did not install.
+#[tokio::test]
+async fn a_crash_at_each_step_of_a_snapshot_install_recovers() -> std::io::Result<()> {
+    use storage::keys;
+    let src_dir = tempfile::tempdir()?;
+    let (_db, _log, mut src) = open_shard(src_dir.path(), ShardId(0))?;
+    apply(&mut src, create_and_settle()).await?;
+    let snapshot = src.get_snapshot_builder().await.build_snapshot().await?;
+    let target_name = "snap-00000000000000000001-00000000000000000002-00000000000000aa.snap";
+
+    for step in ["received", "marked", "renamed"] {
+        let dir = tempfile::tempdir()?;
+        let snap_dir = dir.path().join("snapshots-0");
+        {
+            let (db, _log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+            apply(&mut sm, creates(1, 1, "old-")).await?;
+            sm.reader().flush()?;
+            std::fs::create_dir_all(&snap_dir)?;
+            let file = if step == "renamed" { target_name.to_owned() } else { format!("recv-{step}.tmp") };
+            std::fs::copy(&snapshot.snapshot.path, snap_dir.join(&file))?;
+            if step != "received" {
+                let state = db.cf_handle(storage::CF_STATE).expect("state family");
+                let marker = format!("recv-{step}.tmp\n{target_name}");
+                db.put_cf(state, keys::sm_meta(ShardId(0), keys::SM_INSTALLING), marker)
+                    .map_err(std::io::Error::other)?;
+            }
+            // The crash: everything dropped as it is.
+        }
+        let (_db, _log, mut sm) = open_shard(dir.path(), ShardId(0))?;
+        let files: Vec<String> = std::fs::read_dir(&snap_dir)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        let current = sm.get_current_snapshot().await?;
+        if step == "received" {
+            assert!(files.is_empty(), "{step}: the temporary file is removed: {files:?}");
+            assert!(current.is_none(), "{step}: no snapshot was installed");
+            assert_eq!(sm.applied_state().await?.0, Some(lid(1, 1)), "{step}: the old state stays");
+            assert!(sm.reader().get(&PromiseId::new_unchecked("old-0000000"))?.is_some());
+        } else {
+            assert_eq!(files, vec![target_name.to_owned()], "{step}");
+            assert_eq!(current.map(|c| c.meta), Some(snapshot.meta.clone()), "{step}");
+            assert_eq!(sm.applied_state().await?.0, snapshot.meta.last_log_id, "{step}");
+            assert_settled(&sm)?;
+            assert!(sm.reader().get(&PromiseId::new_unchecked("old-0000000"))?.is_none(), "{step}: replaced");
+        }
+    }
     Ok(())
 }

@@ -12,6 +12,31 @@ use vow_core::{NodeId, Outcome, Proposal};
 
 use crate::storage::state_machine::ShardStateMachine;
 
+/// Encoded log entries one AppendEntries carries: entries are added while they fit, and the
+/// first always goes. openraft's own bound is a count (`max_payload_entries`, 300), which for
+/// large entries makes a message no follower accepts, and replication stalls for good.
+pub const APPEND_BUDGET_BYTES: usize = 8 << 20;
+
+/// The largest Raft message a node sends or accepts: one entry of the largest record any
+/// configuration allows (a command is smaller than its record), or an append of
+/// [`APPEND_BUDGET_BYTES`], with room for the framing. The same on every node whatever its
+/// limits, so a leader never sends what a follower refuses.
+pub const MAX_MESSAGE_BYTES: usize = vow_core::HARD_MAX_RECORD_BYTES + (1 << 20);
+const _: () = assert!(APPEND_BUDGET_BYTES < MAX_MESSAGE_BYTES);
+
+/// About how many bytes an entry takes in an AppendEntries.
+pub fn entry_size_hint(entry: &Entry) -> usize {
+    const LOG_ID_BYTES: usize = 32;
+    LOG_ID_BYTES
+        + match &entry.payload {
+            openraft::EntryPayload::Normal(p) => p.size_hint(),
+            openraft::EntryPayload::Membership(m) => {
+                m.nodes().map(|(_, n)| n.grpc_addr.len() + LOG_ID_BYTES).sum::<usize>() * 2 + LOG_ID_BYTES
+            }
+            openraft::EntryPayload::Blank => 0,
+        }
+}
+
 /// What the Raft membership records about a node: where to reach it. One gRPC address serves
 /// the public API and the internal Raft service alike.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

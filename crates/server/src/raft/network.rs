@@ -17,10 +17,11 @@ use openraft::raft::{
 };
 use tonic::transport::Channel;
 use vow_api::raft::raft_client::RaftClient;
-use vow_api::raft::{RaftRequest, SnapshotChunk};
+use vow_api::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use vow_core::{NodeId, ShardId};
 
 use super::{TypeConfig, Vote, VowNode, codec};
+use crate::clock::PeerClocks;
 use crate::peers::Peers;
 use crate::storage::snapshot::SnapshotFile;
 
@@ -38,6 +39,7 @@ pub struct NetworkFactory {
     pub peers: Peers,
     pub shard: ShardId,
     pub cluster_name: Arc<str>,
+    pub clocks: PeerClocks,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -49,6 +51,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             shard: self.shard,
             cluster_name: self.cluster_name.clone(),
+            clocks: self.clocks.clone(),
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct PeerClient {
     target: NodeId,
     shard: ShardId,
     cluster_name: Arc<str>,
+    clocks: PeerClocks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,13 @@ impl PeerClient {
             Ok(c) => Ok(RaftClient::new(c.clone()).max_decoding_message_size(usize::MAX)),
             Err(e) => Err(unreachable(e.clone())),
         }
+    }
+
+    /// A reply's message, after noting the peer's clock reading it carries.
+    fn heard(&self, reply: tonic::Response<RaftReply>) -> RaftReply {
+        let reply = reply.into_inner();
+        self.clocks.observe(self.target, reply.sender_time_ms);
+        reply
     }
 
     fn request(&self, payload: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftRequest> {
@@ -131,6 +142,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         let setup = option.soft_ttl().max(MIN_STREAM_STALL);
+        let (clocks, target) = (self.clocks.clone(), self.target);
         let stall = option.hard_ttl().max(MIN_STREAM_STALL);
         let mut header = Some((self.shard, self.target, self.cluster_name.clone()));
         let sent: InFlight = Arc::default();
@@ -154,25 +166,29 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             };
             let mut check = tokio::time::interval(stall / 2);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let results = futures::stream::unfold(Some((replies, sent, check)), move |state| async move {
-                let (mut replies, sent, mut check) = state?;
-                loop {
-                    tokio::select! {
-                        reply = replies.message() => {
-                            let item = match reply {
-                                Ok(Some(reply)) => {
-                                    in_flight(&sent).pop_front();
-                                    codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+            let results = futures::stream::unfold(Some((replies, sent, check)), move |state| {
+                let clocks = clocks.clone();
+                async move {
+                    let (mut replies, sent, mut check) = state?;
+                    loop {
+                        tokio::select! {
+                            reply = replies.message() => {
+                                let item = match reply {
+                                    Ok(Some(reply)) => {
+                                        in_flight(&sent).pop_front();
+                                        clocks.observe(target, reply.sender_time_ms);
+                                        codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+                                    }
+                                    Ok(None) => return None,
+                                    Err(status) => Err(status_error(status)),
+                                };
+                                let next = item.is_ok().then_some((replies, sent, check));
+                                return Some((item, next));
+                            }
+                            _ = check.tick() => {
+                                if in_flight(&sent).front().is_some_and(|t| t.elapsed() > stall) {
+                                    return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
                                 }
-                                Ok(None) => return None,
-                                Err(status) => Err(status_error(status)),
-                            };
-                            let next = item.is_ok().then_some((replies, sent, check));
-                            return Some((item, next));
-                        }
-                        _ = check.tick() => {
-                            if in_flight(&sent).front().is_some_and(|t| t.elapsed() > stall) {
-                                return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
                             }
                         }
                     }
@@ -189,7 +205,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_append_request(&rpc), &option);
         let reply = self.client()?.append_entries(req).await.map_err(status_error)?;
-        codec::decode_append_response(&reply.into_inner().payload).map_err(decode_error)
+        codec::decode_append_response(&self.heard(reply).payload).map_err(decode_error)
     }
 
     async fn vote(
@@ -199,7 +215,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_vote_request(&rpc), &option);
         let reply = self.client()?.vote(req).await.map_err(status_error)?;
-        codec::decode_vote_response(&reply.into_inner().payload).map_err(decode_error)
+        codec::decode_vote_response(&self.heard(reply).payload).map_err(decode_error)
     }
 
     async fn transfer_leader(
@@ -209,7 +225,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_transfer_request(&rpc), &option);
         let reply = self.client()?.transfer_leader(req).await.map_err(status_error)?;
-        codec::decode_transfer_response(&reply.into_inner().payload).map_err(decode_error)
+        codec::decode_transfer_response(&self.heard(reply).payload).map_err(decode_error)
     }
 
     async fn full_snapshot(
@@ -249,6 +265,6 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             Err(e) => return Err(unreachable(format!("snapshot reader failed: {e}")).into()),
         }
         let reply = reply.map_err(status_error)?;
-        codec::decode_snapshot_response(&reply.into_inner().payload).map_err(|e| decode_error(e).into())
+        codec::decode_snapshot_response(&self.heard(reply).payload).map_err(|e| decode_error(e).into())
     }
 }

@@ -13,6 +13,7 @@ use vow_api::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use vow_core::NodeId;
 
 use super::codec;
+use crate::clock::WallClock;
 use crate::shard::Shard;
 use crate::storage::snapshot::SnapshotFile;
 
@@ -22,6 +23,8 @@ pub struct RaftService {
     pub cluster_name: Arc<str>,
     pub shards: Arc<[Shard]>,
     pub data_dir: std::path::PathBuf,
+    /// Every reply carries this node's clock reading (see [`crate::clock`]).
+    pub clock: WallClock,
 }
 
 fn malformed(e: vow_core::DecodeError) -> Status {
@@ -32,11 +35,11 @@ fn stopped(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("raft stopped: {e}"))
 }
 
-fn reply(payload: Vec<u8>) -> Result<Response<RaftReply>, Status> {
-    Ok(Response::new(RaftReply { payload: payload.into() }))
-}
-
 impl RaftService {
+    fn reply(&self, payload: Vec<u8>) -> Result<Response<RaftReply>, Status> {
+        Ok(Response::new(RaftReply { payload: payload.into(), sender_time_ms: self.clock.now_ms() }))
+    }
+
     /// The shard a message is for, after checking it was meant for this node and cluster.
     fn shard(&self, req: &RaftRequest) -> Result<&Shard, Status> {
         if req.target_node_id != self.node_id.0 {
@@ -88,8 +91,12 @@ impl RaftService {
                 };
                 std::future::ready(rpc)
             });
-            let results = shard.raft.stream_append(requests).map(|r| match r {
-                Ok(result) => Ok(RaftReply { payload: codec::encode_stream_append_result(&result).into() }),
+            let clock = service.clock;
+            let results = shard.raft.stream_append(requests).map(move |r| match r {
+                Ok(result) => Ok(RaftReply {
+                    payload: codec::encode_stream_append_result(&result).into(),
+                    sender_time_ms: clock.now_ms(),
+                }),
                 Err(fatal) => Err(stopped(fatal)),
             });
             let trailer = stream::once(async move { invalid.lock().unwrap_or_else(|p| p.into_inner()).take() })
@@ -118,7 +125,7 @@ impl RaftRpc for RaftService {
         let shard = self.shard(&req)?;
         let rpc = codec::decode_vote_request(&req.payload).map_err(malformed)?;
         let resp = shard.raft.vote(rpc).await.map_err(stopped)?;
-        reply(codec::encode_vote_response(&resp))
+        self.reply(codec::encode_vote_response(&resp))
     }
 
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -126,7 +133,7 @@ impl RaftRpc for RaftService {
         let shard = self.shard(&req)?;
         let rpc = codec::decode_append_request(&req.payload).map_err(malformed)?;
         let resp = shard.raft.append_entries(rpc).await.map_err(stopped)?;
-        reply(codec::encode_append_response(&resp))
+        self.reply(codec::encode_append_response(&resp))
     }
 
     async fn transfer_leader(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
@@ -134,7 +141,7 @@ impl RaftRpc for RaftService {
         let shard = self.shard(&req)?;
         let rpc = codec::decode_transfer_request(&req.payload).map_err(malformed)?;
         let resp = shard.raft.handle_transfer_leader(rpc).await.map_err(stopped)?;
-        reply(codec::encode_transfer_response(&resp))
+        self.reply(codec::encode_transfer_response(&resp))
     }
 
     async fn install_snapshot(
@@ -160,7 +167,8 @@ impl RaftRpc for RaftService {
                 file.write_all(&chunk.data)?;
             }
             let file = file.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
+            // The fsync of a whole state blocks: not on a runtime thread.
+            tokio::task::spawn_blocking(move || file.sync_all()).await.map_err(std::io::Error::other)??;
             Ok::<_, std::io::Error>(())
         }
         .await;
@@ -186,9 +194,15 @@ impl RaftRpc for RaftService {
             let _ = std::fs::remove_file(&path);
             return Err(Status::data_loss(format!("received snapshot is invalid: {e}")));
         }
-        let data = SnapshotFile::open(path).map_err(|e| Status::internal(e.to_string()))?;
+        let data = SnapshotFile::open(path.clone()).map_err(|e| Status::internal(e.to_string()))?;
         let snapshot: SnapshotOf<super::TypeConfig, SnapshotFile> = openraft::Snapshot { meta, snapshot: data };
-        let resp = shard.raft.install_full_snapshot(vote, snapshot).await.map_err(stopped)?;
-        reply(codec::encode_snapshot_response(&resp))
+        let installed = shard.raft.install_full_snapshot(vote, snapshot).await;
+        // openraft may decline the snapshot (a stale vote, nothing newer than what is committed)
+        // without handing the file to the state machine, which would have moved it: remove it.
+        if path.exists() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let resp = installed.map_err(stopped)?;
+        self.reply(codec::encode_snapshot_response(&resp))
     }
 }

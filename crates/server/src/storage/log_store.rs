@@ -24,7 +24,7 @@ use vow_core::ShardId;
 use vow_core::codec::{Decoder, Encoder};
 
 use super::{CF_LOG, CF_META, cf, corrupt, io_err, keys};
-use crate::raft::{Entry, LogId, TypeConfig, Vote, codec};
+use crate::raft::{APPEND_BUDGET_BYTES, Entry, LogId, TypeConfig, Vote, codec, entry_size_hint};
 
 /// Callbacks waiting for the next WAL fsync, at most this many queued before appends wait.
 const FLUSH_QUEUE: usize = 4096;
@@ -39,6 +39,12 @@ impl WalFlusher {
     /// Starts the flusher thread for `db`. It ends when every handle is dropped, and never keeps
     /// the database open by itself (it holds a weak reference between flushes).
     pub fn spawn(db: Arc<DB>) -> Self {
+        Self::spawn_with_failpoint(db, None)
+    }
+
+    /// As [`WalFlusher::spawn`]; while the file `failpoint` exists, every fsync fails as a disk
+    /// error would (tests of what a failing disk does to writes in flight).
+    pub fn spawn_with_failpoint(db: Arc<DB>, failpoint: Option<std::path::PathBuf>) -> Self {
         let (tx, mut rx) = mpsc::channel::<IOFlushed<TypeConfig>>(FLUSH_QUEUE);
         let db = Arc::downgrade(&db);
         // A dedicated thread: the fsync blocks, and handing each one to tokio's blocking pool
@@ -54,6 +60,9 @@ impl WalFlusher {
                     }
                 }
                 let synced = match db.upgrade() {
+                    _ if failpoint.as_ref().is_some_and(|f| f.exists()) => {
+                        Err(io::Error::other("WAL fsync failed (failpoint)"))
+                    }
                     Some(db) => db.flush_wal(true).map_err(io_err),
                     None => Err(io::Error::other("database closed")),
                 };
@@ -195,6 +204,40 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// The entries `[start, end)` (to the end of the log if `end` is `None`), stopping once they
+    /// exceed `budget` bytes (the first entry always comes): from the cache when it holds the
+    /// whole range, else from RocksDB, which then reads no further than the budget.
+    fn read_entries(&self, start: u64, end: Option<u64>, budget: usize) -> io::Result<Vec<Entry>> {
+        if let Some(end) = end
+            && let Some(mut entries) = self.cache().get(start, end)
+        {
+            entries.truncate(fitting(entries.iter().map(entry_size_hint), budget));
+            return Ok(entries);
+        }
+        let log = cf(&self.db, CF_LOG)?;
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let from = keys::log(self.shard, start);
+        for item in self.db.iterator_cf(log, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item.map_err(io_err)?;
+            if k[..4] != keys::shard_prefix(self.shard) {
+                break;
+            }
+            let index = keys::log_index(&k).ok_or_else(|| io::Error::other("malformed log key"))?;
+            if end.is_some_and(|end| index >= end) {
+                break;
+            }
+            bytes = bytes.saturating_add(v.len());
+            if !entries.is_empty() && bytes > budget {
+                break;
+            }
+            entries.push(codec::decode_entry(&v).map_err(corrupt)?);
+        }
+        Ok(entries)
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -210,26 +253,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => Some(i),
             Bound::Unbounded => None,
         };
-        if let Some(end) = end
-            && let Some(entries) = self.cache().get(start, end)
-        {
-            return Ok(entries);
-        }
-        let log = cf(&self.db, CF_LOG)?;
-        let mut entries = Vec::new();
-        let from = keys::log(self.shard, start);
-        for item in self.db.iterator_cf(log, IteratorMode::From(&from, Direction::Forward)) {
-            let (k, v) = item.map_err(io_err)?;
-            if k[..4] != keys::shard_prefix(self.shard) {
-                break;
-            }
-            let index = keys::log_index(&k).ok_or_else(|| io::Error::other("malformed log key"))?;
-            if !range.contains(&index) {
-                break;
-            }
-            entries.push(codec::decode_entry(&v).map_err(corrupt)?);
-        }
-        Ok(entries)
+        self.read_entries(start, end, usize::MAX)
+    }
+
+    /// At most [`APPEND_BUDGET_BYTES`] of entries from `[start, end)` (the first always), so
+    /// that every AppendEntries fits the receiver's message limit.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.read_entries(start, Some(end), APPEND_BUDGET_BYTES)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -259,12 +289,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let mut e = Encoder::new();
         codec::vote(&mut e, vote);
-        let mut wo = WriteOptions::default();
-        // A vote must be on disk before it is returned: otherwise a restart can vote twice in a term.
-        wo.set_sync(true);
-        self.db
-            .put_cf_opt(cf(&self.db, CF_META)?, keys::meta(self.shard, keys::META_VOTE), e.into_bytes(), &wo)
-            .map_err(io_err)
+        let (db, key, value) = (self.db.clone(), keys::meta(self.shard, keys::META_VOTE), e.into_bytes());
+        // A vote must be on disk before it is returned: otherwise a restart can vote twice in a
+        // term. The fsync blocks, so it runs off the runtime's (two) worker threads, which
+        // carry every shard's heartbeats.
+        tokio::task::spawn_blocking(move || {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(cf(&db, CF_META)?, key, value, &wo).map_err(io_err)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -324,6 +359,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// How many of the items (of the given sizes, in order) fit in `budget` bytes; the first
+/// always does.
+fn fitting(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for size in sizes {
+        total = total.saturating_add(size);
+        if n > 0 && total > budget {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::EntryPayload;
@@ -347,6 +397,14 @@ mod tests {
             c.push(entry(1, i));
         }
         c
+    }
+
+    #[test]
+    fn appends_are_bounded_by_bytes_and_always_carry_one_entry() {
+        assert_eq!(fitting([3, 3, 3], 6), 2);
+        assert_eq!(fitting([3, 3, 3], 100), 3);
+        assert_eq!(fitting([100, 1], 6), 1, "an entry larger than the budget still goes, alone");
+        assert_eq!(fitting([], 6), 0);
     }
 
     #[test]

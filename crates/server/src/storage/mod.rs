@@ -207,41 +207,93 @@ pub(crate) fn shard_end(shard: ShardId) -> Vec<u8> {
     }
 }
 
-/// What a data directory records about its owner, so a node never starts on another node's data.
+/// What a data directory records about its owner, so a node never starts on another node's
+/// data, or with another shard count than the cluster was initialised with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeIdentity {
     pub node_id: u64,
     pub cluster_name: String,
+    /// Shards of the cluster. Ids are placed by `hash mod shards`, so another count would send
+    /// existing ids to shards that do not hold them: they would read as not found and could be
+    /// created a second time.
+    pub shards: u32,
 }
 
+/// Identity format: version 1 had no shard count; version 2 adds it.
+const IDENTITY_FORMAT: u8 = 2;
+
 /// Checks the directory's identity, writing it on first use. A mismatch is a configuration
-/// error the operator must fix: starting anyway could make two nodes vote with one id.
+/// error the operator must fix: starting anyway could make two nodes vote with one id, or
+/// route existing promises to the wrong shards.
 pub fn check_identity(db: &DB, want: &NodeIdentity) -> io::Result<()> {
     let meta = cf(db, CF_META)?;
-    match db.get_cf(meta, keys::NODE_IDENTITY).map_err(io_err)? {
-        Some(bytes) => {
-            let mut d = vow_core::codec::Decoder::new(&bytes);
-            d.version("node identity", 1).map_err(corrupt)?;
-            let node_id = d.u64("node id").map_err(corrupt)?;
-            let cluster_name = d.string("cluster name").map_err(corrupt)?;
-            let found = NodeIdentity { node_id, cluster_name };
-            if &found != want {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "data directory belongs to node {} of cluster {:?}, but this is node {} of cluster {:?}",
-                        found.node_id, found.cluster_name, want.node_id, want.cluster_name
-                    ),
-                ));
-            }
-            Ok(())
-        }
-        None => {
-            let mut e = vow_core::codec::Encoder::new();
-            e.u8(1).u64(want.node_id).str(&want.cluster_name);
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.set_sync(true);
-            db.put_cf_opt(meta, keys::NODE_IDENTITY, e.into_bytes(), &wo).map_err(io_err)
-        }
+    let write = || {
+        let mut e = vow_core::codec::Encoder::new();
+        e.u8(IDENTITY_FORMAT).u64(want.node_id).str(&want.cluster_name).u64(u64::from(want.shards));
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        db.put_cf_opt(meta, keys::NODE_IDENTITY, e.into_bytes(), &wo).map_err(io_err)
+    };
+    let Some(bytes) = db.get_cf(meta, keys::NODE_IDENTITY).map_err(io_err)? else { return write() };
+    let mut d = vow_core::codec::Decoder::new(&bytes);
+    let version = d.u8("node identity version").map_err(corrupt)?;
+    if version == 0 || version > IDENTITY_FORMAT {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown node identity format {version}")));
+    }
+    let node_id = d.u64("node id").map_err(corrupt)?;
+    let cluster_name = d.string("cluster name").map_err(corrupt)?;
+    if node_id != want.node_id || cluster_name != want.cluster_name {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "data directory belongs to node {node_id} of cluster {cluster_name:?}, but this is node {} of cluster {:?}",
+                want.node_id, want.cluster_name
+            ),
+        ));
+    }
+    if version == 1 {
+        // Written before the shard count was recorded: record the one in use now.
+        return write();
+    }
+    let shards = d.u64("shard count").map_err(corrupt)?;
+    if shards != u64::from(want.shards) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "data directory was initialised with {shards} shards, but this node is started with --shards {}; \
+                 the shard count is fixed when a cluster is initialised: start it with --shards {shards}",
+                want.shards
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_identity_fixes_node_cluster_and_shard_count() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let db = open(&dir.path().join("db"))?;
+        let me = NodeIdentity { node_id: 1, cluster_name: "c".into(), shards: 4 };
+        check_identity(&db, &me)?;
+        check_identity(&db, &me)?;
+        let err = check_identity(&db, &NodeIdentity { shards: 8, ..me.clone() }).unwrap_err();
+        assert!(
+            err.to_string().contains("initialised with 4 shards") && err.to_string().contains("--shards 8"),
+            "{err}"
+        );
+        let err = check_identity(&db, &NodeIdentity { node_id: 2, ..me.clone() }).unwrap_err();
+        assert!(err.to_string().contains("belongs to node 1"), "{err}");
+
+        // A directory written before shard counts were recorded takes the current one.
+        let mut e = vow_core::codec::Encoder::new();
+        e.u8(1).u64(1).str("c");
+        db.put_cf(cf(&db, CF_META)?, keys::NODE_IDENTITY, e.into_bytes()).map_err(io_err)?;
+        check_identity(&db, &NodeIdentity { shards: 2, ..me.clone() })?;
+        assert!(check_identity(&db, &me).is_err(), "from then on the count is fixed");
+        Ok(())
     }
 }

@@ -7,8 +7,10 @@
 //! every record byte. All integers are big-endian. A file that does not end in a matching
 //! trailer is refused, so a torn transfer is never installed.
 //!
-//! Files are named `snap-<term>-<index>.snap` in the shard's snapshot directory, written under a
-//! temporary name and renamed into place after an fsync.
+//! Files are named `snap-<term>-<index>-<nonce>.snap` in the shard's snapshot directory, written
+//! under a temporary name and renamed into place after an fsync. The random nonce keeps a file
+//! built here and one received from the leader apart even when both are at the same log id: a
+//! rename never replaces a file someone else wrote or is reading.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -90,18 +92,21 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes the trailer, syncs, and moves the file to `final_path`.
-    pub fn finish(mut self, final_path: &Path) -> io::Result<()> {
+    /// Writes the trailer, syncs, and moves the file to `final_path`. Returns the file opened for
+    /// reading before the rename, so the caller holds this very file even if a newer snapshot
+    /// replaces it on disk before the caller gets to read it.
+    pub fn finish(mut self, final_path: &Path) -> io::Result<SnapshotFile> {
         self.out.write_all(&TRAILER.to_be_bytes())?;
         self.out.write_all(&self.count.to_be_bytes())?;
         self.out.write_all(&self.sum.0.to_be_bytes())?;
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
+        let reading = File::open(&self.tmp)?;
         fs::rename(&self.tmp, final_path)?;
         if let Some(dir) = final_path.parent() {
             File::open(dir)?.sync_all()?;
         }
-        Ok(())
+        Ok(SnapshotFile { path: final_path.to_owned(), file: reading })
     }
 }
 
@@ -178,9 +183,10 @@ fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     Ok(u32::from_be_bytes(b))
 }
 
+/// A fresh file name for a snapshot at `meta`'s log id: no other file has it or will get it.
 pub fn file_name(meta: &SnapshotMeta) -> String {
     let (term, index) = meta.last_log_id.map_or((0, 0), |id| (id.leader_id.term, id.index));
-    format!("snap-{term:020}-{index:020}.snap")
+    format!("snap-{term:020}-{index:020}-{:016x}.snap", rand::random::<u64>())
 }
 
 /// The newest complete snapshot file in `dir`; older ones and leftovers are removed.
@@ -203,8 +209,9 @@ pub fn latest(dir: &Path) -> io::Result<Option<PathBuf>> {
     Ok(newest)
 }
 
+/// The log index in a snapshot file name (`snap-<term>-<index>[-<nonce>].snap`).
 fn index_of(name: &str) -> u64 {
-    name.trim_end_matches(".snap").rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+    name.trim_end_matches(".snap").split('-').nth(2).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 /// Removes temporary files of interrupted builds or transfers (never a complete snapshot).
@@ -261,12 +268,19 @@ mod tests {
     #[test]
     fn latest_picks_the_highest_index_and_removes_the_rest() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
+        let mut held = None;
         for i in [3, 12, 5] {
-            Writer::create(dir.path(), &meta(i))?.finish(&dir.path().join(file_name(&meta(i))))?;
+            let file = Writer::create(dir.path(), &meta(i))?.finish(&dir.path().join(file_name(&meta(i))))?;
+            if i == 3 {
+                held = Some(file);
+            }
         }
         let newest = latest(dir.path())?.expect("a snapshot");
-        assert!(newest.ends_with(file_name(&meta(12))));
+        assert_eq!(index_of(newest.file_name().and_then(|n| n.to_str()).unwrap_or_default()), 12);
         assert_eq!(fs::read_dir(dir.path())?.count(), 1);
+        // A file handed out by `finish` stays readable after `latest` removed it from the directory.
+        let (m, _) = Reader::open(held.expect("file of index 3").file)?;
+        assert_eq!(m, meta(3));
         Ok(())
     }
 }

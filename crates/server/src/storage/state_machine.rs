@@ -1,11 +1,19 @@
 //! One shard's state machine on RocksDB: applies committed entries with [`vow_core::apply`],
 //! builds and installs snapshots, and announces settled promises.
+//!
+//! openraft builds snapshots in a task of their own, concurrently with the worker that applies
+//! entries and installs snapshots received from the leader. A build therefore takes its view of
+//! the state under the same lock an install holds from start to end ([`ShardState::views`]): the
+//! view is a RocksDB snapshot of the state either before an install or after it, never halfway.
+//! Every snapshot file gets a name of its own, and a built file is handed to openraft already
+//! open, so no install, build or clean-up can replace or delete a file under another.
 
 use std::fmt::Debug;
 use std::io;
+use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use openraft::EntryPayload;
@@ -24,12 +32,26 @@ use crate::raft::{ApplyResponse, LogId, SnapshotMeta, StoredMembership, TypeConf
 /// Records per write batch when installing a snapshot, so memory stays bounded.
 const INSTALL_BATCH_RECORDS: usize = 4096;
 
+/// What a replica tells the waiters on its promises (Await). Only ids travel: a waiter reads the
+/// record from the replica's state, so a settlement costs no copy per waiter and a lagging
+/// waiter pins no records in the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement {
+    /// The promise was settled by an entry applied here.
+    Settled(PromiseId),
+    /// The whole state was replaced by a snapshot: any promise may have settled meanwhile.
+    StateReplaced,
+}
+
 /// Read access to one shard's applied state, for the API, sweepers and snapshots. Cheap to clone.
 #[derive(Clone)]
 pub struct ShardState {
     db: Arc<DB>,
     shard: ShardId,
     layer: Arc<WriteBehind>,
+    /// Held by a snapshot install from its first write to its last, and by a snapshot build
+    /// while it takes its view: a view is never of a half-installed state.
+    views: Arc<Mutex<()>>,
 }
 
 impl Debug for ShardState {
@@ -86,18 +108,25 @@ impl ShardState {
         self.scan_timed(keys::STATE_BY_SETTLED, settled_before_ms, limit)
     }
 
-    /// The database's index keys merged with the unflushed ones, read under the layer's lock
-    /// so that no flush falls between the two.
+    /// The database's index keys merged with the unflushed ones. The unflushed keys are copied
+    /// under the layer's lock and the database is scanned after it is released, so apply and
+    /// reads do not wait for the scan. A flush in between only makes the database newer than the
+    /// copy: a key it deleted may still be named (a candidate that apply re-checks and skips), a
+    /// key it wrote is found either way, and the deletes in the copy still hide what they hid.
     fn scan_timed(&self, kind: u8, up_to_ms: i64, limit: usize) -> io::Result<Vec<PromiseId>> {
-        let layer = self.layer.lock()?;
-        let unflushed = layer.timed(kind, up_to_ms);
-        let deleted = &unflushed.deleted;
+        let (put, deleted) = {
+            let layer = self.layer.lock()?;
+            let unflushed = layer.timed(kind, up_to_ms);
+            let deleted: std::collections::HashSet<Vec<u8>> =
+                unflushed.deleted.into_iter().map(<[u8]>::to_vec).collect();
+            (unflushed.put, deleted)
+        };
         let mut found: Vec<(Vec<u8>, PromiseId)> = self
             .scan_timed_db(kind, up_to_ms, limit + deleted.len())?
             .into_iter()
-            .filter(|(key, _)| !deleted.contains(&key.as_slice()))
+            .filter(|(key, _)| !deleted.contains(key))
             .collect();
-        found.extend(unflushed.put);
+        found.extend(put);
         found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         found.dedup_by(|a, b| a.0 == b.0);
         Ok(found.into_iter().take(limit).map(|(_, id)| id).collect())
@@ -127,8 +156,15 @@ impl ShardState {
         Ok(ids)
     }
 
-    /// Promises in id order after `after` that match `filter`, at most `limit`.
-    pub fn search(&self, filter: &SearchFilter, after: Option<&str>, limit: usize) -> io::Result<SearchPage> {
+    /// Promises in id order after `after` that match `filter`: at most `limit` of them and about
+    /// `max_bytes` of encoded records (the first match always comes, whatever its size).
+    pub fn search(
+        &self,
+        filter: &SearchFilter,
+        after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> io::Result<SearchPage> {
         // A scan in key order is the database's job: let it see everything applied.
         self.flush()?;
         let state = cf(&self.db, CF_STATE)?;
@@ -147,6 +183,7 @@ impl ShardState {
             None => it.seek(&prefix),
         }
         let mut page = SearchPage::default();
+        let mut page_bytes = 0usize;
         let mut scanned = 0;
         let mut last_scanned: Option<String> = None;
         while it.valid() {
@@ -161,11 +198,18 @@ impl ShardState {
             }
             let value = it.value().ok_or_else(|| io::Error::other("iterator without value"))?;
             let p = Promise::decode(value).map_err(corrupt)?;
-            scanned += 1;
-            last_scanned = Some(p.id.to_string());
+            let id = p.id.to_string();
             if filter.matches(&p) {
+                if !page.promises.is_empty() && page_bytes.saturating_add(value.len()) > max_bytes {
+                    // Full: this record opens the next page.
+                    page.next_after = last_scanned;
+                    break;
+                }
+                page_bytes = page_bytes.saturating_add(value.len());
                 page.promises.push(p);
             }
+            scanned += 1;
+            last_scanned = Some(id);
             it.next();
         }
         it.status().map_err(io_err)?;
@@ -223,11 +267,13 @@ pub struct ShardStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     cluster_time_ms: i64,
-    settled: broadcast::Sender<Promise>,
+    announce: broadcast::Sender<Announcement>,
     /// Records in the newest snapshot built or installed here (0 until there is one): the
     /// state's size, for the snapshot policy.
     snapshot_records: Arc<AtomicU64>,
     layer: Arc<WriteBehind>,
+    /// See [`ShardState::views`].
+    views: Arc<Mutex<()>>,
 }
 
 impl Debug for ShardStateMachine {
@@ -242,9 +288,8 @@ impl ShardStateMachine {
         db: Arc<DB>,
         shard: ShardId,
         snapshot_dir: PathBuf,
-        settled: broadcast::Sender<Promise>,
+        announce: broadcast::Sender<Announcement>,
     ) -> io::Result<Self> {
-        snapshot::clean_temporaries(&snapshot_dir);
         let mut sm = ShardStateMachine {
             db,
             shard,
@@ -252,17 +297,34 @@ impl ShardStateMachine {
             applied: None,
             membership: StoredMembership::default(),
             cluster_time_ms: 0,
-            settled,
+            announce,
             snapshot_records: Arc::default(),
             layer: Arc::default(),
+            views: Arc::default(),
         };
         let state = cf(&sm.db, CF_STATE)?;
-        if sm.db.get_cf(state, keys::sm_meta(shard, keys::SM_INSTALLING)).map_err(io_err)?.is_some() {
-            let path = snapshot::latest(&sm.snapshot_dir)?
-                .ok_or_else(|| io::Error::other("snapshot install was interrupted and its file is gone"))?;
-            tracing::warn!(shard = %shard, path = %path.display(), "resuming interrupted snapshot install");
-            sm.load_snapshot(SnapshotFile::open(path)?)?;
+        if let Some(marker) = sm.db.get_cf(state, keys::sm_meta(shard, keys::SM_INSTALLING)).map_err(io_err)? {
+            let (source, target) = match InstallMarker::decode(&marker) {
+                // The file is under its final name once the state is written, else still under
+                // the name it was received with.
+                Some(m) => {
+                    let target = sm.snapshot_dir.join(&m.target);
+                    let source = if target.exists() { target.clone() } else { sm.snapshot_dir.join(&m.received) };
+                    (source, target)
+                }
+                // A marker from before markers named files: the newest file is the one.
+                None => {
+                    let path = snapshot::latest(&sm.snapshot_dir)?
+                        .ok_or_else(|| io::Error::other("snapshot install was interrupted and its file is gone"))?;
+                    (path.clone(), path)
+                }
+            };
+            tracing::warn!(shard = %shard, path = %source.display(), "resuming interrupted snapshot install");
+            let installed = install_file(&sm.db, shard, &sm.layer, &sm.views, SnapshotFile::open(source)?, &target)?;
+            sm.took(installed);
         }
+        // Only now: a received file named by the marker was a temporary one until installed.
+        snapshot::clean_temporaries(&sm.snapshot_dir);
         sm.load_meta()?;
         Ok(sm)
     }
@@ -282,58 +344,15 @@ impl ShardStateMachine {
         Ok(())
     }
 
-    /// The state machine's keys as they are now, membership included.
-    fn meta(&self) -> Meta {
-        Meta { applied: self.applied, cluster_time_ms: self.cluster_time_ms, membership: Some(self.membership.clone()) }
-    }
-
-    /// Replaces the shard's state with the snapshot's, crash-safely: the install marker is set
-    /// first and cleared in the same batch that records the new applied log id, and
-    /// [`ShardStateMachine::open`] redoes an install it finds marked.
-    fn load_snapshot(&mut self, snap: SnapshotFile) -> io::Result<SnapshotMeta> {
-        let db = self.db.clone();
-        let state = cf(&db, CF_STATE)?;
-        let marker = keys::sm_meta(self.shard, keys::SM_INSTALLING);
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        self.db.put_cf_opt(state, marker, [], &sync).map_err(io_err)?;
-        let mut clear = WriteBatch::default();
-        clear.delete_range_cf(state, &keys::shard_prefix(self.shard)[..], &marker[..]);
-        let mut after_marker = marker.to_vec();
-        after_marker.push(0);
-        clear.delete_range_cf(state, &after_marker[..], &shard_end(self.shard)[..]);
-        self.layer.lock()?.clear();
-        self.db.write(clear).map_err(io_err)?;
-
-        let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
-        let prefix = keys::shard_prefix(self.shard);
-        let mut batch = WriteBatch::default();
-        let mut records = 0;
-        while let Some((key, value)) = reader.next_record()? {
-            records += 1;
-            let mut full = Vec::with_capacity(4 + key.len());
-            full.extend_from_slice(&prefix);
-            full.extend_from_slice(&key);
-            if full[..] == marker[..] {
-                continue;
-            }
-            batch.put_cf(state, full, value);
-            if batch.len() >= INSTALL_BATCH_RECORDS {
-                self.db.write(std::mem::take(&mut batch)).map_err(io_err)?;
-            }
-        }
-        self.db.write(batch).map_err(io_err)?;
-        self.snapshot_records.store(records, Ordering::Relaxed);
-        // The snapshot's own records include the applied meta; load it, then make it agree
-        // with the snapshot meta, and clear the marker in the same durable batch.
-        self.load_meta()?;
-        self.applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
-        let mut done = WriteBatch::default();
-        put_meta(&mut done, state, self.shard, &self.meta());
-        done.delete_cf(state, marker);
-        self.db.write_opt(done, &sync).map_err(io_err)?;
-        Ok(meta)
+    /// Takes on the meta of a state just installed, and tells the waiters.
+    fn took(&mut self, installed: Installed) -> SnapshotMeta {
+        self.applied = installed.meta.last_log_id;
+        self.membership = installed.meta.last_membership.clone();
+        self.cluster_time_ms = installed.cluster_time_ms;
+        self.snapshot_records.store(installed.records, Ordering::Relaxed);
+        // Waiters heard nothing of the settlements the snapshot brought; they look again.
+        let _ = self.announce.send(Announcement::StateReplaced);
+        installed.meta
     }
 
     /// A handle for reads of this shard's state.
@@ -343,7 +362,7 @@ impl ShardStateMachine {
     }
 
     pub fn reader(&self) -> ShardState {
-        ShardState { db: self.db.clone(), shard: self.shard, layer: self.layer.clone() }
+        ShardState { db: self.db.clone(), shard: self.shard, layer: self.layer.clone(), views: self.views.clone() }
     }
 }
 
@@ -385,7 +404,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         self.cluster_time_ms = applied.cluster_time_ms;
                         for change in applied.changes {
                             if let Some(p) = change.newly_settled() {
-                                settled.push(p.clone());
+                                settled.push(p.id.clone());
                             }
                             layer.change(self.shard, change);
                         }
@@ -407,9 +426,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 r.send(reply);
             }
         }
-        for p in settled {
+        for id in settled {
             // No receiver is fine: nobody is waiting.
-            let _ = self.settled.send(p);
+            let _ = self.announce.send(Announcement::Settled(id));
         }
         Ok(())
     }
@@ -419,24 +438,40 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
-        let final_path = self.snapshot_dir.join(snapshot::file_name(meta));
         std::fs::create_dir_all(&self.snapshot_dir)?;
-        if snapshot.path != final_path {
-            std::fs::rename(&snapshot.path, &final_path)?;
-            std::fs::File::open(&self.snapshot_dir)?.sync_all()?;
-        }
+        // The received file stays a temporary one (removed if a crash comes first) until the
+        // install marks itself; it becomes a snapshot file, under a name of its own, only
+        // inside the marked install (see `install_file`).
+        let received = if snapshot.path.parent() == Some(self.snapshot_dir.as_path()) {
+            snapshot.path
+        } else {
+            let moved = self.snapshot_dir.join(format!("recv-{:016x}.tmp", rand::random::<u64>()));
+            std::fs::rename(&snapshot.path, &moved)?;
+            moved
+        };
+        let target = self.snapshot_dir.join(snapshot::file_name(meta));
+        let mut file = snapshot.file;
+        file.seek(SeekFrom::Start(0))?;
+        let snap = SnapshotFile { path: received, file };
+        // Seconds of reading and writing for a large shard: off the runtime's threads.
+        let (db, shard, layer, views) = (self.db.clone(), self.shard, self.layer.clone(), self.views.clone());
+        let installed = tokio::task::spawn_blocking(move || install_file(&db, shard, &layer, &views, snap, &target))
+            .await
+            .map_err(io::Error::other)??;
+        let loaded = self.took(installed);
         snapshot::latest(&self.snapshot_dir)?;
-        let file = SnapshotFile::open(final_path)?;
-        let loaded = self.load_snapshot(file)?;
         tracing::info!(shard = %self.shard, last_log_id = ?loaded.last_log_id, "snapshot installed");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>, io::Error> {
         let Some(path) = snapshot::latest(&self.snapshot_dir)? else { return Ok(None) };
-        let file = SnapshotFile::open(path)?;
+        // One open file for the meta and the data: a build finishing meanwhile may delete the
+        // path, never the file this handle holds.
+        let mut file = SnapshotFile::open(path)?;
         let (meta, _) = snapshot::Reader::open(file.file.try_clone()?)?;
-        Ok(Some(Snapshot { meta, snapshot: SnapshotFile::open(file.path)? }))
+        file.file.seek(SeekFrom::Start(0))?;
+        Ok(Some(Snapshot { meta, snapshot: file }))
     }
 }
 
@@ -454,13 +489,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
         let (state, dir) = (self.state.clone(), self.dir.clone());
         let shard = state.shard;
-        let (meta, path, records) = tokio::task::spawn_blocking(move || {
-            // Everything applied goes into the database first: the snapshot is read from there,
-            // and once it exists the log before it may be purged.
-            state.flush()?;
-            let built = build(&state.db, shard, &dir)?;
+        let (meta, file, records) = tokio::task::spawn_blocking(move || {
+            let db = state.db.clone();
+            let view = {
+                let _no_install = state.views.lock().map_err(|_| io::Error::other("snapshot view lock poisoned"))?;
+                // Everything applied goes into the database first: the snapshot is read from
+                // there, and once it exists the log before it may be purged.
+                state.flush()?;
+                db.snapshot()
+            };
+            let built = build(&db, &view, shard, &dir)?;
             // Only the newest snapshot is ever served or installed; the older ones go (a reader
-            // still streaming one to a follower keeps its open file).
+            // still streaming one to a follower keeps its open file, and so does this build).
             snapshot::latest(&dir)?;
             Ok::<_, io::Error>(built)
         })
@@ -468,13 +508,118 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .map_err(io::Error::other)??;
         self.records.store(records, Ordering::Relaxed);
         tracing::info!(shard = %shard, last_log_id = ?meta.last_log_id, "snapshot built");
-        Ok(Snapshot { meta, snapshot: SnapshotFile::open(path)? })
+        Ok(Snapshot { meta, snapshot: file })
     }
 }
 
-/// Writes the shard's state as of now to a snapshot file: its meta, path and record count.
-fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(SnapshotMeta, PathBuf, u64)> {
-    let snap = db.snapshot();
+/// What an install leaves for the state machine to take on.
+struct Installed {
+    meta: SnapshotMeta,
+    cluster_time_ms: i64,
+    records: u64,
+}
+
+/// What the install marker records: the file as received and the name it takes once the
+/// state is written, so a restart finds it under either.
+struct InstallMarker {
+    received: String,
+    target: String,
+}
+
+impl InstallMarker {
+    fn encode(&self) -> Vec<u8> {
+        format!("{}\n{}", self.received, self.target).into_bytes()
+    }
+
+    /// `None` for the empty marker of installs before markers named their files.
+    fn decode(bytes: &[u8]) -> Option<InstallMarker> {
+        let (received, target) = std::str::from_utf8(bytes).ok()?.split_once('\n')?;
+        Some(InstallMarker { received: received.to_owned(), target: target.to_owned() })
+    }
+}
+
+fn name_of(path: &std::path::Path) -> String {
+    path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned()
+}
+
+/// Replaces the shard's state with the snapshot in `snap` and makes the file the snapshot at
+/// `target`, crash-safely, in three steps: the install marker (naming the file as received and
+/// its target) is set; the range is replaced and the file renamed to `target`; the marker is
+/// cleared in the batch that records the new applied log id. [`ShardStateMachine::open`] redoes
+/// an install it finds marked, from the file under whichever name it has; a crash before the
+/// marker leaves a temporary file that the restart removes. So a received file is never found
+/// as a snapshot (openraft would restore from it at start-up without the install's log
+/// handling) before its state is in place. No snapshot build takes its view meanwhile
+/// (`views`). Blocking: it reads the whole file and writes the whole state.
+fn install_file(
+    db: &DB,
+    shard: ShardId,
+    layer: &WriteBehind,
+    views: &Mutex<()>,
+    snap: SnapshotFile,
+    target: &std::path::Path,
+) -> io::Result<Installed> {
+    let _no_views = views.lock().map_err(|_| io::Error::other("snapshot view lock poisoned"))?;
+    let state = cf(db, CF_STATE)?;
+    let marker = keys::sm_meta(shard, keys::SM_INSTALLING);
+    let names = InstallMarker { received: name_of(&snap.path), target: name_of(target) };
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.put_cf_opt(state, marker, names.encode(), &sync).map_err(io_err)?;
+    let mut clear = WriteBatch::default();
+    clear.delete_range_cf(state, &keys::shard_prefix(shard)[..], &marker[..]);
+    let mut after_marker = marker.to_vec();
+    after_marker.push(0);
+    clear.delete_range_cf(state, &after_marker[..], &shard_end(shard)[..]);
+    layer.lock()?.clear();
+    db.write(clear).map_err(io_err)?;
+
+    let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
+    let prefix = keys::shard_prefix(shard);
+    let mut batch = WriteBatch::default();
+    let mut records = 0;
+    while let Some((key, value)) = reader.next_record()? {
+        records += 1;
+        let mut full = Vec::with_capacity(4 + key.len());
+        full.extend_from_slice(&prefix);
+        full.extend_from_slice(&key);
+        if full[..] == marker[..] {
+            continue;
+        }
+        batch.put_cf(state, full, value);
+        if batch.len() >= INSTALL_BATCH_RECORDS {
+            db.write(std::mem::take(&mut batch)).map_err(io_err)?;
+        }
+    }
+    db.write(batch).map_err(io_err)?;
+    // The snapshot's records carry its cluster time; the applied log id and membership come
+    // from its meta, written with the marker's removal in one durable batch.
+    let cluster_time_ms = match db.get_cf(state, keys::sm_meta(shard, keys::SM_CLUSTER_TIME)).map_err(io_err)? {
+        Some(b) => Decoder::new(&b).i64("cluster time").map_err(corrupt)?,
+        None => 0,
+    };
+    if snap.path != target {
+        std::fs::rename(&snap.path, target)?;
+        if let Some(dir) = target.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    let mut done = WriteBatch::default();
+    let written = Meta { applied: meta.last_log_id, cluster_time_ms, membership: Some(meta.last_membership.clone()) };
+    put_meta(&mut done, state, shard, &written);
+    done.delete_cf(state, marker);
+    db.write_opt(done, &sync).map_err(io_err)?;
+    Ok(Installed { meta, cluster_time_ms, records })
+}
+
+/// Writes the shard's state as seen by `snap` to a new snapshot file: its meta, the file (open)
+/// and the record count.
+fn build(
+    db: &DB,
+    snap: &rocksdb::Snapshot<'_>,
+    shard: ShardId,
+    dir: &std::path::Path,
+) -> io::Result<(SnapshotMeta, SnapshotFile, u64)> {
     let state = cf(db, CF_STATE)?;
     let get = |kind| snap.get_cf(state, keys::sm_meta(shard, kind)).map_err(io_err);
     let applied = match get(keys::SM_APPLIED)? {
@@ -490,7 +635,7 @@ fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(Snapshot
     let mut records = 0;
     let mut opts = ReadOptions::default();
     opts.set_iterate_upper_bound(shard_end(shard));
-    opts.set_snapshot(&snap);
+    opts.set_snapshot(snap);
     let mut it = db.raw_iterator_cf_opt(state, opts);
     it.seek(keys::shard_prefix(shard));
     while it.valid() {
@@ -501,9 +646,8 @@ fn build(db: &DB, shard: ShardId, dir: &std::path::Path) -> io::Result<(Snapshot
         it.next();
     }
     it.status().map_err(io_err)?;
-    let path = dir.join(snapshot::file_name(&meta));
-    writer.finish(&path)?;
-    Ok((meta, path, records))
+    let file = writer.finish(&dir.join(snapshot::file_name(&meta)))?;
+    Ok((meta, file, records))
 }
 
 #[cfg(test)]
@@ -558,7 +702,7 @@ mod tests {
         let (dir, sm) = open();
         let state = sm.reader();
         apply(&sm, Change { before: None, after: Some(promise(1, 100)) });
-        let page = state.search(&SearchFilter::default(), None, 10).unwrap();
+        let page = state.search(&SearchFilter::default(), None, 10, usize::MAX).unwrap();
         assert_eq!(page.promises.len(), 1);
 
         apply(&sm, Change { before: None, after: Some(promise(2, 100)) });
