@@ -130,6 +130,17 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
 }
 
+/// The generated clients on `channel`. A reply is bounded by the server's own limits (one
+/// record, or a Search page bounded by bytes), not by tonic's 4 MiB default, which a node with
+/// a larger `--max-data-bytes` would exceed with a committed write's reply.
+fn promises(channel: H2Channel) -> PromisesClient<H2Channel> {
+    PromisesClient::new(channel).max_decoding_message_size(usize::MAX)
+}
+
+fn cluster(channel: H2Channel) -> ClusterClient<H2Channel> {
+    ClusterClient::new(channel).max_decoding_message_size(usize::MAX)
+}
+
 /// A fresh idempotency key for a call whose caller gave none.
 fn generated_key() -> String {
     format!("vow-client-{:032x}", rand::random::<u128>())
@@ -222,10 +233,15 @@ impl Client {
             outcome_unknown |= status.metadata().contains_key(md::OUTCOME_UNKNOWN)
                 || matches!(status.code(), Code::DeadlineExceeded | Code::Unknown | Code::Cancelled);
             if !retryable {
-                if effect == Effect::Write && outcome_unknown && status.code() == Code::NotFound {
+                // See `Effect`: after an attempt that may have happened, only these refusals are
+                // final; any other (not found, a server error, a message over a limit) could be
+                // contradicted by that attempt.
+                let final_refusal = matches!(status.code(), Code::AlreadyExists | Code::FailedPrecondition);
+                if effect == Effect::Write && outcome_unknown && !final_refusal {
                     return Err(Error::Unavailable {
                         message: format!(
-                            "{}: an earlier attempt of this write may still take effect if the promise is created",
+                            "{:?}: {} (an earlier attempt of this write may have taken effect or still may)",
+                            status.code(),
                             status.message()
                         ),
                         outcome_unknown: true,
@@ -259,17 +275,37 @@ impl Client {
         if generated {
             req.idempotency_key = generated_key();
         }
-        let mut resp = self
+        let result = self
             .call(Effect::Write, Patience::Default, |c, t| {
                 let req = Self::request(req.clone(), t);
-                async move { PromisesClient::new(c).create(req).await }
+                async move { promises(c).create(req).await }
             })
-            .await?;
+            .await;
+        let mut resp = self.with_whole_current(&req.id, result).await?;
         // A deduplicated answer to a key we invented can only be our own earlier attempt.
         if generated {
             resp.deduplicated = false;
         }
         Ok(resp)
+    }
+
+    /// A refusal whose current record came trimmed (too large for a trailer: the server leaves
+    /// out its param, value and tags, and always sends both values otherwise) gets the whole
+    /// record by a Get. For a settled record that is the same record; for a pending one (a
+    /// create refused), the record as of the Get.
+    async fn with_whole_current<T>(&self, id: &str, result: Result<T>) -> Result<T> {
+        let trimmed = |c: &Option<Box<pb::Promise>>| c.as_ref().is_some_and(|p| p.param.is_none() && p.value.is_none());
+        match result {
+            Err(Error::AlreadyExists { message, current }) if trimmed(&current) => {
+                let current = self.get(id).await.map(Box::new).ok().or(current);
+                Err(Error::AlreadyExists { message, current })
+            }
+            Err(Error::AlreadySettled { message, current }) if trimmed(&current) => {
+                let current = self.get(id).await.map(Box::new).ok().or(current);
+                Err(Error::AlreadySettled { message, current })
+            }
+            other => other,
+        }
     }
 
     /// Reads a promise through the shard leader (linearizable).
@@ -282,7 +318,7 @@ impl Client {
         let resp = self
             .call(Effect::Read, Patience::Default, |c, t| {
                 let req = Self::request(req.clone(), t);
-                async move { PromisesClient::new(c).get(req).await }
+                async move { promises(c).get(req).await }
             })
             .await?;
         resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
@@ -294,7 +330,7 @@ impl Client {
         let c = Client::connect(&[endpoint])?;
         let channel = c.pick(0).1;
         let req = pb::GetRequest { id: id.to_owned(), consistency: pb::Consistency::Stale as i32 };
-        let resp = PromisesClient::new(channel)
+        let resp = promises(channel)
             .get(Self::request(req, Duration::from_secs(5)))
             .await
             .map_err(|s| Error::from_status(&s, false))?
@@ -342,11 +378,11 @@ impl Client {
             value: Some(value),
             idempotency_key: key.filter(|k| !k.is_empty()).unwrap_or_else(generated_key),
         };
-        let mut resp = self
+        let result = self
             .call(Effect::Write, Patience::Default, |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move {
-                    let mut client = PromisesClient::new(c);
+                    let mut client = promises(c);
                     match how {
                         Settle::Resolve => client.resolve(req).await,
                         Settle::Reject => client.reject(req).await,
@@ -354,7 +390,8 @@ impl Client {
                     }
                 }
             })
-            .await?;
+            .await;
+        let mut resp = self.with_whole_current(id, result).await?;
         if generated {
             resp.deduplicated = false;
         }
@@ -370,7 +407,7 @@ impl Client {
                 let left = until.saturating_duration_since(Instant::now());
                 let req = pb::AwaitRequest { id: id.to_owned(), wait_timeout_ms: left.as_millis().max(1) as u32 };
                 let req = Self::request(req, left + self.options.attempt_timeout);
-                async move { PromisesClient::new(c).r#await(req).await }
+                async move { promises(c).r#await(req).await }
             })
             .await?;
         resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
@@ -379,7 +416,7 @@ impl Client {
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
         self.call(Effect::Read, Patience::Default, |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { PromisesClient::new(c).search(req).await }
+            async move { promises(c).search(req).await }
         })
         .await
     }
@@ -387,7 +424,7 @@ impl Client {
     pub async fn status(&self) -> Result<pb::StatusResponse> {
         self.call(Effect::Read, Patience::Default, |c, t| {
             let req = Self::request(pb::StatusRequest {}, t);
-            async move { ClusterClient::new(c).status(req).await }
+            async move { cluster(c).status(req).await }
         })
         .await
     }
@@ -395,10 +432,10 @@ impl Client {
     /// Adds a node to every shard (learner, caught up, then voter). Can take a while for a
     /// node that has much to catch up.
     pub async fn add_node(&self, node_id: u64, grpc_addr: &str) -> Result<pb::StatusResponse> {
-        let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![] };
+        let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![], shard_count: 0 };
         self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(60)), |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { ClusterClient::new(c).add_node(req).await }
+            async move { cluster(c).add_node(req).await }
         })
         .await
     }
@@ -407,7 +444,7 @@ impl Client {
         let req = pb::RemoveNodeRequest { node_id, shard_ids: vec![] };
         self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(10)), |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { ClusterClient::new(c).remove_node(req).await }
+            async move { cluster(c).remove_node(req).await }
         })
         .await
     }
@@ -416,7 +453,7 @@ impl Client {
         let req = pb::TransferLeaderRequest { to_node_id, shard_ids: vec![] };
         self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(5)), |c, t| {
             let req = Self::request(req.clone(), t);
-            async move { ClusterClient::new(c).transfer_leader(req).await }
+            async move { cluster(c).transfer_leader(req).await }
         })
         .await
     }
@@ -469,11 +506,79 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
+        // Each attempt's backoff lies in [base/2, base] for a base doubling from 25 ms to 1 s.
+        let bounds = |attempt: u32| {
+            let base = 25u64.saturating_mul(1 << attempt.min(6)).min(1000);
+            (Duration::from_millis(base / 2), Duration::from_millis(base))
+        };
         for attempt in 0..20 {
-            let b = backoff(attempt);
-            assert!(b <= Duration::from_millis(1000), "{b:?}");
+            let (low, high) = bounds(attempt);
+            for _ in 0..50 {
+                let b = backoff(attempt);
+                assert!(low <= b && b <= high, "attempt {attempt}: {b:?} outside [{low:?}, {high:?}]");
+            }
         }
-        assert!(backoff(0) <= Duration::from_millis(25));
+        // Growth: the lowest possible backoff of a later attempt is above the highest of an
+        // early one, until the cap; past it, all sit in the capped range.
+        assert!(bounds(3).0 > bounds(0).1, "{:?} vs {:?}", bounds(3), bounds(0));
+        assert!(bounds(6).0 > bounds(3).1);
+        assert_eq!(bounds(6), (Duration::from_millis(500), Duration::from_millis(1000)), "capped at 1 s");
+        let (early, late): (Duration, Duration) =
+            ((0..200).map(|_| backoff(0)).sum(), (0..200).map(|_| backoff(5)).sum());
+        assert!(late > early * 8, "mean backoff grows: {early:?} vs {late:?} over 200 draws");
+    }
+
+    /// A server that lets the first attempt of a call time out and refuses the next with
+    /// `code` (trailers only), counting the attempts.
+    async fn lose_then_refuse(code: Code) -> (String, tokio::task::JoinHandle<usize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+            let mut held = Vec::new();
+            let mut attempts = 0;
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                attempts += 1;
+                if attempts == 1 {
+                    held.push(respond); // never answered: the client's attempt times out
+                    continue;
+                }
+                let reply = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", (code as i32).to_string())
+                    .header("grpc-message", "refused")
+                    .body(())
+                    .expect("response");
+                let _ = respond.send_response(reply, true);
+            }
+            attempts
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn after_a_lost_attempt_only_already_exists_and_already_settled_are_final() {
+        let options = Options {
+            call_timeout: Duration::from_secs(3),
+            attempt_timeout: Duration::from_millis(200),
+            follow_leader_hints: false,
+        };
+        for (code, unknown) in [
+            (Code::Internal, true),
+            (Code::OutOfRange, true),
+            (Code::NotFound, true),
+            (Code::InvalidArgument, true),
+            (Code::FailedPrecondition, false),
+            (Code::AlreadyExists, false),
+        ] {
+            let (addr, server) = lose_then_refuse(code).await;
+            let client = Client::with_options(&[addr.as_str()], options.clone()).expect("client");
+            let err = client.resolve("p", pb::Value::default(), Some("k".into())).await.expect_err("refused");
+            assert_eq!(err.is_outcome_unknown(), unknown, "{code:?} after a lost attempt: {err:?}");
+            drop(client);
+            server.abort();
+        }
     }
 
     #[test]

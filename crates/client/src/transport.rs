@@ -30,6 +30,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long making a connection (TCP and the HTTP/2 handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a connection is checked with an HTTP/2 PING, and how long the answer may take. A
+/// peer that vanished without closing the connection (a partition, a host lost) is noticed in
+/// at most the sum, and the next call makes a new connection instead of waiting out its
+/// deadline on the dead one.
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 5000 });
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 5000 });
 
 /// A lazily connected HTTP/2 connection to one endpoint. Cheap to clone; clones share the
 /// connection.
@@ -99,11 +105,20 @@ impl H2Channel {
     async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
         let tcp = tokio::net::TcpStream::connect(&self.shared.addr).await?;
         tcp.set_nodelay(true)?;
-        let (sender, connection) = h2::client::handshake(tcp).await?;
+        let (sender, mut connection) = h2::client::handshake(tcp).await?;
         let addr = self.shared.addr.clone();
+        let pings = connection.ping_pong();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%addr, error = %e, "connection closed");
+            tokio::select! {
+                closed = connection => {
+                    if let Err(e) = closed {
+                        tracing::debug!(%addr, error = %e, "connection closed");
+                    }
+                }
+                () = keepalive(pings) => {
+                    // Dropping the connection fails its streams and makes the channel reconnect.
+                    tracing::debug!(%addr, "no answer to a keepalive ping; connection dropped");
+                }
             }
         });
         Ok(sender)
@@ -123,6 +138,19 @@ impl H2Channel {
         stream.send_data(message, true).map_err(maybe_sent)?;
         let reply = reply.await.map_err(maybe_sent)?;
         Ok(reply.map(|recv| ReplyBody { recv, data_done: false }))
+    }
+}
+
+/// Pings the peer every [`KEEPALIVE_EVERY`]; returns when a ping goes unanswered for
+/// [`KEEPALIVE_TIMEOUT`] (or cannot be sent).
+async fn keepalive(pings: Option<h2::PingPong>) {
+    let Some(mut pings) = pings else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(KEEPALIVE_EVERY).await; // the keepalive period, not a synchronisation
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
     }
 }
 
@@ -258,5 +286,56 @@ mod tests {
         let paths = server.await.expect("server");
         assert_eq!(paths.len(), 2, "the second call made a new connection");
         assert_eq!(paths[0], ("/vow.v1.Promises/Get".to_owned(), Some(addr.clone())));
+    }
+
+    /// Answers one request with an empty message and OK on `conn`.
+    async fn answer_ok(conn: &mut h2::server::Connection<tokio::net::TcpStream, Bytes>) {
+        let (_req, mut respond) = conn.accept().await.expect("a request").expect("no error");
+        let head = http::Response::builder().header("content-type", "application/grpc").body(()).expect("head");
+        let mut stream = respond.send_response(head, false).expect("head sent");
+        stream.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false).expect("message sent");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        stream.send_trailers(trailers).expect("trailers sent");
+    }
+
+    /// A server that answers one call and then goes silent without closing the connection (as a
+    /// host cut off by a partition does), and answers on any new connection. The client must
+    /// notice the silence by its keepalive pings and reconnect, instead of sending every later
+    /// call into the dead connection.
+    #[tokio::test]
+    async fn a_silent_connection_is_dropped_and_replaced() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (go_silent, silence) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut silent = h2::server::handshake(tcp).await.expect("handshake");
+            answer_ok(&mut silent).await;
+            // Drive the connection (the reply goes out) until told to go silent; from then on
+            // keep it open but never poll it again: no replies, no pongs.
+            tokio::select! {
+                _ = async { while let Some(Ok(_)) = silent.accept().await {} } => {}
+                _ = silence => {}
+            }
+            let (tcp, _) = listener.accept().await.expect("a second connection");
+            let mut fresh = h2::server::handshake(tcp).await.expect("handshake");
+            answer_ok(&mut fresh).await;
+            tokio::spawn(async move { while let Some(Ok(_)) = fresh.accept().await {} });
+            silent
+        });
+        let mut client = PromisesClient::new(H2Channel::new(&addr).expect("addr"));
+        client.get(get_request()).await.expect("the first call is answered");
+        let _ = go_silent.send(());
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut req = tonic::Request::new(get_request());
+            req.set_timeout(Duration::from_millis(300));
+            match tokio::time::timeout(Duration::from_millis(300), client.get(req)).await {
+                Ok(Ok(_)) => break,
+                _ => assert!(tokio::time::Instant::now() < give_up, "never reconnected past the silent connection"),
+            }
+        }
+        drop(server);
     }
 }
