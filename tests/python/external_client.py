@@ -1,28 +1,46 @@
 #!/usr/bin/env python3
-"""The acceptance scenario through a client generated from proto/ (grpcio), not the Rust SDK.
+"""The acceptance scenarios through a client generated from proto/ (grpcio), not the Rust SDK.
 
-Starts a three-node cluster with `vow dev up`, talks to single nodes only (followers forward),
-kills the leader with kill -9 in the middle, retries with the same idempotency keys as any
-client would, checks that every acknowledged create and settle is still there, brings the
-killed node back with `vow dev up` and checks that it caught up from its own disk.
-Also lists the services through standard server reflection.
+Starts a three-node cluster with `vow dev up` and talks to single nodes only (followers forward),
+at grpcio's default channel options. The client uses only the error contract in the header
+comment of proto/vow/v1/vow.proto: it retries UNAVAILABLE and DEADLINE_EXCEEDED (and nothing
+else) with the same idempotency key, and follows the `vow-leader-addr` hint.
+
+Scenarios, each a function, each printing one summary line with its time:
+  - kill -9 during writes: kills the leader in the middle of a stream of creates and resolves,
+    checks that every acknowledged write is there, restarts the node with `vow dev up` and checks
+    that it caught up from its own disk;
+  - reflection: standard server reflection lists the services;
+  - forward to a dead leader (item 0): kills the leader and at once sends single-attempt calls
+    through a follower; every answer is a contract code (never UNKNOWN or INTERNAL), five times;
+  - large records (item 6): conflicts on a record of ~40 KB carry it (whole, or trimmed and
+    marked `vow-current-trimmed: true`) in `vow-current-bin`; a search over 5 MB of records pages
+    within grpcio's default 4 MiB receive limit.
+Every scenario runs even when an earlier one failed; the exit status is 1 if any failed.
 
 Usage: external_client.py --bin-dir TARGET/debug
 """
 
 import argparse
+import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import grpc
 from grpc_tools import protoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN}
+# What a standard gRPC retry policy retries, and what the contract says to retry.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+C = grpc.StatusCode
+
+pb = pb_grpc = None  # the generated modules, set by main()
 
 
 def generate(out_dir):
@@ -36,36 +54,51 @@ def generate(out_dir):
     sys.path.insert(0, out_dir)
 
 
-def vow(bin_dir, *args):
-    env = dict(os.environ, VOW_VOWD=os.path.join(bin_dir, "vowd"))
-    return subprocess.run([os.path.join(bin_dir, "vow"), *args], env=env, capture_output=True, text=True)
+def trailers(call_or_error):
+    """Trailing metadata as a dict (binary `-bin` entries as bytes)."""
+    return dict(call_or_error.trailing_metadata() or ())
+
+
+def show(md):
+    """Metadata for a message: keys with short values."""
+    out = {}
+    for k, v in md.items():
+        out[k] = f"<{len(v)} bytes>" if isinstance(v, bytes) else v
+    return out
+
+
+def describe(e):
+    return f"{e.code().name} {e.details()!r} trailers={show(trailers(e))}"
 
 
 class Cluster:
-    """Calls one node at a time and retries like a careful client: same request, same key."""
+    """Calls one node at a time and retries like a careful client: same request, same key.
 
-    def __init__(self, pb, pb_grpc, addrs):
-        self.pb, self.pb_grpc = pb, pb_grpc
+    Retries only UNAVAILABLE and DEADLINE_EXCEEDED; on those it goes to the node named by a
+    `vow-leader-addr` hint when that is one of its addresses, else to the next address. Every
+    attempt uses a fresh channel at default options, so a node that was killed and restarted is
+    not held back by the reconnect backoff of an old channel.
+    """
+
+    def __init__(self, addrs):
         self.addrs = list(addrs)
         self.i = 0
 
-    def stub(self, addr, kind="Promises"):
-        channel = grpc.insecure_channel(addr)
-        return getattr(self.pb_grpc, f"{kind}Stub")(channel)
-
-    def call(self, method, request, kind="Promises", deadline_s=30):
+    def call(self, method, request, kind="Promises", deadline_s=30, attempt_s=5):
         end = time.time() + deadline_s
         last = None
         while time.time() < end:
             addr = self.addrs[self.i % len(self.addrs)]
             try:
-                return getattr(self.stub(addr, kind), method)(request, timeout=5)
+                with grpc.insecure_channel(addr) as channel:
+                    stub = getattr(pb_grpc, f"{kind}Stub")(channel)
+                    return getattr(stub, method)(request, timeout=attempt_s)
             except grpc.RpcError as e:
                 last = e
                 if e.code() not in RETRYABLE:
                     raise
-                hint = dict(e.trailing_metadata() or ()).get("vow-leader-addr")
-                if hint and hint in self.addrs:
+                hint = trailers(e).get("vow-leader-addr")
+                if hint and hint in self.addrs and hint != addr:
                     self.i = self.addrs.index(hint)
                 else:
                     self.i += 1
@@ -73,91 +106,377 @@ class Cluster:
         raise last
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin-dir", required=True)
-    args = ap.parse_args()
-    gen = tempfile.mkdtemp(prefix="vow-pb-")
-    generate(gen)
-    from vow.v1 import vow_pb2 as pb, vow_pb2_grpc as pb_grpc
+class Dev:
+    """The `vow dev up` cluster in one directory."""
 
-    work = tempfile.mkdtemp(prefix="vow-py-")
-    up = vow(args.bin_dir, "dev", "up", "--nodes", "3", "--dir", work)
-    assert up.returncode == 0, up.stderr
-    nodes = json.load(open(os.path.join(work, "cluster.json")))["nodes"]
-    by_id = {n["node_id"]: n for n in nodes}
-    try:
-        c = Cluster(pb, pb_grpc, [n["grpc"] for n in nodes])
-        status = c.call("Status", pb.StatusRequest(), kind="Cluster")
-        leader = status.shards[0].leader_id
-        follower = next(i for i in by_id if i != leader)
+    def __init__(self, bin_dir, work):
+        self.bin_dir, self.work = bin_dir, work
+        self.by_id = {}
 
-        # A follower alone serves everything (it forwards to the leader).
-        only_follower = Cluster(pb, pb_grpc, [by_id[follower]["grpc"]])
-        r = only_follower.call("Create", pb.CreateRequest(id="py-0", idempotency_key="c-py-0",
-                                                          param=pb.Value(data=b"p")))
-        assert r.promise.state == pb.STATE_PENDING
-        try:
-            only_follower.call("Create", pb.CreateRequest(id="py-0", idempotency_key="other"))
-            raise AssertionError("second create with another key must fail")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.ALREADY_EXISTS, e
-        try:
-            only_follower.call("Get", pb.GetRequest(id="nope"))
-            raise AssertionError("unknown id must be NOT_FOUND")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+    def vow(self, *args):
+        env = dict(os.environ, VOW_VOWD=os.path.join(self.bin_dir, "vowd"))
+        return subprocess.run([os.path.join(self.bin_dir, "vow"), *args], env=env, capture_output=True, text=True)
 
-        acked_create, acked_settle = ["py-0"], {}
-        for n in range(1, 121):
-            if n == 60:
-                subprocess.run(["kill", "-9", str(by_id[leader]["pid"])], check=True)
-                killed_at = time.time()
-            pid = f"py-{n}"
-            c.call("Create", pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=b"p")))
-            acked_create.append(pid)
-            if n % 2 == 0:
-                value = f"v-{n}".encode()
-                resp = c.call("Resolve", pb.SettleRequest(id=pid, idempotency_key=f"s-{pid}", value=pb.Value(data=value)))
-                assert resp.promise.state == pb.STATE_RESOLVED
-                acked_settle[pid] = value
-        print(f"external client: {len(acked_create)} creates, {len(acked_settle)} resolves acknowledged; "
-              f"leader {leader} killed, the rest took {time.time() - killed_at:.2f}s")
-
-        for pid in acked_create:
-            p = c.call("Get", pb.GetRequest(id=pid)).promise
-            if pid in acked_settle:
-                assert p.state == pb.STATE_RESOLVED and p.value.data == acked_settle[pid], (pid, p)
-            else:
-                assert p.state == pb.STATE_PENDING, (pid, p)
-
-        # The killed node comes back from its disk and catches up.
-        up = vow(args.bin_dir, "dev", "up", "--nodes", "3", "--dir", work)
+    def up(self):
+        """Starts the cluster, or restarts its dead nodes (same ports, same data)."""
+        up = self.vow("dev", "up", "--nodes", "3", "--dir", self.work)
         assert up.returncode == 0, up.stderr
-        back = grpc.insecure_channel(by_id[leader]["grpc"])
+        nodes = json.load(open(os.path.join(self.work, "cluster.json")))["nodes"]
+        self.by_id = {n["node_id"]: n for n in nodes}
+
+    def down(self):
+        self.vow("dev", "down", "--dir", self.work)
+
+    def addr(self, node_id):
+        return self.by_id[node_id]["grpc"]
+
+    def client(self):
+        return Cluster([self.addr(i) for i in sorted(self.by_id)])
+
+    def kill(self, node_id):
+        os.kill(self.by_id[node_id]["pid"], signal.SIGKILL)
+
+    def wait_leader(self, timeout_s=30):
+        """Waits until every node answers Status and all name the same leader; returns it."""
+        end = time.time() + timeout_s
+        while True:
+            views = {}
+            for i in sorted(self.by_id):
+                try:
+                    with grpc.insecure_channel(self.addr(i)) as channel:
+                        s = pb_grpc.ClusterStub(channel).Status(pb.StatusRequest(), timeout=2)
+                    views[i] = tuple(sh.leader_id for sh in s.shards)
+                except grpc.RpcError as e:
+                    views[i] = e.code().name
+            seen = set(views.values())
+            if len(seen) == 1:
+                (leaders,) = seen
+                if isinstance(leaders, tuple) and leaders and all(leaders):
+                    # One shard (the `vow dev up` default): the leader of shard 0 leads every id.
+                    assert len(leaders) == 1, f"expected one shard, got {len(leaders)}"
+                    return leaders[0]
+            assert time.time() < end, f"no leader agreed by every node within {timeout_s}s: {views}"
+            time.sleep(0.1)
+
+    def heal(self):
+        self.up()
+        return self.wait_leader()
+
+
+def scenario_kill_during_writes(dev):
+    """kill -9 of the leader during writes; every acknowledged write survives; catch-up."""
+    c = dev.client()
+    leader = dev.wait_leader()
+    follower = next(i for i in sorted(dev.by_id) if i != leader)
+
+    # A follower alone serves everything (it forwards to the leader).
+    only_follower = Cluster([dev.addr(follower)])
+    r = only_follower.call("Create", pb.CreateRequest(id="py-0", idempotency_key="c-py-0", param=pb.Value(data=b"p")))
+    assert r.promise.state == pb.STATE_PENDING
+    try:
+        only_follower.call("Create", pb.CreateRequest(id="py-0", idempotency_key="other"))
+        raise AssertionError("second create with another key must fail")
+    except grpc.RpcError as e:
+        assert e.code() == C.ALREADY_EXISTS, describe(e)
+    try:
+        only_follower.call("Get", pb.GetRequest(id="nope"))
+        raise AssertionError("unknown id must be NOT_FOUND")
+    except grpc.RpcError as e:
+        assert e.code() == C.NOT_FOUND, describe(e)
+
+    acked_create, acked_settle = ["py-0"], {}
+    killed_at = None
+    for n in range(1, 121):
+        if n == 60:
+            dev.kill(leader)
+            killed_at = time.time()
+        pid = f"py-{n}"
+        c.call("Create", pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=b"p")))
+        acked_create.append(pid)
+        if n % 2 == 0:
+            value = f"v-{n}".encode()
+            resp = c.call("Resolve", pb.SettleRequest(id=pid, idempotency_key=f"s-{pid}", value=pb.Value(data=value)))
+            assert resp.promise.state == pb.STATE_RESOLVED
+            acked_settle[pid] = value
+    after_kill = time.time() - killed_at
+
+    for pid in acked_create:
+        p = c.call("Get", pb.GetRequest(id=pid)).promise
+        if pid in acked_settle:
+            assert p.state == pb.STATE_RESOLVED and p.value.data == acked_settle[pid], (pid, p)
+        else:
+            assert p.state == pb.STATE_PENDING, (pid, p)
+
+    # The killed node comes back from its disk and catches up (stale reads of its own replica).
+    dev.up()
+    t0 = time.time()
+    end = t0 + 30
+    with grpc.insecure_channel(dev.addr(leader)) as back:
         stub = pb_grpc.PromisesStub(back)
-        end = time.time() + 30
         for pid in acked_create:
             while True:
                 try:
                     p = stub.Get(pb.GetRequest(id=pid, consistency=pb.CONSISTENCY_STALE), timeout=2).promise
                     if pid not in acked_settle or p.state == pb.STATE_RESOLVED:
                         break
-                except grpc.RpcError:
-                    pass
+                except grpc.RpcError as e:
+                    # Not up yet, or not caught up yet; nothing else is a contract answer here.
+                    if e.code() not in RETRYABLE | {C.NOT_FOUND}:
+                        raise AssertionError(f"restarted node {leader}, Get {pid}: {describe(e)}")
                 assert time.time() < end, f"restarted node {leader} never caught up on {pid}"
                 time.sleep(0.1)
+    return (f"{len(acked_create)} creates, {len(acked_settle)} resolves acknowledged and present; leader {leader} "
+            f"killed, the rest took {after_kill:.2f}s; restarted node caught up in {time.time() - t0:.2f}s")
 
-        # Off-the-shelf tooling works: standard server reflection lists the services.
-        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-        refl = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(by_id[follower]["grpc"]))
+def scenario_reflection(dev):
+    """Off-the-shelf tooling works: standard server reflection lists the services."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    leader = dev.wait_leader()
+    follower = next(i for i in sorted(dev.by_id) if i != leader)
+    with grpc.insecure_channel(dev.addr(follower)) as channel:
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         services = {s.name for r in replies for s in r.list_services_response.service}
-        assert {"vow.v1.Promises", "vow.v1.Cluster", "grpc.health.v1.Health"} <= services, services
-        print("external client: all acknowledged writes present; restarted node caught up; reflection lists", sorted(services))
+    assert {"vow.v1.Promises", "vow.v1.Cluster", "grpc.health.v1.Health"} <= services, services
+    return f"reflection lists {sorted(services)}"
+
+
+# When the probes go out, in seconds after the kill: at once, then spread over ~3 s.
+PROBE_OFFSETS = [0, 0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0]
+PROBE_TIMEOUT_S = 8  # well above the server's own wait for an election (3 s)
+
+
+def scenario_dead_leader(dev, cycles=5):
+    """Item 0: a follower forwarding to a leader that was just killed answers by the contract.
+
+    Each cycle kills the leader of shard 0 with kill -9 and at once sends single-attempt calls
+    (no retry) through a follower: Gets of an existing id, Creates of fresh ids and Gets of those
+    fresh ids. Allowed answers: Get of an existing id OK or UNAVAILABLE; Get of a fresh id also
+    NOT_FOUND; Create OK, UNAVAILABLE (with or without `vow-outcome-unknown`) or ALREADY_EXISTS.
+    An UNAVAILABLE Get never carries `vow-outcome-unknown` (a read has no outcome to be unsure
+    of). UNKNOWN, INTERNAL, DEADLINE_EXCEEDED (no answer at all) and anything else are violations.
+    Then `vow dev up` restarts the node. After the cycles every Create answered OK is readable.
+    """
+    c = dev.client()
+    existing = "dead-existing"
+    c.call("Create", pb.CreateRequest(id=existing, idempotency_key=f"c-{existing}", param=pb.Value(data=b"e")))
+    acked = {existing: b"e"}  # id -> param of every create answered OK
+    unavailable_creates = {}  # id -> (param, had the outcome-unknown marker, had a leader id)
+    violations, counts = [], collections.Counter()
+    first_answer = []
+
+    for cycle in range(cycles):
+        leader = dev.wait_leader()
+        follower = next(i for i in sorted(dev.by_id) if i != leader)
+        faddr = dev.addr(follower)
+        # A forwarded write first, so that the follower holds a live connection to the leader.
+        warm = f"dead-{cycle}-warm"
+        Cluster([faddr]).call("Create", pb.CreateRequest(id=warm, idempotency_key=f"c-{warm}", param=pb.Value(data=b"w")))
+        acked[warm] = b"w"
+
+        with grpc.insecure_channel(faddr) as channel:
+            grpc.channel_ready_future(channel).result(timeout=5)
+            stub = pb_grpc.PromisesStub(channel)
+            probes = []  # (what, id, future, seconds after the kill)
+            dev.kill(leader)
+            killed = time.time()
+            fresh = []
+            for k, offset in enumerate(PROBE_OFFSETS):
+                wait = killed + offset - time.time()
+                if wait > 0:
+                    time.sleep(wait)
+                at = time.time() - killed
+                probes.append(("get-existing", existing, stub.Get.future(pb.GetRequest(id=existing), timeout=PROBE_TIMEOUT_S), at))
+                pid = f"dead-{cycle}-{k}"
+                param = f"param-{pid}".encode()
+                req = pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=param))
+                probes.append(("create", pid, stub.Create.future(req, timeout=PROBE_TIMEOUT_S), at))
+                if fresh:
+                    prev = fresh[-1]
+                    probes.append(("get-fresh", prev, stub.Get.future(pb.GetRequest(id=prev), timeout=PROBE_TIMEOUT_S), at))
+                fresh.append(pid)
+
+            for what, pid, fut, at in probes:
+                code = fut.code()
+                counts[(what, code.name)] += 1
+                md = trailers(fut)
+                where = f"cycle {cycle} (leader {leader} killed, via {follower}) +{at:.2f}s {what} {pid}"
+                if code == C.OK:
+                    p = fut.result().promise
+                    if p.id != pid:
+                        violations.append(f"{where}: OK with the record of {p.id!r}")
+                    elif what == "create":
+                        if p.state != pb.STATE_PENDING:
+                            violations.append(f"{where}: create answered OK with state {p.state}")
+                        acked[pid] = f"param-{pid}".encode()
+                    continue
+                allowed = {
+                    "get-existing": {C.UNAVAILABLE},
+                    "get-fresh": {C.UNAVAILABLE, C.NOT_FOUND},
+                    "create": {C.UNAVAILABLE, C.ALREADY_EXISTS},
+                }[what]
+                if code not in allowed:
+                    violations.append(f"{where}: {code.name} {fut.details()!r} trailers={show(md)}")
+                elif code == C.UNAVAILABLE and what != "create" and "vow-outcome-unknown" in md:
+                    violations.append(f"{where}: UNAVAILABLE read marked vow-outcome-unknown: {fut.details()!r}")
+                elif code == C.UNAVAILABLE and what == "create":
+                    unavailable_creates[pid] = (f"param-{pid}".encode(), md.get("vow-outcome-unknown") == "true",
+                                                "vow-leader-id" in md)
+            answered = [at for what, _, fut, at in probes if fut.code() == C.OK and what == "create"]
+            first_answer.append(min(answered) if answered else float("nan"))
+
+        dev.up()  # brings the killed node back (same ports, same data)
+
+    # Every create answered OK is there; the unsure ones are either there (as sent) or absent.
+    dev.wait_leader()
+    for pid, param in acked.items():
+        try:
+            p = c.call("Get", pb.GetRequest(id=pid)).promise
+            if p.param.data != param or p.state != pb.STATE_PENDING:
+                violations.append(f"acknowledged create {pid} reads back as state {p.state} param {p.param.data!r}")
+        except grpc.RpcError as e:
+            violations.append(f"acknowledged create {pid} cannot be read: {describe(e)}")
+    took_effect = collections.Counter()
+    for pid, (param, marked, led) in unavailable_creates.items():
+        try:
+            p = c.call("Get", pb.GetRequest(id=pid)).promise
+            if p.param.data != param or p.idempotency_key_create != f"c-{pid}":
+                violations.append(f"create {pid} answered UNAVAILABLE reads back with another param or key: {p}")
+            took_effect[("marked" if marked else "unmarked") + (", leader-id" if led else "")] += 1
+        except grpc.RpcError as e:
+            if e.code() != C.NOT_FOUND:
+                violations.append(f"create {pid} answered UNAVAILABLE cannot be read: {describe(e)}")
+    marks = collections.Counter(("marked" if m else "unmarked") + (", leader-id" if led else "")
+                                for _, m, led in unavailable_creates.values())
+
+    summary = (f"{cycles} kill/probe/restart cycles, {sum(counts.values())} single-attempt calls: "
+               + ", ".join(f"{w} {c_}={n}" for (w, c_), n in sorted(counts.items()))
+               + f"; UNAVAILABLE creates {dict(marks)}, of which took effect {dict(took_effect)}"
+               + f"; first create OK at +{', +'.join(f'{t:.2f}' for t in first_answer)}s"
+               + f"; {len(acked)} acknowledged creates read back")
+    assert not violations, f"{len(violations)} violation(s) ({summary}):\n  " + "\n  ".join(violations)
+    return summary
+
+
+def check_current(e, want, pid, state, revision, param, value, follower):
+    """The conflict `e` is `want` and carries the current record, whole or trimmed."""
+    assert e.code() == want, f"want {want.name}, got {describe(e)}"
+    md = trailers(e)
+    raw = md.get("vow-current-bin")
+    assert raw is not None, f"{want.name} without vow-current-bin: {describe(e)}"
+    rec = pb.Promise.FromString(raw)
+    assert rec.id == pid and rec.state == state and rec.revision == revision, \
+        f"vow-current-bin holds id {rec.id!r} state {rec.state} revision {rec.revision}, want {pid!r} {state} {revision}"
+    trimmed = md.get("vow-current-trimmed")
+    if trimmed == "true":
+        # The record was too large for a trailer: the full one is a Get away.
+        full = follower.call("Get", pb.GetRequest(id=pid)).promise
+        assert full.value.data == value and full.param.data == param, "Get after a trimmed trailer lacks the data"
+        return f"trimmed ({len(raw)} bytes)"
+    assert trimmed is None, f"vow-current-trimmed is {trimmed!r}"
+    assert rec.value.data == value and rec.param.data == param, \
+        f"untrimmed vow-current-bin has value of {len(rec.value.data)} bytes, param of {len(rec.param.data)} bytes"
+    return f"whole ({len(raw)} bytes)"
+
+
+def scenario_large_records(dev):
+    """Item 6: conflicts on large records, and a search over more than 4 MiB, through a follower."""
+    c = dev.client()
+    leader = dev.wait_leader()
+    follower_id = next(i for i in sorted(dev.by_id) if i != leader)
+    follower = Cluster([dev.addr(follower_id)])
+
+    pid = "large-1"
+    param = (b"large-param-" * 2000)[:20_000]
+    value = (b"large-value-" * 2000)[:20_000]
+    c.call("Create", pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=param)))
+    resolved = c.call("Resolve", pb.SettleRequest(id=pid, idempotency_key=f"s-{pid}", value=pb.Value(data=value)))
+    assert resolved.promise.state == pb.STATE_RESOLVED
+    revision = resolved.promise.revision
+    try:
+        follower.call("Reject", pb.SettleRequest(id=pid, idempotency_key="another-settle", value=pb.Value(data=b"no")))
+        raise AssertionError("reject of a resolved promise with another key must fail")
+    except grpc.RpcError as e:
+        reject = check_current(e, C.FAILED_PRECONDITION, pid, pb.STATE_RESOLVED, revision, param, value, follower)
+    try:
+        follower.call("Create", pb.CreateRequest(id=pid, idempotency_key="another-create", param=pb.Value(data=b"x")))
+        raise AssertionError("second create with another key must fail")
+    except grpc.RpcError as e:
+        create = check_current(e, C.ALREADY_EXISTS, pid, pb.STATE_RESOLVED, revision, param, value, follower)
+
+    # 100 records of 50 KB: 5 MB, over grpcio's default 4 MiB receive limit for one page.
+    t0 = time.time()
+    ids = [f"big-{i:03d}" for i in range(100)]
+    big = {i: (f"{i}:".encode() * 25_000)[:50_000] for i in ids}
+    for i in ids:
+        c.call("Create", pb.CreateRequest(id=i, idempotency_key=f"c-{i}", param=pb.Value(data=big[i])))
+    created_s = time.time() - t0
+    seen, sizes, token = [], [], ""
+    while True:
+        try:
+            page = follower.call("Search", pb.SearchRequest(id_prefix="big-", limit=100, page_token=token))
+        except grpc.RpcError as e:
+            raise AssertionError(f"search page {len(sizes) + 1} (after {len(seen)} records): {describe(e)}")
+        sizes.append(len(page.promises))
+        for p in page.promises:
+            assert p.param.data == big.get(p.id), f"search returned {p.id} with a param of {len(p.param.data)} bytes"
+        seen.extend(p.id for p in page.promises)
+        if not page.next_page_token:
+            break
+        assert page.next_page_token != token, f"page {len(sizes)} repeats its page_token"
+        assert len(sizes) < 200, "search does not end"
+        token = page.next_page_token
+    assert seen == ids, f"search saw {len(seen)} ids ({len(set(seen))} distinct), in order: {seen == sorted(seen)}"
+    assert len(sizes) > 1, "5 MB of records came in one page"
+    return (f"conflicts on a 40 KB record: FAILED_PRECONDITION {reject}, ALREADY_EXISTS {create}; "
+            f"100 x 50 KB created in {created_s:.2f}s, searched through node {follower_id} "
+            f"in {len(sizes)} pages of {sizes}")
+
+
+def run(name, fn, dev):
+    t0 = time.time()
+    try:
+        summary = fn(dev)
+        print(f"external client: [{name}] passed in {time.time() - t0:.1f}s: {summary}", flush=True)
+        return True
+    except Exception as e:  # noqa: BLE001 -- report every scenario, then fail
+        print(f"external client: [{name}] FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: "
+              f"{describe(e) if isinstance(e, grpc.RpcError) else e}", flush=True)
+        traceback.print_exc()
+        return False
+
+
+def main():
+    global pb, pb_grpc
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin-dir", required=True)
+    args = ap.parse_args()
+    gen = tempfile.mkdtemp(prefix="vow-pb-")
+    generate(gen)
+    from vow.v1 import vow_pb2, vow_pb2_grpc
+
+    pb, pb_grpc = vow_pb2, vow_pb2_grpc
+
+    started = time.time()
+    dev = Dev(args.bin_dir, tempfile.mkdtemp(prefix="vow-py-"))
+    dev.up()
+    results = {}
+    try:
+        for name, fn in [("kill -9 during writes", scenario_kill_during_writes),
+                         ("reflection", scenario_reflection),
+                         ("forward to a dead leader (item 0)", scenario_dead_leader),
+                         ("large records (item 6)", scenario_large_records)]:
+            if results:
+                dev.heal()  # a failed scenario may have left a node down
+            results[name] = run(name, fn, dev)
     finally:
-        vow(args.bin_dir, "dev", "down", "--dir", work)
+        dev.down()
+    failed = [n for n, ok in results.items() if not ok]
+    print(f"external client: {len(results) - len(failed)}/{len(results)} scenarios passed in "
+          f"{time.time() - started:.1f}s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

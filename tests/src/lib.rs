@@ -41,8 +41,26 @@ pub fn bin_dir() -> PathBuf {
 
 /// Runs the `vow` CLI with `args`.
 pub fn vow(args: &[&str]) -> Output {
+    vow_with(args, &[])
+}
+
+/// Runs the `vow` CLI with `args` and extra environment (which the vowd it starts inherit;
+/// `VOW_VOWD` there picks another vowd binary).
+pub fn vow_with(args: &[&str], env: &[(String, String)]) -> Output {
     let dir = bin_dir();
-    Command::new(dir.join("vow")).args(args).env("VOW_VOWD", dir.join("vowd")).output().expect("running vow")
+    Command::new(dir.join("vow"))
+        .args(args)
+        .env("VOW_VOWD", dir.join("vowd"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running vow")
+}
+
+/// The test-only build of vowd with deliberate bugs and failpoints (`scripts/test.sh` builds it).
+pub fn sabotaged_vowd() -> PathBuf {
+    let path = bin_dir().join("vowd-sabotage");
+    assert!(path.exists(), "{} is missing: build it as scripts/test.sh does", path.display());
+    path
 }
 
 #[derive(Debug)]
@@ -50,11 +68,23 @@ pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeEntry>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl DevCluster {
     /// Starts `n` nodes; `vowd_args` go to every vowd.
     pub fn up(n: usize, vowd_args: &[&str]) -> anyhow::Result<DevCluster> {
+        Self::up_with(n, vowd_args, &[])
+    }
+
+    /// Starts `n` nodes with `dev up` arguments of its own (`--node-arg=ID=ARG`, `--shards`)
+    /// and `vowd_args` for every vowd.
+    pub fn up_with(n: usize, vowd_args: &[&str], up_args: &[&str]) -> anyhow::Result<DevCluster> {
+        Self::up_env(n, vowd_args, up_args, &[])
+    }
+
+    /// As [`DevCluster::up_with`], with extra environment for `vow dev up` and the vowd it starts.
+    pub fn up_env(n: usize, vowd_args: &[&str], up_args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<DevCluster> {
         let dir = tempfile::Builder::new().prefix("vow-test-").tempdir()?;
         let mut args: Vec<String> = vec!["dev".into(), "up".into(), "--nodes".into(), n.to_string()];
         args.push("--dir".into());
@@ -62,15 +92,22 @@ impl DevCluster {
         for a in vowd_args {
             args.push(format!("--vowd-arg={a}"));
         }
-        let mut c = DevCluster { dir, nodes: vec![], args };
+        args.extend(up_args.iter().map(|a| a.to_string()));
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut c = DevCluster { dir, nodes: vec![], args, env };
         c.reup()?;
         Ok(c)
+    }
+
+    /// A node's data directory.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("n{id}"))
     }
 
     /// `vow dev up` again: restarts any node whose process is gone.
     pub fn reup(&mut self) -> anyhow::Result<()> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let out = vow(&args);
+        let out = vow_with(&args, &self.env);
         if !out.status.success() {
             bail!("vow dev up failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
         }
@@ -159,6 +196,40 @@ impl DevCluster {
         self.signal(id, "-TERM")
     }
 
+    /// SIGSTOP: the node stops running (a long pause) but keeps its sockets and state.
+    pub fn pause(&self, id: u64) -> anyhow::Result<()> {
+        self.send(id, "-STOP")
+    }
+
+    /// SIGCONT after [`DevCluster::pause`].
+    pub fn resume(&self, id: u64) -> anyhow::Result<()> {
+        self.send(id, "-CONT")
+    }
+
+    fn send(&self, id: u64, sig: &str) -> anyhow::Result<()> {
+        let pid = self.node(id).pid;
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().context("kill")?.success();
+        if !ok {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// A node's `/metrics` text.
+    pub fn metrics_of(&self, id: u64) -> anyhow::Result<String> {
+        http_get(&self.node(id).http, "/metrics")
+    }
+
+    /// A gauge or counter from a node's `/metrics` (summed over its labels).
+    pub fn metric(&self, id: u64, name: &str) -> anyhow::Result<f64> {
+        let text = self.metrics_of(id)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
     fn signal(&self, id: u64, sig: &str) -> anyhow::Result<()> {
         let pid = self.node(id).pid;
         let ok = Command::new("kill").args([sig, &pid.to_string()]).status().context("kill")?.success();
@@ -213,6 +284,17 @@ impl Drop for DevCluster {
             }
         }
     }
+}
+
+/// A plain HTTP/1.1 GET, for the node's operator endpoints.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 pub fn value(data: &str) -> pb::Value {

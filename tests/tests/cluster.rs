@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vow_client::{Client, Error, pb};
-use vow_tests::{DevCluster, create_req, value, vow};
+use vow_tests::{DevCluster, create_req, http_get, value, vow};
 
 /// What the clients were told: the acknowledged creates, and per promise the settlements the
 /// cluster acknowledged as taking effect (deduplicated repeats excluded).
@@ -204,6 +204,16 @@ async fn followers_serve_every_request_with_canonical_errors() -> anyhow::Result
     Ok(())
 }
 
+/// Waits until an Await is waiting on node `id` (its `vow_awaits_waiting` gauge).
+async fn waiting_on(cluster: &DevCluster, id: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.metric(id, "vow_awaits_waiting")? < 1.0 {
+        anyhow::ensure!(Instant::now() < deadline, "no await is waiting on node {id}");
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll the gauge
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn await_returns_promptly_and_survives_a_leader_change() -> anyhow::Result<()> {
     let cluster = DevCluster::up(3, &[])?;
@@ -215,7 +225,7 @@ async fn await_returns_promptly_and_survives_a_leader_change() -> anyhow::Result
     // Prompt: the await returns right after the resolve is acknowledged.
     let waiter = cluster.client_of(follower);
     let w = tokio::spawn(async move { waiter.await_settled("a-1", Duration::from_secs(20)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the await reach the server
+    waiting_on(&cluster, follower).await?;
     c.resolve("a-1", value("v"), None).await?;
     let acked = Instant::now();
     let p = w.await??;
@@ -223,11 +233,14 @@ async fn await_returns_promptly_and_survives_a_leader_change() -> anyhow::Result
     assert_eq!(p.state, pb::State::Resolved as i32);
     assert!(lag < Duration::from_millis(500), "await returned {lag:?} after the resolve");
 
-    // Through a leader change: kill the leader while the await waits, settle on the new one.
+    // Through a leader change: the await waits on the leader, which is killed; the client
+    // resumes the wait on another node, and the settlement made on the new leader reaches it.
     c.create(create_req("a-2", "")).await?;
-    let waiter = cluster.client();
+    let mut endpoints = vec![cluster.node(leader).grpc.clone()];
+    endpoints.extend(cluster.nodes.iter().filter(|n| n.node_id != leader).map(|n| n.grpc.clone()));
+    let waiter = Client::connect(&endpoints)?;
     let w = tokio::spawn(async move { waiter.await_settled("a-2", Duration::from_secs(30)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the await reach the server
+    waiting_on(&cluster, leader).await?;
     cluster.kill9(leader)?;
     cluster
         .wait_for("a new leader", Duration::from_secs(20), |s| {
@@ -394,15 +407,6 @@ fn cli_round_trip_and_clear_errors() -> anyhow::Result<()> {
     }
     assert!(http_get(&http, "/metrics")?.contains(r#"vow_requests_total{method="create",outcome="ok"} 1"#));
     Ok(())
-}
-
-fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,6 +625,13 @@ async fn a_write_refused_after_a_lost_attempt_is_reported_unknown() -> anyhow::R
     // promise once, with this value, either way.
     let again = cluster.client().resolve("late-1", value("late"), Some("late-key".into())).await?;
     let p = again.promise.expect("promise");
-    assert_eq!((p.state, p.value.map(|v| v.data)), (pb::State::Resolved as i32, Some(b"late".to_vec())));
+    assert_eq!((p.state, p.value.clone().map(|v| v.data)), (pb::State::Resolved as i32, Some(b"late".to_vec())));
+    // Exactly once, whichever attempt carried it out: the record's last change is the settle the
+    // retry reported, and a settle under another key is refused with that same record.
+    assert_eq!(cluster.client().get("late-1").await?.revision, p.revision);
+    match cluster.client().reject("late-1", value("other"), Some("other-key".into())).await {
+        Err(Error::AlreadySettled { current: Some(c), .. }) => assert_eq!(c.revision, p.revision),
+        other => panic!("expected FAILED_PRECONDITION with the settled record, got {other:?}"),
+    }
     Ok(())
 }

@@ -26,6 +26,9 @@ pub enum DevCommand {
         /// Extra argument for every vowd (repeatable), e.g. --vowd-arg=--snapshot-logs=100.
         #[arg(long = "vowd-arg", allow_hyphen_values = true)]
         vowd_args: Vec<String>,
+        /// Extra argument for one vowd (repeatable), as ID=ARG, e.g. --node-arg=3=--log=debug.
+        #[arg(long = "node-arg", allow_hyphen_values = true, value_parser = parse_node_arg)]
+        node_args: Vec<(u64, String)>,
         /// How long to wait for the cluster to elect leaders.
         #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
         wait: Duration,
@@ -45,6 +48,15 @@ pub struct ClusterFile {
     pub shards: u32,
     #[serde(default)]
     pub vowd_args: Vec<String>,
+    /// Arguments for single nodes, as (node id, argument).
+    #[serde(default)]
+    pub node_args: Vec<(u64, String)>,
+}
+
+fn parse_node_arg(s: &str) -> Result<(u64, String), String> {
+    let (id, arg) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=ARG"))?;
+    let id = id.parse().map_err(|_| format!("{id:?} in {s:?} is not a node id"))?;
+    Ok((id, arg.to_owned()))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,8 +69,8 @@ pub struct NodeEntry {
 
 pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
-        DevCommand::Up { nodes, dir, shards, vowd_args, wait } => {
-            let status = up(nodes, &dir, shards, vowd_args, wait).await?;
+        DevCommand::Up { nodes, dir, shards, vowd_args, node_args, wait } => {
+            let status = up(nodes, &dir, shards, vowd_args, node_args, wait).await?;
             println!("{}", serde_json::to_string_pretty(&crate::status_json(&status))?);
             Ok(())
         }
@@ -89,7 +101,11 @@ fn vowd_path() -> PathBuf {
 pub fn is_vowd_alive(pid: u32) -> bool {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
         Ok(cmd) => {
-            cmd.split(|b| *b == 0).next().is_some_and(|arg0| arg0.ends_with(b"vowd"))
+            // vowd, or a test build of it such as vowd-sabotage.
+            cmd.split(|b| *b == 0)
+                .next()
+                .and_then(|arg0| arg0.rsplit(|b| *b == b'/').next())
+                .is_some_and(|name| name.starts_with(b"vowd"))
                 && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
         }
         Err(_) => false,
@@ -129,6 +145,7 @@ async fn up(
     dir: &Path,
     shards: u32,
     vowd_args: Vec<String>,
+    node_args: Vec<(u64, String)>,
     wait: Duration,
 ) -> anyhow::Result<vow_client::pb::StatusResponse> {
     if n == 0 || n > 9 {
@@ -158,7 +175,7 @@ async fn up(
                 pid: 0,
             });
         }
-        ClusterFile { nodes, shards, vowd_args }
+        ClusterFile { nodes, shards, vowd_args, node_args }
     };
     let shards = if cluster.shards == 0 { shards } else { cluster.shards };
     let peers = cluster.nodes.iter().map(|e| format!("{}={}", e.node_id, e.grpc)).collect::<Vec<_>>().join(",");
@@ -166,7 +183,9 @@ async fn up(
         if node.pid != 0 && is_vowd_alive(node.pid) {
             continue;
         }
-        node.pid = spawn(dir, node, &peers, shards, &cluster.vowd_args)?;
+        let mut args = cluster.vowd_args.clone();
+        args.extend(cluster.node_args.iter().filter(|(id, _)| *id == node.node_id).map(|(_, a)| a.clone()));
+        node.pid = spawn(dir, node, &peers, shards, &args)?;
         eprintln!("started node {} (pid {}) on {}", node.node_id, node.pid, node.grpc);
     }
     cluster.shards = shards;
@@ -246,7 +265,7 @@ impl Spawned {
     pub async fn start(nodes: u64) -> anyhow::Result<Spawned> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
         let dir = std::env::temp_dir().join(format!("vow-bench-{}-{stamp:x}", std::process::id()));
-        up(nodes, &dir, 1, vec![], Duration::from_secs(60)).await?;
+        up(nodes, &dir, 1, vec![], vec![], Duration::from_secs(60)).await?;
         let text = std::fs::read_to_string(dir.join("cluster.json"))?;
         let cluster: ClusterFile = serde_json::from_str(&text)?;
         let endpoints = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();

@@ -1,0 +1,363 @@
+//! Real clusters against the defects a review of the first wave found (issue #12): each test
+//! fails on the code before its fix. Large entries that stalled replication, writes in flight
+//! when a disk fails, a restart with another shard count, Await across a snapshot install,
+//! replies and refusals larger than transport defaults, and a leader whose clock runs fast.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vow_client::{Client, Error, Options, pb};
+use vow_tests::{DevCluster, create_req, sabotaged_vowd, value};
+
+fn big_value(bytes: usize, fill: u8) -> pb::Value {
+    pb::Value { headers: Default::default(), data: vec![fill; bytes] }
+}
+
+fn create_big(id: &str, bytes: usize) -> pb::CreateRequest {
+    pb::CreateRequest { param: Some(big_value(bytes, 7)), ..create_req(id, &format!("c-{id}")) }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn follower_of(cluster: &DevCluster, leader: u64) -> u64 {
+    cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower")
+}
+
+/// A follower that missed 300 entries of 300 KB each (90 MB, more than a Raft message may hold)
+/// catches up when it comes back; before appends were bounded by bytes, the leader resent the
+/// same oversized message forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_on_large_entries_catches_up() -> anyhow::Result<()> {
+    let mut cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    let lagging = follower_of(&cluster, leader);
+    cluster.kill9(lagging)?;
+    let c = Client::with_options(
+        &[cluster.node(leader).grpc.as_str()],
+        Options { call_timeout: Duration::from_secs(60), ..Default::default() },
+    )?;
+    let writers: Vec<_> = (0..6)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in (w..300).step_by(6) {
+                    c.create(create_big(&format!("large-{i:03}"), 300_000)).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await??;
+    }
+    let target = cluster.status_of(leader).await?.shards[0].commit_index;
+    cluster.reup()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = cluster.status_of(lagging).await.map(|s| s.shards[0].applied_index).unwrap_or(0);
+        if applied >= target {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {lagging} applied {applied} of {target}\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll the follower's progress
+    }
+    let p = Client::get_local(&cluster.node(lagging).grpc, "large-299").await?;
+    assert_eq!(p.param.map(|v| v.data.len()), Some(300_000));
+    Ok(())
+}
+
+/// 64 clients each creating a 1 MiB promise at once: the batcher puts them in one batch, more
+/// than one Raft message may hold. All of them commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_one_mib_creates_all_commit() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    let leader = cluster.leader().await?;
+    let c = Client::with_options(
+        &[cluster.node(leader).grpc.as_str()],
+        Options {
+            call_timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(20),
+            ..Default::default()
+        },
+    )?;
+    let started = Instant::now();
+    let creates: Vec<_> = (0..64)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { c.create(create_big(&format!("mib-{i:02}"), 1 << 20)).await })
+        })
+        .collect();
+    for (i, create) in creates.into_iter().enumerate() {
+        let r = create.await?;
+        assert!(r.is_ok(), "create {i}: {r:?}\n{}", cluster.logs());
+    }
+    eprintln!("64 creates of 1 MiB committed in {:?}", started.elapsed());
+    Ok(())
+}
+
+/// What a write in flight is reported as when the leader's disk fails under it: the entry may
+/// be on the followers already and commit there, so its outcome is unknown — never a plain
+/// failure. Every write the client was told failed must indeed be absent afterwards, and every
+/// acknowledged one present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> anyhow::Result<()> {
+    let vowd = sabotaged_vowd();
+    let vowd = vowd.display().to_string();
+    let cluster =
+        DevCluster::up_env(3, &[], &[], &[("VOW_VOWD", vowd.as_str()), ("VOW_SABOTAGE", "wal-fsync-failpoint")])?;
+    let leader = cluster.leader().await?;
+    let direct = Client::with_options(
+        &[cluster.node(leader).grpc.as_str()],
+        Options {
+            call_timeout: Duration::from_secs(3),
+            attempt_timeout: Duration::from_secs(1),
+            follow_leader_hints: false,
+        },
+    )?;
+    let stop_at = Instant::now() + Duration::from_secs(4);
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let c = direct.clone();
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                let mut i = 0;
+                while Instant::now() < stop_at {
+                    let id = format!("f-{w:02}-{i:04}");
+                    let r = c.create(create_req(&id, &format!("k-{id}"))).await.map(|_| ());
+                    results.push((id, r));
+                    i += 1;
+                }
+                results
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await; // writes under way before the disk fails
+    std::fs::write(cluster.data_dir(leader).join("fail-wal-fsync"), b"")?;
+    let mut results = Vec::new();
+    for w in writers {
+        results.extend(w.await?);
+    }
+    let everyone = Client::with_options(
+        &cluster.endpoints(),
+        Options { call_timeout: Duration::from_secs(30), ..Default::default() },
+    )?;
+    let (mut acked, mut unknown, mut refused) = (0, 0, 0);
+    for (id, r) in &results {
+        let found = match everyone.get(id).await {
+            Ok(_) => true,
+            Err(Error::NotFound(_)) => false,
+            Err(e) => anyhow::bail!("reading {id} after the failure: {e}\n{}", cluster.logs()),
+        };
+        match r {
+            Ok(()) => {
+                acked += 1;
+                assert!(found, "{id} was acknowledged but is gone");
+            }
+            Err(e) if e.is_outcome_unknown() => unknown += 1,
+            Err(e) => {
+                refused += 1;
+                assert!(!found, "{id} was reported failed ({e}) but took effect");
+            }
+        }
+    }
+    eprintln!("{acked} acknowledged, {unknown} unknown, {refused} refused");
+    assert!(acked > 0 && unknown > 0, "the failure must hit writes in flight: {acked} acked, {unknown} unknown");
+    assert!(cluster.log_of(leader).contains("WAL fsync failed"), "the failpoint fired");
+    Ok(())
+}
+
+/// Restarting a node with another `--shards` would send existing ids to shards that do not hold
+/// them (they would read as not found and could be created twice); it is refused, naming both
+/// counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_another_shard_count_is_refused() -> anyhow::Result<()> {
+    let cluster = DevCluster::up_with(1, &[], &["--shards", "2"])?;
+    cluster.leader().await?;
+    cluster.client().create(create_req("kept", "k")).await?;
+    cluster.down()?;
+    let node = cluster.node(1);
+    let out = Command::new(vow_tests::bin_dir().join("vowd"))
+        .args(["--node-id", "1", "--data-dir"])
+        .arg(cluster.data_dir(1))
+        .args(["--grpc-addr", &node.grpc, "--http-addr", &node.http, "--shards", "4"])
+        .args(["--peers", &format!("1={}", node.grpc)])
+        .stdin(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "vowd started with another shard count: {stderr}");
+    assert!(
+        stderr.contains("initialised with 2 shards") && stderr.contains("--shards 4"),
+        "the error names both counts: {stderr}"
+    );
+    Ok(())
+}
+
+/// A joining node with another shard count is refused by the cluster with both counts named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_shard_count_cannot_join() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(1, &[])?;
+    cluster.leader().await?;
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut joiner = Command::new(vow_tests::bin_dir().join("vowd"))
+        .args(["--node-id", "2", "--data-dir"])
+        .arg(dir.path())
+        .args(["--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", &format!("127.0.0.1:{http}")])
+        .args(["--shards", "3", "--join", &cluster.node(1).grpc])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("log"))?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        if log.contains("refuses this node") || Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll the joiner's log
+    };
+    let _ = joiner.kill();
+    let _ = joiner.wait();
+    assert!(log.contains("runs 3 shards but this cluster has 1"), "{log}");
+    let status = cluster.status().await?;
+    assert!(status.shards.iter().all(|s| !s.voters.contains(&2) && !s.learners.contains(&2)), "{status:?}");
+    Ok(())
+}
+
+/// An Await waiting on a follower that falls behind and catches up by a snapshot install (not
+/// entry by entry) still returns the settlement, promptly — before, it slept to its timeout and
+/// returned the stale pending record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_on_a_follower_sees_a_settlement_that_arrives_by_snapshot() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &["--snapshot-logs=50"])?;
+    let leader = cluster.leader().await?;
+    let follower = follower_of(&cluster, leader);
+    let c = cluster.client_of(leader);
+    c.create(create_req("snap-await", "k")).await?;
+    let waiter = Client::with_options(
+        &[cluster.node(follower).grpc.as_str()],
+        Options { follow_leader_hints: false, ..Default::default() },
+    )?;
+    let w = tokio::spawn(async move { waiter.await_settled("snap-await", Duration::from_secs(120)).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.metric(follower, "vow_awaits_waiting")? < 1.0 {
+        assert!(Instant::now() < deadline, "the await never started waiting");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll the follower's gauge
+    }
+
+    cluster.pause(follower)?;
+    c.resolve("snap-await", value("by snapshot"), None).await?;
+    for i in 0..300 {
+        c.create(create_req(&format!("filler-{i}"), "")).await?;
+    }
+    // The leader snapshots and purges its log past what the paused follower has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.log_of(leader).contains("snapshot built") {
+        assert!(Instant::now() < deadline, "the leader never built a snapshot");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll the leader's log
+    }
+    cluster.resume(follower)?;
+    let resumed = Instant::now();
+    let p = tokio::time::timeout(Duration::from_secs(30), w).await???;
+    let took = resumed.elapsed();
+    assert_eq!(p.state, pb::State::Resolved as i32, "{p:?}");
+    assert!(took < Duration::from_secs(8), "the await returned {took:?} after the follower resumed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.log_of(follower).contains("snapshot installed") {
+        assert!(Instant::now() < deadline, "the follower caught up without a snapshot: the test did not test that");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll the follower's log
+    }
+    Ok(())
+}
+
+/// Replies and refusals larger than the transport defaults, through a follower with the Rust
+/// SDK: a Search page of 50 KB records is bounded by bytes and pages on; a refusal on a 20 KB
+/// record keeps its canonical code and the whole current record; with a 4 MiB data limit a
+/// settle's 6 MiB reply comes back (tonic's default 4 MiB decode limit made it OUT_OF_RANGE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_replies_and_refusals_keep_their_meaning_through_a_follower() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &["--max-data-bytes=4194304"])?;
+    let leader = cluster.leader().await?;
+    let follower = follower_of(&cluster, leader);
+    let via = Client::with_options(
+        &[cluster.node(follower).grpc.as_str()],
+        Options { follow_leader_hints: false, ..Default::default() },
+    )?;
+
+    via.create(create_big("r20", 20_000)).await?;
+    via.resolve("r20", big_value(20_000, 1), Some("first".into())).await?;
+    match via.reject("r20", value("no"), Some("second".into())).await {
+        Err(Error::AlreadySettled { current: Some(p), .. }) => {
+            assert_eq!(p.state, pb::State::Resolved as i32);
+            assert_eq!(p.value.map(|v| v.data), Some(vec![1; 20_000]), "the whole current record");
+        }
+        other => panic!("expected FAILED_PRECONDITION with the record, got {other:?}"),
+    }
+    match via.create(pb::CreateRequest { idempotency_key: "another".into(), ..create_big("r20", 10) }).await {
+        Err(Error::AlreadyExists { current: Some(p), .. }) => assert_eq!(p.param.map(|v| v.data.len()), Some(20_000)),
+        other => panic!("expected ALREADY_EXISTS with the record, got {other:?}"),
+    }
+
+    for i in 0..100 {
+        via.create(create_big(&format!("page-{i:03}"), 50_000)).await?;
+    }
+    let (mut seen, mut pages, mut token) = (Vec::new(), 0, String::new());
+    loop {
+        let page = via
+            .search(pb::SearchRequest {
+                id_prefix: "page-".into(),
+                limit: 100,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?;
+        pages += 1;
+        seen.extend(page.promises.into_iter().map(|p| p.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..100).map(|i| format!("page-{i:03}")).collect();
+    assert_eq!(seen, expected);
+    assert!(pages > 1, "100 records of 50 KB do not fit one page of ~1 MiB");
+
+    via.create(create_big("r3m", 3 << 20)).await?;
+    let settled = via.resolve("r3m", big_value(3 << 20, 2), None).await?;
+    assert_eq!(settled.promise.and_then(|p| p.value).map(|v| v.data.len()), Some(3 << 20));
+    Ok(())
+}
+
+/// A leader whose clock runs an hour fast cannot move cluster time: a promise due in a minute
+/// stays pending, and timestamps follow the majority's clocks. Before, its stamps moved cluster
+/// time an hour ahead and the sweeper timed the promise out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_with_a_fast_clock_cannot_time_promises_out_early() -> anyhow::Result<()> {
+    const HOUR_MS: i64 = 3_600_000;
+    let cluster = DevCluster::up_with(3, &[], &[&format!("--node-arg=3=--test-clock-offset-ms={HOUR_MS}")])?;
+    cluster.leader().await?;
+    let c = cluster.client();
+    c.transfer_leader(3).await?;
+    cluster.wait_for("node 3 to lead", Duration::from_secs(20), |s| (s.shards[0].leader_id == 3).then_some(())).await?;
+    let fast = cluster.client_of(3);
+    let mut later = create_req("due-in-a-minute", "k1");
+    later.deadline_ms = wall_ms() + 60_000;
+    let created = fast.create(later).await?.promise.expect("record");
+    let mut soon = create_req("due-in-a-second", "k2");
+    soon.deadline_ms = wall_ms() + 1_000;
+    fast.create(soon).await?;
+
+    // Once the short one has timed out, the sweeper has run for a second past its deadline.
+    let timed_out = fast.await_settled("due-in-a-second", Duration::from_secs(20)).await?;
+    assert_eq!(timed_out.state, pb::State::RejectedTimedout as i32);
+    let now = wall_ms();
+    assert!(timed_out.settled_at_ms < now + 5_000, "settled at {} but it is {now}", timed_out.settled_at_ms);
+    assert!(created.created_at_ms < now + 5_000, "created at {} but it is {now}", created.created_at_ms);
+    let p = fast.get("due-in-a-minute").await?;
+    assert_eq!(p.state, pb::State::Pending as i32, "timed out an hour early: {p:?}");
+    assert!(cluster.status().await?.shards[0].leader_id == 3, "node 3 led throughout");
+    Ok(())
+}
