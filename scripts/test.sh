@@ -12,6 +12,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # deliberate bugs, for the jepsen checker's proof tests) is built first and set aside under its own
 # name; the default build then puts the real vowd back in place.
 cargo build -p vow-server --features sabotage --bin vowd --locked
+# Replace, not overwrite: a copy still running (a test's leftover) would make cp fail.
+rm -f "$CARGO_TARGET_DIR/debug/vowd-sabotage"
 cp "$CARGO_TARGET_DIR/debug/vowd" "$CARGO_TARGET_DIR/debug/vowd-sabotage"
 cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then

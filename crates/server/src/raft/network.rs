@@ -115,10 +115,35 @@ impl PeerClient {
     }
 }
 
-/// Send times of the streamed requests that have no reply yet, oldest first.
-type InFlight = Arc<Mutex<VecDeque<Instant>>>;
+/// How fast a follower is assumed to take in a large append at the least (decode, write,
+/// fsync) on a loaded machine: each request's reply may take this much longer per byte than the
+/// stall timeout. Without it an append of several MiB timed out at 250 ms on a busy follower,
+/// the stream was dropped and re-sent, and the follower never caught up.
+const STALL_BYTES_PER_SEC: f64 = 4.0 * (1 << 20) as f64;
 
-fn in_flight(q: &InFlight) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+/// The streamed requests that have no reply yet (when each was sent, and its size), oldest
+/// first, and when the last reply came.
+#[derive(Debug)]
+struct Flight {
+    waiting: VecDeque<(Instant, usize)>,
+    last_reply: Instant,
+}
+
+impl Flight {
+    /// Whether the oldest request has waited too long: `stall` plus its size's worth of
+    /// [`STALL_BYTES_PER_SEC`], counted from when it was sent or the reply before it came,
+    /// whichever is later (requests queued behind a large one wait for it first).
+    fn stalled(&self, stall: Duration) -> bool {
+        self.waiting.front().is_some_and(|(sent, bytes)| {
+            let since = (*sent).max(self.last_reply);
+            since.elapsed() > stall + Duration::from_secs_f64(*bytes as f64 / STALL_BYTES_PER_SEC)
+        })
+    }
+}
+
+type InFlight = Arc<Mutex<Flight>>;
+
+fn in_flight(q: &InFlight) -> std::sync::MutexGuard<'_, Flight> {
     q.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -128,8 +153,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     /// Replication on one gRPC stream: requests go out as openraft produces them, without
     /// waiting for the previous reply, so a follower's fsync of one batch overlaps the sending
     /// of the next, and no call pays for a new HTTP/2 stream. A request without a reply after
-    /// the RPC's hard TTL (at least [`MIN_STREAM_STALL`]) ends the stream as unreachable, as a
-    /// unary call's deadline would.
+    /// the RPC's hard TTL (at least [`MIN_STREAM_STALL`]) plus time for its size ends the stream
+    /// as unreachable, as a unary call's deadline would.
     fn stream_append<'s, S>(
         &'s mut self,
         input: S,
@@ -145,11 +170,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let (clocks, target) = (self.clocks.clone(), self.target);
         let stall = option.hard_ttl().max(MIN_STREAM_STALL);
         let mut header = Some((self.shard, self.target, self.cluster_name.clone()));
-        let sent: InFlight = Arc::default();
+        let sent: InFlight = Arc::new(Mutex::new(Flight { waiting: VecDeque::new(), last_reply: Instant::now() }));
         let sent_in = sent.clone();
         let requests = input.map(move |rpc| {
-            in_flight(&sent_in).push_back(Instant::now());
-            let mut req = RaftRequest { payload: codec::encode_append_request(&rpc).into(), ..Default::default() };
+            let payload = codec::encode_append_request(&rpc);
+            in_flight(&sent_in).waiting.push_back((Instant::now(), payload.len()));
+            let mut req = RaftRequest { payload: payload.into(), ..Default::default() };
             if let Some((shard, target, cluster)) = header.take() {
                 req.shard_id = shard.0;
                 req.target_node_id = target.0;
@@ -175,7 +201,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                             reply = replies.message() => {
                                 let item = match reply {
                                     Ok(Some(reply)) => {
-                                        in_flight(&sent).pop_front();
+                                        {
+                                            let mut flight = in_flight(&sent);
+                                            flight.waiting.pop_front();
+                                            flight.last_reply = Instant::now();
+                                        }
                                         clocks.observe(target, reply.sender_time_ms);
                                         codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
                                     }
@@ -186,7 +216,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                                 return Some((item, next));
                             }
                             _ = check.tick() => {
-                                if in_flight(&sent).front().is_some_and(|t| t.elapsed() > stall) {
+                                if in_flight(&sent).stalled(stall) {
                                     return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
                                 }
                             }
@@ -266,5 +296,22 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         }
         let reply = reply.map_err(status_error)?;
         codec::decode_snapshot_response(&self.heard(reply).payload).map_err(|e| decode_error(e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_append_gets_time_for_its_size_and_queued_ones_wait_their_turn() {
+        let stall = Duration::from_millis(250);
+        let long_ago = Instant::now() - Duration::from_millis(1500);
+        let flight = |bytes, last_reply| Flight { waiting: VecDeque::from([(long_ago, bytes)]), last_reply };
+        assert!(flight(1000, long_ago).stalled(stall), "a small append 1.5 s without a reply");
+        assert!(!flight(8 << 20, long_ago).stalled(stall), "8 MiB gets 2 s more");
+        assert!(!flight(1000, Instant::now()).stalled(stall), "counted from the reply before it");
+        let empty = Flight { waiting: VecDeque::new(), last_reply: long_ago };
+        assert!(!empty.stalled(stall));
     }
 }
