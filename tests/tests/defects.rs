@@ -68,20 +68,27 @@ async fn a_follower_behind_on_large_entries_catches_up() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 64 clients each creating a 1 MiB promise at once: the batcher puts them in one batch, more
-/// than one Raft message may hold. All of them commit.
+/// 64 clients each creating a 1 MiB promise at once, while both followers are paused: when
+/// they come back, the leader has 64 MiB of entries for each, more than one Raft message may
+/// hold. All of them commit (before appends were bounded by bytes, the leader resent the same
+/// oversized message and nothing committed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_one_mib_creates_all_commit() -> anyhow::Result<()> {
     let cluster = DevCluster::up(3, &[])?;
     let leader = cluster.leader().await?;
+    let followers: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != leader).collect();
     let c = Client::with_options(
         &[cluster.node(leader).grpc.as_str()],
         Options {
-            call_timeout: Duration::from_secs(30),
-            attempt_timeout: Duration::from_secs(20),
+            call_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(50),
             ..Default::default()
         },
     )?;
+    let proposed_before = cluster.metric(leader, "vow_shard_proposals_total")?;
+    for f in &followers {
+        cluster.pause(*f)?;
+    }
     let started = Instant::now();
     let creates: Vec<_> = (0..64)
         .map(|i| {
@@ -89,6 +96,15 @@ async fn sixty_four_concurrent_one_mib_creates_all_commit() -> anyhow::Result<()
             tokio::spawn(async move { c.create(create_big(&format!("mib-{i:02}"), 1 << 20)).await })
         })
         .collect();
+    // Every create is in the leader's log before the followers come back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.metric(leader, "vow_shard_proposals_total")? < proposed_before + 64.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the leader never took the 64 creates");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll the leader's counter
+    }
+    for f in &followers {
+        cluster.resume(*f)?;
+    }
     for (i, create) in creates.into_iter().enumerate() {
         let r = create.await?;
         assert!(r.is_ok(), "create {i}: {r:?}\n{}", cluster.logs());
@@ -178,13 +194,24 @@ async fn a_restart_with_another_shard_count_is_refused() -> anyhow::Result<()> {
     cluster.client().create(create_req("kept", "k")).await?;
     cluster.down()?;
     let node = cluster.node(1);
-    let out = Command::new(vow_tests::bin_dir().join("vowd"))
+    let mut vowd = Command::new(vow_tests::bin_dir().join("vowd"))
         .args(["--node-id", "1", "--data-dir"])
         .arg(cluster.data_dir(1))
         .args(["--grpc-addr", &node.grpc, "--http-addr", &node.http, "--shards", "4"])
         .args(["--peers", &format!("1={}", node.grpc)])
         .stdin(Stdio::null())
-        .output()?;
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while vowd.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = vowd.kill();
+            anyhow::bail!("vowd started and kept running with another shard count");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll for its exit
+    }
+    let out = vowd.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "vowd started with another shard count: {stderr}");
     assert!(
@@ -359,5 +386,27 @@ async fn a_leader_with_a_fast_clock_cannot_time_promises_out_early() -> anyhow::
     let p = fast.get("due-in-a-minute").await?;
     assert_eq!(p.state, pb::State::Pending as i32, "timed out an hour early: {p:?}");
     assert!(cluster.status().await?.shards[0].leader_id == 3, "node 3 led throughout");
+    Ok(())
+}
+
+/// A request larger than the largest one the configured limits allow is refused before it is
+/// read whole (the public API used to buffer up to 64 MiB per request); one just over a limit
+/// is refused naming the limit. The node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_and_the_node_keeps_serving() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(1, &[])?;
+    cluster.leader().await?;
+    let c = cluster.client();
+    match c.create(create_big("huge", 8 << 20)).await {
+        Err(Error::Other { code, message }) => {
+            assert!(code == "OutOfRange" && message.contains("too large"), "{code}: {message}")
+        }
+        other => panic!("expected OUT_OF_RANGE for an 8 MiB request, got {other:?}"),
+    }
+    match c.create(create_big("over", (1 << 20) + 1)).await {
+        Err(Error::InvalidArgument(message)) => assert!(message.contains("max_data_bytes"), "{message}"),
+        other => panic!("expected INVALID_ARGUMENT naming the limit, got {other:?}"),
+    }
+    c.create(create_big("fits", 1 << 20)).await?;
     Ok(())
 }
