@@ -286,6 +286,23 @@ impl Drop for DevCluster {
     }
 }
 
+/// Polls `check` every 20 ms until it holds; an error from it ends the wait. Fails with `what`
+/// (and the time waited) after `timeout`.
+pub async fn eventually(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check()? {
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // the poll interval
+    }
+    Ok(())
+}
+
 /// A plain HTTP/1.1 GET, for the node's operator endpoints.
 pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};

@@ -206,12 +206,10 @@ async fn followers_serve_every_request_with_canonical_errors() -> anyhow::Result
 
 /// Waits until an Await is waiting on node `id` (its `vow_awaits_waiting` gauge).
 async fn waiting_on(cluster: &DevCluster, id: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.metric(id, "vow_awaits_waiting")? < 1.0 {
-        anyhow::ensure!(Instant::now() < deadline, "no await is waiting on node {id}");
-        tokio::time::sleep(Duration::from_millis(10)).await; // poll the gauge
-    }
-    Ok(())
+    vow_tests::eventually(&format!("an await waiting on node {id}"), Duration::from_secs(10), || {
+        Ok(cluster.metric(id, "vow_awaits_waiting")? >= 1.0)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vow_client::{Client, Error, Options, pb};
-use vow_tests::{DevCluster, create_req, sabotaged_vowd, value};
+use vow_tests::{DevCluster, create_req, eventually, sabotaged_vowd, value};
 
 fn big_value(bytes: usize, fill: u8) -> pb::Value {
     pb::Value { headers: Default::default(), data: vec![fill; bytes] }
@@ -97,11 +97,10 @@ async fn sixty_four_concurrent_one_mib_creates_all_commit() -> anyhow::Result<()
         })
         .collect();
     // Every create is in the leader's log before the followers come back.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while cluster.metric(leader, "vow_shard_proposals_total")? < proposed_before + 64.0 {
-        anyhow::ensure!(Instant::now() < deadline, "the leader never took the 64 creates");
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll the leader's counter
-    }
+    eventually("the leader to take the 64 creates", Duration::from_secs(30), || {
+        Ok(cluster.metric(leader, "vow_shard_proposals_total")? >= proposed_before + 64.0)
+    })
+    .await?;
     for f in &followers {
         cluster.resume(*f)?;
     }
@@ -132,6 +131,7 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
             follow_leader_hints: false,
         },
     )?;
+    let proposed_before = cluster.metric(leader, "vow_shard_proposals_total")?;
     let stop_at = Instant::now() + Duration::from_secs(4);
     let writers: Vec<_> = (0..16)
         .map(|w| {
@@ -149,7 +149,11 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await; // writes under way before the disk fails
+    // Writes under way before the disk fails.
+    eventually("writes to reach the leader", Duration::from_secs(10), || {
+        Ok(cluster.metric(leader, "vow_shard_proposals_total")? >= proposed_before + 200.0)
+    })
+    .await?;
     std::fs::write(cluster.data_dir(leader).join("fail-wal-fsync"), b"")?;
     let mut results = Vec::new();
     for w in writers {
@@ -269,34 +273,34 @@ async fn await_on_a_follower_sees_a_settlement_that_arrives_by_snapshot() -> any
         Options { follow_leader_hints: false, ..Default::default() },
     )?;
     let w = tokio::spawn(async move { waiter.await_settled("snap-await", Duration::from_secs(120)).await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.metric(follower, "vow_awaits_waiting")? < 1.0 {
-        assert!(Instant::now() < deadline, "the await never started waiting");
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll the follower's gauge
-    }
+    eventually("the await to wait on the follower", Duration::from_secs(10), || {
+        Ok(cluster.metric(follower, "vow_awaits_waiting")? >= 1.0)
+    })
+    .await?;
 
+    let follower_last = cluster.metric(follower, "vow_shard_last_log_index")?;
     cluster.pause(follower)?;
     c.resolve("snap-await", value("by snapshot"), None).await?;
     for i in 0..300 {
         c.create(create_req(&format!("filler-{i}"), "")).await?;
     }
     // The leader snapshots and purges its log past what the paused follower has.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.log_of(leader).contains("snapshot built") {
-        assert!(Instant::now() < deadline, "the leader never built a snapshot");
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll the leader's log
-    }
+    eventually("the leader to purge its log past the paused follower", Duration::from_secs(30), || {
+        Ok(cluster.metric(leader, "vow_shard_purged_index")? > follower_last)
+    })
+    .await?;
     cluster.resume(follower)?;
     let resumed = Instant::now();
     let p = tokio::time::timeout(Duration::from_secs(30), w).await???;
     let took = resumed.elapsed();
     assert_eq!(p.state, pb::State::Resolved as i32, "{p:?}");
     assert!(took < Duration::from_secs(8), "the await returned {took:?} after the follower resumed");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cluster.log_of(follower).contains("snapshot installed") {
-        assert!(Instant::now() < deadline, "the follower caught up without a snapshot: the test did not test that");
-        tokio::time::sleep(Duration::from_millis(100)).await; // poll the follower's log
-    }
+    eventually(
+        "the follower to install a snapshot (without one, the test did not test that)",
+        Duration::from_secs(20),
+        || Ok(cluster.log_of(follower).contains("snapshot installed")),
+    )
+    .await?;
     Ok(())
 }
 

@@ -27,6 +27,7 @@ use crate::convert::{self, shard_status};
 use crate::node::{self, Node};
 use crate::raft::service::RaftService;
 use crate::shard::{Shard, ShardError};
+use crate::storage::fitting;
 use crate::storage::state_machine::{Announcement, SearchFilter};
 
 /// Default and largest server-side wait of an Await.
@@ -465,21 +466,6 @@ forward_call!(Resolve, pb::SettleRequest, resolve);
 forward_call!(Reject, pb::SettleRequest, reject);
 forward_call!(Cancel, pb::SettleRequest, cancel);
 
-/// How many of the records (of the given encoded sizes, in page order) fit in a page of at most
-/// `limit` records and `max_bytes` bytes; the first record always fits.
-pub fn page_len(sizes: impl IntoIterator<Item = usize>, limit: usize, max_bytes: usize) -> usize {
-    let mut bytes = 0usize;
-    let mut n = 0;
-    for size in sizes {
-        if n == limit || (n > 0 && bytes.saturating_add(size) > max_bytes) {
-            break;
-        }
-        bytes = bytes.saturating_add(size);
-        n += 1;
-    }
-    n
-}
-
 fn encode_token(id: &str) -> String {
     id.bytes().map(|b| format!("{b:02x}")).collect()
 }
@@ -576,7 +562,7 @@ impl Promises for PromisesApi {
             all.retain(|p| p.id <= *b);
         }
         // The page ends at `limit` records or SEARCH_PAGE_BYTES, whichever comes first.
-        let keep = page_len(all.iter().map(prost::Message::encoded_len), limit, SEARCH_PAGE_BYTES);
+        let keep = fitting(all.iter().map(prost::Message::encoded_len), limit, SEARCH_PAGE_BYTES);
         let next_page_token = if all.len() > keep {
             all.truncate(keep);
             all.last().map(|p| encode_token(&p.id)).unwrap_or_default()
@@ -735,11 +721,11 @@ mod tests {
 
     #[test]
     fn pages_end_at_the_count_or_the_byte_budget() {
-        assert_eq!(page_len([10, 10, 10], 2, 100), 2, "the count ends it");
-        assert_eq!(page_len([40, 40, 40], 10, 100), 2, "the bytes end it");
-        assert_eq!(page_len([40, 60, 1], 10, 100), 2, "exactly the budget fits");
-        assert_eq!(page_len([500, 1], 10, 100), 1, "one record always fits, whatever its size");
-        assert_eq!(page_len([], 10, 100), 0);
+        assert_eq!(fitting([10, 10, 10], 2, 100), 2, "the count ends it");
+        assert_eq!(fitting([40, 40, 40], 10, 100), 2, "the bytes end it");
+        assert_eq!(fitting([40, 60, 1], 10, 100), 2, "exactly the budget fits");
+        assert_eq!(fitting([500, 1], 10, 100), 1, "one record always fits, whatever its size");
+        assert_eq!(fitting([], 10, 100), 0);
     }
 
     #[test]

@@ -61,6 +61,7 @@ async fn metrics(State(node): State<Node>) -> String {
         let _ = writeln!(out, "vow_shard_commit_index{{{labels}}} {}", m.local_committed.map_or(0, |c| c.index));
         let _ = writeln!(out, "vow_shard_applied_index{{{labels}}} {}", m.last_applied.map_or(0, |a| a.index));
         let _ = writeln!(out, "vow_shard_snapshot_index{{{labels}}} {}", m.snapshot.map_or(0, |s| s.index));
+        let _ = writeln!(out, "vow_shard_purged_index{{{labels}}} {}", m.purged.map_or(0, |p| p.index));
         let proposals = shard.batching.proposals.load(Ordering::Relaxed);
         let _ = writeln!(out, "vow_shard_proposals_total{{{labels}}} {proposals}");
         let batches = shard.batching.batches.load(Ordering::Relaxed);

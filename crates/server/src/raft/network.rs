@@ -192,33 +192,30 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             };
             let mut check = tokio::time::interval(stall / 2);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let results = futures::stream::unfold(Some((replies, sent, check)), move |state| {
-                let clocks = clocks.clone();
-                async move {
-                    let (mut replies, sent, mut check) = state?;
-                    loop {
-                        tokio::select! {
-                            reply = replies.message() => {
-                                let item = match reply {
-                                    Ok(Some(reply)) => {
-                                        {
-                                            let mut flight = in_flight(&sent);
-                                            flight.waiting.pop_front();
-                                            flight.last_reply = Instant::now();
-                                        }
-                                        clocks.observe(target, reply.sender_time_ms);
-                                        codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+            let results = futures::stream::unfold(Some((replies, sent, check, clocks)), move |state| async move {
+                let (mut replies, sent, mut check, clocks) = state?;
+                loop {
+                    tokio::select! {
+                        reply = replies.message() => {
+                            let item = match reply {
+                                Ok(Some(reply)) => {
+                                    {
+                                        let mut flight = in_flight(&sent);
+                                        flight.waiting.pop_front();
+                                        flight.last_reply = Instant::now();
                                     }
-                                    Ok(None) => return None,
-                                    Err(status) => Err(status_error(status)),
-                                };
-                                let next = item.is_ok().then_some((replies, sent, check));
-                                return Some((item, next));
-                            }
-                            _ = check.tick() => {
-                                if in_flight(&sent).stalled(stall) {
-                                    return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
+                                    clocks.observe(target, reply.sender_time_ms);
+                                    codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
                                 }
+                                Ok(None) => return None,
+                                Err(status) => Err(status_error(status)),
+                            };
+                            let next = item.is_ok().then_some((replies, sent, check, clocks));
+                            return Some((item, next));
+                        }
+                        _ = check.tick() => {
+                            if in_flight(&sent).stalled(stall) {
+                                return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
                             }
                         }
                     }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use vow_core::ShardId;
 use vow_core::codec::{Decoder, Encoder};
 
-use super::{CF_LOG, CF_META, cf, corrupt, io_err, keys};
+use super::{CF_LOG, CF_META, cf, corrupt, fitting, io_err, keys};
 use crate::raft::{APPEND_BUDGET_BYTES, Entry, LogId, TypeConfig, Vote, codec, entry_size_hint};
 
 /// Callbacks waiting for the next WAL fsync, at most this many queued before appends wait.
@@ -206,15 +206,18 @@ impl LogStore {
 
 impl LogStore {
     /// The entries `[start, end)` (to the end of the log if `end` is `None`), stopping once they
-    /// exceed `budget` bytes (the first entry always comes): from the cache when it holds the
-    /// whole range, else from RocksDB, which then reads no further than the budget.
-    fn read_entries(&self, start: u64, end: Option<u64>, budget: usize) -> io::Result<Vec<Entry>> {
+    /// exceed `budget` bytes if there is one (the first entry always comes): from the cache when
+    /// it holds the whole range, else from RocksDB, which then reads no further than the budget.
+    fn read_entries(&self, start: u64, end: Option<u64>, budget: Option<usize>) -> io::Result<Vec<Entry>> {
         if let Some(end) = end
             && let Some(mut entries) = self.cache().get(start, end)
         {
-            entries.truncate(fitting(entries.iter().map(entry_size_hint), budget));
+            if let Some(budget) = budget {
+                entries.truncate(fitting(entries.iter().map(entry_size_hint), usize::MAX, budget));
+            }
             return Ok(entries);
         }
+        let budget = budget.unwrap_or(usize::MAX);
         let log = cf(&self.db, CF_LOG)?;
         let mut entries = Vec::new();
         let mut bytes = 0usize;
@@ -253,13 +256,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => Some(i),
             Bound::Unbounded => None,
         };
-        self.read_entries(start, end, usize::MAX)
+        self.read_entries(start, end, None)
     }
 
     /// At most [`APPEND_BUDGET_BYTES`] of entries from `[start, end)` (the first always), so
     /// that every AppendEntries fits the receiver's message limit.
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
-        self.read_entries(start, Some(end), APPEND_BUDGET_BYTES)
+        self.read_entries(start, Some(end), Some(APPEND_BUDGET_BYTES))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -359,21 +362,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// How many of the items (of the given sizes, in order) fit in `budget` bytes; the first
-/// always does.
-fn fitting(sizes: impl IntoIterator<Item = usize>, budget: usize) -> usize {
-    let mut total = 0usize;
-    let mut n = 0;
-    for size in sizes {
-        total = total.saturating_add(size);
-        if n > 0 && total > budget {
-            break;
-        }
-        n += 1;
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use openraft::EntryPayload;
@@ -401,10 +389,10 @@ mod tests {
 
     #[test]
     fn appends_are_bounded_by_bytes_and_always_carry_one_entry() {
-        assert_eq!(fitting([3, 3, 3], 6), 2);
-        assert_eq!(fitting([3, 3, 3], 100), 3);
-        assert_eq!(fitting([100, 1], 6), 1, "an entry larger than the budget still goes, alone");
-        assert_eq!(fitting([], 6), 0);
+        assert_eq!(fitting([3, 3, 3], usize::MAX, 6), 2);
+        assert_eq!(fitting([3, 3, 3], usize::MAX, 100), 3);
+        assert_eq!(fitting([100, 1], usize::MAX, 6), 1, "an entry larger than the budget still goes, alone");
+        assert_eq!(fitting([], usize::MAX, 6), 0);
     }
 
     #[test]

@@ -181,6 +181,22 @@ pub fn open(path: &Path) -> io::Result<Arc<DB>> {
     Ok(Arc::new(db))
 }
 
+/// How many items (of the given encoded sizes, in order) fit in at most `max_count` items and
+/// `max_bytes` bytes; the first item always fits, whatever its size. The one rule for every
+/// byte budget on what is read or sent: an AppendEntries, a Search page.
+pub fn fitting(sizes: impl IntoIterator<Item = usize>, max_count: usize, max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for size in sizes {
+        if n == max_count || (n > 0 && bytes.saturating_add(size) > max_bytes) {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        n += 1;
+    }
+    n
+}
+
 /// Flushes every column family's memtable to SST files.
 pub fn flush_all(db: &DB) -> io::Result<()> {
     let cfs = [CF_LOG, CF_STATE, CF_META].map(|name| cf(db, name)).into_iter().collect::<io::Result<Vec<_>>>()?;
