@@ -20,7 +20,7 @@ rm -rf "$dir"; mkdir -p "$dir"
 "$bin/vow" dev up --nodes 3 --dir "$dir/cluster" >/dev/null
 trap '"$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true' EXIT
 eps=$(json "','.join(x['grpc'] for x in d['nodes'])")
-leader=$("$bin/vow" --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
+leader=$("$bin/vow" -o json --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
 
 env -u TOKIO_WORKER_THREADS "$bin/vow" --endpoints "$eps" bench --workload create-settle --clients "$clients" --duration "${secs}s" \
   --warmup 2s --quiet --out "$dir/bench" >"$dir/bench.txt" 2>&1 &

@@ -26,7 +26,7 @@ done
 
 # Restart a follower from its disk and time until it serves (/readyz: it knows the leader and has
 # applied what the leader had committed): once after a clean stop, once after kill -9.
-leader=$(vow --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
+leader=$(vow -o json --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
 victim=$(json "[x for x in d['nodes'] if x['node_id'] != $leader][0]['node_id']")
 vhttp=$(json "[x for x in d['nodes'] if x['node_id'] == $victim][0]['http']")
 for signal in TERM KILL; do
@@ -46,7 +46,7 @@ g4="127.0.0.1:$(port)"; h4="127.0.0.1:$(port)"
 start=$(now_ms)
 "$bin/vowd" --node-id 4 --data-dir "$dir/n4" --grpc-addr "$g4" --http-addr "$h4" --join "$eps" >"$dir/n4/vowd.log" 2>&1 &
 n4=$!
-until vow --endpoints "$eps" cluster status 2>/dev/null | python3 -c "import json,sys; s=json.load(sys.stdin)['shards'][0]; sys.exit(0 if 4 in s['voters'] else 1)"; do sleep 0.2; done
+until vow -o json --endpoints "$eps" cluster status 2>/dev/null | python3 -c "import json,sys; s=json.load(sys.stdin)['shards'][0]; sys.exit(0 if 4 in s['voters'] else 1)"; do sleep 0.2; done
 until curl -sf "http://$h4/readyz" >/dev/null; do sleep 0.1; done
 echo "node 4 joined, caught up and ready in $(( $(now_ms) - start )) ms; disk $(du -sm "$dir/n4" | cut -f1) MiB; snapshot installs: $(grep -c 'snapshot installed' "$dir/n4/vowd.log")"
 kill "$n4"; wait "$n4" 2>/dev/null || true

@@ -45,12 +45,14 @@ pub fn vow(args: &[&str]) -> Output {
 }
 
 /// Runs the `vow` CLI with `args` and extra environment (which the vowd it starts inherit;
-/// `VOW_VOWD` there picks another vowd binary).
+/// `VOW_VOWD` there picks another vowd binary). Records print as JSON (`VOW_OUTPUT=json`, as a
+/// script would ask), so tests parse stdout; `-o table` in `args` or `env` overrides it.
 pub fn vow_with(args: &[&str], env: &[(String, String)]) -> Output {
     let dir = bin_dir();
     Command::new(dir.join("vow"))
         .args(args)
         .env("VOW_VOWD", dir.join("vowd"))
+        .env("VOW_OUTPUT", "json")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("running vow")

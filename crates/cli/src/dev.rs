@@ -21,7 +21,8 @@ pub enum DevCommand {
         nodes: u64,
         #[arg(long)]
         dir: PathBuf,
-        #[arg(long, default_value_t = 1)]
+        /// Shards of a new cluster (vowd's default).
+        #[arg(long, default_value_t = 8)]
         shards: u32,
         /// Extra argument for every vowd (repeatable), e.g. --vowd-arg=--snapshot-logs=100.
         #[arg(long = "vowd-arg", allow_hyphen_values = true)]
@@ -67,11 +68,11 @@ pub struct NodeEntry {
     pub pid: u32,
 }
 
-pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: DevCommand, output: crate::Output) -> anyhow::Result<()> {
     match cmd {
         DevCommand::Up { nodes, dir, shards, vowd_args, node_args, wait } => {
             let status = up(nodes, &dir, shards, vowd_args, node_args, wait).await?;
-            println!("{}", serde_json::to_string_pretty(&crate::status_json(&status))?);
+            crate::print_status(output, &status);
             Ok(())
         }
         DevCommand::Down { dir } => down(&dir).await,

@@ -1,12 +1,17 @@
 //! `vow`: the command line for vow. Promise operations and cluster membership go through the
 //! Rust client; `vow dev` runs a local multi-node cluster of real `vowd` processes.
 //!
+//! Records print as tables (for a person) or, with `-o json` / `VOW_OUTPUT=json`, as the JSON
+//! documents below, whose keys scripts and tests rely on: keys may be added, never renamed or
+//! removed.
+//!
 //! Exit codes: 0 success, 1 other errors, 2 bad usage or input, 3 not found, 4 already
 //! exists / already settled, 5 cluster unavailable.
 
 mod bench;
 mod dev;
 mod etcd;
+mod output;
 mod plot;
 
 use std::collections::HashMap;
@@ -15,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use output::{Output, state_name};
 use serde_json::json;
 use vow_client::{Client, Error, Options, pb};
 
@@ -32,6 +38,9 @@ struct Cli {
     /// Give up after this long, retries included (e.g. 500ms, 15s, 2m).
     #[arg(long, default_value = "15s", global = true, value_parser = parse_duration)]
     timeout: Duration,
+    /// How records are printed: `table` for reading, `json` for scripts (stable keys).
+    #[arg(short = 'o', long, env = "VOW_OUTPUT", value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,7 +109,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
-    /// Nodes, shards, leaders, terms and indexes.
+    /// Nodes, shards, leaders, terms and indexes (in a table, `*` marks the node that answered).
     Status,
     /// Add a running node (started with --join or with no --peers) to every shard.
     AddNode {
@@ -198,17 +207,6 @@ impl ValueArgs {
     }
 }
 
-fn state_name(s: i32) -> &'static str {
-    match pb::State::try_from(s) {
-        Ok(pb::State::Pending) => "PENDING",
-        Ok(pb::State::Resolved) => "RESOLVED",
-        Ok(pb::State::Rejected) => "REJECTED",
-        Ok(pb::State::RejectedCanceled) => "REJECTED_CANCELED",
-        Ok(pb::State::RejectedTimedout) => "REJECTED_TIMEDOUT",
-        _ => "UNSPECIFIED",
-    }
-}
-
 fn value_json(v: &Option<pb::Value>) -> serde_json::Value {
     let v = v.clone().unwrap_or_default();
     let headers: std::collections::BTreeMap<_, _> = v.headers.into_iter().collect();
@@ -235,10 +233,6 @@ fn promise_json(p: &pb::Promise) -> serde_json::Value {
     })
 }
 
-fn print(v: serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
-}
-
 fn response_json(r: &pb::PromiseResponse) -> serde_json::Value {
     let mut v = r.promise.as_ref().map(promise_json).unwrap_or(serde_json::Value::Null);
     if r.deduplicated {
@@ -247,11 +241,31 @@ fn response_json(r: &pb::PromiseResponse) -> serde_json::Value {
     v
 }
 
+fn search_json(r: &pb::SearchResponse) -> serde_json::Value {
+    json!({
+        "promises": r.promises.iter().map(promise_json).collect::<Vec<_>>(),
+        "next_page_token": r.next_page_token,
+    })
+}
+
+fn print_promise(output: Output, p: &pb::Promise) {
+    print!("{}", output.render(|| promise_json(p), || output::promise_table(p, false)));
+}
+
+fn print_response(output: Output, r: &pb::PromiseResponse) {
+    print!("{}", output.render(|| response_json(r), || output::response_table(r)));
+}
+
+pub fn print_status(output: Output, s: &pb::StatusResponse) {
+    print!("{}", output.render(|| status_json(s), || output::status_table(s)));
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = cli.output;
     let endpoints: Vec<&str> = cli.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     let client = || -> anyhow::Result<Client> {
         let options = Options {
@@ -275,25 +289,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tags: tags.into_iter().collect::<HashMap<_, _>>(),
                 idempotency_key: idempotency_key.unwrap_or_default(),
             };
-            print(response_json(&client()?.create(req).await?));
+            print_response(output, &client()?.create(req).await?);
         }
         Command::Get { id, stale } => {
             let consistency = if stale { pb::Consistency::Stale } else { pb::Consistency::Linearizable };
-            print(promise_json(&client()?.get_with(&id, consistency).await?));
+            print_promise(output, &client()?.get_with(&id, consistency).await?);
         }
         Command::Resolve(a) => {
             let v = a.value.into_value()?;
-            print(response_json(&client()?.resolve(&a.id, v, a.idempotency_key).await?));
+            print_response(output, &client()?.resolve(&a.id, v, a.idempotency_key).await?);
         }
         Command::Reject(a) => {
             let v = a.value.into_value()?;
-            print(response_json(&client()?.reject(&a.id, v, a.idempotency_key).await?));
+            print_response(output, &client()?.reject(&a.id, v, a.idempotency_key).await?);
         }
         Command::Cancel(a) => {
             let v = a.value.into_value()?;
-            print(response_json(&client()?.cancel(&a.id, v, a.idempotency_key).await?));
+            print_response(output, &client()?.cancel(&a.id, v, a.idempotency_key).await?);
         }
-        Command::Await { id, wait } => print(promise_json(&client()?.await_settled(&id, wait).await?)),
+        Command::Await { id, wait } => print_promise(output, &client()?.await_settled(&id, wait).await?),
         Command::Search { prefix, state, tags, limit, page_token } => {
             let req = pb::SearchRequest {
                 id_prefix: prefix,
@@ -303,10 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 page_token,
             };
             let resp = client()?.search(req).await?;
-            print(json!({
-                "promises": resp.promises.iter().map(promise_json).collect::<Vec<_>>(),
-                "next_page_token": resp.next_page_token,
-            }));
+            print!("{}", output.render(|| search_json(&resp), || output::search_table(&resp)));
         }
         Command::Cluster(c) => {
             let client = client()?;
@@ -316,18 +327,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ClusterCommand::RemoveNode { node_id } => client.remove_node(node_id).await?,
                 ClusterCommand::TransferLeader { to } => client.transfer_leader(to).await?,
             };
-            print(status_json(&status));
+            print_status(output, &status);
         }
-        Command::Dev(d) => dev::run(d).await?,
+        Command::Dev(d) => dev::run(d, output).await?,
         Command::Bench(b) => bench::run(b, endpoints.iter().map(|s| s.to_string()).collect()).await?,
     }
     Ok(())
 }
 
-pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "answered_by": s.node_id,
-        "nodes": s.nodes.iter().map(|n| json!({"node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable})).collect::<Vec<_>>(),
+        "nodes": s.nodes.iter().map(|n| json!({
+            "node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable,
+            "leads": output::leads(s, n.node_id),
+        })).collect::<Vec<_>>(),
         "shards": s.shards.iter().map(|sh| json!({
             "shard_id": sh.shard_id, "leader_id": sh.leader_id, "term": sh.term,
             "commit_index": sh.commit_index, "applied_index": sh.applied_index,
@@ -349,6 +363,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let output = cli.output;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("VOW_LOG"))
         .with_writer(std::io::stderr)
@@ -361,7 +376,10 @@ async fn main() -> ExitCode {
                 Error::AlreadyExists { current: Some(p), .. } | Error::AlreadySettled { current: Some(p), .. },
             ) = e.downcast_ref::<Error>()
             {
-                eprintln!("current: {}", promise_json(p));
+                match output {
+                    Output::Json => eprintln!("current: {}", promise_json(p)),
+                    Output::Table => eprint!("current:\n{}", output::promise_table(p, false)),
+                }
             }
             ExitCode::from(exit_code(&e))
         }
@@ -381,6 +399,36 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_kv("novalue").is_err());
         assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
+    }
+
+    #[test]
+    fn status_json_keeps_its_keys_and_counts_what_each_node_leads() {
+        let shard =
+            |shard_id, leader_id| pb::ShardStatus { shard_id, leader_id, voters: vec![1, 2], ..Default::default() };
+        let node = |node_id| pb::NodeStatus { node_id, grpc_addr: format!("h:{node_id}"), reachable: true };
+        let s =
+            pb::StatusResponse { nodes: vec![node(1), node(2)], shards: vec![shard(0, 2), shard(1, 2)], node_id: 1 };
+        let v = status_json(&s);
+        assert_eq!(v["answered_by"], 1);
+        assert_eq!(v["nodes"][0], json!({"node_id": 1, "grpc_addr": "h:1", "reachable": true, "leads": 0}));
+        assert_eq!(v["nodes"][1]["leads"], 2);
+        assert_eq!(
+            v["shards"][0],
+            json!({"shard_id": 0, "leader_id": 2, "term": 0, "commit_index": 0, "applied_index": 0,
+                   "voters": [1, 2], "learners": []})
+        );
+    }
+
+    #[test]
+    fn output_is_a_global_option_defaulting_to_table() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.output);
+        // Scripts set VOW_OUTPUT, which this test process must not inherit.
+        if std::env::var_os("VOW_OUTPUT").is_none() {
+            assert_eq!(parse(&["vow", "get", "x"]).ok(), Some(Output::Table));
+        }
+        assert_eq!(parse(&["vow", "-o", "json", "get", "x"]).ok(), Some(Output::Json));
+        assert_eq!(parse(&["vow", "cluster", "status", "--output", "table"]).ok(), Some(Output::Table));
+        assert!(parse(&["vow", "-o", "yaml", "get", "x"]).is_err());
     }
 
     #[test]
