@@ -11,7 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe {
         std::env::set_var("PROTOC", protoc);
     }
-    let files = [root.join("vow/v1/vow.proto"), root.join("vow/raft/v1/raft.proto")];
+    let files =
+        [root.join("vow/v1/vow.proto"), root.join("vow/raft/v1/raft.proto"), root.join("vow/route/v1/route.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

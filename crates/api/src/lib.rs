@@ -2,7 +2,8 @@
 //!
 //! [`v1`] is the public API (`proto/vow/v1/vow.proto`): the `Promises` and `Cluster` services that
 //! functions, the CLI and the Rust SDK speak. [`raft`] is the internal node-to-node transport
-//! (`proto/vow/raft/v1/raft.proto`). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+//! (`proto/vow/raft/v1/raft.proto`), [`route`] the internal request routing between nodes
+//! (`proto/vow/route/v1/route.proto`). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 //! Clients and servers both depend on this crate; it has no logic of its own.
 
 #![allow(missing_debug_implementations)] // generated code; the messages derive Debug themselves
@@ -13,6 +14,10 @@ pub mod v1 {
 
 pub mod raft {
     tonic::include_proto!("vow.raft.v1");
+}
+
+pub mod route {
+    tonic::include_proto!("vow.route.v1");
 }
 
 /// Encoded descriptors of every vow proto file, for server reflection.
@@ -31,6 +36,4 @@ pub mod metadata {
     /// "true" when [`CURRENT_BIN`] leaves out the record's param, value and tags because the
     /// whole record would not fit in a trailer; a Get returns the whole record.
     pub const CURRENT_TRIMMED: &str = "vow-current-trimmed";
-    /// Set by a node that forwards a request to the leader; a forwarded request is not forwarded again.
-    pub const FORWARDED: &str = "vow-forwarded";
 }

@@ -123,15 +123,49 @@ impl Proposal {
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::with_capacity(128);
         e.u8(PROPOSAL_FORMAT).i64(self.stamp_ms);
-        match &self.command {
+        self.command.encode_into(&mut e);
+        e.into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        d.version("proposal", PROPOSAL_FORMAT)?;
+        let stamp_ms = d.i64("stamp")?;
+        let command = Command::decode_from(&mut d)?;
+        d.finish()?;
+        Ok(Proposal { stamp_ms, command })
+    }
+}
+
+const COMMAND_FORMAT: u8 = 1;
+
+impl Command {
+    /// The command alone, as a node carries it to the leader of its shard (which stamps it).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::with_capacity(128);
+        e.u8(COMMAND_FORMAT);
+        self.encode_into(&mut e);
+        e.into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        d.version("command", COMMAND_FORMAT)?;
+        let command = Command::decode_from(&mut d)?;
+        d.finish()?;
+        Ok(command)
+    }
+
+    fn encode_into(&self, e: &mut Encoder) {
+        match self {
             Command::Create { id, param, deadline_ms, tags, idempotency_key } => {
                 e.u8(TAG_CREATE).str(id.as_str());
-                param.encode(&mut e);
+                param.encode(e);
                 e.i64(*deadline_ms).map(tags).str(idempotency_key);
             }
             Command::Settle { id, settle_as, value, idempotency_key } => {
                 e.u8(TAG_SETTLE).str(id.as_str()).u8(settle_as.code());
-                value.encode(&mut e);
+                value.encode(e);
                 e.str(idempotency_key);
             }
             Command::Timeout { ids } => {
@@ -147,43 +181,96 @@ impl Proposal {
                 }
             }
         }
-        e.into_bytes()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut d = Decoder::new(bytes);
-        d.version("proposal", PROPOSAL_FORMAT)?;
-        let stamp_ms = d.i64("stamp")?;
+    fn decode_from(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
         let id = |d: &mut Decoder<'_>| d.string("promise id").map(PromiseId::new_unchecked);
-        let command = match d.u8("command tag")? {
+        Ok(match d.u8("command tag")? {
             TAG_CREATE => Command::Create {
-                id: id(&mut d)?,
-                param: Value::decode(&mut d)?,
+                id: id(d)?,
+                param: Value::decode(d)?,
                 deadline_ms: d.i64("deadline")?,
                 tags: d.map("tags")?,
                 idempotency_key: d.string("idempotency key")?,
             },
             TAG_SETTLE => Command::Settle {
-                id: id(&mut d)?,
+                id: id(d)?,
                 settle_as: SettleAs::from_code(d.u8("settle kind")?)?,
-                value: Value::decode(&mut d)?,
+                value: Value::decode(d)?,
                 idempotency_key: d.string("idempotency key")?,
             },
             TAG_TIMEOUT => {
                 let n = d.u64("id count")?;
-                let ids = (0..n).map(|_| id(&mut d)).collect::<Result<_, _>>()?;
+                let ids = (0..n).map(|_| id(d)).collect::<Result<_, _>>()?;
                 Command::Timeout { ids }
             }
             TAG_COLLECT => {
                 let retention_ms = d.i64("retention")?;
                 let n = d.u64("id count")?;
-                let ids = (0..n).map(|_| id(&mut d)).collect::<Result<_, _>>()?;
+                let ids = (0..n).map(|_| id(d)).collect::<Result<_, _>>()?;
                 Command::Collect { ids, retention_ms }
             }
             _ => return Err(DecodeError::Invalid("command tag")),
+        })
+    }
+}
+
+const OUTCOME_FORMAT: u8 = 1;
+const OUTCOME_CREATED: u8 = 1;
+const OUTCOME_CREATE_CONFLICT: u8 = 2;
+const OUTCOME_SETTLED: u8 = 3;
+const OUTCOME_SETTLE_CONFLICT: u8 = 4;
+const OUTCOME_NOT_FOUND: u8 = 5;
+const OUTCOME_TIMED_OUT: u8 = 6;
+const OUTCOME_COLLECTED: u8 = 7;
+
+impl Outcome {
+    /// The outcome as a leader sends it back to the node that carried the command to it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::with_capacity(128);
+        e.u8(OUTCOME_FORMAT);
+        match self {
+            Outcome::Created { promise, deduplicated } => {
+                e.u8(OUTCOME_CREATED).bytes(&promise.encode()).bool(*deduplicated);
+            }
+            Outcome::CreateConflict { current } => {
+                e.u8(OUTCOME_CREATE_CONFLICT).bytes(&current.encode());
+            }
+            Outcome::Settled { promise, deduplicated } => {
+                e.u8(OUTCOME_SETTLED).bytes(&promise.encode()).bool(*deduplicated);
+            }
+            Outcome::SettleConflict { current } => {
+                e.u8(OUTCOME_SETTLE_CONFLICT).bytes(&current.encode());
+            }
+            Outcome::NotFound => {
+                e.u8(OUTCOME_NOT_FOUND);
+            }
+            Outcome::TimedOut { count } => {
+                e.u8(OUTCOME_TIMED_OUT).u64(u64::from(*count));
+            }
+            Outcome::Collected { count } => {
+                e.u8(OUTCOME_COLLECTED).u64(u64::from(*count));
+            }
+        }
+        e.into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        d.version("outcome", OUTCOME_FORMAT)?;
+        let record = |d: &mut Decoder<'_>| Promise::decode(d.bytes("record")?);
+        let outcome = match d.u8("outcome tag")? {
+            OUTCOME_CREATED => Outcome::Created { promise: record(&mut d)?, deduplicated: d.bool("deduplicated")? },
+            OUTCOME_CREATE_CONFLICT => Outcome::CreateConflict { current: record(&mut d)? },
+            OUTCOME_SETTLED => Outcome::Settled { promise: record(&mut d)?, deduplicated: d.bool("deduplicated")? },
+            OUTCOME_SETTLE_CONFLICT => Outcome::SettleConflict { current: record(&mut d)? },
+            OUTCOME_NOT_FOUND => Outcome::NotFound,
+            OUTCOME_TIMED_OUT => Outcome::TimedOut { count: d.u32("count")? },
+            OUTCOME_COLLECTED => Outcome::Collected { count: d.u32("count")? },
+            _ => return Err(DecodeError::Invalid("outcome tag")),
         };
         d.finish()?;
-        Ok(Proposal { stamp_ms, command })
+        Ok(outcome)
     }
 }
 
@@ -201,6 +288,65 @@ impl std::fmt::Display for Proposal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_and_outcomes_round_trip_and_reject_garbage() {
+        let record = Promise {
+            id: PromiseId::new_unchecked("{order-1}/step ü"),
+            state: crate::State::Resolved,
+            param: Value { headers: BTreeMap::from([("h".into(), "v".into())]), data: vec![0, 255, 7] },
+            value: Value::default(),
+            deadline_ms: -5,
+            tags: BTreeMap::from([("t".into(), String::new())]),
+            created_at_ms: 1,
+            settled_at_ms: i64::MAX,
+            idempotency_key_create: "c".into(),
+            idempotency_key_settle: String::new(),
+            revision: u64::MAX,
+        };
+        let commands = [
+            Command::Create {
+                id: record.id.clone(),
+                param: record.param.clone(),
+                deadline_ms: i64::MIN,
+                tags: record.tags.clone(),
+                idempotency_key: "k".into(),
+            },
+            Command::Settle {
+                id: record.id.clone(),
+                settle_as: SettleAs::Cancel,
+                value: Value::default(),
+                idempotency_key: String::new(),
+            },
+            Command::Timeout { ids: vec![record.id.clone(); 3] },
+            Command::Collect { ids: vec![], retention_ms: 60_000 },
+        ];
+        for c in commands {
+            assert_eq!(Command::decode(&c.encode()), Ok(c.clone()));
+            let bytes = c.encode();
+            for cut in 0..bytes.len() {
+                assert!(Command::decode(&bytes[..cut]).is_err(), "a truncated command decodes: {c:?} at {cut}");
+            }
+        }
+        let outcomes = [
+            Outcome::Created { promise: record.clone(), deduplicated: true },
+            Outcome::CreateConflict { current: record.clone() },
+            Outcome::Settled { promise: record.clone(), deduplicated: false },
+            Outcome::SettleConflict { current: record },
+            Outcome::NotFound,
+            Outcome::TimedOut { count: u32::MAX },
+            Outcome::Collected { count: 0 },
+        ];
+        for o in outcomes {
+            assert_eq!(Outcome::decode(&o.encode()), Ok(o.clone()));
+            let bytes = o.encode();
+            for cut in 0..bytes.len() {
+                assert!(Outcome::decode(&bytes[..cut]).is_err(), "a truncated outcome decodes: {o:?} at {cut}");
+            }
+        }
+        assert!(Outcome::decode(&[1, 99]).is_err());
+        assert!(Command::decode(&[2, 1]).is_err(), "an unknown format version is refused");
+    }
 
     #[test]
     fn the_size_hint_covers_the_encoding() {

@@ -97,7 +97,8 @@ impl State {
         self != State::Pending
     }
 
-    fn code(self) -> u8 {
+    /// The state's code in vow's encodings (records, routed searches).
+    pub fn code(self) -> u8 {
         match self {
             State::Pending => 1,
             State::Resolved => 2,
@@ -107,7 +108,7 @@ impl State {
         }
     }
 
-    fn from_code(c: u8) -> Result<Self, DecodeError> {
+    pub fn from_code(c: u8) -> Result<Self, DecodeError> {
         Ok(match c {
             1 => State::Pending,
             2 => State::Resolved,

@@ -49,9 +49,14 @@ pub struct Args {
     /// Cluster name; a node refuses data or messages of another cluster.
     #[arg(long, env = "VOW_CLUSTER_NAME")]
     pub cluster_name: Option<String>,
-    /// Number of shards (Raft groups). Fixed when the cluster is initialised.
+    /// Number of shards (Raft groups; default 8). Fixed when the cluster is initialised: every
+    /// node of a cluster must run the same number.
     #[arg(long, env = "VOW_SHARDS")]
     pub shards: Option<u32>,
+    /// Keep shard leadership where an operator or the elections put it, instead of spreading it
+    /// over the voters (see the `balance` module).
+    #[arg(long, env = "VOW_NO_LEADER_BALANCE")]
+    pub no_leader_balance: bool,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, env = "VOW_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -93,6 +98,7 @@ pub struct FileConfig {
     pub join: Option<String>,
     pub cluster_name: Option<String>,
     pub shards: Option<u32>,
+    pub no_leader_balance: Option<bool>,
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_ms: Option<u64>,
     pub snapshot_logs: Option<u64>,
@@ -128,6 +134,8 @@ pub struct Config {
     pub join: Vec<String>,
     pub cluster_name: String,
     pub shards: u32,
+    /// Spread shard leadership over the voters (on unless `--no-leader-balance`).
+    pub balance_leaders: bool,
     pub raft: RaftOptions,
     pub retention: Duration,
     pub limits: Limits,
@@ -137,6 +145,9 @@ pub struct Config {
 }
 
 pub const MAX_SHARDS: u32 = 256;
+/// Shards of a new cluster unless `--shards` says otherwise: enough to spread leadership over
+/// a few nodes, few enough that each node's share of elections and heartbeats stays small.
+pub const DEFAULT_SHARDS: u32 = 8;
 
 /// The shortest retention accepted. A client retries a write with the same idempotency key for
 /// as long as its call lasts (15 s by default in the Rust SDK), and a held-up attempt can arrive
@@ -179,7 +190,7 @@ impl Config {
         if !initial_members.is_empty() && !initial_members.contains_key(&node) {
             bail!("--peers does not include this node ({node_id})");
         }
-        let shards = args.shards.or(file.shards).unwrap_or(1);
+        let shards = args.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
         if shards == 0 || shards > MAX_SHARDS {
             bail!("--shards must be between 1 and {MAX_SHARDS}");
         }
@@ -231,6 +242,7 @@ impl Config {
             join,
             cluster_name: args.cluster_name.or(file.cluster_name).unwrap_or_else(|| "vow".into()),
             shards,
+            balance_leaders: !(args.no_leader_balance || file.no_leader_balance.unwrap_or(false)),
             raft,
             retention,
             limits,

@@ -158,3 +158,18 @@ pub fn add_leader_hint(status: &mut Status, id: vow_core::NodeId, addr: &str) {
 pub fn mark_outcome_unknown(status: &mut Status) {
     status.metadata_mut().insert(md::OUTCOME_UNKNOWN, MetadataValue::from_static("true"));
 }
+
+/// A shard's Raft state as this node's replica sees it.
+pub fn shard_to_pb(shard: &crate::shard::Shard) -> pb::ShardStatus {
+    let m = shard.metrics();
+    let membership = m.membership_config.membership();
+    pb::ShardStatus {
+        shard_id: shard.id.0,
+        leader_id: m.current_leader.map_or(0, |l| l.0),
+        term: m.current_term,
+        commit_index: m.local_committed.map_or(0, |c| c.index),
+        voters: membership.voter_ids().map(|v| v.0).collect(),
+        learners: membership.learner_ids().map(|v| v.0).collect(),
+        applied_index: m.last_applied.map_or(0, |a| a.index),
+    }
+}

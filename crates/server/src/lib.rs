@@ -1,15 +1,22 @@
 //! The vow node: everything that runs inside `vowd`.
 //!
-//! A node opens one RocksDB ([`storage`]) and one openraft instance per shard ([`shard`],
-//! [`raft`]); serves the public gRPC API, the internal Raft transport, health and reflection on
-//! one port ([`api`]) and operator endpoints on another ([`http`]); and runs the leader's
-//! timeout and retention sweeps ([`sweeper`]). [`node::run`] is the entry point; the `vowd`
-//! binary only parses [`config::Config`] and calls it.
+//! A node opens one RocksDB through `vow-storage` (the log store and state machine of every
+//! shard) and one openraft instance per shard ([`shard`], [`raft`]); serves the public gRPC
+//! API, the internal Raft and Route transports, health and reflection on one port ([`api`]) and
+//! operator endpoints on another ([`http`]); carries every request to its shard's leader
+//! ([`router`]) behind protocol-neutral promise operations ([`service`]); and runs the leader's
+//! timeout and retention sweeps ([`sweeper`]) and leader balancing ([`balance`]).
+//! [`server::run`] is the entry point; the `vowd` binary only parses [`config::Config`] and
+//! calls it.
+//!
+//! Module dependencies run one way: `server` → `api`, `http` → `service` → `router` → `node` →
+//! `shard` → `raft`, storage; nothing below imports anything above it.
 //!
 //! Only binaries and tests depend on this crate. Clients use `vow-client`, which does not pull
 //! in RocksDB or any of this.
 
 pub mod api;
+pub mod balance;
 pub mod clock;
 pub mod config;
 pub mod convert;
@@ -18,7 +25,12 @@ pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod raft;
+pub mod router;
 pub mod sabotage;
+pub mod server;
+pub mod service;
 pub mod shard;
-pub mod storage;
+// TODO(router-split): imports move to vow_storage directly; this keeps `crate::storage::...`
+// paths compiling until then.
+pub use vow_storage as storage;
 pub mod sweeper;

@@ -5,7 +5,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use vow_server::config::{Args, Config};
-use vow_server::node::{self, Listeners};
+use vow_server::server::{self, Listeners};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
     let http =
         TcpListener::bind(config.http_addr).await.with_context(|| format!("binding HTTP on {}", config.http_addr))?;
-    node::run(config, Listeners { grpc, http }, shutdown_signal()).await
+    server::run(config, Listeners { grpc, http }, shutdown_signal()).await
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -1,6 +1,7 @@
-//! A running vow node: opens storage and shards, serves gRPC and HTTP, runs the sweepers, and
-//! shuts down gracefully. [`run`] is the entry point; it takes bound listeners and a shutdown
-//! future, so tests run the real server on `127.0.0.1:0`.
+//! This node's shards and what it can do with them locally: propose and read on the shards it
+//! leads (waiting briefly for an election), and change the membership of those shards.
+//! [`Node`] is the handle every service, the router and the background tasks share; how a
+//! node starts and stops is in [`crate::server`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -11,17 +12,13 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::ChangeMembers;
 use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use vow_core::{Limits, NodeId, PromiseId, ShardId};
+use vow_core::{Limits, NodeId, ShardId};
 
-use crate::clock::{PeerClocks, WallClock};
-use crate::config::Config;
+use crate::clock::WallClock;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::raft::{TypeConfig, VowNode};
-use crate::shard::{Shard, ShardContext, ShardError};
-use crate::storage::{self, NodeIdentity, log_store::WalFlusher};
+use crate::shard::{Shard, ShardError};
 
 /// A membership or leadership operation found no leader for a shard: retry, possibly at another
 /// node (a node that was removed, or is cut off, does not know the leader).
@@ -67,6 +64,7 @@ pub struct Node {
 #[derive(Debug)]
 struct Inner {
     id: NodeId,
+    cluster_name: String,
     advertise_addr: String,
     shards: Arc<[Shard]>,
     peers: Peers,
@@ -76,9 +74,43 @@ struct Inner {
     shutting_down: AtomicBool,
 }
 
+/// What a [`Node`] is made of; see [`Node::new`].
+#[derive(Debug)]
+pub struct NodeParts {
+    pub id: NodeId,
+    pub cluster_name: String,
+    pub advertise_addr: String,
+    pub shards: Arc<[Shard]>,
+    pub peers: Peers,
+    pub limits: Limits,
+    pub wall: WallClock,
+}
+
 impl Node {
+    pub fn new(parts: NodeParts) -> Node {
+        let NodeParts { id, cluster_name, advertise_addr, shards, peers, limits, wall } = parts;
+        Node {
+            inner: Arc::new(Inner {
+                id,
+                cluster_name,
+                advertise_addr,
+                shards,
+                peers,
+                limits,
+                metrics: Metrics::default(),
+                wall,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// The cluster this node belongs to; peers refuse messages from another cluster.
+    pub fn cluster_name(&self) -> &str {
+        &self.inner.cluster_name
     }
 
     pub fn advertise_addr(&self) -> &str {
@@ -91,11 +123,6 @@ impl Node {
 
     pub fn shard(&self, id: ShardId) -> Option<&Shard> {
         self.inner.shards.get(id.0 as usize)
-    }
-
-    pub fn shard_for(&self, id: &PromiseId) -> &Shard {
-        let n = self.inner.shards.len() as u32;
-        &self.inner.shards[ShardId::for_promise(id, n).0 as usize]
     }
 
     pub fn peers(&self) -> &Peers {
@@ -122,6 +149,11 @@ impl Node {
 
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Marks the node as stopping: `/readyz` fails from now on.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
     }
 
     /// Proposes on `shard` if this node leads it, waiting briefly for an election when no
@@ -258,7 +290,7 @@ impl Node {
 
     /// Moves every leadership this node holds to another voter, so that stopping it costs
     /// the cluster no election timeout.
-    async fn hand_off_leadership(&self) {
+    pub async fn hand_off_leadership(&self) {
         for shard in self.shards() {
             if !shard.is_leader() {
                 continue;
@@ -280,161 +312,6 @@ impl Node {
                 tracing::info!(shard = %shard.id, to = %to, ok = moved.is_ok(), "leadership handed off for shutdown");
             }
         }
-    }
-}
-
-/// Listeners the node serves on, bound by the caller.
-#[derive(Debug)]
-pub struct Listeners {
-    pub grpc: TcpListener,
-    pub http: TcpListener,
-}
-
-/// Runs a node until `shutdown` completes, then stops gracefully: leaderships are handed off,
-/// the servers drain, the Raft instances stop and the database is closed.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let db = storage::open(&config.data_dir.join("db"))
-        .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
-    storage::check_identity(
-        &db,
-        &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone(), shards: config.shards },
-    )?;
-    let cluster_name: Arc<str> = config.cluster_name.clone().into();
-    let peers = Peers::default();
-    let wall = WallClock::with_offset(config.test_clock_offset_ms);
-    if config.test_clock_offset_ms != 0 {
-        tracing::warn!(
-            offset_ms = config.test_clock_offset_ms,
-            "TEST CLOCK: this node's wall clock runs off on purpose"
-        );
-    }
-    let ctx = ShardContext {
-        node_id: config.node_id,
-        cluster_name: cluster_name.clone(),
-        db: db.clone(),
-        flusher: WalFlusher::spawn_with_failpoint(
-            db.clone(),
-            crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
-        ),
-        peers: peers.clone(),
-        clocks: PeerClocks::new(wall),
-        queue_bytes: Arc::new(tokio::sync::Semaphore::new(crate::shard::PROPOSAL_QUEUE_BYTES)),
-        data_dir: config.data_dir.clone(),
-        raft: config.raft.clone(),
-    };
-    let mut shards = Vec::new();
-    for s in 0..config.shards {
-        shards.push(Shard::open(&ctx, ShardId(s)).await.with_context(|| format!("opening shard {s}"))?);
-    }
-    let shards: Arc<[Shard]> = shards.into();
-    let node = Node {
-        inner: Arc::new(Inner {
-            id: config.node_id,
-            advertise_addr: config.advertise_addr.clone(),
-            shards: shards.clone(),
-            peers,
-            limits: config.limits.clone(),
-            metrics: Metrics::default(),
-            wall,
-            shutting_down: AtomicBool::new(false),
-        }),
-    };
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let grpc = tokio::spawn(crate::api::serve(
-        node.clone(),
-        cluster_name,
-        config.data_dir.clone(),
-        listeners.grpc,
-        wait_stop(stop_rx.clone()),
-    ));
-    let http = tokio::spawn(crate::http::serve(node.clone(), listeners.http, wait_stop(stop_rx.clone())));
-
-    if !config.initial_members.is_empty() {
-        let members: Vec<(NodeId, String)> = config.initial_members.iter().map(|(k, v)| (*k, v.clone())).collect();
-        for shard in shards.iter() {
-            shard.initialize_if_new(&members).await.with_context(|| format!("initialising shard {}", shard.id))?;
-        }
-    } else if !config.join.is_empty() {
-        tokio::spawn(join_cluster(node.clone(), config.join.clone(), stop_rx.clone()));
-    }
-    let background: Vec<_> = shards
-        .iter()
-        .map(|s| tokio::spawn(crate::sweeper::run(s.clone(), config.retention, stop_rx.clone())))
-        .chain(shards.iter().map(|s| tokio::spawn(s.clone().run_snapshot_policy(stop_rx.clone()))))
-        .collect();
-    tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
-    for bug in ["stale-reads", "ack-before-commit", "skip-settled-check", "wal-fsync-failpoint"] {
-        if crate::sabotage::enabled(bug) {
-            tracing::warn!(bug, "SABOTAGED BUILD: deliberate consistency bug enabled");
-        }
-    }
-
-    shutdown.await;
-    tracing::info!(node = %config.node_id, "shutting down");
-    node.inner.shutting_down.store(true, Ordering::Relaxed);
-    node.hand_off_leadership().await;
-    let _ = stop_tx.send(true);
-    for s in background {
-        let _ = s.await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
-    for shard in shards.iter() {
-        let _ = shard.raft.shutdown().await;
-    }
-    // Applied changes still in memory, then the memtables, to disk, so the next start has
-    // neither log entries nor WAL to replay (a crash still replays both).
-    for shard in shards.iter() {
-        if let Err(e) = shard.state.flush() {
-            tracing::warn!(shard = %shard.id, error = %e, "writing applied state at shutdown failed; the next start re-applies it");
-        }
-    }
-    if let Err(e) = storage::flush_all(&db) {
-        tracing::warn!(error = %e, "flushing memtables at shutdown failed; the next start replays the WAL");
-    }
-    tracing::info!(node = %config.node_id, "stopped");
-    Ok(())
-}
-
-async fn wait_stop(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// Asks the seeds to add this node until one succeeds (the cluster may be electing or busy).
-async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<bool>) {
-    use vow_api::v1::cluster_client::ClusterClient;
-    let req = vow_api::v1::AddNodeRequest {
-        node_id: node.id().0,
-        grpc_addr: node.advertise_addr().to_owned(),
-        shard_ids: vec![],
-        shard_count: node.shards().len() as u32,
-    };
-    let mut delay = Duration::from_millis(200);
-    loop {
-        for seed in &seeds {
-            let Ok(channel) = node.peers().channel(seed) else { continue };
-            let mut request = tonic::Request::new(req.clone());
-            request.set_timeout(Duration::from_secs(60));
-            match ClusterClient::new(channel).add_node(request).await {
-                Ok(_) => {
-                    tracing::info!(seed = %seed, "joined the cluster");
-                    return;
-                }
-                // A refusal that retrying cannot fix (another shard count) is the operator's to see.
-                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-                    tracing::error!(seed = %seed, error = %e.message(), "the cluster refuses this node")
-                }
-                Err(e) => tracing::warn!(seed = %seed, error = %e.message(), "join attempt failed"),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {} // back off between rounds of join attempts
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

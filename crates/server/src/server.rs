@@ -1,0 +1,172 @@
+//! A vowd process from start to stop: opens storage and shards, serves gRPC and HTTP, runs the
+//! background tasks (sweepers, snapshot policy, leader balancing), joins a cluster if asked,
+//! and shuts down gracefully. [`run`] is the entry point; it takes bound listeners and a
+//! shutdown future, so tests run the real server on `127.0.0.1:0`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use vow_core::{NodeId, ShardId};
+
+use crate::clock::{PeerClocks, WallClock};
+use crate::config::Config;
+use crate::node::{Node, NodeParts};
+use crate::peers::Peers;
+use crate::router::Router;
+use crate::shard::{Shard, ShardContext};
+use crate::storage::{self, NodeIdentity, log_store::WalFlusher};
+
+/// Listeners the node serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+/// Runs a node until `shutdown` completes, then stops gracefully: leaderships are handed off,
+/// the servers drain, the Raft instances stop and the database is closed.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let db = storage::open(&config.data_dir.join("db"))
+        .with_context(|| format!("opening RocksDB in {}", config.data_dir.display()))?;
+    storage::check_identity(
+        &db,
+        &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone(), shards: config.shards },
+    )?;
+    let cluster_name: Arc<str> = config.cluster_name.clone().into();
+    let peers = Peers::default();
+    let wall = WallClock::with_offset(config.test_clock_offset_ms);
+    if config.test_clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_ms = config.test_clock_offset_ms,
+            "TEST CLOCK: this node's wall clock runs off on purpose"
+        );
+    }
+    let ctx = ShardContext {
+        node_id: config.node_id,
+        cluster_name: cluster_name.clone(),
+        db: db.clone(),
+        flusher: WalFlusher::spawn_with_failpoint(
+            db.clone(),
+            crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
+        ),
+        peers: peers.clone(),
+        clocks: PeerClocks::new(wall),
+        queue_bytes: Arc::new(tokio::sync::Semaphore::new(crate::shard::PROPOSAL_QUEUE_BYTES)),
+        data_dir: config.data_dir.clone(),
+        raft: config.raft.clone(),
+    };
+    let mut shards = Vec::new();
+    for s in 0..config.shards {
+        shards.push(Shard::open(&ctx, ShardId(s)).await.with_context(|| format!("opening shard {s}"))?);
+    }
+    let shards: Arc<[Shard]> = shards.into();
+    let node = Node::new(NodeParts {
+        id: config.node_id,
+        cluster_name: config.cluster_name.clone(),
+        advertise_addr: config.advertise_addr.clone(),
+        shards: shards.clone(),
+        peers,
+        limits: config.limits.clone(),
+        wall,
+    });
+    let router = Router::new(node.clone());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let grpc =
+        tokio::spawn(crate::api::serve(router, config.data_dir.clone(), listeners.grpc, wait_stop(stop_rx.clone())));
+    let http = tokio::spawn(crate::http::serve(node.clone(), listeners.http, wait_stop(stop_rx.clone())));
+
+    if !config.initial_members.is_empty() {
+        let members: Vec<(NodeId, String)> = config.initial_members.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for shard in shards.iter() {
+            shard.initialize_if_new(&members).await.with_context(|| format!("initialising shard {}", shard.id))?;
+        }
+    } else if !config.join.is_empty() {
+        tokio::spawn(join_cluster(node.clone(), config.join.clone(), stop_rx.clone()));
+    }
+    let mut background: Vec<_> = shards
+        .iter()
+        .map(|s| tokio::spawn(crate::sweeper::run(s.clone(), config.retention, stop_rx.clone())))
+        .chain(shards.iter().map(|s| tokio::spawn(s.clone().run_snapshot_policy(stop_rx.clone()))))
+        .collect();
+    if config.balance_leaders {
+        background.push(tokio::spawn(crate::balance::run(node.clone(), stop_rx.clone())));
+    }
+    tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
+    for bug in ["stale-reads", "ack-before-commit", "skip-settled-check", "wal-fsync-failpoint"] {
+        if crate::sabotage::enabled(bug) {
+            tracing::warn!(bug, "SABOTAGED BUILD: deliberate consistency bug enabled");
+        }
+    }
+
+    shutdown.await;
+    tracing::info!(node = %config.node_id, "shutting down");
+    node.begin_shutdown();
+    node.hand_off_leadership().await;
+    let _ = stop_tx.send(true);
+    for s in background {
+        let _ = s.await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    for shard in shards.iter() {
+        let _ = shard.raft.shutdown().await;
+    }
+    // Applied changes still in memory, then the memtables, to disk, so the next start has
+    // neither log entries nor WAL to replay (a crash still replays both).
+    for shard in shards.iter() {
+        if let Err(e) = shard.state.flush() {
+            tracing::warn!(shard = %shard.id, error = %e, "writing applied state at shutdown failed; the next start re-applies it");
+        }
+    }
+    if let Err(e) = storage::flush_all(&db) {
+        tracing::warn!(error = %e, "flushing memtables at shutdown failed; the next start replays the WAL");
+    }
+    tracing::info!(node = %config.node_id, "stopped");
+    Ok(())
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Asks the seeds to add this node until one succeeds (the cluster may be electing or busy).
+async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<bool>) {
+    use vow_api::v1::cluster_client::ClusterClient;
+    let req = vow_api::v1::AddNodeRequest {
+        node_id: node.id().0,
+        grpc_addr: node.advertise_addr().to_owned(),
+        shard_ids: vec![],
+        shard_count: node.shards().len() as u32,
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        for seed in &seeds {
+            let Ok(channel) = node.peers().channel(seed) else { continue };
+            let mut request = tonic::Request::new(req.clone());
+            request.set_timeout(Duration::from_secs(60));
+            match ClusterClient::new(channel).add_node(request).await {
+                Ok(_) => {
+                    tracing::info!(seed = %seed, "joined the cluster");
+                    return;
+                }
+                // A refusal that retrying cannot fix (another shard count) is the operator's to see.
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    tracing::error!(seed = %seed, error = %e.message(), "the cluster refuses this node")
+                }
+                Err(e) => tracing::warn!(seed = %seed, error = %e.message(), "join attempt failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {} // back off between rounds of join attempts
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
