@@ -1,79 +1,20 @@
-//! openraft wiring: the type configuration, the explicit codec for Raft messages and log entries,
-//! and the tonic transport between nodes (client side in [`network`], server side in [`service`]).
+//! openraft wiring: the tonic transport between nodes (client side in [`network`], server side
+//! in [`service`]) and the [`Raft`] type of a shard. The type configuration and the explicit
+//! codec for Raft messages and log entries live in `vow-storage` ([`vow_storage::types`],
+//! [`vow_storage::codec`]), with the log store and state machine written against them.
 
-pub mod codec;
 pub mod network;
 pub mod service;
 
-use std::fmt;
-use std::sync::Arc;
+use vow_storage::state_machine::ShardStateMachine;
 
-use vow_core::{NodeId, Outcome, Proposal};
-
-use crate::storage::state_machine::ShardStateMachine;
-
-/// Encoded log entries one AppendEntries carries: entries are added while they fit, and the
-/// first always goes. openraft's own bound is a count (`max_payload_entries`, 300), which for
-/// large entries makes a message no follower accepts, and replication stalls for good.
-pub const APPEND_BUDGET_BYTES: usize = 8 << 20;
-
-/// The largest Raft message a node sends or accepts: one entry of the largest record any
-/// configuration allows (a command is smaller than its record), or an append of
-/// [`APPEND_BUDGET_BYTES`], with room for the framing. The same on every node whatever its
-/// limits, so a leader never sends what a follower refuses.
-pub const MAX_MESSAGE_BYTES: usize = vow_core::HARD_MAX_RECORD_BYTES + (1 << 20);
-const _: () = assert!(APPEND_BUDGET_BYTES < MAX_MESSAGE_BYTES);
-
-/// About how many bytes an entry takes in an AppendEntries.
-pub fn entry_size_hint(entry: &Entry) -> usize {
-    const LOG_ID_BYTES: usize = 32;
-    LOG_ID_BYTES
-        + match &entry.payload {
-            openraft::EntryPayload::Normal(p) => p.size_hint(),
-            openraft::EntryPayload::Membership(m) => {
-                m.nodes().map(|(_, n)| n.grpc_addr.len() + LOG_ID_BYTES).sum::<usize>() * 2 + LOG_ID_BYTES
-            }
-            openraft::EntryPayload::Blank => 0,
-        }
-}
-
-/// What the Raft membership records about a node: where to reach it. One gRPC address serves
-/// the public API and the internal Raft service alike.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct VowNode {
-    pub grpc_addr: String,
-}
-
-impl fmt::Display for VowNode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.grpc_addr)
-    }
-}
-
-/// The state machine's reply to one applied entry: the domain outcome for application
-/// commands, nothing for blank and membership entries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApplyResponse(pub Option<Outcome>);
-
-openraft::declare_raft_types!(
-    /// vow's openraft configuration: log entries carry a [`Proposal`]; node ids are [`NodeId`].
-    /// The proposal is shared, not owned: openraft clones every entry it reads back (once per
-    /// follower to replicate it, once to apply it), and a deep copy of a command is several
-    /// allocations and a copy of its data.
-    pub TypeConfig:
-        D = Arc<Proposal>,
-        R = ApplyResponse,
-        NodeId = NodeId,
-        Node = VowNode,
-);
+// TODO(router-split): imports move to vow_storage directly; these re-exports keep the old
+// `crate::raft::...` paths compiling until then.
+pub use vow_storage::codec;
+pub use vow_storage::types::{
+    APPEND_BUDGET_BYTES, ApplyResponse, Entry, LeaderId, LogId, MAX_MESSAGE_BYTES, Membership, SnapshotMeta,
+    StoredMembership, TypeConfig, Vote, VowNode, entry_size_hint,
+};
 
 /// One shard's Raft instance.
 pub type Raft = openraft::Raft<TypeConfig, ShardStateMachine>;
-
-pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
-pub type Vote = openraft::alias::VoteOf<TypeConfig>;
-pub type Entry = openraft::alias::EntryOf<TypeConfig>;
-pub type Membership = openraft::Membership<NodeId, VowNode>;
-pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
-pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-pub type LeaderId = openraft::alias::LeaderIdOf<TypeConfig>;

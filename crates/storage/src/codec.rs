@@ -16,7 +16,7 @@ use openraft::{EntryPayload, vote::RaftLeaderId};
 use vow_core::codec::{DecodeError, Decoder, Encoder};
 use vow_core::{NodeId, Proposal};
 
-use super::{Entry, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote, VowNode};
+use crate::types::{Entry, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote, VowNode};
 
 const FORMAT: u8 = 1;
 

@@ -24,10 +24,11 @@ use tokio::sync::broadcast;
 use vow_core::codec::Decoder;
 use vow_core::{Promise, PromiseId, PromiseView, ShardId, State};
 
-use super::snapshot::{self, SnapshotFile};
-use super::write_behind::{Layer, Meta, WriteBehind, put_meta};
-use super::{CF_STATE, cf, corrupt, io_err, keys, shard_end};
-use crate::raft::{ApplyResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig, codec};
+use crate::codec;
+use crate::snapshot::{self, SnapshotFile};
+use crate::types::{ApplyResponse, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::write_behind::{Layer, Meta, WriteBehind, put_meta};
+use crate::{CF_STATE, cf, corrupt, io_err, keys, shard_end};
 
 /// Records per write batch when installing a snapshot, so memory stays bounded.
 const INSTALL_BATCH_RECORDS: usize = 4096;
@@ -93,7 +94,7 @@ impl ShardState {
         read_promise(&self.db, self.shard, id)
     }
 
-    /// Writes the changes applied but not yet in the database (see [`super::write_behind`]).
+    /// Writes the changes applied but not yet in the database (see [`crate::write_behind`]).
     pub fn flush(&self) -> io::Result<()> {
         self.layer.lock()?.flush(&self.db, self.shard)
     }
@@ -654,12 +655,12 @@ fn build(
 mod tests {
     use vow_core::Change;
 
-    use super::super::write_behind::tests::pending as promise;
     use super::*;
+    use crate::write_behind::tests::pending as promise;
 
     fn open() -> (tempfile::TempDir, ShardStateMachine) {
         let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open(&dir.path().join("db")).unwrap();
+        let db = crate::open(&dir.path().join("db")).unwrap();
         let sm = ShardStateMachine::open(db, ShardId(0), dir.path().join("snap"), broadcast::channel(1).0).unwrap();
         (dir, sm)
     }

@@ -26,8 +26,9 @@ use rocksdb::{DB, WriteBatch};
 use vow_core::codec::Encoder;
 use vow_core::{Change, Promise, PromiseId, ShardId};
 
-use super::{CF_STATE, cf, io_err, keys};
-use crate::raft::{LogId, StoredMembership, codec};
+use crate::codec;
+use crate::types::{LogId, StoredMembership};
+use crate::{CF_STATE, cf, io_err, keys};
 
 /// The maps consulted for every command, keyed by promise id or state key. foldhash instead of
 /// the standard SipHash (hashing and lookups were 2.7% of a follower's samples, now 1.1%); ids
@@ -321,7 +322,7 @@ pub(crate) mod tests {
 
     fn db() -> (tempfile::TempDir, std::sync::Arc<DB>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = super::super::open(dir.path()).unwrap();
+        let db = crate::open(dir.path()).unwrap();
         (dir, db)
     }
 

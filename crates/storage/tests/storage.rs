@@ -1,6 +1,7 @@
 //! Storage against real RocksDB in temporary directories: openraft's own conformance suite,
-//! plus what the suite does not cover — shards sharing one database, durability across a
-//! reopen, and a snapshot moved from one node's database to another's.
+//! plus what the suite does not cover — shards sharing one database and its WAL fsyncs (group
+//! commit), durability across a reopen, and a snapshot moved from one node's database to
+//! another's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,8 +15,8 @@ use openraft::{EntryPayload, StorageError};
 use tempfile::TempDir;
 use tokio::sync::broadcast;
 use vow_core::{Command, NodeId, PromiseId, Proposal, SettleAs, ShardId, State, Value};
-use vow_server::raft::{Entry, LeaderId, LogId, TypeConfig, Vote};
-use vow_server::storage::{self, log_store::LogStore, log_store::WalFlusher, state_machine::ShardStateMachine};
+use vow_storage::types::{Entry, LeaderId, LogId, TypeConfig, Vote};
+use vow_storage::{self as storage, log_store::LogStore, log_store::WalFlusher, state_machine::ShardStateMachine};
 
 struct Builder;
 
@@ -78,6 +79,87 @@ async fn shards_share_one_database_without_touching_each_other() -> std::io::Res
     assert_eq!(a.get_log_state().await?.last_log_id, Some(lid(1, 2)));
     let sb = b.get_log_state().await?;
     assert_eq!((sb.last_purged_log_id, sb.last_log_id), (Some(lid(1, 1)), Some(lid(1, 3))));
+    Ok(())
+}
+
+/// A create of promise `id` with a 256-byte param, as log entry `index`.
+fn create_entry(index: u64, id: String) -> Entry {
+    proposal_entry(
+        index,
+        Command::Create {
+            id: PromiseId::new_unchecked(id),
+            param: Value { headers: BTreeMap::new(), data: vec![7; 256] },
+            deadline_ms: 10_000_000,
+            tags: BTreeMap::new(),
+            idempotency_key: String::new(),
+        },
+    )
+}
+
+/// Group commit: every shard's appends share the node's WAL fsyncs. Eight shards append one
+/// entry at a time, each waiting for its append to be durable before the next, as openraft
+/// does; while one fsync runs the others' appends queue up, and the next fsync covers them all.
+/// Were each append fsynced on its own, the flusher would count as many syncs as appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_of_all_shards_share_wal_fsyncs() -> std::io::Result<()> {
+    const SHARDS: u32 = 8;
+    const APPENDS_PER_SHARD: u64 = 200;
+    let dir = tempfile::tempdir()?;
+    let db = storage::open(&dir.path().join("db"))?;
+    let flusher = WalFlusher::spawn(db.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for shard in 0..SHARDS {
+        let mut log = LogStore::new(db.clone(), ShardId(shard), flusher.clone());
+        tasks.spawn(async move {
+            let mut completed = 0u64;
+            for index in 1..=APPENDS_PER_SHARD {
+                let (tx, rx) = TypeConfig::oneshot();
+                let entry = create_entry(index, format!("s{shard}-p{index}"));
+                log.append(vec![entry], IOFlushed::signal(tx)).await?;
+                rx.await.map_err(std::io::Error::other)??;
+                completed += 1;
+            }
+            let stored = log.try_get_log_entries(1..=APPENDS_PER_SHARD).await?.len() as u64;
+            assert_eq!(stored, APPENDS_PER_SHARD, "shard {shard}: every entry is in its log");
+            Ok::<_, std::io::Error>(completed)
+        });
+    }
+    let mut appends = 0;
+    while let Some(done) = tasks.join_next().await {
+        appends += done.map_err(std::io::Error::other)??;
+    }
+    let (appends_synced, syncs) = (flusher.appends_synced(), flusher.syncs());
+    eprintln!("{appends} appends from {SHARDS} shards: {appends_synced} synced by {syncs} fsyncs");
+    assert_eq!(appends, u64::from(SHARDS) * APPENDS_PER_SHARD, "every append completed");
+    assert_eq!(appends_synced, appends, "the flusher completed every append after an fsync");
+    // One shard's appends come one after another, each after the last was synced: no two of
+    // them can share an fsync.
+    assert!(syncs >= APPENDS_PER_SHARD, "{syncs} fsyncs cannot cover {APPENDS_PER_SHARD} appends in a row");
+    assert!(syncs * 2 <= appends, "{syncs} fsyncs for {appends} appends: concurrent appends must share them");
+    Ok(())
+}
+
+/// An append with no other to share an fsync with still gets one, and its callback carries that
+/// fsync's result: while every fsync fails (the failpoint), so does the append.
+#[tokio::test]
+async fn a_lone_append_is_acknowledged_by_its_own_fsync() -> std::io::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = storage::open(&dir.path().join("db"))?;
+    let failpoint = dir.path().join("fail-wal-fsync");
+    std::fs::write(&failpoint, b"")?;
+    let flusher = WalFlusher::spawn_with_failpoint(db.clone(), Some(failpoint.clone()));
+    let mut log = LogStore::new(db, ShardId(0), flusher.clone());
+
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(vec![create_entry(1, "p1".into())], IOFlushed::signal(tx)).await?;
+    let failed = rx.await.map_err(std::io::Error::other)?;
+    assert!(failed.is_err(), "acknowledged without a successful fsync");
+    assert_eq!((flusher.appends_synced(), flusher.syncs()), (0, 0), "a failed fsync syncs nothing");
+
+    std::fs::remove_file(&failpoint)?;
+    append(&mut log, vec![create_entry(2, "p2".into())]).await;
+    // Counted before the callback completed, so it shows here already.
+    assert_eq!((flusher.appends_synced(), flusher.syncs()), (1, 1), "one fsync for the one append");
     Ok(())
 }
 
@@ -284,7 +366,7 @@ async fn a_long_apply_call_writes_as_it_goes() -> std::io::Result<()> {
 
 /// Records in a snapshot file other than the state machine's own keys (applied log id, cluster
 /// time, membership), after checking its trailer: promises and their index keys.
-fn records_in(file: std::fs::File) -> std::io::Result<(vow_server::raft::SnapshotMeta, u64)> {
+fn records_in(file: std::fs::File) -> std::io::Result<(vow_storage::types::SnapshotMeta, u64)> {
     let (meta, mut reader) = storage::snapshot::Reader::open(file)?;
     let mut n = 0;
     while let Some((key, _)) = reader.next_record()? {
@@ -396,7 +478,7 @@ async fn a_snapshot_install_tells_waiters_to_look_again() -> std::io::Result<()>
     let (tx, mut rx) = broadcast::channel(16);
     let mut dst = ShardStateMachine::open(db, ShardId(0), dst_dir.path().join("snapshots"), tx)?;
     dst.install_snapshot(&snapshot.meta, snapshot.snapshot).await?;
-    assert_eq!(rx.try_recv().ok(), Some(vow_server::storage::state_machine::Announcement::StateReplaced));
+    assert_eq!(rx.try_recv().ok(), Some(storage::state_machine::Announcement::StateReplaced));
     assert_settled(&dst)
 }
 

@@ -36,11 +36,12 @@ use tempfile::TempDir;
 use tokio::sync::broadcast;
 use vow_core::codec::Decoder;
 use vow_core::{Command, MemState, NodeId, Outcome, Promise, PromiseId, Proposal, SettleAs, ShardId, Value};
-use vow_server::raft::{Entry, LeaderId, LogId, TypeConfig, codec};
-use vow_server::storage::keys;
-use vow_server::storage::snapshot::SnapshotFile;
-use vow_server::storage::state_machine::{ShardState, ShardStateMachine};
-use vow_server::storage::{self, CF_STATE};
+use vow_storage::codec;
+use vow_storage::keys;
+use vow_storage::snapshot::SnapshotFile;
+use vow_storage::state_machine::{ShardState, ShardStateMachine};
+use vow_storage::types::{Entry, LeaderId, LogId, TypeConfig};
+use vow_storage::{self as storage, CF_STATE};
 
 /// Few ids, so that creates collide, settles race and collected ids come back.
 const IDS: [&str; 6] = ["p0", "p1", "p2", "p3", "p4", "p5"];

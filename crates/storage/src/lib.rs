@@ -1,4 +1,15 @@
-//! RocksDB storage: one database per node, shared by every shard (DESIGN.md §7).
+//! vow's storage engine: one RocksDB per node, shared by every shard (DESIGN.md §7), and the
+//! openraft types it is written against.
+//!
+//! It holds each shard's Raft log ([`log_store::LogStore`], group-committed through the node's
+//! one [`log_store::WalFlusher`]), its state machine ([`state_machine::ShardStateMachine`],
+//! which applies committed entries with [`vow_core::apply`] through the write-behind layer of
+//! [`write_behind`], and its reader [`state_machine::ShardState`]), snapshot files
+//! ([`snapshot`]), openraft's type configuration ([`types::TypeConfig`] and its aliases and
+//! message bounds) and the explicit binary encoding of openraft's types for disk and wire
+//! ([`codec`]). It is not the node: it knows no network, no gRPC, no routing, no clocks and no
+//! Raft instance; `vow-server` builds those on top of it. Only `vow-server` and tests depend on
+//! it.
 //!
 //! # Key layout (format version 1)
 //!
@@ -7,7 +18,7 @@
 //!
 //! | column family | key | value |
 //! |---|---|---|
-//! | `log`   | `S index:u64` | log entry ([`crate::raft::codec::encode_entry`]) |
+//! | `log`   | `S index:u64` | log entry ([`codec::encode_entry`]) |
 //! | `meta`  | `S 0x01` | vote |
 //! | `meta`  | `S 0x02` | last purged log id |
 //! | `meta`  | `S 0x03` | committed log id |
@@ -39,9 +50,12 @@
 //! unsynced writes, which nothing relies on — and the apply and commit-index writes no longer
 //! cost a `write` system call each (~1.8 per batch before).
 
+pub mod codec;
 pub mod log_store;
+pub mod sabotage;
 pub mod snapshot;
 pub mod state_machine;
+pub mod types;
 pub mod write_behind;
 
 use std::io;

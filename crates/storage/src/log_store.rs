@@ -5,7 +5,9 @@
 //! flusher takes every callback that is waiting, issues one `flush_wal(sync = true)` and then
 //! completes them all: concurrent appends of all shards share one fsync. Because RocksDB has one
 //! WAL per database, an fsync covers every write issued before it, so callbacks complete in
-//! order and never before their entries are durable.
+//! order and never before their entries are durable. The flusher counts the appends it completed
+//! and the fsyncs it made ([`WalFlusher::appends_synced`], [`WalFlusher::syncs`]), so how many
+//! appends share an fsync can be observed.
 //!
 //! openraft reads every entry back right after appending it: once per follower to replicate it
 //! and once more to apply it. A [`LogCache`] of the most recent entries answers those reads
@@ -15,6 +17,7 @@ use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -23,8 +26,9 @@ use tokio::sync::mpsc;
 use vow_core::ShardId;
 use vow_core::codec::{Decoder, Encoder};
 
-use super::{CF_LOG, CF_META, cf, corrupt, fitting, io_err, keys};
-use crate::raft::{APPEND_BUDGET_BYTES, Entry, LogId, TypeConfig, Vote, codec, entry_size_hint};
+use crate::codec;
+use crate::types::{APPEND_BUDGET_BYTES, Entry, LogId, TypeConfig, Vote, entry_size_hint};
+use crate::{CF_LOG, CF_META, cf, corrupt, fitting, io_err, keys};
 
 /// Callbacks waiting for the next WAL fsync, at most this many queued before appends wait.
 const FLUSH_QUEUE: usize = 4096;
@@ -33,6 +37,15 @@ const FLUSH_QUEUE: usize = 4096;
 #[derive(Clone, Debug)]
 pub struct WalFlusher {
     tx: mpsc::Sender<IOFlushed<TypeConfig>>,
+    counters: Arc<SyncCounters>,
+}
+
+/// What the flusher thread has done since it started: `appends_synced / syncs` is how many
+/// appends shared each fsync, that is how well group commit groups.
+#[derive(Debug, Default)]
+struct SyncCounters {
+    appends_synced: AtomicU64,
+    syncs: AtomicU64,
 }
 
 impl WalFlusher {
@@ -47,6 +60,8 @@ impl WalFlusher {
     pub fn spawn_with_failpoint(db: Arc<DB>, failpoint: Option<std::path::PathBuf>) -> Self {
         let (tx, mut rx) = mpsc::channel::<IOFlushed<TypeConfig>>(FLUSH_QUEUE);
         let db = Arc::downgrade(&db);
+        let counters = Arc::new(SyncCounters::default());
+        let counted = counters.clone();
         // A dedicated thread: the fsync blocks, and handing each one to tokio's blocking pool
         // cost a thread wake-up on the commit path of every write.
         let spawned = std::thread::Builder::new().name("vow-wal-flusher".into()).spawn(move || {
@@ -66,9 +81,15 @@ impl WalFlusher {
                     Some(db) => db.flush_wal(true).map_err(io_err),
                     None => Err(io::Error::other("database closed")),
                 };
-                if let Err(e) = &synced {
+                match &synced {
+                    // Counted before any callback completes, so whoever sees an append completed
+                    // (through its callback's channel) also sees it counted.
+                    Ok(()) => {
+                        counted.syncs.fetch_add(1, Ordering::Relaxed);
+                        counted.appends_synced.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+                    }
                     // Fatal: openraft stops the shard when told its log is not durable.
-                    tracing::error!(error = %e, "WAL fsync failed");
+                    Err(e) => tracing::error!(error = %e, "WAL fsync failed"),
                 }
                 for cb in waiting.drain(..) {
                     cb.io_completed(match &synced {
@@ -82,7 +103,21 @@ impl WalFlusher {
             // Without a flusher no append is ever acknowledged; the shards report it as fatal.
             tracing::error!(error = %e, "cannot start the WAL flusher thread");
         }
-        WalFlusher { tx }
+        WalFlusher { tx, counters }
+    }
+
+    /// Appends this flusher has completed as durable since it started: one per `append` call
+    /// (of any shard) whose callback it completed after a successful fsync. Appends failed by a
+    /// failing fsync are not counted.
+    pub fn appends_synced(&self) -> u64 {
+        self.counters.appends_synced.load(Ordering::Relaxed)
+    }
+
+    /// Successful WAL fsyncs (`flush_wal(true)` calls) this flusher has made since it started.
+    /// Each covers every append queued before it, so under concurrent appends this grows much
+    /// slower than [`WalFlusher::appends_synced`].
+    pub fn syncs(&self) -> u64 {
+        self.counters.syncs.load(Ordering::Relaxed)
     }
 }
 
@@ -245,7 +280,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<crate::raft::Entry>, io::Error> {
+    ) -> Result<Vec<Entry>, io::Error> {
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
             Bound::Excluded(&i) => i.saturating_add(1),
@@ -321,7 +356,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
     where
-        I: IntoIterator<Item = crate::raft::Entry> + Send,
+        I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let log = cf(&self.db, CF_LOG)?;
@@ -369,7 +404,7 @@ mod tests {
     use vow_core::NodeId;
 
     use super::*;
-    use crate::raft::LeaderId;
+    use crate::types::LeaderId;
 
     fn entry(term: u64, index: u64) -> Entry {
         Entry { log_id: LogId::new(LeaderId::new(term, NodeId(1)), index), payload: EntryPayload::Blank }

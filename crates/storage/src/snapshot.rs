@@ -1,7 +1,7 @@
 //! Snapshot files: one shard's state, streamed to and from disk, never held in memory whole.
 //!
 //! Format (version 1): the magic `VOWSNAP1`; a u32 length and the snapshot meta
-//! ([`crate::raft::codec::snapshot_meta`]); then records `u32 key length, key, u32 value
+//! ([`crate::codec::snapshot_meta`]); then records `u32 key length, key, u32 value
 //! length, value` where the key is the state key without its shard prefix; then a record with
 //! key length `u32::MAX` followed by the record count (u64) and the FNV-1a-64 checksum of
 //! every record byte. All integers are big-endian. A file that does not end in a matching
@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 
 use vow_core::codec::{Decoder, Encoder};
 
-use super::corrupt;
-use crate::raft::{SnapshotMeta, codec};
+use crate::codec;
+use crate::corrupt;
+use crate::types::SnapshotMeta;
 
 const MAGIC: &[u8; 8] = b"VOWSNAP1";
 const TRAILER: u32 = u32::MAX;
@@ -228,7 +229,7 @@ pub fn clean_temporaries(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::{LeaderId, LogId, StoredMembership};
+    use crate::types::{LeaderId, LogId, StoredMembership};
     use openraft::vote::RaftLeaderId;
     use vow_core::NodeId;
 
