@@ -107,12 +107,12 @@ async fn leader_kill9_under_load_loses_nothing_and_restarts_catch_up() -> anyhow
 
     // The killed node comes back from its own disk and catches up.
     cluster.reup()?;
-    let commit = cluster.status().await?.shards[0].commit_index;
+    let commits: Vec<u64> = cluster.status().await?.shards.iter().map(|s| s.commit_index).collect();
     let restarted = cluster.node(leader).grpc.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = cluster.status_of(leader).await;
-        if s.as_ref().is_ok_and(|s| s.shards[0].applied_index >= commit) {
+        if s.as_ref().is_ok_and(|s| s.shards.iter().zip(&commits).all(|(sh, c)| sh.applied_index >= *c)) {
             break;
         }
         assert!(Instant::now() < deadline, "restarted node did not catch up: {s:?}\n{}", cluster.logs());
@@ -321,7 +321,9 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
         .stderr(log)
         .spawn()?;
     let joined = cluster
-        .wait_for("node 4 as a voter", Duration::from_secs(30), |s| s.shards[0].voters.contains(&4).then_some(()))
+        .wait_for("node 4 as a voter of every shard", Duration::from_secs(30), |s| {
+            s.shards.iter().all(|sh| sh.voters.contains(&4)).then_some(())
+        })
         .await;
     let result = async {
         joined?;
@@ -334,7 +336,9 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
         let out = vow(&["--endpoints", &cluster.node(2).grpc, "cluster", "remove-node", "--node-id", "4"]);
         anyhow::ensure!(out.status.success(), "remove-node failed: {}", String::from_utf8_lossy(&out.stderr));
         cluster
-            .wait_for("node 4 removed", Duration::from_secs(10), |s| (!s.shards[0].voters.contains(&4)).then_some(()))
+            .wait_for("node 4 removed", Duration::from_secs(10), |s| {
+                s.shards.iter().all(|sh| !sh.voters.contains(&4)).then_some(())
+            })
             .await?;
         Ok(())
     }
@@ -501,25 +505,16 @@ fn bench_smoke_run_writes_results_and_plots() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A counter of one node's `/metrics`, for shard 0.
-fn shard_counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l.contains("shard=\"0\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
-}
-
-/// Concurrent writes reach Raft in batches (fewer batches than proposals on the leader), and
-/// every caller still gets its own outcome back: the create of its id, the value it resolved.
+/// Concurrent writes reach Raft in batches (fewer batches than proposals on the leaders, summed
+/// over every shard), and every caller still gets its own outcome back: the create of its id,
+/// the value it resolved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_are_batched_and_each_caller_gets_its_own_outcome() -> anyhow::Result<()> {
     const WRITERS: usize = 300;
     let cluster = DevCluster::up(3, &[])?;
-    let leader = cluster.leader().await?;
+    cluster.leader().await?;
     // Ten writers per connection, as many connections as a busy service would hold.
-    let clients: Vec<Client> = (0..WRITERS / 10).map(|_| cluster.client_of(leader)).collect();
+    let clients: Vec<Client> = (0..WRITERS / 10).map(|_| cluster.client()).collect();
     let mut writers = tokio::task::JoinSet::new();
     for i in 0..WRITERS {
         let c = clients[i % clients.len()].clone();
@@ -538,9 +533,12 @@ async fn concurrent_writes_are_batched_and_each_caller_gets_its_own_outcome() ->
     while let Some(done) = writers.join_next().await {
         done??;
     }
-    let metrics = http_get(&cluster.node(leader).http, "/metrics")?;
-    let proposals = shard_counter(&metrics, "vow_shard_proposals_total");
-    let batches = shard_counter(&metrics, "vow_shard_proposal_batches_total");
+    let total = |name: &str| -> anyhow::Result<u64> {
+        let per_node = cluster.nodes.iter().map(|n| cluster.metric(n.node_id, name));
+        Ok(per_node.sum::<anyhow::Result<f64>>()? as u64)
+    };
+    let proposals = total("vow_shard_proposals_total")?;
+    let batches = total("vow_shard_proposal_batches_total")?;
     assert!(proposals >= 2 * WRITERS as u64, "{proposals} proposals for {} writes", 2 * WRITERS);
     // Typically 600 proposals go in ~20 batches; one per batch on average would mean none.
     assert!(batches * 2 <= proposals, "little batching: {batches} batches for {proposals} proposals");

@@ -52,15 +52,27 @@ async fn a_follower_behind_on_large_entries_catches_up() -> anyhow::Result<()> {
     for w in writers {
         w.await??;
     }
-    let target = cluster.status_of(leader).await?.shards[0].commit_index;
+    // Each shard's commit index as its leader knows it: every acknowledged write is below it.
+    let mut target: Vec<u64> = Vec::new();
+    for n in cluster.nodes.iter().filter(|n| n.node_id != lagging) {
+        let s = cluster.status_of(n.node_id).await?;
+        target.resize(s.shards.len(), 0);
+        for (t, sh) in target.iter_mut().zip(&s.shards) {
+            *t = (*t).max(sh.commit_index);
+        }
+    }
     cluster.reup()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = cluster.status_of(lagging).await.map(|s| s.shards[0].applied_index).unwrap_or(0);
-        if applied >= target {
+        let applied: Vec<u64> = cluster
+            .status_of(lagging)
+            .await
+            .map(|s| s.shards.iter().map(|sh| sh.applied_index).collect())
+            .unwrap_or_default();
+        if applied.len() == target.len() && applied.iter().zip(&target).all(|(a, t)| a >= t) {
             break;
         }
-        assert!(Instant::now() < deadline, "node {lagging} applied {applied} of {target}\n{}", cluster.logs());
+        assert!(Instant::now() < deadline, "node {lagging} applied {applied:?} of {target:?}\n{}", cluster.logs());
         tokio::time::sleep(Duration::from_millis(200)).await; // poll the follower's progress
     }
     let p = Client::get_local(&cluster.node(lagging).grpc, "large-299").await?;
@@ -252,7 +264,7 @@ async fn a_node_with_another_shard_count_cannot_join() -> anyhow::Result<()> {
     };
     let _ = joiner.kill();
     let _ = joiner.wait();
-    assert!(log.contains("runs 3 shards but this cluster has 1"), "{log}");
+    assert!(log.contains("runs 3 shards but this cluster has 8"), "{log}");
     let status = cluster.status().await?;
     assert!(status.shards.iter().all(|s| !s.voters.contains(&2) && !s.learners.contains(&2)), "{status:?}");
     Ok(())
@@ -264,29 +276,42 @@ async fn a_node_with_another_shard_count_cannot_join() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn await_on_a_follower_sees_a_settlement_that_arrives_by_snapshot() -> anyhow::Result<()> {
     let cluster = DevCluster::up(3, &["--snapshot-logs=50"])?;
-    let leader = cluster.leader().await?;
+    cluster.leader().await?;
+    // Every id here carries the hash tag {snap}, so all of them live on one shard.
+    let shard = vow_core::ShardId::for_promise(&vow_core::PromiseId::new_unchecked("{snap}"), 8).0;
+    let leader = cluster
+        .wait_for("a leader of the shard", Duration::from_secs(30), |s| {
+            s.shards.get(shard as usize).map(|sh| sh.leader_id).filter(|l| *l != 0)
+        })
+        .await?;
     let follower = follower_of(&cluster, leader);
     let c = cluster.client_of(leader);
-    c.create(create_req("snap-await", "k")).await?;
+    c.create(create_req("{snap}/await", "k")).await?;
     let waiter = Client::with_options(
         &[cluster.node(follower).grpc.as_str()],
         Options { follow_leader_hints: false, ..Default::default() },
     )?;
-    let w = tokio::spawn(async move { waiter.await_settled("snap-await", Duration::from_secs(120)).await });
+    let w = tokio::spawn(async move { waiter.await_settled("{snap}/await", Duration::from_secs(120)).await });
     eventually("the await to wait on the follower", Duration::from_secs(10), || {
         Ok(cluster.metric(follower, "vow_awaits_waiting")? >= 1.0)
     })
     .await?;
 
-    let follower_last = cluster.metric(follower, "vow_shard_last_log_index")?;
+    let of_shard = |id: u64, name: &str| -> anyhow::Result<u64> {
+        let label = format!("shard=\"{shard}\"");
+        let text = cluster.metrics_of(id)?;
+        let line = text.lines().find(|l| l.starts_with(name) && l.contains(&label));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).ok_or_else(|| anyhow::anyhow!("no {name} for {label}"))
+    };
+    let follower_last = of_shard(follower, "vow_shard_last_log_index")?;
     cluster.pause(follower)?;
-    c.resolve("snap-await", value("by snapshot"), None).await?;
+    c.resolve("{snap}/await", value("by snapshot"), None).await?;
     for i in 0..300 {
-        c.create(create_req(&format!("filler-{i}"), "")).await?;
+        c.create(create_req(&format!("{{snap}}/filler-{i}"), "")).await?;
     }
     // The leader snapshots and purges its log past what the paused follower has.
     eventually("the leader to purge its log past the paused follower", Duration::from_secs(30), || {
-        Ok(cluster.metric(leader, "vow_shard_purged_index")? > follower_last)
+        Ok(of_shard(leader, "vow_shard_purged_index")? > follower_last)
     })
     .await?;
     cluster.resume(follower)?;
@@ -368,11 +393,14 @@ async fn large_replies_and_refusals_keep_their_meaning_through_a_follower() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_with_a_fast_clock_cannot_time_promises_out_early() -> anyhow::Result<()> {
     const HOUR_MS: i64 = 3_600_000;
-    let cluster = DevCluster::up_with(3, &[], &[&format!("--node-arg=3=--test-clock-offset-ms={HOUR_MS}")])?;
+    // The balancer would spread the leaderships node 3 is given here over the other nodes.
+    let cluster =
+        DevCluster::up_with(3, &["--no-leader-balance"], &[&format!("--node-arg=3=--test-clock-offset-ms={HOUR_MS}")])?;
     cluster.leader().await?;
     let c = cluster.client();
     c.transfer_leader(3).await?;
-    cluster.wait_for("node 3 to lead", Duration::from_secs(20), |s| (s.shards[0].leader_id == 3).then_some(())).await?;
+    let all_led_by_3 = |s: &pb::StatusResponse| s.shards.iter().all(|sh| sh.leader_id == 3);
+    cluster.wait_for("node 3 to lead every shard", Duration::from_secs(20), |s| all_led_by_3(s).then_some(())).await?;
     let fast = cluster.client_of(3);
     let mut later = create_req("due-in-a-minute", "k1");
     later.deadline_ms = wall_ms() + 60_000;
@@ -389,7 +417,7 @@ async fn a_leader_with_a_fast_clock_cannot_time_promises_out_early() -> anyhow::
     assert!(created.created_at_ms < now + 5_000, "created at {} but it is {now}", created.created_at_ms);
     let p = fast.get("due-in-a-minute").await?;
     assert_eq!(p.state, pb::State::Pending as i32, "timed out an hour early: {p:?}");
-    assert!(cluster.status().await?.shards[0].leader_id == 3, "node 3 led throughout");
+    assert!(all_led_by_3(&cluster.status().await?), "node 3 led throughout");
     Ok(())
 }
 

@@ -210,8 +210,17 @@ async fn up(
         for node in &cluster.nodes {
             if !is_vowd_alive(node.pid) {
                 let log = dir.join(format!("n{}/vowd.log", node.node_id));
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // A node that died on an error ends its log with a backtrace; the error is
+                // what the operator needs, so skip the frames.
+                let frame = |l: &&str| {
+                    let t = l.trim_start();
+                    t.is_empty()
+                        || t.starts_with("at ")
+                        || t.split_once(": ").is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+                        || t == "Stack backtrace:"
+                };
+                let tail: Vec<&str> = text.lines().rev().filter(|l| !frame(l)).take(8).collect();
                 bail!(
                     "node {} exited; last lines of {}:\n{}",
                     node.node_id,
