@@ -23,7 +23,7 @@ use crate::node::{self, Node};
 use crate::raft::service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
-use crate::storage::state_machine::SearchFilter;
+use vow_storage::state_machine::SearchFilter;
 
 /// Default and largest server-side wait of an Await.
 const AWAIT_DEFAULT: Duration = Duration::from_secs(30);
@@ -92,8 +92,8 @@ pub async fn serve(
         )
         .add_service(
             vow_api::raft::raft_server::RaftServer::new(raft)
-                .max_decoding_message_size(crate::raft::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(crate::raft::MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(vow_storage::types::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(vow_storage::types::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

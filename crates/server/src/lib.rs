@@ -30,7 +30,4 @@ pub mod sabotage;
 pub mod server;
 pub mod service;
 pub mod shard;
-// TODO(router-split): imports move to vow_storage directly; this keeps `crate::storage::...`
-// paths compiling until then.
-pub use vow_storage as storage;
 pub mod sweeper;

@@ -17,8 +17,8 @@ use vow_core::{Limits, NodeId, ShardId};
 use crate::clock::WallClock;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
-use crate::raft::{TypeConfig, VowNode};
 use crate::shard::{Shard, ShardError};
+use vow_storage::types::{TypeConfig, VowNode};
 
 /// A membership or leadership operation found no leader for a shard: retry, possibly at another
 /// node (a node that was removed, or is cut off, does not know the leader).

@@ -26,7 +26,7 @@ use vow_core::{Command, NodeId, Outcome, Promise, PromiseId, ShardId, State};
 
 use crate::node::{self, Node};
 use crate::shard::{Shard, ShardError};
-use crate::storage::state_machine::{SearchFilter, SearchPage};
+use vow_storage::state_machine::{SearchFilter, SearchPage};
 
 /// Nodes a request is sent to before the router gives up with "not leader": one stale hop
 /// (the leader this node believed in has just lost its leadership) and one more for an

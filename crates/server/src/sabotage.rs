@@ -11,15 +11,8 @@
 //! - `skip-settled-check`: let a settle overwrite an already settled promise;
 //! - `wal-fsync-failpoint`: while the file `fail-wal-fsync` exists in the data directory, every
 //!   WAL fsync fails (a disk error): the shards stop with their writes in flight.
+//!
+//! The switch itself lives in `vow-storage` (whose state machine holds `skip-settled-check`),
+//! which this crate's `sabotage` feature turns on; both read the same variable.
 
-#[cfg(feature = "sabotage")]
-pub fn enabled(bug: &str) -> bool {
-    static BUGS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BUGS.get_or_init(|| std::env::var("VOW_SABOTAGE").unwrap_or_default()).split(',').any(|b| b.trim() == bug)
-}
-
-#[cfg(not(feature = "sabotage"))]
-#[inline(always)]
-pub const fn enabled(_bug: &str) -> bool {
-    false
-}
+pub use vow_storage::sabotage::enabled;

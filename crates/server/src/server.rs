@@ -18,7 +18,7 @@ use crate::node::{Node, NodeParts};
 use crate::peers::Peers;
 use crate::router::Router;
 use crate::shard::{Shard, ShardContext};
-use crate::storage::{self, NodeIdentity, log_store::WalFlusher};
+use vow_storage::{self as storage, NodeIdentity, log_store::WalFlusher};
 
 /// Listeners the node serves on, bound by the caller.
 #[derive(Debug)]

@@ -11,8 +11,8 @@ use vow_core::{Command, Outcome, Promise, PromiseId, ShardId};
 
 use crate::router::{Router, SearchQuery};
 use crate::shard::ShardError;
-use crate::storage::fitting;
-use crate::storage::state_machine::{Announcement, SearchFilter, SearchPage};
+use vow_storage::fitting;
+use vow_storage::state_machine::{Announcement, SearchFilter, SearchPage};
 
 /// How often a waiting Await asks the shard leader whether its promise has settled. A replica
 /// that is cut off, removed or far behind applies nothing, so without this its waiters would

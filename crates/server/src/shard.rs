@@ -20,10 +20,11 @@ use vow_core::{Command, NodeId, Outcome, Proposal, ShardId};
 
 use crate::clock::PeerClocks;
 use crate::peers::Peers;
+use crate::raft::Raft;
 use crate::raft::network::NetworkFactory;
-use crate::raft::{Raft, TypeConfig, VowNode};
-use crate::storage::log_store::{LogStore, WalFlusher};
-use crate::storage::state_machine::{Announcement, ShardState, ShardStateMachine};
+use vow_storage::log_store::{LogStore, WalFlusher};
+use vow_storage::state_machine::{Announcement, ShardState, ShardStateMachine};
+use vow_storage::types::{TypeConfig, VowNode};
 
 /// Announcements (promise ids) buffered per shard before slow listeners lag (and re-read).
 const SETTLED_CHANNEL: usize = 4096;

@@ -8,13 +8,7 @@ pub mod service;
 
 use vow_storage::state_machine::ShardStateMachine;
 
-// TODO(router-split): imports move to vow_storage directly; these re-exports keep the old
-// `crate::raft::...` paths compiling until then.
-pub use vow_storage::codec;
-pub use vow_storage::types::{
-    APPEND_BUDGET_BYTES, ApplyResponse, Entry, LeaderId, LogId, MAX_MESSAGE_BYTES, Membership, SnapshotMeta,
-    StoredMembership, TypeConfig, Vote, VowNode, entry_size_hint,
-};
+use vow_storage::types::TypeConfig;
 
 /// One shard's Raft instance.
 pub type Raft = openraft::Raft<TypeConfig, ShardStateMachine>;

@@ -20,10 +20,11 @@ use vow_api::raft::raft_client::RaftClient;
 use vow_api::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use vow_core::{NodeId, ShardId};
 
-use super::{TypeConfig, Vote, VowNode, codec};
 use crate::clock::PeerClocks;
 use crate::peers::Peers;
-use crate::storage::snapshot::SnapshotFile;
+use vow_storage::codec;
+use vow_storage::snapshot::SnapshotFile;
+use vow_storage::types::{TypeConfig, Vote, VowNode};
 
 /// Bytes of snapshot data per streamed chunk.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;

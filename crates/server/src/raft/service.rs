@@ -12,10 +12,10 @@ use vow_api::raft::raft_server::Raft as RaftRpc;
 use vow_api::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use vow_core::NodeId;
 
-use super::codec;
 use crate::clock::WallClock;
 use crate::shard::Shard;
-use crate::storage::snapshot::SnapshotFile;
+use vow_storage::codec;
+use vow_storage::snapshot::{self, SnapshotFile};
 
 #[derive(Clone, Debug)]
 pub struct RaftService {
@@ -181,7 +181,7 @@ impl RaftRpc for RaftService {
         let check_path = path.clone();
         let expected = meta.clone();
         let verified = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let (found, mut reader) = crate::storage::snapshot::Reader::open(std::fs::File::open(&check_path)?)?;
+            let (found, mut reader) = snapshot::Reader::open(std::fs::File::open(&check_path)?)?;
             while reader.next_record()?.is_some() {}
             if found != expected {
                 return Err(std::io::Error::other("snapshot header and file meta differ"));
