@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The acceptance scenarios through a client generated from proto/ (grpcio), not the Rust SDK.
 
-Starts a three-node cluster with `vow dev up` and talks to single nodes only (followers forward),
+Starts a three-node cluster of one shard with `vow dev up` (so "the leader" leads every id) and
+talks to single nodes only (followers forward),
 at grpcio's default channel options. The client uses only the error contract in the header
 comment of proto/vow/v1/vow.proto: it retries UNAVAILABLE and DEADLINE_EXCEEDED (and nothing
 else) with the same idempotency key, and follows the `vow-leader-addr` hint.
@@ -15,7 +16,11 @@ Scenarios, each a function, each printing one summary line with its time:
     through a follower; every answer is a contract code (never UNKNOWN or INTERNAL), five times;
   - large records (item 6): conflicts on a record of ~40 KB carry it (whole, or trimmed and
     marked `vow-current-trimmed: true`) in `vow-current-bin`; a search over 5 MB of records pages
-    within grpcio's default 4 MiB receive limit.
+    within grpcio's default 4 MiB receive limit;
+  - placement: on a cluster of its own with 8 shards, the shard computed here (README.md,
+    "Placement": FNV-1a 64 of the placement key, modulo the shard count from ShardMap) equals
+    Locate's for ~200 ids (hash tags, non-ASCII, `{}` and unclosed `{`), and a Create sent to the
+    leader ShardMap names is answered without a leader hint (it was not forwarded).
 Every scenario runs even when an earlier one failed; the exit status is 1 if any failed.
 
 Usage: external_client.py --bin-dir TARGET/debug
@@ -109,8 +114,9 @@ class Cluster:
 class Dev:
     """The `vow dev up` cluster in one directory."""
 
-    def __init__(self, bin_dir, work):
-        self.bin_dir, self.work = bin_dir, work
+    def __init__(self, bin_dir, work, shards=1):
+        # One shard unless asked: the scenarios that kill "the leader" mean the leader of every id.
+        self.bin_dir, self.work, self.shards = bin_dir, work, shards
         self.by_id = {}
 
     def vow(self, *args):
@@ -119,7 +125,7 @@ class Dev:
 
     def up(self):
         """Starts the cluster, or restarts its dead nodes (same ports, same data)."""
-        up = self.vow("dev", "up", "--nodes", "3", "--dir", self.work)
+        up = self.vow("dev", "up", "--nodes", "3", "--shards", str(self.shards), "--dir", self.work)
         assert up.returncode == 0, up.stderr
         nodes = json.load(open(os.path.join(self.work, "cluster.json")))["nodes"]
         self.by_id = {n["node_id"]: n for n in nodes}
@@ -138,6 +144,14 @@ class Dev:
 
     def wait_leader(self, timeout_s=30):
         """Waits until every node answers Status and all name the same leader; returns it."""
+        leaders = self.wait_leaders(timeout_s)
+        # One shard (the `vow dev up` default): the leader of shard 0 leads every id.
+        assert len(leaders) == 1, f"expected one shard, got {len(leaders)}"
+        return leaders[0]
+
+    def wait_leaders(self, timeout_s=30):
+        """Waits until every node answers Status and all name the same leader for every shard;
+        returns the leaders by shard."""
         end = time.time() + timeout_s
         while True:
             views = {}
@@ -152,9 +166,7 @@ class Dev:
             if len(seen) == 1:
                 (leaders,) = seen
                 if isinstance(leaders, tuple) and leaders and all(leaders):
-                    # One shard (the `vow dev up` default): the leader of shard 0 leads every id.
-                    assert len(leaders) == 1, f"expected one shard, got {len(leaders)}"
-                    return leaders[0]
+                    return leaders
             assert time.time() < end, f"no leader agreed by every node within {timeout_s}s: {views}"
             time.sleep(0.1)
 
@@ -435,6 +447,140 @@ def scenario_large_records(dev):
             f"in {len(sizes)} pages of {sizes}")
 
 
+# Placement, as README.md ("Placement") specifies it.
+FNV_OFFSET_BASIS = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+
+
+def fnv1a_64(data):
+    h = FNV_OFFSET_BASIS
+    for byte in data:
+        h ^= byte
+        h = (h * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def placement_key(pid):
+    """The text inside the id's first `{` and the first `}` after it, when that is not empty;
+    otherwise the whole id."""
+    start = pid.find("{")
+    if start >= 0:
+        end = pid.find("}", start + 1)
+        if end > start + 1:
+            return pid[start + 1:end]
+    return pid
+
+
+def shard_of(pid, shards):
+    return fnv1a_64(placement_key(pid).encode("utf-8")) % shards
+
+
+# The README's worked example, and the published FNV-1a 64 test vector for "a".
+assert fnv1a_64(b"a") == 0xAF63DC4C8601EC8C
+assert placement_key("{user-42}:order-7") == "user-42"
+assert fnv1a_64(b"user-42") == 0x32C6D7A54D35DACB and shard_of("{user-42}:order-7", 8) == 3
+assert shard_of("caf\u00e9", 8) == 1 and fnv1a_64("caf\u00e9".encode("utf-8")) == 0x48E8823ACFA40D89
+assert placement_key("{}x") == "{}x" and fnv1a_64(b"{}x") == 0xC735DB1983DCCC07 and shard_of("{}x", 8) == 7
+
+PLACEMENT_SHARDS = 8
+
+
+def placement_ids():
+    """~200 ids: plain, hash-tagged, non-ASCII, and the edges of the hash-tag rule."""
+    ids = [f"place-{n}" for n in range(80)]
+    ids += [f"{{user-{n % 7}}}:order-{n}" for n in range(40)]  # seven tags, shared by several ids
+    ids += [f"order-{n}-{{tenant-{n % 3}}}-x" for n in range(15)]
+    ids += [f"caf\u00e9-{n}" for n in range(10)] + [f"\u65e5\u672c-{{\u6771\u4eac}}-{n}" for n in range(5)]
+    ids += [f"\U0001f389-{n}" for n in range(5)] + [f"{{\u043a\u043b\u044e\u0447-{n % 2}}}-{n}" for n in range(6)]
+    ids += [
+        "{}", "{}x", "x{}", "x{}y", "{}{tag}",  # an empty first tag: the whole id, even with a later tag
+        "{", "x{", "{x", "x{y", "}", "}{", "}x{y}",  # unclosed or backwards: the whole id ("}x{y}" has tag y)
+        "{{}}", "{a{b}", "a}b{c}d", "{x}}", "{ }", "{\u00e9}", "a{b}c{d}",  # first `{`, first `}` after it
+        "x" * 256, "{" + "y" * 254 + "}", "\u00e9" * 128,  # the longest ids (256 bytes)
+    ]
+    ids += [f"edge-{{{n}" for n in range(5)] + [f"edge-{{}}{n}" for n in range(5)]
+    assert len(set(ids)) == len(ids) and all(len(i.encode("utf-8")) <= 256 for i in ids)
+    return ids
+
+
+def scenario_placement(dev):
+    """Placement computed here equals the cluster's; a Create at the ShardMap leader is not forwarded."""
+    own = Dev(dev.bin_dir, tempfile.mkdtemp(prefix="vow-py-place-"), shards=PLACEMENT_SHARDS)
+    own.up()
+    try:
+        return placement_on(own)
+    finally:
+        own.down()
+
+
+def placement_on(dev):
+    c = dev.client()
+    dev.wait_leaders()
+    smap = c.call("ShardMap", pb.ShardMapRequest(), kind="Cluster")
+    assert smap.shards == PLACEMENT_SHARDS, f"ShardMap says {smap.shards} shards"
+    assert [l.shard_id for l in smap.leaders] == list(range(smap.shards)), smap
+
+    ids = placement_ids()
+    mismatches, per_shard = [], collections.Counter()
+    for pid in ids:
+        want = shard_of(pid, smap.shards)
+        got = c.call("Locate", pb.LocateRequest(id=pid), kind="Cluster")
+        per_shard[got.shard_id] += 1
+        if got.shard_id != want:
+            mismatches.append(f"{pid!r} (key {placement_key(pid)!r}): computed {want}, Locate {got.shard_id}")
+    assert not mismatches, f"{len(mismatches)} of {len(ids)} placements differ:\n  " + "\n  ".join(mismatches)
+    assert len(per_shard) == smap.shards, f"the ids cover only shards {sorted(per_shard)}"
+
+    # One Create per shard sent straight to the leader ShardMap names: not forwarded, so no hint.
+    # As a control, the same through a node that does not lead the shard does carry the hint.
+    addrs = {n: dev.addr(n) for n in dev.by_id}
+    direct, control = 0, 0
+    for shard in range(smap.shards):
+        pid = next(f"direct-{shard}-{n}" for n in range(10_000) if shard_of(f"direct-{shard}-{n}", smap.shards) == shard)
+        for attempt in range(50):
+            smap = c.call("ShardMap", pb.ShardMapRequest(), kind="Cluster")
+            leader = smap.leaders[shard]
+            if not leader.leader_id:
+                time.sleep(0.1)
+                continue
+            try:
+                with grpc.insecure_channel(leader.leader_grpc_addr) as channel:
+                    req = pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=b"d"))
+                    resp, call = pb_grpc.PromisesStub(channel).Create.with_call(req, timeout=5)
+                break
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"no answer from the leader of shard {shard}")
+        assert resp.promise.id == pid and resp.promise.state == pb.STATE_PENDING, resp
+        md = dict(call.initial_metadata() or ()) | trailers(call)
+        assert "vow-leader-addr" not in md, \
+            f"Create of {pid} at shard {shard}'s leader {leader.leader_grpc_addr} was forwarded: {show(md)}"
+        direct += 1
+
+        other = next(a for n, a in sorted(addrs.items()) if n != leader.leader_id)
+        cid = f"{pid}-control"
+        try:
+            with grpc.insecure_channel(other) as channel:
+                req = pb.CreateRequest(id=cid, idempotency_key=f"c-{cid}", param=pb.Value(data=b"d"))
+                _, call = pb_grpc.PromisesStub(channel).Create.with_call(req, timeout=5)
+            md = dict(call.initial_metadata() or ()) | trailers(call)
+            if "vow-leader-addr" in md:
+                control += 1
+        except grpc.RpcError as e:
+            if e.code() not in RETRYABLE:
+                raise
+    assert control > 0, "no Create through a non-leader carried a leader hint: the check above proves nothing"
+    example = "{user-42}:order-7"
+    return (f"{len(ids)} ids over {len(per_shard)} shards ({dict(sorted(per_shard.items()))}) placed as Locate "
+            f"places them; {direct} Creates at the ShardMap leaders answered without a hint "
+            f"({control}/{smap.shards} through a non-leader carried one); "
+            f"{example!r} -> key {placement_key(example)!r}, FNV-1a 64 {fnv1a_64(placement_key(example).encode()):#018x}, "
+            f"shard {shard_of(example, smap.shards)} of {smap.shards}")
+
+
 def run(name, fn, dev):
     t0 = time.time()
     try:
@@ -467,7 +613,8 @@ def main():
         for name, fn in [("kill -9 during writes", scenario_kill_during_writes),
                          ("reflection", scenario_reflection),
                          ("forward to a dead leader (item 0)", scenario_dead_leader),
-                         ("large records (item 6)", scenario_large_records)]:
+                         ("large records (item 6)", scenario_large_records),
+                         ("placement", scenario_placement)]:
             if results:
                 dev.heal()  # a failed scenario may have left a node down
             results[name] = run(name, fn, dev)

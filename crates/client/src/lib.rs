@@ -6,6 +6,11 @@
 //! always with the same idempotency key, which the client generates when the caller gives none,
 //! so a retried create or settle takes effect at most once.
 //!
+//! A call about one promise goes straight to the leader of the promise's shard: the client
+//! caches the cluster's shard map (`Cluster.ShardMap`), computes the shard with vow-core's
+//! placement hash, and corrects the cache from leader hints (`routing.rs` has the rules). Without
+//! a map (an older server, no node reachable yet) it goes round its endpoints as before.
+//!
 //! The message types are the generated ones of `proto/vow/v1/vow.proto`, re-exported as [`pb`].
 //! Calls travel over [`transport::H2Channel`], one HTTP/2 connection per endpoint driven by the
 //! `h2` crate. This crate depends on the API definitions, tonic and h2 only; it never pulls in
@@ -23,7 +28,11 @@ use vow_api::metadata as md;
 pub use vow_api::v1 as pb;
 use vow_api::v1::cluster_client::ClusterClient;
 use vow_api::v1::promises_client::PromisesClient;
+use vow_core::ShardId;
 
+use crate::routing::{Choice, Endpoints, MapFetch};
+
+mod routing;
 pub mod transport;
 
 /// What went wrong, in the terms a caller acts on.
@@ -86,8 +95,9 @@ pub struct Options {
     pub call_timeout: Duration,
     /// Time one attempt may take (an Await attempt gets its wait on top).
     pub attempt_timeout: Duration,
-    /// Move to the leader when a node says where it is (on redirects and forwarded replies).
-    /// Off for a client that must talk to one particular node.
+    /// Move to the leader when a node says where it is (on redirects and forwarded replies),
+    /// and send calls about a promise to its shard's leader by the cached shard map. Off for a
+    /// client that must talk only to the endpoints it was given.
     pub follow_leader_hints: bool,
 }
 
@@ -101,14 +111,6 @@ impl Default for Options {
     }
 }
 
-#[derive(Debug)]
-struct Endpoints {
-    addrs: Vec<String>,
-    channels: Vec<H2Channel>,
-    /// Index of the endpoint to try first: the last one that answered or the last leader hint.
-    preferred: usize,
-}
-
 /// A handle on a cluster. Cheap to clone; clones share connections.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -116,12 +118,20 @@ pub struct Client {
     options: Options,
 }
 
-fn normalize(addr: &str) -> String {
-    addr.trim().trim_start_matches("http://").trim_end_matches('/').to_owned()
+/// What a call is about, which decides where its first attempt goes.
+#[derive(Debug, Clone, Copy)]
+enum Route<'a> {
+    /// Any node serves it (search, status, membership): the endpoint rotation.
+    Any,
+    /// One promise: its shard's leader by the cached map, when there is one.
+    Promise(&'a str),
 }
 
-fn channel_for(addr: &str) -> Result<H2Channel> {
-    H2Channel::new(addr).map_err(Error::Client)
+/// How long one node may take to answer a shard-map fetch (at most the attempt timeout).
+const MAP_FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn normalize(addr: &str) -> String {
+    addr.trim().trim_start_matches("http://").trim_end_matches('/').to_owned()
 }
 
 /// Backoff between attempts: 25 ms doubling to 1 s, with jitter so clients spread out.
@@ -158,43 +168,50 @@ impl Client {
         if addrs.is_empty() {
             return Err(Error::Client("no endpoints given".into()));
         }
-        let channels = addrs.iter().map(|a| channel_for(a)).collect::<Result<Vec<_>>>()?;
-        Ok(Client { endpoints: Arc::new(Mutex::new(Endpoints { addrs, channels, preferred: 0 })), options })
+        let endpoints = Endpoints::new(addrs).map_err(Error::Client)?;
+        Ok(Client { endpoints: Arc::new(Mutex::new(endpoints)), options })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Endpoints> {
-        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.endpoints)
     }
 
-    fn pick(&self, attempt: u32) -> (usize, H2Channel) {
-        let e = self.lock();
-        let i = (e.preferred + attempt as usize) % e.channels.len();
-        (i, e.channels[i].clone())
+    /// The shard of a call about a promise, by the cached map (`None` without one, or when the
+    /// client must keep to its endpoints). A missing map, or a shard without a known leader,
+    /// starts a fetch in the background: the call itself never waits for the map.
+    fn shard_of(&self, route: Route<'_>) -> Option<ShardId> {
+        let Route::Promise(id) = route else { return None };
+        if !self.options.follow_leader_hints {
+            return None;
+        }
+        let mut e = self.lock();
+        let shard = e.shard_of(id);
+        if e.map_looks_stale(shard) {
+            self.refresh_map(&mut e);
+        }
+        shard
     }
 
-    /// Follows a leader hint: prefer that address, adding it if it is a member we did not know.
-    fn follow_hint(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+    /// Fetches the shard map in the background, if [`Endpoints::start_refresh`] allows one now.
+    fn refresh_map(&self, e: &mut Endpoints) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Some(fetch) = e.start_refresh(Instant::now()) else { return };
+        let timeout = self.options.attempt_timeout.min(MAP_FETCH_TIMEOUT);
+        runtime.spawn(fetch_map(Arc::clone(&self.endpoints), fetch, timeout));
+    }
+
+    /// Follows a leader hint: prefer that address, adding it if it is a member we did not know,
+    /// and record it as the leader of the call's `shard`.
+    fn follow_hint(&self, metadata: &tonic::metadata::MetadataMap, shard: Option<ShardId>) -> bool {
         let Some(addr) = metadata.get(md::LEADER_ADDR).and_then(|v| v.to_str().ok()).map(normalize) else {
             return false;
         };
-        let mut e = self.lock();
-        if let Some(i) = e.addrs.iter().position(|a| *a == addr) {
-            e.preferred = i;
-            return true;
-        }
-        match channel_for(&addr) {
-            Ok(c) => {
-                e.addrs.push(addr);
-                e.channels.push(c);
-                e.preferred = e.addrs.len() - 1;
-                true
-            }
-            Err(_) => false,
-        }
+        self.lock().follow_hint(&addr, shard)
     }
 
     /// Runs `op` with retries until it succeeds, fails for good, or the call deadline passes.
-    async fn call<T, F, Fut>(&self, effect: Effect, patience: Patience, mut op: F) -> Result<T>
+    /// `route` decides only where each attempt goes.
+    async fn call<T, F, Fut>(&self, effect: Effect, patience: Patience, route: Route<'_>, mut op: F) -> Result<T>
     where
         F: FnMut(H2Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, Status>>,
@@ -212,15 +229,21 @@ impl Client {
         let mut rotate = 0u32;
         let mut outcome_unknown = false;
         loop {
-            let (index, channel) = self.pick(rotate);
+            // The map may arrive or change during the call: look it up for every attempt.
+            let shard = self.shard_of(route);
+            let (Choice { index, routed }, channel) = {
+                let e = self.lock();
+                let choice = e.choose(shard, rotate);
+                (choice, e.channel(choice.index))
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             let per_attempt = (self.options.attempt_timeout + extra_attempt_time).min(left);
             let result = tokio::time::timeout(per_attempt, op(channel, per_attempt)).await;
             let status = match result {
                 Ok(Ok(v)) => {
                     // A node that forwarded the call to the leader says so: go there next time.
-                    if !(self.options.follow_leader_hints && self.follow_hint(v.metadata())) {
-                        self.lock().preferred = index;
+                    if !(self.options.follow_leader_hints && self.follow_hint(v.metadata(), shard)) {
+                        self.lock().answered(index);
                     }
                     return Ok(v.into_inner());
                 }
@@ -252,10 +275,18 @@ impl Client {
             if Instant::now() + backoff(attempt) >= retry_until {
                 return Err(Error::from_status(&status, outcome_unknown));
             }
-            if self.options.follow_leader_hints && self.follow_hint(status.metadata()) {
+            if self.options.follow_leader_hints && self.follow_hint(status.metadata(), shard) {
                 rotate = 0;
             } else {
-                rotate += 1;
+                let mut e = self.lock();
+                let preferred = e.preferred;
+                // A cached leader that failed is dropped from the map (a fetch is due). If the map
+                // had sent this try elsewhere, the next one starts the rotation at the preferred
+                // endpoint; otherwise the rotation moves on, as it always did.
+                e.failed(index, shard, Instant::now());
+                if !(routed && index != preferred) {
+                    rotate += 1;
+                }
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
@@ -276,7 +307,7 @@ impl Client {
             req.idempotency_key = generated_key();
         }
         let result = self
-            .call(Effect::Write, Patience::Default, |c, t| {
+            .call(Effect::Write, Patience::Default, Route::Promise(&req.id), |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move { promises(c).create(req).await }
             })
@@ -316,7 +347,7 @@ impl Client {
     pub async fn get_with(&self, id: &str, consistency: pb::Consistency) -> Result<pb::Promise> {
         let req = pb::GetRequest { id: id.to_owned(), consistency: consistency as i32 };
         let resp = self
-            .call(Effect::Read, Patience::Default, |c, t| {
+            .call(Effect::Read, Patience::Default, Route::Promise(id), |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move { promises(c).get(req).await }
             })
@@ -328,7 +359,7 @@ impl Client {
     /// node has applied, which may lag the leader.
     pub async fn get_local(endpoint: &str, id: &str) -> Result<pb::Promise> {
         let c = Client::connect(&[endpoint])?;
-        let channel = c.pick(0).1;
+        let channel = c.lock().channel(0);
         let req = pb::GetRequest { id: id.to_owned(), consistency: pb::Consistency::Stale as i32 };
         let resp = promises(channel)
             .get(Self::request(req, Duration::from_secs(5)))
@@ -379,7 +410,7 @@ impl Client {
             idempotency_key: key.filter(|k| !k.is_empty()).unwrap_or_else(generated_key),
         };
         let result = self
-            .call(Effect::Write, Patience::Default, |c, t| {
+            .call(Effect::Write, Patience::Default, Route::Promise(id), |c, t| {
                 let req = Self::request(req.clone(), t);
                 async move {
                     let mut client = promises(c);
@@ -403,7 +434,7 @@ impl Client {
     pub async fn await_settled(&self, id: &str, wait: Duration) -> Result<pb::Promise> {
         let until = Instant::now() + wait;
         let resp = self
-            .call(Effect::Read, Patience::LongCall(wait), |c, _| {
+            .call(Effect::Read, Patience::LongCall(wait), Route::Promise(id), |c, _| {
                 let left = until.saturating_duration_since(Instant::now());
                 let req = pb::AwaitRequest { id: id.to_owned(), wait_timeout_ms: left.as_millis().max(1) as u32 };
                 let req = Self::request(req, left + self.options.attempt_timeout);
@@ -414,7 +445,7 @@ impl Client {
     }
 
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
-        self.call(Effect::Read, Patience::Default, |c, t| {
+        self.call(Effect::Read, Patience::Default, Route::Any, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { promises(c).search(req).await }
         })
@@ -422,18 +453,44 @@ impl Client {
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse> {
-        self.call(Effect::Read, Patience::Default, |c, t| {
+        self.call(Effect::Read, Patience::Default, Route::Any, |c, t| {
             let req = Self::request(pb::StatusRequest {}, t);
             async move { cluster(c).status(req).await }
         })
         .await
     }
 
+    /// The shard `id` is placed on and that shard's leader, as the answering node knows it.
+    pub async fn locate(&self, id: &str) -> Result<pb::LocateResponse> {
+        let req = pb::LocateRequest { id: id.to_owned() };
+        self.call(Effect::Read, Patience::Default, Route::Any, |c, t| {
+            let req = Self::request(req.clone(), t);
+            async move { cluster(c).locate(req).await }
+        })
+        .await
+    }
+
+    /// The shard count and every shard's leader, as the answering node knows them. The client
+    /// also takes the answer as its cached map.
+    pub async fn shard_map(&self) -> Result<pb::ShardMapResponse> {
+        let since = self.lock().changes();
+        let resp = self
+            .call(Effect::Read, Patience::Default, Route::Any, |c, t| {
+                let req = Self::request(pb::ShardMapRequest {}, t);
+                async move { cluster(c).shard_map(req).await }
+            })
+            .await?;
+        if self.options.follow_leader_hints {
+            self.lock().install(&resp, since, Instant::now());
+        }
+        Ok(resp)
+    }
+
     /// Adds a node to every shard (learner, caught up, then voter). Can take a while for a
     /// node that has much to catch up.
     pub async fn add_node(&self, node_id: u64, grpc_addr: &str) -> Result<pb::StatusResponse> {
         let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![], shard_count: 0 };
-        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(60)), |c, t| {
+        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(60)), Route::Any, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { cluster(c).add_node(req).await }
         })
@@ -442,21 +499,63 @@ impl Client {
 
     pub async fn remove_node(&self, node_id: u64) -> Result<pb::StatusResponse> {
         let req = pb::RemoveNodeRequest { node_id, shard_ids: vec![] };
-        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(10)), |c, t| {
+        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(10)), Route::Any, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { cluster(c).remove_node(req).await }
         })
         .await
     }
 
+    /// Moves the leadership of every shard to `to_node_id`.
     pub async fn transfer_leader(&self, to_node_id: u64) -> Result<pb::StatusResponse> {
-        let req = pb::TransferLeaderRequest { to_node_id, shard_ids: vec![] };
-        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(5)), |c, t| {
+        self.transfer_leader_of(to_node_id, &[]).await
+    }
+
+    /// Moves the leadership of the shards `shard_ids` (every shard when empty) to `to_node_id`.
+    pub async fn transfer_leader_of(&self, to_node_id: u64, shard_ids: &[u32]) -> Result<pb::StatusResponse> {
+        let req = pb::TransferLeaderRequest { to_node_id, shard_ids: shard_ids.to_vec() };
+        self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(5)), Route::Any, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { cluster(c).transfer_leader(req).await }
         })
         .await
     }
+}
+
+fn lock(endpoints: &Mutex<Endpoints>) -> std::sync::MutexGuard<'_, Endpoints> {
+    endpoints.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fetches the shard map from the first node that gives one (each asked once, for at most
+/// `timeout`) and installs it. No retries beyond that: the next call that finds the map stale
+/// starts another fetch, at most once per [`routing::MAP_REFRESH_EVERY`].
+async fn fetch_map(endpoints: Arc<Mutex<Endpoints>>, fetch: MapFetch, timeout: Duration) {
+    /// Ends the fetch even if the task is dropped half-way (its runtime shutting down), so a
+    /// later call can start another.
+    struct Ending<'a> {
+        endpoints: &'a Mutex<Endpoints>,
+        unsupported: bool,
+    }
+    impl Drop for Ending<'_> {
+        fn drop(&mut self) {
+            lock(self.endpoints).end_refresh(Instant::now(), self.unsupported);
+        }
+    }
+    let mut ending = Ending { endpoints: &endpoints, unsupported: false };
+    let mut unimplemented = 0;
+    for channel in &fetch.channels {
+        let req = Client::request(pb::ShardMapRequest {}, timeout);
+        match tokio::time::timeout(timeout, cluster(channel.clone()).shard_map(req)).await {
+            Ok(Ok(resp)) => {
+                lock(&endpoints).install(resp.get_ref(), fetch.since, Instant::now());
+                return;
+            }
+            Ok(Err(s)) if s.code() == Code::Unimplemented => unimplemented += 1,
+            Ok(Err(s)) => tracing::debug!(error = %s, "fetching the shard map"),
+            Err(_) => tracing::debug!("fetching the shard map: timed out"),
+        }
+    }
+    ending.unsupported = unimplemented == fetch.channels.len();
 }
 
 /// How much longer than [`Options::call_timeout`] a call may take.
@@ -579,6 +678,253 @@ mod tests {
             drop(client);
             server.abort();
         }
+    }
+
+    /// What a fake node answers to one call.
+    enum Reply {
+        /// The encoded reply message, and a leader hint to send with it.
+        Ok(Vec<u8>, Option<String>),
+        /// A refusal (trailers only), with a leader hint.
+        Refuse(Code, Option<String>),
+    }
+
+    /// One call a fake node received: its method path and request message.
+    type Call = (String, Vec<u8>);
+
+    /// A fake node: each call (method path, request message) is recorded and answered by
+    /// `answer`. Serves every connection it is given until aborted.
+    struct FakeNode {
+        addr: String,
+        calls: Arc<Mutex<Vec<Call>>>,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakeNode {
+        async fn start(answer: impl Fn(&str, &[u8]) -> Reply + Send + Sync + 'static) -> FakeNode {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let answer = Arc::new(answer);
+            let recorded = Arc::clone(&calls);
+            let server = tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let (answer, recorded) = (Arc::clone(&answer), Arc::clone(&recorded));
+                    tokio::spawn(async move {
+                        let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                        while let Some(Ok((req, mut respond))) = conn.accept().await {
+                            let path = req.uri().path().to_owned();
+                            let mut body = req.into_body();
+                            let mut bytes = Vec::new();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                bytes.extend_from_slice(&chunk);
+                            }
+                            let message = bytes.get(5..).unwrap_or_default().to_vec(); // after the gRPC frame header
+                            let reply = answer(&path, &message);
+                            recorded.lock().expect("calls").push((path, message));
+                            let head = |hint: &Option<String>| {
+                                let mut b = http::Response::builder().header("content-type", "application/grpc");
+                                if let Some(h) = hint {
+                                    b = b.header(md::LEADER_ADDR, h.as_str());
+                                }
+                                b
+                            };
+                            match reply {
+                                Reply::Ok(msg, hint) => {
+                                    let Ok(mut stream) =
+                                        respond.send_response(head(&hint).body(()).expect("head"), false)
+                                    else {
+                                        continue;
+                                    };
+                                    let mut framed = vec![0u8];
+                                    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                                    framed.extend_from_slice(&msg);
+                                    let _ = stream.send_data(framed.into(), false);
+                                    let mut trailers = http::HeaderMap::new();
+                                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                    let _ = stream.send_trailers(trailers);
+                                }
+                                Reply::Refuse(code, hint) => {
+                                    let head = head(&hint)
+                                        .header("grpc-status", (code as i32).to_string())
+                                        .header("grpc-message", "refused")
+                                        .body(())
+                                        .expect("head");
+                                    let _ = respond.send_response(head, true);
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            FakeNode { addr, calls, server }
+        }
+
+        /// The ids of the Creates this node was sent.
+        fn creates(&self) -> Vec<String> {
+            let calls = self.calls.lock().expect("calls");
+            calls
+                .iter()
+                .filter(|(p, _)| p.ends_with("/Create"))
+                .map(|(_, m)| pb::CreateRequest::decode(m.as_slice()).expect("a CreateRequest").id)
+                .collect()
+        }
+
+        fn shard_map_calls(&self) -> usize {
+            self.calls.lock().expect("calls").iter().filter(|(p, _)| p.ends_with("/ShardMap")).count()
+        }
+    }
+
+    impl Drop for FakeNode {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    /// Answers a Create as its leader would.
+    fn created() -> Reply {
+        Reply::Ok(pb::PromiseResponse::default().encode_to_vec(), None)
+    }
+
+    fn shard_map(leaders: &[&str]) -> Reply {
+        let resp = pb::ShardMapResponse {
+            shards: leaders.len() as u32,
+            leaders: leaders
+                .iter()
+                .enumerate()
+                .map(|(s, a)| pb::ShardLeader {
+                    shard_id: s as u32,
+                    leader_id: s as u64 + 1,
+                    leader_grpc_addr: a.to_string(),
+                })
+                .collect(),
+        };
+        Reply::Ok(resp.encode_to_vec(), None)
+    }
+
+    fn shard_of(id: &str, shards: u32) -> u32 {
+        ShardId::for_promise(&vow_core::PromiseId::new_unchecked(id), shards).0
+    }
+
+    fn quick() -> Options {
+        Options { call_timeout: Duration::from_secs(5), attempt_timeout: Duration::from_secs(1), ..Default::default() }
+    }
+
+    /// Polls until the client has a shard map (it is fetched in the background).
+    async fn map_loaded(client: &Client) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while client.lock().leader_addrs().is_none() {
+            assert!(Instant::now() < deadline, "the client never loaded the shard map");
+            tokio::time::sleep(Duration::from_millis(5)).await; // poll interval
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_about_a_promise_go_straight_to_its_shards_leader() {
+        let b = FakeNode::start(|_, _| created()).await;
+        let c = FakeNode::start(|_, _| created()).await;
+        let leaders = [b.addr.clone(), c.addr.clone()];
+        let a = FakeNode::start(move |path, _| {
+            if path.ends_with("/ShardMap") { shard_map(&[&leaders[0], &leaders[1]]) } else { created() }
+        })
+        .await;
+        // The client knows A only; the map, fetched lazily, names B and C.
+        let client = Client::with_options(&[a.addr.as_str()], quick()).expect("client");
+        client.create(pb::CreateRequest { id: "first".into(), ..Default::default() }).await.expect("create");
+        map_loaded(&client).await;
+        let ids: Vec<String> = (0..40).map(|n| format!("p-{n}")).collect();
+        for id in &ids {
+            client.create(pb::CreateRequest { id: id.clone(), ..Default::default() }).await.expect("create");
+        }
+        let on = |shard| ids.iter().filter(|id| shard_of(id, 2) == shard).cloned().collect::<Vec<_>>();
+        assert_eq!(b.creates(), on(0), "shard 0's creates went to its leader B");
+        assert_eq!(c.creates(), on(1), "shard 1's creates went to its leader C");
+        assert_eq!(a.creates(), ["first"], "only the call before the map went to A");
+        assert_eq!(a.shard_map_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hint_moves_the_shard_and_a_dead_leader_falls_back_to_the_endpoints() {
+        let c = FakeNode::start(|_, _| created()).await;
+        let c_addr = c.addr.clone();
+        // B has lost shard 0 to C and says so; it still leads shard 1.
+        let b = FakeNode::start(move |_, m| {
+            let id = pb::CreateRequest::decode(m).map(|r| r.id).unwrap_or_default();
+            if shard_of(&id, 2) == 0 { Reply::Refuse(Code::Unavailable, Some(c_addr.clone())) } else { created() }
+        })
+        .await;
+        // A dead address for the map to name.
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead_addr = dead.local_addr().expect("addr").to_string();
+        drop(dead);
+        // A's first map predates the move of shard 0; later ones know it.
+        let (first, later) = ([b.addr.clone(), dead_addr.clone()], [c.addr.clone(), dead_addr]);
+        let maps = std::sync::atomic::AtomicUsize::new(0);
+        let a = FakeNode::start(move |path, _| {
+            if !path.ends_with("/ShardMap") {
+                return created();
+            }
+            let l = if maps.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 { &first } else { &later };
+            shard_map(&[&l[0], &l[1]])
+        })
+        .await;
+        let client = Client::with_options(&[a.addr.as_str()], quick()).expect("client");
+        let map = client.shard_map().await.expect("shard map");
+        assert_eq!(map.shards, 2);
+        let ids: Vec<String> = (0..20).map(|n| format!("q-{n}")).collect();
+        for id in &ids {
+            client.create(pb::CreateRequest { id: id.clone(), ..Default::default() }).await.expect("create");
+        }
+        let on = |shard| ids.iter().filter(|id| shard_of(id, 2) == shard).cloned().collect::<Vec<_>>();
+        let (s0, s1) = (on(0), on(1));
+        // Shard 0: the stale entry cost B one refusal, then the hint sent everything to C.
+        assert_eq!(b.creates(), [s0[0].clone()]);
+        let on_shard =
+            |ids: Vec<String>, shard| ids.into_iter().filter(|id| shard_of(id, 2) == shard).collect::<Vec<_>>();
+        assert_eq!(on_shard(c.creates(), 0), s0);
+        // Shard 1: its leader was dead; its calls fell back to the endpoint rotation (A, or C
+        // where the last hint pointed), each answered once.
+        let mut fell_back = on_shard(a.creates(), 1);
+        fell_back.extend(on_shard(c.creates(), 1));
+        fell_back.sort();
+        let mut want = s1.clone();
+        want.sort();
+        assert_eq!(fell_back, want);
+        let endpoints = client.lock();
+        let cached = endpoints.leader_addrs().expect("map");
+        assert_eq!(cached, [Some(c.addr.as_str()), None], "the dead leader is not believed again at once");
+    }
+
+    #[tokio::test]
+    async fn without_a_shard_map_the_client_works_as_before() {
+        // An older server: no ShardMap.
+        let a = FakeNode::start(|path, _| {
+            if path.ends_with("/ShardMap") { Reply::Refuse(Code::Unimplemented, None) } else { created() }
+        })
+        .await;
+        let client = Client::with_options(&[a.addr.as_str()], quick()).expect("client");
+        for n in 0..20 {
+            client.create(pb::CreateRequest { id: format!("r-{n}"), ..Default::default() }).await.expect("create");
+            tokio::time::sleep(Duration::from_millis(10)).await; // spread the calls over the refresh interval
+        }
+        assert_eq!(a.creates().len(), 20);
+        assert_eq!(a.shard_map_calls(), 1, "an old server is not asked for the map again at once");
+        assert!(matches!(client.shard_map().await, Err(Error::Other { .. })));
+
+        // A client that must keep to its endpoints never asks for the map, even from a new server.
+        let leaders = ["127.0.0.1:1".to_owned()];
+        let b = FakeNode::start(
+            move |path, _| if path.ends_with("/ShardMap") { shard_map(&[&leaders[0]]) } else { created() },
+        )
+        .await;
+        let options = Options { follow_leader_hints: false, ..quick() };
+        let client = Client::with_options(&[b.addr.as_str()], options).expect("client");
+        for n in 0..5 {
+            client.create(pb::CreateRequest { id: format!("s-{n}"), ..Default::default() }).await.expect("create");
+        }
+        assert_eq!(b.creates().len(), 5);
+        assert_eq!(b.shard_map_calls(), 0);
+        assert!(client.lock().leader_addrs().is_none());
     }
 
     #[test]
