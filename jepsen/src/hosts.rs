@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
-use vow_client::{Client, Options};
+use vow_client::{Client, Options, pb};
 
 use crate::net;
 
@@ -25,6 +25,9 @@ pub struct Hosts {
     pub vowd: PathBuf,
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
+    /// Every vowd's `--shards`: fixed when the cluster is initialised, so the same on every
+    /// start and restart.
+    pub shards: u32,
     /// Extra environment for every vowd (the sabotage switch in tests).
     pub env: Vec<(String, String)>,
 }
@@ -34,11 +37,12 @@ pub fn grpc(id: u64) -> String {
 }
 
 impl Hosts {
-    pub fn new(vowd: PathBuf, dir: &Path, n: u64, env: Vec<(String, String)>) -> Hosts {
+    pub fn new(vowd: PathBuf, dir: &Path, n: u64, shards: u32, env: Vec<(String, String)>) -> Hosts {
         Hosts {
             vowd,
             dir: dir.to_path_buf(),
             nodes: (1..=n).map(|id| Node { id, child: None, paused: false }).collect(),
+            shards,
             env,
         }
     }
@@ -73,6 +77,7 @@ impl Hosts {
                 "--peers",
                 &peers,
             ])
+            .args(["--shards", &self.shards.to_string()])
             .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500", "--snapshot-logs", "2000"])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -161,6 +166,24 @@ impl Hosts {
             follow_leader_hints: false,
         };
         Ok(Client::with_options(&[grpc(id)], options)?)
+    }
+
+    /// Every node's status, asked of all nodes at once so the replies describe about the same
+    /// moment; a node that does not answer within `within` is left out.
+    pub async fn statuses(&self, within: Duration) -> Vec<(u64, pb::StatusResponse)> {
+        let mut asks = tokio::task::JoinSet::new();
+        for id in self.ids() {
+            let Ok(c) = self.client_of(id) else { continue };
+            asks.spawn(async move { (id, tokio::time::timeout(within, c.status()).await) });
+        }
+        let mut replies = Vec::new();
+        while let Some(reply) = asks.join_next().await {
+            if let Ok((id, Ok(Ok(s)))) = reply {
+                replies.push((id, s));
+            }
+        }
+        replies.sort_by_key(|(id, _)| *id);
+        replies
     }
 }
 

@@ -5,7 +5,9 @@
 //! kills, pauses, partitions, degrades, reconfigures and re-leads the cluster, heals everything,
 //! reads every promise from every node, and checks the history ([`checker`]): per-promise
 //! linearizability against a write-once register (Porcupine's algorithm) plus invariants.
-//! [`report`] writes the results, the history and an HTML timeline.
+//! [`report`] writes the results, the history and an HTML timeline. The cluster runs several
+//! shards, each its own Raft group with its own leader; [`shards`] reads who leads what and
+//! whether every replica caught up from the nodes' status replies.
 //!
 //! Needs root (namespaces, iptables, tc). Depends on the client SDK only, never on the server.
 
@@ -16,4 +18,5 @@ pub mod nemesis;
 pub mod net;
 pub mod report;
 pub mod run;
+pub mod shards;
 pub mod workload;

@@ -20,6 +20,9 @@ enum Command {
     Test {
         #[arg(long, default_value_t = 5)]
         nodes: u64,
+        /// Shards (Raft groups) of the cluster: every vowd is started with `--shards N`.
+        #[arg(long, default_value_t = 8)]
+        shards: u32,
         /// Seconds of load and faults.
         #[arg(long, default_value_t = 60)]
         time_limit: u64,
@@ -57,7 +60,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Test { nodes, time_limit, nemesis, seed, out, vowd, clients, vowd_env } => {
+        Command::Test { nodes, shards, time_limit, nemesis, seed, out, vowd, clients, vowd_env } => {
             let seed = seed.unwrap_or_else(|| rand::random::<u32>().into());
             let nemeses: Vec<String> = match nemesis.as_str() {
                 "all" => vow_jepsen::nemesis::ALL.iter().map(|s| s.to_string()).collect(),
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
                 .collect();
             let opts = run::Opts {
                 nodes,
+                shards,
                 time_limit: Duration::from_secs(time_limit),
                 nemeses,
                 seed,

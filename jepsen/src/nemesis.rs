@@ -1,19 +1,25 @@
 //! Faults: a seeded schedule of fault windows, each applied, held, and healed, recorded as
 //! nemesis events. Everything is healed before the final reads.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
+use vow_client::pb;
+use vow_client::pb::cluster_client::ClusterClient;
+use vow_client::transport::H2Channel;
+
 use crate::history::NemesisEvent;
 use crate::hosts::Hosts;
-use crate::net;
+use crate::{net, shards};
 
 pub const ALL: &[&str] = &["kill", "pause", "partition", "netem", "membership", "transfer"];
 
-/// One planned fault.
+/// One planned fault. The `*Leader` faults and `TransferLeader` hit the node that leads the most
+/// shards at the time (each node leads some of them); `RemoveAndAdd` the one leading the fewest.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     KillRandom,
@@ -91,16 +97,46 @@ pub struct Nemesis {
     removed: Vec<u64>,
 }
 
-async fn leader(hosts: &Hosts) -> Option<u64> {
-    for id in hosts.ids() {
-        if let Ok(c) = hosts.client_of(id)
-            && let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await
-            && let Some(l) = s.shards.first().map(|s| s.leader_id).filter(|l| *l != 0)
-        {
-            return Some(l);
+/// How long the nemesis waits for the nodes' status before choosing whom to hit.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+/// How long a leadership transfer may take: the node waits up to 3 s per shard for it to move.
+const TRANSFER_WAIT: Duration = Duration::from_secs(10);
+
+/// `" (leader of shards [0, 3])"`, `" (leader of no shard)"` or `" (no shard leader known)"`,
+/// for a nemesis event about `node`.
+fn led_note(node: u64, leaders: &BTreeMap<u32, shards::Leader>) -> String {
+    if leaders.is_empty() {
+        return " (no shard leader known)".to_owned();
+    }
+    match shards::led_by(leaders).remove(&node) {
+        Some(led) => format!(" (leader of shards {led:?})"),
+        None => " (leader of no shard)".to_owned(),
+    }
+}
+
+/// Moves the leadership of `shard_ids` to node `to`, asking their leader `from` directly (the
+/// SDK's `transfer_leader` moves every shard). Returns what happened, in words.
+async fn transfer(from: u64, to: u64, shard_ids: &[u32]) -> String {
+    let channel = match H2Channel::new(&crate::hosts::grpc(from)) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let req = pb::TransferLeaderRequest { to_node_id: to, shard_ids: shard_ids.to_vec() };
+    match tokio::time::timeout(TRANSFER_WAIT, ClusterClient::new(channel).transfer_leader(req)).await {
+        Err(_) => format!("no answer within {TRANSFER_WAIT:?}"),
+        Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+        Ok(Ok(reply)) => {
+            // The reply is node `from`'s status after the transfer.
+            let now: Vec<String> = reply
+                .into_inner()
+                .shards
+                .iter()
+                .filter(|sh| shard_ids.contains(&sh.shard_id))
+                .map(|sh| format!("{}->{}", sh.shard_id, sh.leader_id))
+                .collect();
+            format!("ok; node {from} now sees leaders {}", now.join(" "))
         }
     }
-    None
 }
 
 impl Nemesis {
@@ -108,54 +144,56 @@ impl Nemesis {
         self.events.push(NemesisEvent { at_ns, action: action.to_owned(), detail });
     }
 
-    /// Starts a fault; `now_ns` stamps the event.
-    pub async fn apply(&mut self, hosts: &mut Hosts, w: &Window, now_ns: u64) -> anyhow::Result<()> {
+    /// Starts a fault; `now_ns` stamps the event as the fault begins.
+    pub async fn apply(&mut self, hosts: &mut Hosts, w: &Window, now_ns: impl Fn() -> u64) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(w.seed);
         let mut ids = hosts.ids();
         ids.shuffle(&mut rng);
         let n = ids.len();
         let majority = n / 2 + 1;
-        let leader = match w.fault {
-            Fault::KillLeader
-            | Fault::PauseLeader
-            | Fault::IsolateLeader
-            | Fault::TransferLeader
-            | Fault::RemoveAndAdd => leader(hosts).await,
-            _ => None,
-        };
-        let one = leader.unwrap_or(ids[0]);
+        // Every node leads some shards of its own: "the leader" is the node that leads the most
+        // (the one whose loss hurts most), ties broken by the seeded order of `ids`.
+        let leaders = shards::leaders(&hosts.statuses(STATUS_WAIT).await);
+        let heaviest = shards::most_leading(&ids, &leaders);
+        let one = heaviest.as_ref().map_or(ids[0], |(node, _)| *node);
+        let note = |node: u64| led_note(node, &leaders);
+        let at_ns = now_ns();
         match &w.fault {
             Fault::KillRandom | Fault::KillLeader => {
                 let victim = if w.fault == Fault::KillLeader { one } else { ids[0] };
                 hosts.kill(victim)?;
-                self.record(
-                    now_ns,
-                    "kill",
-                    format!("node {victim}{}", if Some(victim) == leader { " (leader)" } else { "" }),
-                );
+                self.record(at_ns, "kill", format!("node {victim}{}", note(victim)));
             }
             Fault::KillMajority => {
                 let victims: Vec<u64> = ids[..majority].to_vec();
                 for v in &victims {
                     hosts.kill(*v)?;
                 }
-                self.record(now_ns, "kill", format!("majority {victims:?}"));
+                self.record(
+                    at_ns,
+                    "kill",
+                    format!("majority {victims:?}; leaders {}", shards::describe_leadership(&leaders)),
+                );
             }
             Fault::PauseRandom | Fault::PauseLeader => {
                 let victim = if w.fault == Fault::PauseLeader { one } else { ids[0] };
                 hosts.pause(victim)?;
-                self.record(now_ns, "pause", format!("node {victim}"));
+                self.record(at_ns, "pause", format!("node {victim}{}", note(victim)));
             }
             Fault::IsolateOne | Fault::IsolateLeader => {
                 let victim = if w.fault == Fault::IsolateLeader { one } else { ids[0] };
                 let rest: Vec<u64> = hosts.ids().into_iter().filter(|i| *i != victim).collect();
                 net::partition(&[vec![victim], rest.clone()])?;
-                self.record(now_ns, "partition", format!("isolate {victim} from {rest:?}"));
+                self.record(at_ns, "partition", format!("isolate {victim}{} from {rest:?}", note(victim)));
             }
             Fault::RandomHalves => {
                 let (a, b) = ids.split_at(n / 2);
                 net::partition(&[a.to_vec(), b.to_vec()])?;
-                self.record(now_ns, "partition", format!("halves {a:?} | {b:?}"));
+                self.record(
+                    at_ns,
+                    "partition",
+                    format!("halves {a:?} | {b:?}; leaders {}", shards::describe_leadership(&leaders)),
+                );
             }
             Fault::MajorityRing => {
                 // Each node sees a majority, but no two nodes see the same one.
@@ -164,7 +202,11 @@ impl Nemesis {
                     let blocked: Vec<u64> = ids.iter().copied().filter(|x| !visible.contains(x)).collect();
                     net::block(*node, &blocked)?;
                 }
-                self.record(now_ns, "partition", format!("majority ring over {ids:?}"));
+                self.record(
+                    at_ns,
+                    "partition",
+                    format!("majority ring over {ids:?}; leaders {}", shards::describe_leadership(&leaders)),
+                );
             }
             Fault::Bridge => {
                 // Two halves that only talk through one bridging node.
@@ -177,50 +219,67 @@ impl Nemesis {
                 for x in b {
                     net::block(*x, a)?;
                 }
-                self.record(now_ns, "partition", format!("bridge {bridge} between {a:?} and {b:?}"));
+                self.record(
+                    at_ns,
+                    "partition",
+                    format!(
+                        "bridge {bridge} between {a:?} and {b:?}; leaders {}",
+                        shards::describe_leadership(&leaders)
+                    ),
+                );
             }
             Fault::Loss => {
                 let victims: Vec<u64> = ids[..majority].to_vec();
                 for v in &victims {
                     net::lossy(*v, 0.2)?;
                 }
-                self.record(now_ns, "netem", format!("20% packet loss on {victims:?}"));
+                self.record(at_ns, "netem", format!("20% packet loss on {victims:?}"));
             }
             Fault::Delay => {
                 let mut done = Vec::new();
                 for v in &ids[..majority] {
                     done.push(format!("{v}: {}", net::slow(*v, 50)?));
                 }
-                self.record(now_ns, "netem", done.join("; "));
+                self.record(at_ns, "netem", done.join("; "));
             }
             Fault::RemoveAndAdd => {
-                // Remove a follower (removing the leader is a different, rarer operation).
-                let victim = ids.iter().copied().find(|i| Some(*i) != leader).unwrap_or(ids[0]);
+                // Remove the node leading the fewest shards, a follower of every shard when there
+                // is one (removing leaders is a different, rarer operation).
+                let victim = shards::least_leading(&ids, &leaders).map_or(ids[0], |(node, _)| node);
                 let c = hosts.client(Duration::from_secs(10))?;
                 match c.remove_node(victim).await {
                     Ok(_) => {
                         self.removed.push(victim);
-                        self.record(now_ns, "remove", format!("node {victim}"));
+                        self.record(at_ns, "remove", format!("node {victim}{}", note(victim)));
                     }
-                    Err(e) => self.record(now_ns, "remove-failed", format!("node {victim}: {e}")),
+                    Err(e) => self.record(at_ns, "remove-failed", format!("node {victim}{}: {e}", note(victim))),
                 }
             }
-            Fault::TransferLeader => {
-                let to = ids.iter().copied().find(|i| Some(*i) != leader).unwrap_or(ids[0]);
-                let c = hosts.client(Duration::from_secs(5))?;
-                let r = c.transfer_leader(to).await;
-                self.record(
-                    now_ns,
-                    "transfer",
-                    format!("leader {leader:?} -> {to}: {}", r.map_or_else(|e| e.to_string(), |_| "ok".into())),
-                );
-            }
+            Fault::TransferLeader => match heaviest {
+                // Every shard the heaviest leader holds moves to one other node (seeded).
+                Some((from, led)) if n > 1 => {
+                    let to = ids.iter().copied().find(|i| *i != from).unwrap_or(from);
+                    let outcome = transfer(from, to, &led).await;
+                    self.record(at_ns, "transfer", format!("shards {led:?} from node {from} to node {to}: {outcome}"));
+                }
+                _ => self.record(
+                    at_ns,
+                    "transfer-skipped",
+                    format!(
+                        "no node to move leadership from or to (leaders {})",
+                        shards::describe_leadership(&leaders)
+                    ),
+                ),
+            },
         }
         Ok(())
     }
 
     /// Ends every fault: network rules, paused and dead processes, removed members.
-    pub async fn heal(&mut self, hosts: &mut Hosts, now_ns: u64) -> anyhow::Result<()> {
+    /// The event is stamped by `now_ns` when the heal is complete: re-adding a removed node
+    /// joins it to every shard in turn, which takes seconds, and the fault lasts until then.
+    pub async fn heal(&mut self, hosts: &mut Hosts, now_ns: impl Fn() -> u64) -> anyhow::Result<()> {
+        let started_ns = now_ns();
         net::heal(hosts.ids().len() as u64)?;
         let restarted = hosts.heal()?;
         let mut detail = format!("network healed; processes resumed/started: {restarted:?}");
@@ -239,7 +298,11 @@ impl Nemesis {
             }
             detail.push_str(&format!("; node {id} re-added: {outcome}"));
         }
-        self.record(now_ns, "heal", detail);
+        let done_ns = now_ns();
+        if done_ns.saturating_sub(started_ns) >= 1_000_000_000 {
+            detail.push_str(&format!(" (healing took {:.1} s)", (done_ns - started_ns) as f64 / 1e9));
+        }
+        self.record(done_ns, "heal", detail);
         Ok(())
     }
 }

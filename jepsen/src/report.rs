@@ -10,6 +10,18 @@ use serde::Serialize;
 use crate::checker::Anomaly;
 use crate::history::{NemesisEvent, Op, OpKind, Outcome};
 
+/// What a run tested: enough to replay it (with the same binaries).
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    pub seed: u64,
+    pub nodes: u64,
+    /// Every vowd's `--shards`.
+    pub shards: u32,
+    pub time_limit_secs: u64,
+    pub nemeses: Vec<String>,
+    pub clients: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Results {
     pub valid: bool,
@@ -19,22 +31,13 @@ pub struct Results {
     pub info: usize,
     pub anomalies: Vec<Anomaly>,
     pub nemesis: Vec<NemesisEvent>,
-    pub seed: u64,
-    pub nodes: u64,
-    pub time_limit_secs: u64,
-    pub nemeses: Vec<String>,
+    /// Flattened: `seed`, `nodes`, `shards`, ... are top-level fields of `results.json`.
+    #[serde(flatten)]
+    pub setup: Setup,
 }
 
 impl Results {
-    pub fn new(
-        ops: &[Op],
-        anomalies: Vec<Anomaly>,
-        nemesis: Vec<NemesisEvent>,
-        seed: u64,
-        nodes: u64,
-        time_limit_secs: u64,
-        nemeses: Vec<String>,
-    ) -> Results {
+    pub fn new(ops: &[Op], anomalies: Vec<Anomaly>, nemesis: Vec<NemesisEvent>, setup: Setup) -> Results {
         let count = |o: Outcome| ops.iter().filter(|op| op.outcome == o).count();
         Results {
             valid: anomalies.is_empty(),
@@ -44,10 +47,7 @@ impl Results {
             info: count(Outcome::Info),
             anomalies,
             nemesis,
-            seed,
-            nodes,
-            time_limit_secs,
-            nemeses,
+            setup,
         }
     }
 
@@ -55,7 +55,7 @@ impl Results {
     pub fn summary(&self) -> String {
         let kinds: BTreeSet<&str> = self.anomalies.iter().map(|a| a.kind.as_str()).collect();
         format!(
-            "valid={} ops={} ok={} fail={} info={} anomalies={}{} nemesis_events={} seed={}",
+            "valid={} ops={} ok={} fail={} info={} anomalies={}{} nemesis_events={} nodes={} shards={} seed={}",
             self.valid,
             self.ops,
             self.ok,
@@ -64,7 +64,9 @@ impl Results {
             self.anomalies.len(),
             if kinds.is_empty() { String::new() } else { format!(" {kinds:?}") },
             self.nemesis.len(),
-            self.seed
+            self.setup.nodes,
+            self.setup.shards,
+            self.setup.seed
         )
     }
 }

@@ -13,12 +13,14 @@ use vow_client::{Client, Error};
 use crate::history::{Op, Register};
 use crate::hosts::{self, Hosts};
 use crate::nemesis::{self, Nemesis};
-use crate::report::{self, Results};
-use crate::{checker, net, workload};
+use crate::report::{self, Results, Setup};
+use crate::{checker, net, shards, workload};
 
 #[derive(Debug, Clone)]
 pub struct Opts {
     pub nodes: u64,
+    /// Every vowd's `--shards`.
+    pub shards: u32,
     pub time_limit: Duration,
     pub nemeses: Vec<String>,
     pub seed: u64,
@@ -38,51 +40,45 @@ impl Drop for NetGuard {
     }
 }
 
-/// Waits until some node is the leader of every shard by its own account. (Asking any one node
-/// is not enough: a node that was removed, or cut off, may not know the leader.)
+/// How long one round of status requests may take.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until every one of the run's shards has a leader by that leader's own account (see
+/// [`shards::leaders`]). Asking any one node is not enough: a node that was removed, or cut off,
+/// may not know the leader.
 async fn wait_for_leader(hosts: &Hosts, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        let mut shards = 0;
-        let mut led = BTreeSet::new();
-        for id in hosts.ids() {
-            if let Ok(s) = hosts.client_of(id)?.status().await {
-                shards = shards.max(s.shards.len());
-                led.extend(s.shards.iter().filter(|sh| sh.leader_id == id).map(|sh| sh.shard_id));
-            }
-        }
-        if shards > 0 && led.len() == shards {
-            return Ok(());
-        }
+        let statuses = hosts.statuses(STATUS_WAIT).await;
+        // A node with another shard count (a vowd that ignored `--shards`) would not run the
+        // cluster the run says it tests.
+        let missing = match shards::shard_count_mismatch(hosts.shards, &statuses) {
+            Some(wrong) => wrong,
+            None if statuses.is_empty() => "no node answered".to_owned(),
+            None => match shards::every_shard_led(hosts.shards, &statuses) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            },
+        };
         if Instant::now() > deadline {
-            bail!("no leader within {within:?}; see the node logs in {}", hosts.dir.display());
+            bail!("{missing} within {within:?}; see the node logs in {}", hosts.dir.display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await; // poll while the cluster elects
     }
 }
 
-/// Waits until every node has applied what the leader has committed, so final reads compare
-/// converged replicas.
+/// Waits until, for every shard, every node has applied what that shard's leader has committed,
+/// so final reads compare converged replicas.
 async fn wait_converged(hosts: &Hosts, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        let mut applied = Vec::new();
-        let mut commit = 0;
-        for id in hosts.ids() {
-            if let Ok(s) = hosts.client_of(id)?.status().await
-                && let Some(sh) = s.shards.first()
-            {
-                applied.push(sh.applied_index);
-                if sh.leader_id == id {
-                    commit = sh.commit_index;
-                }
-            }
-        }
-        if commit > 0 && applied.len() == hosts.ids().len() && applied.iter().all(|a| *a >= commit) {
-            return Ok(());
-        }
+        let statuses = hosts.statuses(STATUS_WAIT).await;
+        let missing = match shards::converged(&hosts.ids(), hosts.shards, &statuses) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
         if Instant::now() > deadline {
-            bail!("replicas did not converge within {within:?} (applied {applied:?}, commit {commit})");
+            bail!("replicas did not converge within {within:?}: {missing}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await; // poll convergence
     }
@@ -121,11 +117,20 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     if opts.nodes < 1 || opts.nodes > 9 {
         bail!("--nodes must be between 1 and 9");
     }
+    if opts.shards < 1 {
+        bail!("--shards must be at least 1");
+    }
     let windows = nemesis::plan(&opts.nemeses, opts.time_limit, opts.seed)?;
+    // A node's data outlives its process on purpose (a killed node restarts on it), so node data
+    // already in `out` would start this run on an earlier run's promises (the key names repeat)
+    // and shard count.
+    if let Some(old) = (1..=9).map(|id| opts.out.join(format!("n{id}"))).find(|d| d.exists()) {
+        bail!("{} holds node data of an earlier run; give a fresh --out", old.display());
+    }
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let _guard = NetGuard;
     net::setup(opts.nodes)?;
-    let mut hosts = Hosts::new(opts.vowd.clone(), &opts.out, opts.nodes, opts.vowd_env.clone());
+    let mut hosts = Hosts::new(opts.vowd.clone(), &opts.out, opts.nodes, opts.shards, opts.vowd_env.clone());
     for id in hosts.ids() {
         hosts.start(id)?;
     }
@@ -163,15 +168,15 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     let mut fault_error = None;
     for w in &windows {
         tokio::time::sleep_until((start + w.at).into()).await;
-        if let Err(e) = nemesis.apply(&mut hosts, w, ns()).await {
+        if let Err(e) = nemesis.apply(&mut hosts, w, ns).await {
             fault_error = Some(e.context(format!("applying {:?}", w.fault)));
             break;
         }
         tokio::time::sleep(w.hold).await;
-        nemesis.heal(&mut hosts, ns()).await?;
+        nemesis.heal(&mut hosts, ns).await?;
     }
     // Always heal before the final reads, whatever happened above.
-    nemesis.heal(&mut hosts, ns()).await?;
+    nemesis.heal(&mut hosts, ns).await?;
     for c in clients {
         c.await?;
     }
@@ -203,15 +208,15 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
             op_ids: vec![],
         });
     }
-    let results = Results::new(
-        &ops,
-        anomalies,
-        nemesis.events,
-        opts.seed,
-        opts.nodes,
-        opts.time_limit.as_secs(),
-        opts.nemeses.clone(),
-    );
+    let setup = Setup {
+        seed: opts.seed,
+        nodes: opts.nodes,
+        shards: opts.shards,
+        time_limit_secs: opts.time_limit.as_secs(),
+        nemeses: opts.nemeses.clone(),
+        clients: opts.clients,
+    };
+    let results = Results::new(&ops, anomalies, nemesis.events, setup);
     report::write_all(&opts.out, &results, &ops)?;
     Ok(results)
 }
