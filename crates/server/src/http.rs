@@ -67,6 +67,11 @@ async fn metrics(State(node): State<Node>) -> String {
         let batches = shard.batching.batches.load(Ordering::Relaxed);
         let _ = writeln!(out, "vow_shard_proposal_batches_total{{{labels}}} {batches}");
     }
+    // One WAL and one flusher for all shards: syncs grow slower than appends when shards share them.
+    let _ = writeln!(out, "# TYPE vow_wal_appends_synced_total counter");
+    let _ = writeln!(out, "vow_wal_appends_synced_total{{node=\"{}\"}} {}", node.id(), node.flusher().appends_synced());
+    let _ = writeln!(out, "# TYPE vow_wal_syncs_total counter");
+    let _ = writeln!(out, "vow_wal_syncs_total{{node=\"{}\"}} {}", node.id(), node.flusher().syncs());
     node.metrics().render(&mut out);
     out
 }

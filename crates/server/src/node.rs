@@ -18,6 +18,7 @@ use crate::clock::WallClock;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::shard::{Shard, ShardError};
+use vow_storage::log_store::WalFlusher;
 use vow_storage::types::{TypeConfig, VowNode};
 
 /// A membership or leadership operation found no leader for a shard: retry, possibly at another
@@ -71,6 +72,7 @@ struct Inner {
     limits: Limits,
     metrics: Metrics,
     wall: WallClock,
+    flusher: WalFlusher,
     shutting_down: AtomicBool,
 }
 
@@ -84,11 +86,13 @@ pub struct NodeParts {
     pub peers: Peers,
     pub limits: Limits,
     pub wall: WallClock,
+    /// The WAL flusher every shard's log shares.
+    pub flusher: WalFlusher,
 }
 
 impl Node {
     pub fn new(parts: NodeParts) -> Node {
-        let NodeParts { id, cluster_name, advertise_addr, shards, peers, limits, wall } = parts;
+        let NodeParts { id, cluster_name, advertise_addr, shards, peers, limits, wall, flusher } = parts;
         Node {
             inner: Arc::new(Inner {
                 id,
@@ -99,6 +103,7 @@ impl Node {
                 limits,
                 metrics: Metrics::default(),
                 wall,
+                flusher,
                 shutting_down: AtomicBool::new(false),
             }),
         }
@@ -141,6 +146,11 @@ impl Node {
     /// This node's wall-clock time now (ms since the epoch).
     pub fn wall_ms(&self) -> i64 {
         self.inner.wall.now_ms()
+    }
+
+    /// The WAL flusher all shards of this node share (its counters show group commit at work).
+    pub fn flusher(&self) -> &WalFlusher {
+        &self.inner.flusher
     }
 
     pub fn metrics(&self) -> &Metrics {

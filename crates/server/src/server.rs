@@ -47,14 +47,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             "TEST CLOCK: this node's wall clock runs off on purpose"
         );
     }
+    let flusher = WalFlusher::spawn_with_failpoint(
+        db.clone(),
+        crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
+    );
     let ctx = ShardContext {
         node_id: config.node_id,
         cluster_name: cluster_name.clone(),
         db: db.clone(),
-        flusher: WalFlusher::spawn_with_failpoint(
-            db.clone(),
-            crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
-        ),
+        flusher: flusher.clone(),
         peers: peers.clone(),
         clocks: PeerClocks::new(wall),
         queue_bytes: Arc::new(tokio::sync::Semaphore::new(crate::shard::PROPOSAL_QUEUE_BYTES)),
@@ -74,6 +75,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         peers,
         limits: config.limits.clone(),
         wall,
+        flusher,
     });
     let router = Router::new(node.clone());
 
