@@ -36,6 +36,10 @@ const SEARCH_MAX_LIMIT: usize = 1000;
 /// page token carries on.
 pub const SEARCH_PAGE_BYTES: usize = 1 << 20;
 
+/// Streams a connection may have reset by the peer before the server accepted them: a few per
+/// shard for every connection's peer, which carries all of them.
+const PENDING_RESET_STREAMS: usize = 1024;
+
 /// Serves every gRPC service on `listener` until `shutdown` completes.
 pub async fn serve(
     router: Router,
@@ -74,6 +78,12 @@ pub async fn serve(
     let max_request = node.limits().max_command_bytes() + REQUEST_SLACK_BYTES;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Each peer sends every shard's Raft traffic and routed requests over one connection.
+        // Around a fault many of those calls are cancelled at once; past h2's default of 20
+        // streams reset before they were accepted, the connection was torn down with
+        // RESOURCE_EXHAUSTED, failing every shard's traffic with that peer (seen in vow-jepsen
+        // runs with 8 shards).
+        .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -173,7 +173,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let mut header = Some((self.shard, self.target, self.cluster_name.clone()));
         let sent: InFlight = Arc::new(Mutex::new(Flight { waiting: VecDeque::new(), last_reply: Instant::now() }));
         let sent_in = sent.clone();
-        let requests = input.map(move |rpc| {
+        let encode = move |rpc: AppendEntriesRequest<TypeConfig>| {
             let payload = codec::encode_append_request(&rpc);
             in_flight(&sent_in).waiting.push_back((Instant::now(), payload.len()));
             let mut req = RaftRequest { payload: payload.into(), ..Default::default() };
@@ -183,8 +183,18 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 req.cluster_name = cluster.to_string();
             }
             req
-        });
+        };
         Box::pin(async move {
+            // openraft waits out its retry backoff while it produces a request, so take the
+            // first one before connecting: a peer that is down is then retried at the backoff's
+            // pace. Connecting first, a refused connection failed the stream before openraft
+            // was ever asked, and it retried at once — ~80,000 warnings a second per node
+            // while one peer of 8 shards was down.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                return Ok(futures::stream::empty().boxed());
+            };
+            let requests = futures::stream::once(async move { first }).chain(input).map(encode);
             let mut client = self.client()?;
             let replies = match tokio::time::timeout(setup, client.stream_append(requests)).await {
                 Ok(Ok(r)) => r.into_inner(),
@@ -243,6 +253,16 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_vote_request(&rpc), &option);
         let reply = self.client()?.vote(req).await.map_err(status_error)?;
+        codec::decode_vote_response(&self.heard(reply).payload).map_err(decode_error)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let req = self.request(codec::encode_vote_request(&rpc), &option);
+        let reply = self.client()?.pre_vote(req).await.map_err(status_error)?;
         codec::decode_vote_response(&self.heard(reply).payload).map_err(decode_error)
     }
 

@@ -128,6 +128,14 @@ impl RaftRpc for RaftService {
         self.reply(codec::encode_vote_response(&resp))
     }
 
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let shard = self.shard(&req)?;
+        let rpc = codec::decode_vote_request(&req.payload).map_err(malformed)?;
+        let resp = shard.raft.pre_vote(rpc).await.map_err(stopped)?;
+        self.reply(codec::encode_vote_response(&resp))
+    }
+
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let shard = self.shard(&req)?;
