@@ -56,6 +56,14 @@ async fn spread(cluster: &DevCluster, most: usize, within: Duration) -> anyhow::
         .await
 }
 
+/// Requests node `id`'s router sent to another node (`sent`) or served for one (`served`).
+fn routed(cluster: &DevCluster, id: u64, direction: &str) -> anyhow::Result<u64> {
+    let prefix = format!("vow_routed_requests_total{{direction=\"{direction}\"}} ");
+    let text = cluster.metrics_of(id)?;
+    let line = text.lines().find_map(|l| l.strip_prefix(&prefix)).ok_or_else(|| anyhow::anyhow!("no {prefix}"))?;
+    Ok(line.trim().parse()?)
+}
+
 /// A client that talks to node `id` only: every request for a shard led elsewhere is routed.
 fn only(cluster: &DevCluster, id: u64) -> Client {
     Client::with_options(
@@ -83,8 +91,17 @@ async fn every_shard_serves_through_any_node_and_leaders_spread() -> anyhow::Res
         let read = c.get(id).await?;
         assert_eq!(read.value.map(|v| v.data), Some(id.as_bytes().to_vec()), "{id}");
     }
-    let routed = ids.iter().filter(|id| !led_here.contains(&shard_of(id))).count();
-    println!("{} ids on {SHARDS} shards through node {via}, {routed} of them routed to another leader", ids.len());
+    let elsewhere = ids.iter().filter(|id| !led_here.contains(&shard_of(id))).count();
+    let sent = routed(&cluster, via, "sent")?;
+    println!(
+        "{} ids on {SHARDS} shards through node {via}, {elsewhere} led elsewhere; {sent} requests routed",
+        ids.len()
+    );
+    // A create, a resolve and a read of each id led elsewhere went to its leader.
+    assert!(sent >= 3 * elsewhere as u64, "node {via} routed {sent} requests for {elsewhere} ids led elsewhere");
+    let served: u64 =
+        [1, 2, 3].iter().filter(|n| **n != via).map(|n| routed(&cluster, *n, "served")).sum::<anyhow::Result<u64>>()?;
+    assert!(served >= sent, "the leaders served {served} of {sent} routed requests");
 
     // An Await through a node that does not lead the promise's shard.
     let elsewhere = ids_on_every_shard("wait", 1).into_iter().find(|id| !led_here.contains(&shard_of(id)));
@@ -365,6 +382,7 @@ async fn routing_markers_from_outside_are_ignored_and_the_route_service_checks_i
 
     // "Already forwarded" from an outside client: the node still routes the write and the read
     // to the shard's leader (it used to refuse, skipping the forward).
+    let sent_before = routed(&cluster, via, "sent")?;
     let created = promises.create(with_markers(create_req(&id, "k"), 0)).await?.into_inner();
     assert_eq!(created.promise.map(|p| p.id), Some(id.clone()));
     let read = promises
@@ -372,6 +390,7 @@ async fn routing_markers_from_outside_are_ignored_and_the_route_service_checks_i
         .await?
         .into_inner();
     assert_eq!(read.promise.map(|p| p.state), Some(pb::State::Pending as i32));
+    assert_eq!(routed(&cluster, via, "sent")? - sent_before, 2, "the create and the read were routed");
 
     // "Search only shard N" from an outside client: every shard is searched.
     let ids = ids_on_every_shard("marked", 2);

@@ -348,7 +348,9 @@ impl ClusterApi {
         pb::StatusResponse { nodes, shards, node_id: node.id().0 }
     }
 
-    /// Makes `change` on each named shard (all when none are named), one shard at a time.
+    /// Makes `change` on each named shard (all when none are named). The shards are
+    /// independent groups, so their changes run at once: adding a node waits for it to catch up
+    /// on every shard, which one after another took ~12 s for 8 shards.
     async fn change(
         &self,
         shard_ids: &[u32],
@@ -361,12 +363,12 @@ impl ClusterApi {
                 count - 1
             )));
         }
-        for shard in node::shard_ids(self.node(), shard_ids) {
-            self.router.change(shard, change()).await.map_err(|e| match e {
-                ChangeError::Shard(e) => shard_status(&e),
-                ChangeError::Refused(m) => Status::failed_precondition(m),
-            })?;
-        }
+        let changes =
+            node::shard_ids(self.node(), shard_ids).into_iter().map(|shard| self.router.change(shard, change()));
+        futures::future::try_join_all(changes).await.map_err(|e| match e {
+            ChangeError::Shard(e) => shard_status(&e),
+            ChangeError::Refused(m) => Status::failed_precondition(m),
+        })?;
         Ok(Response::new(self.status().await))
     }
 

@@ -14,6 +14,8 @@ pub struct Metrics {
     counts: [[AtomicU64; 3]; 7],
     micros: [AtomicU64; 7],
     awaits_waiting: AtomicU64,
+    routed_sent: AtomicU64,
+    routed_served: AtomicU64,
 }
 
 /// Counts one Await as waiting (`vow_awaits_waiting`) for as long as it lives.
@@ -49,6 +51,16 @@ impl Metrics {
         self.micros[m].fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Counts a request this node's router sent to another node's leader.
+    pub fn routed_sent(&self) {
+        self.routed_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a routed request this node served for another node.
+    pub fn routed_served(&self) {
+        self.routed_served.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Marks an Await as waiting on this node until the returned guard is dropped.
     pub fn await_waiting(&self) -> Waiting<'_> {
         self.awaits_waiting.fetch_add(1, Ordering::Relaxed);
@@ -60,6 +72,11 @@ impl Metrics {
         use std::fmt::Write;
         let _ = writeln!(out, "# TYPE vow_awaits_waiting gauge");
         let _ = writeln!(out, "vow_awaits_waiting {}", self.awaits_waiting.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# TYPE vow_routed_requests_total counter");
+        let sent = self.routed_sent.load(Ordering::Relaxed);
+        let _ = writeln!(out, "vow_routed_requests_total{{direction=\"sent\"}} {sent}");
+        let served = self.routed_served.load(Ordering::Relaxed);
+        let _ = writeln!(out, "vow_routed_requests_total{{direction=\"served\"}} {served}");
         let _ = writeln!(out, "# TYPE vow_requests_total counter");
         for (m, method) in METHODS.iter().enumerate() {
             for (o, outcome) in OUTCOMES.iter().enumerate() {

@@ -202,6 +202,7 @@ impl Router {
                 node_id: leader.id.0,
                 cluster_name: self.inner.node.cluster_name().to_owned(),
             };
+            self.inner.node.metrics().routed_sent();
             match remote(client, target).await {
                 Ok(v) => return Ok(v),
                 Err(HopError::NotLeader(Some(reported))) => {
@@ -552,6 +553,7 @@ fn invalid(m: impl Into<String>) -> wire::Refusal {
 #[tonic::async_trait]
 impl wire::route_server::Route for RouteService {
     async fn write(&self, req: Request<wire::WriteRequest>) -> Result<Response<wire::WriteReply>, Status> {
+        self.router.node().metrics().routed_served();
         use wire::write_reply::Result as R;
         let budget = deadline_of(&req).map(write_budget);
         let r = req.into_inner();
@@ -593,6 +595,7 @@ impl wire::route_server::Route for RouteService {
     }
 
     async fn read(&self, req: Request<wire::ReadRequest>) -> Result<Response<wire::ReadReply>, Status> {
+        self.router.node().metrics().routed_served();
         use wire::read_reply::Result as R;
         let r = req.into_inner();
         let refuse = |refusal| Ok(Response::new(wire::ReadReply { result: Some(R::Refused(refusal)) }));
@@ -616,6 +619,7 @@ impl wire::route_server::Route for RouteService {
     }
 
     async fn search(&self, req: Request<wire::SearchRequest>) -> Result<Response<wire::SearchReply>, Status> {
+        self.router.node().metrics().routed_served();
         use wire::search_reply::Result as R;
         let r = req.into_inner();
         let refuse = |refusal| Ok(Response::new(wire::SearchReply { result: Some(R::Refused(refusal)) }));
@@ -652,6 +656,7 @@ impl wire::route_server::Route for RouteService {
         req: Request<wire::MembershipRequest>,
     ) -> Result<Response<wire::MembershipReply>, Status> {
         use wire::membership_request::Change as C;
+        self.router.node().metrics().routed_served();
         let r = req.into_inner();
         let refuse =
             |refusal| Ok(Response::new(wire::MembershipReply { refused: Some(refusal), failed: String::new() }));
