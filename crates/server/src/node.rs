@@ -168,9 +168,9 @@ impl Node {
 
     /// Proposes on `shard` if this node leads it, waiting briefly for an election when no
     /// leader is known. Returns `NotLeader` with the leader's address when another node leads.
-    pub async fn write(&self, shard: &Shard, command: vow_core::Command) -> Result<vow_core::Outcome, ShardError> {
+    pub async fn write(&self, shard: &Shard, command: &vow_core::Command) -> Result<vow_core::Outcome, ShardError> {
         if crate::sabotage::enabled("ack-before-commit") {
-            return shard.predict_and_propose_in_background(command);
+            return shard.predict_and_propose_in_background(command.clone());
         }
         self.with_leader(shard, || shard.propose(command.clone())).await
     }

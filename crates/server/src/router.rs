@@ -233,12 +233,11 @@ impl Router {
                 });
             }
         };
-        let encoded = command.encode();
         self.route(
             shard,
-            || self.local_write(shard, command.clone()),
+            || self.local_write(shard, &command),
             |mut client, target| {
-                let mut request = Request::new(wire::WriteRequest { target: Some(target), command: encoded.clone() });
+                let mut request = Request::new(wire::WriteRequest { target: Some(target), command: command.encode() });
                 if let Some(t) = timeout {
                     request.set_timeout(t);
                 }
@@ -355,7 +354,7 @@ impl Router {
 
     /// Runs a write on this node's replica, which must lead the shard (waiting briefly for an
     /// election when no leader is known).
-    async fn local_write(&self, shard: ShardId, command: Command) -> Result<Outcome, ShardError> {
+    async fn local_write(&self, shard: ShardId, command: &Command) -> Result<Outcome, ShardError> {
         self.inner.node.write(self.shard(shard)?, command).await
     }
 
@@ -577,7 +576,7 @@ impl wire::route_server::Route for RouteService {
         if let Err(e) = check_limits(self.router.node().limits(), &command) {
             return refuse(invalid(format!("command over a limit: {}", e.0)));
         }
-        let attempt = self.router.local_write(shard, command);
+        let attempt = self.router.local_write(shard, &command);
         let result = match budget {
             None => attempt.await,
             Some(budget) => tokio::time::timeout(budget, attempt).await.unwrap_or_else(|_| {

@@ -46,13 +46,13 @@ impl Promises {
     /// Creates or settles at the shard leader. With a `budget` the answer comes before it runs
     /// out: "outcome unknown" if the write's fate is not known by then.
     pub async fn write(&self, command: Command, budget: Option<Duration>) -> Result<Outcome, ShardError> {
-        let attempt = self.router.write(command.clone(), budget);
+        let shard = match &command {
+            Command::Create { id, .. } | Command::Settle { id, .. } => self.router.shard_of(id),
+            Command::Timeout { .. } | Command::Collect { .. } => ShardId(0),
+        };
+        let attempt = self.router.write(command, budget);
         let Some(budget) = budget else { return attempt.await };
         tokio::time::timeout(budget, attempt).await.unwrap_or_else(|_| {
-            let shard = match &command {
-                Command::Create { id, .. } | Command::Settle { id, .. } => self.router.shard_of(id),
-                Command::Timeout { .. } | Command::Collect { .. } => ShardId(0),
-            };
             Err(ShardError::OutcomeUnknown {
                 shard,
                 reason: "the call's deadline passed before the write's outcome was known".into(),
