@@ -20,7 +20,7 @@ use vow_core::{NodeId, PromiseId, SettleAs, ShardId};
 
 use crate::convert::{self, shard_status};
 use crate::node::{self, Node};
-use crate::raft::service::RaftService;
+use crate::raft_service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
 use vow_storage::state_machine::SearchFilter;

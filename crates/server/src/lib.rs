@@ -10,7 +10,8 @@
 //! calls it.
 //!
 //! Module dependencies run one way: `server` → `api`, `http` → `service` → `router` → `node` →
-//! `shard` → `raft`, storage; nothing below imports anything above it.
+//! `shard` → `raft`, storage (and `api` → `raft_service` → `shard`); nothing below imports
+//! anything above it.
 //!
 //! Only binaries and tests depend on this crate. Clients use `vow-client`, which does not pull
 //! in RocksDB or any of this.
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod raft;
+pub mod raft_service;
 pub mod router;
 pub mod sabotage;
 pub mod server;

@@ -1,7 +1,7 @@
 //! This node's shards and what it can do with them locally: propose and read on the shards it
 //! leads (waiting briefly for an election), and change the membership of those shards.
 //! [`Node`] is the handle every service, the router and the background tasks share; how a
-//! node starts and stops is in [`crate::server`].
+//! node starts and stops is in `server.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

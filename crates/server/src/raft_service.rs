@@ -1,5 +1,5 @@
-//! The receiving side of the Raft transport: decodes a message, hands it to the addressed
-//! shard's Raft instance, encodes the reply.
+//! The receiving side of the Raft transport (the sending side is `raft/network.rs`): decodes a
+//! message, hands it to the addressed shard's Raft instance, encodes the reply.
 
 use std::io::Write;
 use std::pin::Pin;
@@ -203,7 +203,8 @@ impl RaftRpc for RaftService {
             return Err(Status::data_loss(format!("received snapshot is invalid: {e}")));
         }
         let data = SnapshotFile::open(path.clone()).map_err(|e| Status::internal(e.to_string()))?;
-        let snapshot: SnapshotOf<super::TypeConfig, SnapshotFile> = openraft::Snapshot { meta, snapshot: data };
+        let snapshot: SnapshotOf<vow_storage::types::TypeConfig, SnapshotFile> =
+            openraft::Snapshot { meta, snapshot: data };
         let installed = shard.raft.install_full_snapshot(vote, snapshot).await;
         // openraft may decline the snapshot (a stale vote, nothing newer than what is committed)
         // without handing the file to the state machine, which would have moved it: remove it.
