@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """The acceptance scenarios through a client generated from proto/ (grpcio), not the Rust SDK.
 
-Starts a three-node cluster of one shard with `vow dev up` (so "the leader" leads every id) and
-talks to single nodes only (followers forward),
-at grpcio's default channel options. The client uses only the error contract in the header
-comment of proto/vow/v1/vow.proto: it retries UNAVAILABLE and DEADLINE_EXCEEDED (and nothing
-else) with the same idempotency key, and follows the `vow-leader-addr` hint.
+Starts a three-node cluster with `vow dev up` at its default shard count and talks to single
+nodes only (followers forward), at grpcio's default channel options. Every id a scenario uses
+(but the placement scenario's, which cover every shard) carries the hash tag `{py}`, so all of
+them live on one shard (README.md, "Placement"); "the leader" a scenario kills is that shard's
+leader, so it leads every id the scenario uses, and "a follower" is a node that does not lead
+that shard. The shard is computed here from the shard count Status reports, and its leader
+picked once every node names the same leaders and leader balancing has settled. The client
+uses only the error contract in the header comment of proto/vow/v1/vow.proto: it retries
+UNAVAILABLE and DEADLINE_EXCEEDED (and nothing else) with the same idempotency key, and follows
+the `vow-leader-addr` hint.
 
 Scenarios, each a function, each printing one summary line with its time:
   - kill -9 during writes: kills the leader in the middle of a stream of creates and resolves,
@@ -17,10 +22,10 @@ Scenarios, each a function, each printing one summary line with its time:
   - large records (item 6): conflicts on a record of ~40 KB carry it (whole, or trimmed and
     marked `vow-current-trimmed: true`) in `vow-current-bin`; a search over 5 MB of records pages
     within grpcio's default 4 MiB receive limit;
-  - placement: on a cluster of its own with 8 shards, the shard computed here (README.md,
-    "Placement": FNV-1a 64 of the placement key, modulo the shard count from ShardMap) equals
-    Locate's for ~200 ids (hash tags, non-ASCII, `{}` and unclosed `{`), and a Create sent to the
-    leader ShardMap names is answered without a leader hint (it was not forwarded).
+  - placement: the shard computed here (README.md, "Placement": FNV-1a 64 of the placement key,
+    modulo the shard count from ShardMap) equals Locate's for ~200 ids (hash tags, non-ASCII,
+    `{}` and unclosed `{`), and a Create sent to the leader ShardMap names is answered without a
+    leader hint (it was not forwarded).
 Every scenario runs even when an earlier one failed; the exit status is 1 if any failed.
 
 Usage: external_client.py --bin-dir TARGET/debug
@@ -46,6 +51,15 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 C = grpc.StatusCode
 
 pb = pb_grpc = None  # the generated modules, set by main()
+
+# The hash tag on every id the scenarios use (the placement ids excepted): the placement key of
+# `{py}/dead-3` is `py`, so all of them share one shard at any shard count, and killing that
+# shard's leader kills the leader of every id a scenario uses.
+TAG = "{py}"
+
+
+def tagged(name):
+    return f"{TAG}/{name}"
 
 
 def generate(out_dir):
@@ -112,12 +126,12 @@ class Cluster:
 
 
 class Dev:
-    """The `vow dev up` cluster in one directory."""
+    """The `vow dev up` cluster in one directory, at `vow dev up`'s default shard count."""
 
-    def __init__(self, bin_dir, work, shards=1):
-        # One shard unless asked: the scenarios that kill "the leader" mean the leader of every id.
-        self.bin_dir, self.work, self.shards = bin_dir, work, shards
+    def __init__(self, bin_dir, work):
+        self.bin_dir, self.work = bin_dir, work
         self.by_id = {}
+        self.shards = None  # the shard count, from Status (set by wait_leaders)
 
     def vow(self, *args):
         env = dict(os.environ, VOW_VOWD=os.path.join(self.bin_dir, "vowd"))
@@ -125,7 +139,7 @@ class Dev:
 
     def up(self):
         """Starts the cluster, or restarts its dead nodes (same ports, same data)."""
-        up = self.vow("dev", "up", "--nodes", "3", "--shards", str(self.shards), "--dir", self.work)
+        up = self.vow("dev", "up", "--nodes", "3", "--dir", self.work)
         assert up.returncode == 0, up.stderr
         nodes = json.load(open(os.path.join(self.work, "cluster.json")))["nodes"]
         self.by_id = {n["node_id"]: n for n in nodes}
@@ -142,32 +156,45 @@ class Dev:
     def kill(self, node_id):
         os.kill(self.by_id[node_id]["pid"], signal.SIGKILL)
 
+    def tag_shard(self):
+        """The shard of every tagged id (known once wait_leaders has run)."""
+        return shard_of(tagged(""), self.shards)
+
     def wait_leader(self, timeout_s=30):
-        """Waits until every node answers Status and all name the same leader; returns it."""
-        leaders = self.wait_leaders(timeout_s)
-        # One shard (the `vow dev up` default): the leader of shard 0 leads every id.
-        assert len(leaders) == 1, f"expected one shard, got {len(leaders)}"
-        return leaders[0]
+        """Waits as wait_leaders does; returns the leader of the tagged ids' shard."""
+        return self.wait_leaders(timeout_s)[self.tag_shard()]
 
     def wait_leaders(self, timeout_s=30):
-        """Waits until every node answers Status and all name the same leader for every shard;
-        returns the leaders by shard."""
+        """Waits until every node answers Status, all name the same leader for every shard, and no
+        node leads more than its share of the shards; returns the leaders in shard order.
+
+        The share, ceil(shards / voters), is where vowd's leader balancing (on by default) stops
+        moving leaderships: before that, a leader picked here could hand its shard over before a
+        scenario kills it or talks to "a follower"."""
         end = time.time() + timeout_s
         while True:
-            views = {}
+            views, voters = {}, set()
             for i in sorted(self.by_id):
                 try:
                     with grpc.insecure_channel(self.addr(i)) as channel:
                         s = pb_grpc.ClusterStub(channel).Status(pb.StatusRequest(), timeout=2)
-                    views[i] = tuple(sh.leader_id for sh in s.shards)
+                    by_shard = {sh.shard_id: sh.leader_id for sh in s.shards}
+                    assert sorted(by_shard) == list(range(len(s.shards))), \
+                        f"node {i}'s Status lists shards {sorted(by_shard)}"
+                    views[i] = tuple(by_shard[n] for n in range(len(by_shard)))
+                    voters.update(v for sh in s.shards for v in sh.voters)
                 except grpc.RpcError as e:
                     views[i] = e.code().name
             seen = set(views.values())
             if len(seen) == 1:
                 (leaders,) = seen
                 if isinstance(leaders, tuple) and leaders and all(leaders):
-                    return leaders
-            assert time.time() < end, f"no leader agreed by every node within {timeout_s}s: {views}"
+                    share = -(-len(leaders) // max(len(voters), 1))
+                    if max(collections.Counter(leaders).values()) <= share:
+                        self.shards = len(leaders)
+                        return leaders
+            assert time.time() < end, \
+                f"no balanced leaders agreed by every node within {timeout_s}s (leaders by shard): {views}"
             time.sleep(0.1)
 
     def heal(self):
@@ -183,26 +210,28 @@ def scenario_kill_during_writes(dev):
 
     # A follower alone serves everything (it forwards to the leader).
     only_follower = Cluster([dev.addr(follower)])
-    r = only_follower.call("Create", pb.CreateRequest(id="py-0", idempotency_key="c-py-0", param=pb.Value(data=b"p")))
+    first = tagged("write-0")
+    req = pb.CreateRequest(id=first, idempotency_key=f"c-{first}", param=pb.Value(data=b"p"))
+    r = only_follower.call("Create", req)
     assert r.promise.state == pb.STATE_PENDING
     try:
-        only_follower.call("Create", pb.CreateRequest(id="py-0", idempotency_key="other"))
+        only_follower.call("Create", pb.CreateRequest(id=first, idempotency_key="other"))
         raise AssertionError("second create with another key must fail")
     except grpc.RpcError as e:
         assert e.code() == C.ALREADY_EXISTS, describe(e)
     try:
-        only_follower.call("Get", pb.GetRequest(id="nope"))
+        only_follower.call("Get", pb.GetRequest(id=tagged("nope")))
         raise AssertionError("unknown id must be NOT_FOUND")
     except grpc.RpcError as e:
         assert e.code() == C.NOT_FOUND, describe(e)
 
-    acked_create, acked_settle = ["py-0"], {}
+    acked_create, acked_settle = [first], {}
     killed_at = None
     for n in range(1, 121):
         if n == 60:
             dev.kill(leader)
             killed_at = time.time()
-        pid = f"py-{n}"
+        pid = tagged(f"write-{n}")
         c.call("Create", pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=b"p")))
         acked_create.append(pid)
         if n % 2 == 0:
@@ -238,7 +267,8 @@ def scenario_kill_during_writes(dev):
                 assert time.time() < end, f"restarted node {leader} never caught up on {pid}"
                 time.sleep(0.1)
     return (f"{len(acked_create)} creates, {len(acked_settle)} resolves acknowledged and present; leader {leader} "
-            f"killed, the rest took {after_kill:.2f}s; restarted node caught up in {time.time() - t0:.2f}s")
+            f"of shard {dev.tag_shard()} of {dev.shards} (every id's) killed, the rest took {after_kill:.2f}s; "
+            f"restarted node caught up in {time.time() - t0:.2f}s")
 
 
 def scenario_reflection(dev):
@@ -263,16 +293,17 @@ PROBE_TIMEOUT_S = 8  # well above the server's own wait for an election (3 s)
 def scenario_dead_leader(dev, cycles=5):
     """Item 0: a follower forwarding to a leader that was just killed answers by the contract.
 
-    Each cycle kills the leader of shard 0 with kill -9 and at once sends single-attempt calls
-    (no retry) through a follower: Gets of an existing id, Creates of fresh ids and Gets of those
-    fresh ids. Allowed answers: Get of an existing id OK or UNAVAILABLE; Get of a fresh id also
-    NOT_FOUND; Create OK, UNAVAILABLE (with or without `vow-outcome-unknown`) or ALREADY_EXISTS.
-    An UNAVAILABLE Get never carries `vow-outcome-unknown` (a read has no outcome to be unsure
-    of). UNKNOWN, INTERNAL, DEADLINE_EXCEEDED (no answer at all) and anything else are violations.
+    Each cycle kills the leader of the tagged ids' shard with kill -9 and at once sends
+    single-attempt calls (no retry) through a follower of that shard: Gets of an existing id,
+    Creates of fresh ids and Gets of those fresh ids. Allowed answers: Get of an existing id OK
+    or UNAVAILABLE; Get of a fresh id also NOT_FOUND; Create OK, UNAVAILABLE (with or without
+    `vow-outcome-unknown`) or ALREADY_EXISTS. An UNAVAILABLE Get never carries
+    `vow-outcome-unknown` (a read has no outcome to be unsure of). UNKNOWN, INTERNAL,
+    DEADLINE_EXCEEDED (no answer at all) and anything else are violations.
     Then `vow dev up` restarts the node. After the cycles every Create answered OK is readable.
     """
     c = dev.client()
-    existing = "dead-existing"
+    existing = tagged("dead-existing")
     c.call("Create", pb.CreateRequest(id=existing, idempotency_key=f"c-{existing}", param=pb.Value(data=b"e")))
     acked = {existing: b"e"}  # id -> param of every create answered OK
     unavailable_creates = {}  # id -> (param, had the outcome-unknown marker, had a leader id)
@@ -284,7 +315,7 @@ def scenario_dead_leader(dev, cycles=5):
         follower = next(i for i in sorted(dev.by_id) if i != leader)
         faddr = dev.addr(follower)
         # A forwarded write first, so that the follower holds a live connection to the leader.
-        warm = f"dead-{cycle}-warm"
+        warm = tagged(f"dead-{cycle}-warm")
         Cluster([faddr]).call("Create", pb.CreateRequest(id=warm, idempotency_key=f"c-{warm}", param=pb.Value(data=b"w")))
         acked[warm] = b"w"
 
@@ -301,7 +332,7 @@ def scenario_dead_leader(dev, cycles=5):
                     time.sleep(wait)
                 at = time.time() - killed
                 probes.append(("get-existing", existing, stub.Get.future(pb.GetRequest(id=existing), timeout=PROBE_TIMEOUT_S), at))
-                pid = f"dead-{cycle}-{k}"
+                pid = tagged(f"dead-{cycle}-{k}")
                 param = f"param-{pid}".encode()
                 req = pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=param))
                 probes.append(("create", pid, stub.Create.future(req, timeout=PROBE_TIMEOUT_S), at))
@@ -363,7 +394,8 @@ def scenario_dead_leader(dev, cycles=5):
     marks = collections.Counter(("marked" if m else "unmarked") + (", leader-id" if led else "")
                                 for _, m, led in unavailable_creates.values())
 
-    summary = (f"{cycles} kill/probe/restart cycles, {sum(counts.values())} single-attempt calls: "
+    summary = (f"{cycles} kill/probe/restart cycles (the leader of shard {dev.tag_shard()} of {dev.shards}), "
+               f"{sum(counts.values())} single-attempt calls: "
                + ", ".join(f"{w} {c_}={n}" for (w, c_), n in sorted(counts.items()))
                + f"; UNAVAILABLE creates {dict(marks)}, of which took effect {dict(took_effect)}"
                + f"; first create OK at +{', +'.join(f'{t:.2f}' for t in first_answer)}s"
@@ -400,7 +432,7 @@ def scenario_large_records(dev):
     follower_id = next(i for i in sorted(dev.by_id) if i != leader)
     follower = Cluster([dev.addr(follower_id)])
 
-    pid = "large-1"
+    pid = tagged("large-1")
     param = (b"large-param-" * 2000)[:20_000]
     value = (b"large-value-" * 2000)[:20_000]
     c.call("Create", pb.CreateRequest(id=pid, idempotency_key=f"c-{pid}", param=pb.Value(data=param)))
@@ -420,7 +452,7 @@ def scenario_large_records(dev):
 
     # 100 records of 50 KB: 5 MB, over grpcio's default 4 MiB receive limit for one page.
     t0 = time.time()
-    ids = [f"big-{i:03d}" for i in range(100)]
+    ids = [tagged(f"big-{i:03d}") for i in range(100)]
     big = {i: (f"{i}:".encode() * 25_000)[:50_000] for i in ids}
     for i in ids:
         c.call("Create", pb.CreateRequest(id=i, idempotency_key=f"c-{i}", param=pb.Value(data=big[i])))
@@ -428,7 +460,7 @@ def scenario_large_records(dev):
     seen, sizes, token = [], [], ""
     while True:
         try:
-            page = follower.call("Search", pb.SearchRequest(id_prefix="big-", limit=100, page_token=token))
+            page = follower.call("Search", pb.SearchRequest(id_prefix=tagged("big-"), limit=100, page_token=token))
         except grpc.RpcError as e:
             raise AssertionError(f"search page {len(sizes) + 1} (after {len(seen)} records): {describe(e)}")
         sizes.append(len(page.promises))
@@ -482,8 +514,6 @@ assert fnv1a_64(b"user-42") == 0x32C6D7A54D35DACB and shard_of("{user-42}:order-
 assert shard_of("caf\u00e9", 8) == 1 and fnv1a_64("caf\u00e9".encode("utf-8")) == 0x48E8823ACFA40D89
 assert placement_key("{}x") == "{}x" and fnv1a_64(b"{}x") == 0xC735DB1983DCCC07 and shard_of("{}x", 8) == 7
 
-PLACEMENT_SHARDS = 8
-
 
 def placement_ids():
     """~200 ids: plain, hash-tagged, non-ASCII, and the edges of the hash-tag rule."""
@@ -505,19 +535,10 @@ def placement_ids():
 
 def scenario_placement(dev):
     """Placement computed here equals the cluster's; a Create at the ShardMap leader is not forwarded."""
-    own = Dev(dev.bin_dir, tempfile.mkdtemp(prefix="vow-py-place-"), shards=PLACEMENT_SHARDS)
-    own.up()
-    try:
-        return placement_on(own)
-    finally:
-        own.down()
-
-
-def placement_on(dev):
     c = dev.client()
     dev.wait_leaders()
     smap = c.call("ShardMap", pb.ShardMapRequest(), kind="Cluster")
-    assert smap.shards == PLACEMENT_SHARDS, f"ShardMap says {smap.shards} shards"
+    assert smap.shards > 1, f"ShardMap says {smap.shards} shard(s): every id would be placed on shard 0"
     assert [l.shard_id for l in smap.leaders] == list(range(smap.shards)), smap
 
     ids = placement_ids()
