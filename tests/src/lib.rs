@@ -155,6 +155,18 @@ impl DevCluster {
         .await
     }
 
+    /// The leader of the shard that holds `id`, waiting for one to be elected. Tests that act
+    /// on "the leader" use ids with one hash tag (`{tag}/...`), so this is the leader of every
+    /// id they use.
+    pub async fn leader_of(&self, id: &str) -> anyhow::Result<u64> {
+        let id = vow_core::PromiseId::new_unchecked(id);
+        self.wait_for(&format!("a leader of {id}'s shard"), Duration::from_secs(30), |s| {
+            let shard = vow_core::ShardId::for_promise(&id, s.shards.len() as u32);
+            s.shards.get(shard.0 as usize).map(|sh| sh.leader_id).filter(|l| *l != 0)
+        })
+        .await
+    }
+
     /// Polls the cluster status (through any node) until `f` yields a value.
     pub async fn wait_for<T>(
         &self,

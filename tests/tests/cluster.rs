@@ -265,24 +265,29 @@ async fn await_returns_promptly_and_survives_a_leader_change() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
     let mut cluster = DevCluster::up(3, &["--snapshot-logs=50"])?;
-    let leader = cluster.leader().await?;
+    let leader = cluster.leader_of("{snap}").await?;
     let lagging = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
     cluster.kill9(lagging)?;
     let c = cluster.client();
     // Enough entries that the leader snapshots and purges (openraft purges in batches of 256
-    // entries, keeping the last --snapshot-logs) well past where the lagging node stopped.
+    // entries, keeping the last --snapshot-logs) well past where the lagging node stopped. The
+    // hash tag puts them all on one shard: spread over 8, no shard's log would grow that long.
     for i in 0..1000 {
-        c.create(create_req(&format!("snap-{i}"), "")).await?;
+        c.create(create_req(&format!("{{snap}}-{i}"), "")).await?;
     }
     cluster.reup()?;
     let addr = cluster.node(lagging).grpc.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     for i in (0..1000).step_by(7).chain([999]) {
         loop {
-            match Client::get_local(&addr, &format!("snap-{i}")).await {
+            match Client::get_local(&addr, &format!("{{snap}}-{i}")).await {
                 Ok(_) => break,
                 Err(e) => {
-                    assert!(Instant::now() < deadline, "snap-{i} never reached node {lagging}: {e}\n{}", cluster.logs())
+                    assert!(
+                        Instant::now() < deadline,
+                        "{{snap}}-{i} never reached node {lagging}: {e}\n{}",
+                        cluster.logs()
+                    )
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await; // poll catch-up
