@@ -259,6 +259,10 @@ impl Router {
     /// promise.
     pub async fn read(&self, id: &PromiseId) -> Result<Option<Promise>, ShardError> {
         let shard = self.shard_of(id);
+        if crate::sabotage::enabled("stale-reads") {
+            // Whatever this replica has, wherever the leader is.
+            return self.local_read(shard, id).await;
+        }
         self.route(
             shard,
             || self.local_read(shard, id),
