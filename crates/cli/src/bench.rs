@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Start local N-node clusters of each target (in temporary directories) instead of using endpoints.
     #[arg(long)]
     spawn: Option<u64>,
+    /// Shards of a spawned vow cluster (vowd's default: 8).
+    #[arg(long, default_value_t = 8)]
+    shards: u32,
     /// etcd client endpoints (`host:port,...`) when not spawning.
     #[arg(long, default_value = "127.0.0.1:2379")]
     etcd_endpoints: String,
@@ -428,7 +431,7 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
         bail!("client counts must be between 1 and 4096");
     }
     let vow_cluster = match (args.spawn, targets.iter().any(|t| t == "vow")) {
-        (Some(n), true) => Some(crate::dev::Spawned::start(n).await?),
+        (Some(n), true) => Some(crate::dev::Spawned::start(n, args.shards).await?),
         _ => None,
     };
     let etcd_cluster = match (args.spawn, targets.iter().any(|t| t == "etcd")) {

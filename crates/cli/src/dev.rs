@@ -272,10 +272,10 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    pub async fn start(nodes: u64) -> anyhow::Result<Spawned> {
+    pub async fn start(nodes: u64, shards: u32) -> anyhow::Result<Spawned> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
         let dir = std::env::temp_dir().join(format!("vow-bench-{}-{stamp:x}", std::process::id()));
-        up(nodes, &dir, 1, vec![], vec![], Duration::from_secs(60)).await?;
+        up(nodes, &dir, shards, vec![], vec![], Duration::from_secs(60)).await?;
         let text = std::fs::read_to_string(dir.join("cluster.json"))?;
         let cluster: ClusterFile = serde_json::from_str(&text)?;
         let endpoints = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
