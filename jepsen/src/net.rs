@@ -84,11 +84,23 @@ pub fn cleanup() {
         }
     }
     let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+    // A namespace whose processes are still exiting outlives `ip netns del`, and so does its
+    // veth pair: delete the host ends, which takes both ends with them (a soak once found a
+    // node's link still there 10 s later and refused six runs).
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or(""))
+                && name.starts_with(PREFIX)
+            {
+                let _ = Command::new("ip").args(["link", "del", name]).output();
+            }
+        }
+    }
     // Remove every copy of our forwarding rule (a crashed run may have left more than one).
     while Command::new("iptables").args(FORWARD_RULE_DEL).output().is_ok_and(|o| o.status.success()) {}
     // The kernel tears a deleted namespace (and the veth peers in it) down asynchronously; wait
     // for that, so the next run does not trip over links that are still going away.
-    for _ in 0..200 {
+    for _ in 0..600 {
         if leftovers().is_empty() {
             return;
         }
