@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use serde::Serialize;
 use tokio::sync::Barrier;
 use vow_client::{Client, Options, pb};
 
 use crate::etcd::{self, Etcd};
+use crate::results::BenchResult;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -64,25 +64,6 @@ pub struct BenchArgs {
     /// after --duration; throughput is then over the time the run took.
     #[arg(long)]
     promises: Option<u64>,
-}
-
-/// One row of results: a target, a workload and a client count.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BenchResult {
-    pub target: String,
-    pub workload: String,
-    pub clients: usize,
-    /// Which entry of `--clients` this run was (from 0). A count given twice makes two steps, and
-    /// each target's row is compared with the other target's run of the same step.
-    pub step: usize,
-    pub ops: u64,
-    pub ops_per_sec: f64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-    pub errors: u64,
 }
 
 pub fn new_histogram() -> Histogram<u64> {

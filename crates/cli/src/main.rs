@@ -13,6 +13,7 @@ mod dev;
 mod etcd;
 mod output;
 mod plot;
+mod results;
 
 use std::collections::HashMap;
 use std::process::ExitCode;

@@ -6,7 +6,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use crate::bench::BenchResult;
+use crate::results::BenchResult;
 
 fn color(i: usize) -> RGBColor {
     const PALETTE: [RGBColor; 6] = [
