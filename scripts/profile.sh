@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Where the CPU goes: a three-node `vow dev` cluster under `vow bench` create-settle load, with the
 # CPU time each process spends per operation, and (with --perf) a flat perf profile of the leader
-# grouped by crate. The figures in ARCHITECTURE.md "Hot path" come from this script.
+# grouped by crate. The figures in docs/performance.md come from this script.
 #
-# Usage: scripts/profile.sh [--perf] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
+# Usage: [SHARDS=8] scripts/profile.sh [--perf] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 perf=0
@@ -17,7 +17,7 @@ hz=$(getconf CLK_TCK)
 
 [ -e "$dir/cluster" ] && { "$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true; }
 rm -rf "$dir"; mkdir -p "$dir"
-"$bin/vow" dev up --nodes 3 --dir "$dir/cluster" >/dev/null
+"$bin/vow" dev up --nodes 3 --shards "${SHARDS:-8}" --dir "$dir/cluster" >/dev/null
 trap '"$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true' EXIT
 eps=$(json "','.join(x['grpc'] for x in d['nodes'])")
 leader=$("$bin/vow" -o json --endpoints "$eps" cluster status | python3 -c "import json,sys; print(json.load(sys.stdin)['shards'][0]['leader_id'])")
