@@ -140,6 +140,15 @@ impl Proposal {
 const COMMAND_FORMAT: u8 = 1;
 
 impl Command {
+    /// The one promise a client's command (create or settle) is about; `None` for the sweepers'
+    /// commands, which name many.
+    pub fn promise_id(&self) -> Option<&PromiseId> {
+        match self {
+            Command::Create { id, .. } | Command::Settle { id, .. } => Some(id),
+            Command::Timeout { .. } | Command::Collect { .. } => None,
+        }
+    }
+
     /// The command alone, as a node carries it to the leader of its shard (which stamps it).
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::with_capacity(128);

@@ -193,12 +193,7 @@ impl PromisesApi {
         command: vow_core::Command,
     ) -> Result<Response<pb::PromiseResponse>, Status> {
         let started = Instant::now();
-        let shard = match &command {
-            vow_core::Command::Create { id, .. } | vow_core::Command::Settle { id, .. } => {
-                self.promises.router().shard_of(id)
-            }
-            _ => return Err(Status::internal("not a client command")),
-        };
+        let shard = self.promises.router().shard_of_command(&command).map_err(|e| shard_status(&e))?;
         let budget = router::deadline_of(req).map(router::write_budget);
         let result = match self.promises.write(command, budget).await {
             Ok(outcome) => convert::outcome_reply(outcome).map(|r| self.hinted(Response::new(r), shard)),

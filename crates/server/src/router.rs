@@ -119,7 +119,17 @@ impl Router {
         ShardId::for_promise(id, self.shard_count())
     }
 
-    fn shard(&self, id: ShardId) -> Result<&Shard, ShardError> {
+    /// The shard a client's command goes to. The sweepers' commands are proposed by a shard's
+    /// own leader and never routed.
+    pub fn shard_of_command(&self, command: &Command) -> Result<ShardId, ShardError> {
+        command.promise_id().map(|id| self.shard_of(id)).ok_or_else(|| ShardError::Unavailable {
+            shard: ShardId(0),
+            reason: "sweeper commands are proposed by a shard's own leader, never routed".into(),
+        })
+    }
+
+    /// This node's replica of shard `id`.
+    pub fn shard(&self, id: ShardId) -> Result<&Shard, ShardError> {
         self.inner
             .node
             .shard(id)
@@ -224,15 +234,7 @@ impl Router {
     /// Proposes `command` at the leader of its shard and returns the replicated outcome.
     /// `timeout` bounds a hop to a peer; the peer answers "outcome unknown" just before it.
     pub async fn write(&self, command: Command, timeout: Option<Duration>) -> Result<Outcome, ShardError> {
-        let shard = match &command {
-            Command::Create { id, .. } | Command::Settle { id, .. } => self.shard_of(id),
-            Command::Timeout { .. } | Command::Collect { .. } => {
-                return Err(ShardError::Unavailable {
-                    shard: ShardId(0),
-                    reason: "sweeper commands are proposed by a shard's own leader, never routed".into(),
-                });
-            }
-        };
+        let shard = self.shard_of_command(&command)?;
         self.route(
             shard,
             || self.local_write(shard, &command),
@@ -363,9 +365,15 @@ impl Router {
     }
 
     async fn local_read(&self, shard: ShardId, id: &PromiseId) -> Result<Option<Promise>, ShardError> {
-        let s = self.shard(shard)?;
-        self.inner.node.read_barrier(s).await?;
-        s.state.get(id).map_err(|e| ShardError::Unavailable { shard, reason: format!("reading promise {id}: {e}") })
+        self.inner.node.read_barrier(self.shard(shard)?).await?;
+        self.replica_record(id)
+    }
+
+    /// `id`'s record as this node's replica has it, with no barrier: possibly behind the leader.
+    pub fn replica_record(&self, id: &PromiseId) -> Result<Option<Promise>, ShardError> {
+        let shard = self.shard_of(id);
+        let state = &self.shard(shard)?.state;
+        state.get(id).map_err(|e| ShardError::Unavailable { shard, reason: format!("reading promise {id}: {e}") })
     }
 
     async fn local_search(&self, shard: ShardId, query: SearchQuery) -> Result<SearchPage, ShardError> {
@@ -497,8 +505,7 @@ impl RouteService {
     /// The shard a routed request is for, after checking it was meant for this node and
     /// cluster.
     fn target(&self, target: Option<wire::Target>) -> Result<ShardId, wire::Refusal> {
-        let invalid = |m: String| wire::Refusal { reason: Some(wire::refusal::Reason::Invalid(m)) };
-        let t = target.ok_or_else(|| invalid("a routed request without a target".into()))?;
+        let t = target.ok_or_else(|| invalid("a routed request without a target"))?;
         let node = self.router.node();
         if t.node_id != node.id().0 {
             return Err(invalid(format!("request for node {} reached node {}", t.node_id, node.id())));
@@ -523,11 +530,7 @@ impl RouteService {
         if owner == shard {
             return Ok(());
         }
-        Err(wire::Refusal {
-            reason: Some(wire::refusal::Reason::Invalid(format!(
-                "promise {id} belongs to shard {owner}, not shard {shard}"
-            ))),
-        })
+        Err(invalid(format!("promise {id} belongs to shard {owner}, not shard {shard}")))
     }
 }
 
@@ -570,7 +573,7 @@ impl wire::route_server::Route for RouteService {
             Ok(_) => return refuse(invalid("only creates and settles are routed")),
             Err(e) => return refuse(invalid(format!("malformed command: {e}"))),
         };
-        if let Command::Create { id, .. } | Command::Settle { id, .. } = &command
+        if let Some(id) = command.promise_id()
             && let Err(refusal) = self.check_owner(shard, id)
         {
             return refuse(refusal);

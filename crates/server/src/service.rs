@@ -46,10 +46,7 @@ impl Promises {
     /// Creates or settles at the shard leader. With a `budget` the answer comes before it runs
     /// out: "outcome unknown" if the write's fate is not known by then.
     pub async fn write(&self, command: Command, budget: Option<Duration>) -> Result<Outcome, ShardError> {
-        let shard = match &command {
-            Command::Create { id, .. } | Command::Settle { id, .. } => self.router.shard_of(id),
-            Command::Timeout { .. } | Command::Collect { .. } => ShardId(0),
-        };
+        let shard = self.router.shard_of_command(&command)?;
         let attempt = self.router.write(command, budget);
         let Some(budget) = budget else { return attempt.await };
         tokio::time::timeout(budget, attempt).await.unwrap_or_else(|_| {
@@ -64,18 +61,8 @@ impl Promises {
     pub async fn get(&self, id: &PromiseId, consistency: Consistency) -> Result<Option<Promise>, ShardError> {
         match consistency {
             Consistency::Linearizable => self.router.read(id).await,
-            Consistency::Stale => self.local_record(id),
+            Consistency::Stale => self.router.replica_record(id),
         }
-    }
-
-    fn local_record(&self, id: &PromiseId) -> Result<Option<Promise>, ShardError> {
-        let shard = self.router.shard_of(id);
-        let s = self
-            .router
-            .node()
-            .shard(shard)
-            .ok_or_else(|| ShardError::Unavailable { shard, reason: format!("no shard {shard} on this node") })?;
-        s.state.get(id).map_err(|e| ShardError::Unavailable { shard, reason: format!("reading promise {id}: {e}") })
     }
 
     /// The record of `id` once it is settled, or after `wait` the record as a linearizable read
@@ -86,13 +73,8 @@ impl Promises {
     /// applying cannot keep a waiter behind for longer than that.
     pub async fn await_settled(&self, id: &PromiseId, wait: Duration) -> Result<Option<Promise>, ShardError> {
         let shard = self.router.shard_of(id);
-        let replica = self
-            .router
-            .node()
-            .shard(shard)
-            .ok_or_else(|| ShardError::Unavailable { shard, reason: format!("no shard {shard} on this node") })?
-            .clone();
-        let settled_here = || match replica.state.get(id) {
+        let replica = self.router.shard(shard)?;
+        let settled_here = || match self.router.replica_record(id) {
             Ok(Some(p)) if p.state.is_settled() => Some(p),
             _ => None,
         };
