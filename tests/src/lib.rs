@@ -4,7 +4,7 @@
 //! `cargo build --bins` first (the README's test command does).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -287,6 +287,61 @@ impl DevCluster {
 
     pub fn log_of(&self, id: u64) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("n{id}/vowd.log"))).unwrap_or_default()
+    }
+}
+
+/// A `vowd` started outside `vow dev`, to join a running cluster: its ports are picked (and its
+/// data directory made, beside the cluster's nodes) before it starts, so clients can be told
+/// about it first. Killed when dropped.
+#[derive(Debug)]
+pub struct Joiner {
+    pub id: u64,
+    pub grpc: String,
+    pub http: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl DevCluster {
+    /// A node `id` ready to join this cluster; see [`Joiner::start`].
+    pub fn joiner(&self, id: u64) -> anyhow::Result<Joiner> {
+        let dir = self.data_dir(id);
+        std::fs::create_dir_all(&dir)?;
+        let addr = || -> anyhow::Result<String> {
+            Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+        };
+        Ok(Joiner { id, grpc: addr()?, http: addr()?, dir, child: None })
+    }
+}
+
+impl Joiner {
+    /// Starts the node with `--join` through the node at `via` (a gRPC address).
+    pub fn start(&mut self, via: &str) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join("vowd.log"))?;
+        let child = Command::new(bin_dir().join("vowd"))
+            .args(["--node-id", &self.id.to_string(), "--data-dir", &self.dir.display().to_string()])
+            .args(["--grpc-addr", &self.grpc, "--http-addr", &self.http, "--join", via])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The last `lines` of its log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("vowd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        format!("--- node {}\n{}", self.id, tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+    }
+}
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -303,28 +303,9 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
     let c = cluster.client();
     c.create(create_req("m-1", "")).await?;
     // A fourth vowd that joins through node 1.
-    let dir = cluster.dir.path().join("n4");
-    std::fs::create_dir_all(&dir)?;
-    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
-    let grpc = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
-    let http = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
-    let log = std::fs::File::create(dir.join("vowd.log"))?;
-    let mut child = std::process::Command::new(vow_tests::bin_dir().join("vowd"))
-        .args([
-            "--node-id",
-            "4",
-            "--data-dir",
-            &dir.display().to_string(),
-            "--grpc-addr",
-            &grpc,
-            "--http-addr",
-            &http,
-            "--join",
-            &cluster.node(1).grpc,
-        ])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
+    let mut joiner = cluster.joiner(4)?;
+    joiner.start(&cluster.node(1).grpc)?;
+    let grpc = joiner.grpc.clone();
     let joined = cluster
         .wait_for("node 4 as a voter of every shard", Duration::from_secs(30), |s| {
             s.shards.iter().all(|sh| sh.voters.contains(&4)).then_some(())
@@ -348,13 +329,7 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    result.map_err(|e| {
-        let log = std::fs::read_to_string(dir.join("vowd.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        e.context(format!("--- node 4\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
-    })
+    result.map_err(|e| e.context(joiner.log_tail(30)))
 }
 
 #[test]

@@ -112,7 +112,11 @@ async fn every_shard_serves_through_any_node_and_leaders_spread() -> anyhow::Res
         let id = id.clone();
         tokio::spawn(async move { c.await_settled(&id, Duration::from_secs(20)).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await; // the waiter is waiting, not racing the settle
+    // The waiter is waiting on node `via`, so the settle below is not raced by its first read.
+    vow_tests::eventually("the await to wait", Duration::from_secs(10), || {
+        Ok(cluster.metric(via, "vow_awaits_waiting")? >= 1.0)
+    })
+    .await?;
     cluster.client().reject(&id, value("no"), None).await?;
     let awaited = waiter.await??;
     assert_eq!(awaited.state, pb::State::Rejected as i32);
@@ -195,6 +199,17 @@ impl LoadRun {
     }
 }
 
+impl Acks {
+    fn summary(&self) -> String {
+        format!(
+            "{} creates, {} resolves acknowledged; errors: {:?}",
+            self.created.len(),
+            self.resolved.len(),
+            self.errors
+        )
+    }
+}
+
 /// Every acknowledged create is there, and every acknowledged resolve stuck.
 async fn verify(client: &Client, acks: &Acks) -> anyhow::Result<()> {
     let resolved: BTreeSet<&String> = acks.resolved.iter().collect();
@@ -262,12 +277,7 @@ async fn a_lost_node_leaves_every_shard_serving_and_leadership_respreads_when_it
     println!("leadership spread again {:?} after node {victim} restarted", back.elapsed());
 
     let acks = load.finish().await?;
-    println!(
-        "{} creates, {} resolves acknowledged; errors: {:?}",
-        acks.created.len(),
-        acks.resolved.len(),
-        acks.errors
-    );
+    println!("{}", acks.summary());
     assert!(acks.created.len() > 100, "too little load got through: {} creates", acks.created.len());
     verify(&cluster.client(), &acks).await
 }
@@ -278,23 +288,14 @@ async fn a_node_added_and_an_old_one_removed_under_load_lose_nothing() -> anyhow
     spread(&cluster, 3, Duration::from_secs(30)).await?;
     // A fourth vowd joining through node 2; the clients know it from the start, as a client
     // configured with the future membership would.
-    let dir = cluster.dir.path().join("n4");
-    std::fs::create_dir_all(&dir)?;
-    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
-    let grpc = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
-    let http = format!("127.0.0.1:{}", port(std::net::TcpListener::bind("127.0.0.1:0")?)?);
+    let mut joiner = cluster.joiner(4)?;
+    let grpc = joiner.grpc.clone();
     let mut endpoints = cluster.endpoints();
     endpoints.push(grpc.clone());
     let load = start_load(&endpoints, 4, Duration::from_secs(25));
     tokio::time::sleep(Duration::from_secs(2)).await; // load first, then the change
 
-    let log = std::fs::File::create(dir.join("vowd.log"))?;
-    let mut child = std::process::Command::new(vow_tests::bin_dir().join("vowd"))
-        .args(["--node-id", "4", "--data-dir", &dir.display().to_string(), "--grpc-addr", &grpc])
-        .args(["--http-addr", &http, "--join", &cluster.node(2).grpc])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
+    joiner.start(&cluster.node(2).grpc)?;
     let result = async {
         cluster
             .wait_for("node 4 a voter of every shard", Duration::from_secs(60), |s| {
@@ -317,25 +318,14 @@ async fn a_node_added_and_an_old_one_removed_under_load_lose_nothing() -> anyhow
         .await?;
         println!("spread again: leads {:?}", leads(&s));
         let acks = load.finish().await?;
-        println!(
-            "{} creates, {} resolves acknowledged; errors: {:?}",
-            acks.created.len(),
-            acks.resolved.len(),
-            acks.errors
-        );
+        println!("{}", acks.summary());
         assert!(acks.errors.is_empty(), "calls failed beyond the client's retries: {:?}", acks.errors);
         assert!(acks.created.len() > 100, "too little load got through: {} creates", acks.created.len());
         let remaining: Vec<String> = vec![cluster.node(2).grpc.clone(), cluster.node(3).grpc.clone(), grpc.clone()];
         verify(&Client::connect(&remaining)?, &acks).await
     }
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    result.map_err(|e| {
-        let log = std::fs::read_to_string(dir.join("vowd.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        e.context(format!("--- node 4\n{}\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"), cluster.logs()))
-    })
+    result.map_err(|e| e.context(format!("{}\n{}", joiner.log_tail(30), cluster.logs())))
 }
 
 /// Polls node `via`'s status until `done` holds.
