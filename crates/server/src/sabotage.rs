@@ -9,10 +9,16 @@
 //! - `ack-before-commit`: answer a write from a prediction on local state and propose it in the
 //!   background, before it is committed;
 //! - `skip-settled-check`: let a settle overwrite an already settled promise;
+//! - `read-index-without-heartbeat`: a leader serves a linearizable read from its own state
+//!   without confirming with a majority that it still leads (caught by partitioning it away);
+//! - `ack-before-fsync`: acknowledge log appends once the OS has them, before the fsync (caught
+//!   only by a power loss, which drops what was not synced);
+//! - `drop-snapshot-announcements`: do not wake waiters when a snapshot replaces the state
+//!   (caught by an Await on a replica that catches up by snapshot);
 //! - `wal-fsync-failpoint`: while the file `fail-wal-fsync` exists in the data directory, every
 //!   WAL fsync fails (a disk error): the shards stop with their writes in flight.
 //!
-//! The switch itself lives in `vow-storage` (whose state machine holds `skip-settled-check`),
+//! The switch itself lives in `vow-storage` (which holds the storage bugs),
 //! which this crate's `sabotage` feature turns on; both read the same variable.
 
 pub use vow_storage::sabotage::enabled;

@@ -389,6 +389,12 @@ impl Shard {
     /// Returns once this replica's state reflects every write committed before the call
     /// (ReadIndex through the leader). Only the leader can do this.
     pub async fn read_barrier(&self) -> Result<(), ShardError> {
+        if crate::sabotage::enabled("read-index-without-heartbeat") && self.is_leader() {
+            // The bug: take this replica's own belief that it leads as proof, with no heartbeat
+            // round to a majority. A leader cut off from the others keeps answering reads from
+            // a state the new leader's writes have moved past.
+            return self.wait_applied_to_local_commit().await;
+        }
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
@@ -397,6 +403,19 @@ impl Shard {
             }
             Err(RaftError::Fatal(e)) => Err(ShardError::Fatal { shard: self.id, reason: e.to_string() }),
         }
+    }
+
+    /// Waits until this replica has applied what it knows committed (the sabotaged read
+    /// barrier's only step).
+    async fn wait_applied_to_local_commit(&self) -> Result<(), ShardError> {
+        let committed = self.metrics().local_committed.map_or(0, |id| id.index);
+        let applied = |m: &RaftMetrics<TypeConfig>| m.last_applied.map_or(0, |id| id.index) >= committed;
+        self.raft
+            .wait(Some(Duration::from_secs(5)))
+            .metrics(applied, "applied up to the local commit")
+            .await
+            .map(|_| ())
+            .map_err(|e| ShardError::Unavailable { shard: self.id, reason: e.to_string() })
     }
 
     fn not_leader(&self, f: &ForwardToLeader<TypeConfig>) -> ShardError {

@@ -1,11 +1,13 @@
-//! The one deliberate bug that lives in the storage engine, for proving that the consistency
-//! checker catches real ones (issue #3); `vow-server`'s `sabotage` module has the others and the
-//! whole list.
+//! The deliberate bugs that live in the storage engine, for proving that the consistency
+//! checker catches real ones (issues #3 and #14); `vow-server`'s `sabotage` module has the
+//! others and the whole list.
 //!
 //! Compiled only with the `sabotage` cargo feature, which `vow-server`'s feature of the same
 //! name turns on and no default build enables; without it [`enabled`] is a constant `false` and
-//! the sabotage branch is compiled out. With it, `skip-settled-check` in the comma-separated
-//! `VOW_SABOTAGE` environment variable lets a settle overwrite an already settled promise.
+//! the sabotage branches are compiled out. With it, the comma-separated `VOW_SABOTAGE`
+//! environment variable switches on `skip-settled-check` (a settle overwrites an already settled
+//! promise), `ack-before-fsync` (log appends are acknowledged once the OS has them, unsynced)
+//! and `drop-snapshot-announcements` (waiters are not told that a snapshot replaced the state).
 
 #[cfg(feature = "sabotage")]
 pub fn enabled(bug: &str) -> bool {

@@ -352,7 +352,9 @@ impl ShardStateMachine {
         self.cluster_time_ms = installed.cluster_time_ms;
         self.snapshot_records.store(installed.records, Ordering::Relaxed);
         // Waiters heard nothing of the settlements the snapshot brought; they look again.
-        let _ = self.announce.send(Announcement::StateReplaced);
+        if !crate::sabotage::enabled("drop-snapshot-announcements") {
+            let _ = self.announce.send(Announcement::StateReplaced);
+        }
         installed.meta
     }
 
