@@ -16,6 +16,8 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # The jepsen harness builds its hosts from network namespaces, iptables and tc.
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+# Its clock faults run each vowd under libfaketime.
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || need_apt+=(libfaketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian" >&2
   sudo_cmd=""

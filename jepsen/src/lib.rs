@@ -12,6 +12,7 @@
 //! Needs root (namespaces, iptables, tc). Depends on the client SDK only, never on the server.
 
 pub mod checker;
+pub mod clocks;
 pub mod history;
 pub mod hosts;
 pub mod nemesis;
