@@ -90,6 +90,34 @@ pub fn plan(enabled: &[String], time_limit: Duration, seed: u64) -> anyhow::Resu
     Ok(windows)
 }
 
+/// The links to cut, as pairs, for Jepsen's majorities ring over `order`: every node still sees
+/// a majority (itself included), and no two nodes see the same one, so no majority agrees on a
+/// leader by itself. Links are cut in both directions, since TCP needs both. Each node keeps its
+/// neighbours within ring distance `k = ceil((majority - 1) / 2)`. With three nodes that would
+/// keep the whole triangle, so one link goes and the ring is the path a-b-c, whose three views
+/// ({a, b}, {a, b, c}, {b, c}) are still distinct majorities. One or two nodes admit no such
+/// partition: no link is cut.
+pub fn majorities_ring(order: &[u64]) -> Vec<(u64, u64)> {
+    let n = order.len();
+    if n < 3 {
+        return Vec::new();
+    }
+    if n == 3 {
+        return vec![(order[0], order[2])];
+    }
+    let k = (n / 2).div_ceil(2); // n / 2 = majority - 1
+    let mut cuts = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let distance = (j - i).min(n - (j - i));
+            if distance > k {
+                cuts.push((order[i], order[j]));
+            }
+        }
+    }
+    cuts
+}
+
 /// Applies faults to the hosts and records what it did.
 #[derive(Debug, Default)]
 pub struct Nemesis {
@@ -196,16 +224,16 @@ impl Nemesis {
                 );
             }
             Fault::MajorityRing => {
-                // Each node sees a majority, but no two nodes see the same one.
-                for (i, node) in ids.iter().enumerate() {
-                    let visible: Vec<u64> = (0..majority).map(|k| ids[(i + k) % n]).collect();
-                    let blocked: Vec<u64> = ids.iter().copied().filter(|x| !visible.contains(x)).collect();
-                    net::block(*node, &blocked)?;
-                }
+                let cuts = majorities_ring(&ids);
+                net::cut(&cuts)?;
+                let shape = if cuts.is_empty() { "no ring possible, network left whole" } else { "cut" };
                 self.record(
                     at_ns,
                     "partition",
-                    format!("majority ring over {ids:?}; leaders {}", shards::describe_leadership(&leaders)),
+                    format!(
+                        "majorities ring over {ids:?}, {shape} {cuts:?}; leaders {}",
+                        shards::describe_leadership(&leaders)
+                    ),
                 );
             }
             Fault::Bridge => {
@@ -304,5 +332,49 @@ impl Nemesis {
         }
         self.record(done_ns, "heal", detail);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// What each node sees (itself included) once `cuts` are gone from the full mesh.
+    fn views(order: &[u64], cuts: &[(u64, u64)]) -> Vec<BTreeSet<u64>> {
+        let linked = |a: u64, b: u64| !cuts.contains(&(a, b)) && !cuts.contains(&(b, a));
+        order.iter().map(|&a| order.iter().copied().filter(|&b| a == b || linked(a, b)).collect()).collect()
+    }
+
+    #[test]
+    fn the_majorities_ring_of_three_and_five_nodes_is_exactly_this() {
+        // Three nodes: the path 2-1-3 (in the seeded order 2, 1, 3): only 2 and 3 lose each other.
+        assert_eq!(majorities_ring(&[2, 1, 3]), [(2, 3)]);
+        // Five nodes in the order 1..=5: each keeps its two ring neighbours.
+        assert_eq!(majorities_ring(&[1, 2, 3, 4, 5]), [(1, 3), (1, 4), (2, 4), (2, 5), (3, 5)]);
+        assert_eq!(
+            views(&[1, 2, 3, 4, 5], &majorities_ring(&[1, 2, 3, 4, 5])),
+            [[5, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 1]].map(BTreeSet::from)
+        );
+    }
+
+    #[test]
+    fn every_node_sees_a_majority_and_no_two_see_the_same_one() {
+        for n in 3..=9u64 {
+            // Not in id order, as the nemesis passes its seeded shuffle.
+            let mut order: Vec<u64> = (1..=n).rev().collect();
+            order.rotate_left(1);
+            let cuts = majorities_ring(&order);
+            assert!(!cuts.is_empty(), "{n} nodes: nothing cut");
+            let views = views(&order, &cuts);
+            let majority = n as usize / 2 + 1;
+            for (node, view) in order.iter().zip(&views) {
+                assert!(view.len() >= majority, "{n} nodes: node {node} sees only {view:?}");
+            }
+            let distinct: BTreeSet<&BTreeSet<u64>> = views.iter().collect();
+            assert_eq!(distinct.len(), views.len(), "{n} nodes: two nodes see the same majority: {views:?}");
+        }
+        assert_eq!(majorities_ring(&[1, 2]), [], "two nodes cannot both see a majority and differ");
     }
 }

@@ -143,6 +143,16 @@ pub fn block(node: u64, from: &[u64]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cuts each link `(a, b)` in both directions: TCP needs packets both ways, so a rule on one
+/// side only would still break the link for connections, and hide which links were meant to work.
+pub fn cut(links: &[(u64, u64)]) -> anyhow::Result<()> {
+    for &(a, b) in links {
+        block(a, &[b])?;
+        block(b, &[a])?;
+    }
+    Ok(())
+}
+
 /// Cuts the cluster into the given groups: no packet crosses between groups.
 pub fn partition(groups: &[Vec<u64>]) -> anyhow::Result<()> {
     for (gi, g) in groups.iter().enumerate() {

@@ -306,9 +306,18 @@ async fn await_on_a_follower_sees_a_settlement_that_arrives_by_snapshot() -> any
     for i in 0..300 {
         c.create(create_req(&format!("{{snap}}/filler-{i}"), "")).await?;
     }
-    // The leader snapshots and purges its log past what the paused follower has.
-    eventually("the leader to purge its log past the paused follower", Duration::from_secs(30), || {
-        Ok(of_shard(leader, "vow_shard_purged_index")? > follower_last)
+    // Both other replicas snapshot and purge their logs past what the paused follower has, so
+    // whichever of them leads when it returns (under a loaded test run the leader can change)
+    // must send it a snapshot. Waiting for the leader alone let a new leader that had not
+    // purged yet catch the follower up from its log, and the test failed now and then.
+    let others: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|&id| id != follower).collect();
+    eventually("the other replicas to purge their logs past the paused follower", Duration::from_secs(30), || {
+        for &id in &others {
+            if of_shard(id, "vow_shard_purged_index")? <= follower_last {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })
     .await?;
     cluster.resume(follower)?;
