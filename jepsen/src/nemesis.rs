@@ -91,8 +91,9 @@ pub fn plan(enabled: &[String], time_limit: Duration, seed: u64) -> anyhow::Resu
 }
 
 /// The links to cut, as pairs, for Jepsen's majorities ring over `order`: every node still sees
-/// a majority (itself included), and no two nodes see the same one, so no majority agrees on a
-/// leader by itself. Links are cut in both directions, since TCP needs both. Each node keeps its
+/// a majority (itself included), and no two nodes see the same one: each can win an election
+/// among the nodes it sees, in majorities that overlap without agreeing. Links are cut in both
+/// directions, since TCP needs both (a rule on one side only breaks the link either way). Each node keeps its
 /// neighbours within ring distance `k = ceil((majority - 1) / 2)`. With three nodes that would
 /// keep the whole triangle, so one link goes and the ring is the path a-b-c, whose three views
 /// ({a, b}, {a, b, c}, {b, c}) are still distinct majorities. One or two nodes admit no such
@@ -309,6 +310,8 @@ impl Nemesis {
     pub async fn heal(&mut self, hosts: &mut Hosts, now_ns: impl Fn() -> u64) -> anyhow::Result<()> {
         let started_ns = now_ns();
         net::heal(hosts.ids().len() as u64)?;
+        // A node that died on its own is an anomaly; record it before the heal restarts it.
+        self.record_crashes(hosts, started_ns);
         let restarted = hosts.heal()?;
         let mut detail = format!("network healed; processes resumed/started: {restarted:?}");
         for id in std::mem::take(&mut self.removed) {
