@@ -110,7 +110,9 @@ impl Hosts {
     fn signal(&mut self, id: u64, sig: &str) -> anyhow::Result<()> {
         let node = self.node(id)?;
         if let Some(c) = &node.child {
-            Command::new("kill").args([sig, &c.id().to_string()]).status()?;
+            let status = Command::new("kill").args([sig, &c.id().to_string()]).status()?;
+            // A pause that did not happen would pass for one that did.
+            anyhow::ensure!(status.success(), "kill {sig} of node {id} failed: {status}");
         }
         Ok(())
     }
@@ -127,7 +129,24 @@ impl Hosts {
         Ok(())
     }
 
-    /// Resumes paused nodes and starts dead ones.
+    /// Nodes whose process exited although nothing here stopped it (a panic, a fatal storage
+    /// error, an abort), with the exit status in words. `kill` takes a node's process handle
+    /// before it signals, so only such exits are left to find; they are forgotten here, so the
+    /// caller must record them, and a later [`Hosts::heal`] starts the node again.
+    pub fn reap_crashed(&mut self) -> Vec<(u64, String)> {
+        let mut crashed = Vec::new();
+        for node in &mut self.nodes {
+            if let Some(status) = node.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                node.child = None;
+                node.paused = false;
+                crashed.push((node.id, status.to_string()));
+            }
+        }
+        crashed
+    }
+
+    /// Resumes paused nodes and starts dead ones: those the nemesis killed, and those that
+    /// crashed, which the caller must have taken from [`Hosts::reap_crashed`] first.
     pub fn heal(&mut self) -> anyhow::Result<Vec<u64>> {
         let mut healed = Vec::new();
         for id in self.ids() {
@@ -190,5 +209,91 @@ impl Hosts {
 impl Drop for Hosts {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+/// What in a node's log shows it died of a bug rather than a fault: a Rust panic, or the
+/// runtime aborting the process.
+const CRASH_MARKS: &[&str] = &["panicked at", "fatal runtime error"];
+
+/// The lines of a node's log that show a panic or an abort (see [`CRASH_MARKS`]).
+pub fn crash_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|line| CRASH_MARKS.iter().any(|mark| line.contains(mark))).collect()
+}
+
+/// Every node log under a run's directory (`n<id>/vowd.log`), by node id. The logs span every
+/// restart of the node, since each start appends to the same file.
+pub fn node_logs(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut logs: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let id = entry.file_name().to_str()?.strip_prefix('n')?.parse().ok()?;
+            let log = entry.path().join("vowd.log");
+            log.exists().then_some((id, log))
+        })
+        .collect();
+    logs.sort();
+    logs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_and_aborts_are_found_in_a_log_and_nothing_else() {
+        let log = "\
+2026-11-29T10:00:00Z  INFO vowd started node=1
+2026-11-29T10:00:01Z  WARN shard 3: leader lost; election started
+thread 'tokio-runtime-worker' panicked at crates/server/src/shard.rs:120:9:
+called `Option::unwrap()` on a `None` value
+2026-11-29T10:00:02Z  INFO vowd started node=1
+fatal runtime error: stack overflow
+2026-11-29T10:00:03Z ERROR request failed: unavailable (the word panic alone is not a panic)
+";
+        assert_eq!(
+            crash_lines(log),
+            [
+                "thread 'tokio-runtime-worker' panicked at crates/server/src/shard.rs:120:9:",
+                "fatal runtime error: stack overflow"
+            ]
+        );
+        assert!(crash_lines("").is_empty());
+    }
+
+    #[test]
+    fn a_node_that_exits_by_itself_is_reaped_and_a_killed_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hosts = Hosts::new(PathBuf::from("vowd"), dir.path(), 3, 1, vec![]);
+        let spawn = |script: &str| Command::new("sh").args(["-c", script]).spawn().unwrap();
+        hosts.nodes[0].child = Some(spawn("exit 3"));
+        hosts.nodes[1].child = Some(spawn("sleep 30"));
+        hosts.nodes[2].child = Some(spawn("sleep 30"));
+        hosts.kill(2).unwrap(); // the nemesis's kill: expected, never reported
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let crashed = loop {
+            let crashed = hosts.reap_crashed();
+            if !crashed.is_empty() || std::time::Instant::now() > deadline {
+                break crashed;
+            }
+            std::thread::sleep(Duration::from_millis(10)); // poll until `exit 3` has exited
+        };
+        assert_eq!(crashed, [(1, "exit status: 3".to_owned())]);
+        assert!(hosts.reap_crashed().is_empty(), "a crash is reported once");
+        assert!(hosts.is_running(3) && !hosts.is_running(1) && !hosts.is_running(2));
+    }
+
+    #[test]
+    fn node_logs_are_found_by_node_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for node in ["n2", "n1", "n10", "nx", "other"] {
+            std::fs::create_dir(dir.path().join(node)).unwrap();
+            std::fs::write(dir.path().join(node).join("vowd.log"), "").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("n3")).unwrap(); // no log yet
+        let ids: Vec<u64> = node_logs(dir.path()).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, [1, 2, 10]);
     }
 }

@@ -173,6 +173,14 @@ impl Nemesis {
         self.events.push(NemesisEvent { at_ns, action: action.to_owned(), detail });
     }
 
+    /// Records a "crashed" event for every node whose process exited although the nemesis did
+    /// not kill it (see [`Hosts::reap_crashed`]); the checker reports each as an anomaly.
+    pub fn record_crashes(&mut self, hosts: &mut Hosts, at_ns: u64) {
+        for (id, status) in hosts.reap_crashed() {
+            self.record(at_ns, "crashed", format!("node {id} exited without being killed ({status})"));
+        }
+    }
+
     /// Starts a fault; `now_ns` stamps the event as the fault begins.
     pub async fn apply(&mut self, hosts: &mut Hosts, w: &Window, now_ns: impl Fn() -> u64) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(w.seed);
