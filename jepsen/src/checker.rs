@@ -6,18 +6,26 @@
 //! keys never interact, the history is split by key and each part is checked on its own
 //! (P-compositionality), which keeps every search small even when a run touches thousands of keys.
 //!
-//! Every op is mapped to one model step (see `classify`):
+//! Every op is mapped to one or two model steps (see `classify`):
 //!
-//! * a plain acknowledged create moves `Absent -> Pending`; a deduplicated one (an idempotent retry)
-//!   only reads, and sees any existing promise;
-//! * a plain acknowledged resolve / reject moves `Pending -> Resolved{v}` / `Rejected{v}`; a
-//!   deduplicated one reads, and must see exactly that settlement;
-//! * an acknowledged get / await, and any refused op that showed a register, is a read that must see
-//!   exactly that register (refusals did not take effect, but what they showed was true at some
-//!   instant while they ran);
+//! * an acknowledged create moves `Absent -> Pending`; an acknowledged resolve / reject moves
+//!   `Pending -> Resolved{v}` / `Rejected{v}`. A *deduplicated* acknowledgement is the same write:
+//!   the workload gives every invocation its own idempotency key, so the cluster can only have
+//!   deduplicated the op's own earlier attempt (an SDK retry), never someone else's write;
+//! * the reply of an acknowledged write is a read too. A plain reply shows the record the write
+//!   left (so it must be `Pending`, or the settlement written); a deduplicated reply shows the
+//!   record when the retry arrived, later within the op, so a deduplicated create may see a
+//!   settlement made since (a reply no later state can explain, such as `Absent`, fails);
+//! * an acknowledged get / await / final read, and any refused op that showed a register, is a
+//!   read that must see exactly that register (refusals did not take effect, but what they showed
+//!   was true at some instant while they ran);
 //! * an op with an unknown outcome (`Info`) that writes may take effect at any instant after its
 //!   invocation, or never; when it does, a create or settle the register would have refused is a
 //!   no-op. Unknown reads, and refusals that showed nothing, constrain nothing and are dropped.
+//!
+//! The final reads of every node (kind `FinalRead`) come after every other op, so they take part
+//! in the search like any read: an acknowledged create that no node holds at the end, or a get
+//! that saw a settlement the final reads contradict, fails the key.
 //!
 //! # Algorithm
 //!
@@ -48,20 +56,28 @@
 //! Besides linearizability, [`check`] reports direct invariant violations (double settles, phantom
 //! values, lost settles, divergent replicas, awaits that returned a non-final value) that are easier
 //! to read in a report than a failed search, including evidence from the final reads of every node.
+//! [`check_run`] adds what only the whole run shows: liveness (a run in which no write succeeds, or
+//! none after the final heal, is invalid, as in Jepsen's `stats` checker) and nodes that exited
+//! without the nemesis killing them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
-use crate::history::{Op, OpKind, Outcome, Register};
+use serde::Deserialize;
+
+use crate::history::{NemesisEvent, Op, OpKind, Outcome, Register};
 
 /// One violation found in the history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anomaly {
+    /// The promise it concerns; empty for anomalies of the whole run.
     pub key: String,
-    /// "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or
-    /// "await-not-final"; the run adds "no-recovery" when the healed cluster does not converge.
+    /// Per key: "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or
+    /// "await-not-final". Per run: "no-progress" (no write succeeded, or none after the final
+    /// heal) and "node-crashed" (see [`check_run`]); the run itself adds "no-recovery" when the
+    /// healed cluster does not converge and "node-panic" for a panic in a node's log.
     pub kind: String,
     pub detail: String,
     /// The ops that show the anomaly, ascending: for "nonlinearizable" every op of the key invoked
@@ -75,37 +91,100 @@ pub fn check_key(key: &str, ops: &[Op]) -> Result<(), Anomaly> {
     check_key_refs(key, &refs)
 }
 
-/// Checks every key's linearizability plus the invariants listed on [`Anomaly::kind`], using the
-/// final reads in `finals` (key -> (node id, register read from that node) after healing).
-/// Anomalies come out grouped by key in key order; an empty result means the run was valid.
-pub fn check(ops: &[Op], finals: &BTreeMap<String, Vec<(u64, Register)>>) -> Vec<Anomaly> {
+/// Checks every key's linearizability plus the invariants listed on [`Anomaly::kind`], with the
+/// history's `FinalRead` ops as the final reads of every node. Anomalies come out grouped by key
+/// in key order; an empty result means every key is consistent.
+pub fn check(ops: &[Op]) -> Vec<Anomaly> {
     let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
     for op in ops {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
-    // A key that only appears in the final reads can still diverge or hold a phantom value.
-    for key in finals.keys() {
-        by_key.entry(key.as_str()).or_default();
-    }
     let keys: Vec<(&str, Vec<&Op>)> = by_key.into_iter().collect();
-    let per_key = parallel_map(&keys, |(key, key_ops)| {
-        let key_finals = finals.get(*key).map_or(&[][..], Vec::as_slice);
-        check_one(key, key_ops, key_finals)
-    });
+    let per_key = parallel_map(&keys, |(key, key_ops)| check_one(key, key_ops));
     per_key.into_iter().flatten().collect()
 }
 
+/// Everything the stored history of a run shows: [`check`] per key, then [`liveness`] and
+/// [`crashes`] for the run as a whole. `vow-jepsen test` and `vow-jepsen check` both use it, so a
+/// re-check of a stored history finds what the run found.
+pub fn check_run(ops: &[Op], events: &[NemesisEvent]) -> Vec<Anomaly> {
+    let mut anomalies = check(ops);
+    anomalies.extend(liveness(ops, events));
+    anomalies.extend(crashes(events));
+    anomalies
+}
+
+fn is_write(op: &Op) -> bool {
+    matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject)
+}
+
+/// When the last heal of the run completed (0 if there was none): every fault has ended by then.
+pub fn final_heal_ns(events: &[NemesisEvent]) -> u64 {
+    events.iter().filter(|e| e.action == "heal").map(|e| e.at_ns).max().unwrap_or(0)
+}
+
+/// A cluster that refuses or drops every write breaks no safety rule, so it must fail here: the
+/// run is invalid ("no-progress") when no write succeeded at all, or none that was invoked after
+/// the final heal (the cluster did not come back). Jepsen's `stats` checker makes the same call.
+pub fn liveness(ops: &[Op], events: &[NemesisEvent]) -> Option<Anomaly> {
+    let writes: Vec<&Op> = ops.iter().filter(|op| is_write(op)).collect();
+    let count = |ops: &[&Op], outcome: Outcome| ops.iter().filter(|op| op.outcome == outcome).count();
+    let tally = |ops: &[&Op]| {
+        format!(
+            "{} write attempts: {} refused, {} with unknown outcome",
+            ops.len(),
+            count(ops, Outcome::Fail),
+            count(ops, Outcome::Info)
+        )
+    };
+    let detail = if count(&writes, Outcome::Ok) == 0 {
+        format!("no write succeeded during the run ({})", tally(&writes))
+    } else {
+        let heal_ns = final_heal_ns(events);
+        let after: Vec<&Op> = writes.iter().copied().filter(|op| op.invoke_ns >= heal_ns).collect();
+        if count(&after, Outcome::Ok) > 0 {
+            return None;
+        }
+        format!("no write invoked after the final heal at {heal_ns} ns succeeded ({})", tally(&after))
+    };
+    Some(Anomaly { key: String::new(), kind: "no-progress".to_owned(), detail, op_ids: Vec::new() })
+}
+
+/// A node that exited without the nemesis killing it (a panic, a fatal storage error): the run
+/// records a "crashed" event for each before it restarts the node.
+pub fn crashes(events: &[NemesisEvent]) -> Vec<Anomaly> {
+    events
+        .iter()
+        .filter(|e| e.action == "crashed")
+        .map(|e| Anomaly {
+            key: String::new(),
+            kind: "node-crashed".to_owned(),
+            detail: format!("at {} ns: {}", e.at_ns, e.detail),
+            op_ids: Vec::new(),
+        })
+        .collect()
+}
+
+/// The final reads among one key's ops: (node, register it held).
+fn finals_of(ops: &[&Op]) -> Vec<(u64, Register)> {
+    ops.iter()
+        .filter(|op| op.kind == OpKind::FinalRead && op.outcome != Outcome::Info)
+        .filter_map(|op| Some((op.node.unwrap_or_default(), op.observed.clone()?)))
+        .collect()
+}
+
 /// All checks for one key, in a fixed order so reports are stable.
-fn check_one(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Anomaly> {
+fn check_one(key: &str, ops: &[&Op]) -> Vec<Anomaly> {
+    let finals = finals_of(ops);
     let mut out = Vec::new();
     if let Err(anomaly) = check_key_refs(key, ops) {
         out.push(anomaly);
     }
     out.extend(double_settle(key, ops));
-    out.extend(phantom_values(key, ops, finals));
-    out.extend(lost_settles(key, ops, finals));
-    out.extend(divergence(key, finals));
-    out.extend(await_not_final(key, ops, finals));
+    out.extend(phantom_values(key, ops, &finals));
+    out.extend(lost_settles(key, ops, &finals));
+    out.extend(divergence(key, &finals));
+    out.extend(await_not_final(key, ops, &finals));
     out
 }
 
@@ -156,6 +235,8 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
 const ABSENT: u32 = 0;
 /// Interned id of `Register::Pending`.
 const PENDING: u32 = 1;
+/// A register no state ever is: `Read(NEVER)` is a reply that nothing can explain.
+const NEVER: u32 = u32::MAX;
 
 /// Registers interned to small ids, so a search state is one machine word and cheap to hash.
 #[derive(Debug)]
@@ -186,8 +267,6 @@ enum Step {
     Settle(u32),
     /// Saw exactly this register; changes nothing.
     Read(u32),
-    /// Deduplicated create: saw some existing promise; changes nothing.
-    ReadExisting,
     /// Create with unknown outcome: applies only to `Absent` (otherwise it was refused).
     MaybeCreate,
     /// Settle with unknown outcome: applies only to `Pending` (otherwise it was refused).
@@ -202,12 +281,11 @@ impl Step {
             Step::Create | Step::MaybeCreate => (state == ABSENT).then_some(PENDING),
             Step::Settle(to) | Step::MaybeSettle(to) => (state == PENDING).then_some(to),
             Step::Read(seen) => (state == seen).then_some(state),
-            Step::ReadExisting => (state != ABSENT).then_some(state),
         }
     }
 
     fn is_read(self) -> bool {
-        matches!(self, Step::Read(_) | Step::ReadExisting)
+        matches!(self, Step::Read(_))
     }
 
     /// What this step becomes for an op still running at a prefix's cut: writes may or may not
@@ -216,7 +294,7 @@ impl Step {
         match self {
             Step::Create | Step::MaybeCreate => Some(Step::MaybeCreate),
             Step::Settle(to) | Step::MaybeSettle(to) => Some(Step::MaybeSettle(to)),
-            Step::Read(_) | Step::ReadExisting => None,
+            Step::Read(_) => None,
         }
     }
 }
@@ -230,11 +308,6 @@ struct ModelOp {
     complete: Option<u64>,
 }
 
-/// Whether the cluster answered a retry from its dedup table; the flag lives in the response text.
-fn is_deduplicated(op: &Op) -> bool {
-    op.detail.to_ascii_lowercase().contains("deduplicated")
-}
-
 /// The register a resolve / reject writes, or None for other kinds.
 fn settle_register(op: &Op) -> Option<Register> {
     // A settle without a value is malformed; the empty value still lets it be checked.
@@ -242,39 +315,66 @@ fn settle_register(op: &Op) -> Option<Register> {
     match op.kind {
         OpKind::Resolve => Some(Register::Resolved { value }),
         OpKind::Reject => Some(Register::Rejected { value }),
-        OpKind::Create | OpKind::Get | OpKind::Await => None,
+        OpKind::Create | OpKind::Get | OpKind::Await | OpKind::FinalRead => None,
     }
 }
 
-/// The model step of `op` in the history cut at `cutoff` (None = the whole history), or None if
-/// the op does not belong to that prefix or constrains nothing.
-fn classify(op: &Op, interner: &mut Interner, cutoff: Option<u64>) -> Option<ModelOp> {
-    if cutoff.is_some_and(|t| op.invoke_ns > t) {
+/// What the reply of an acknowledged write adds to its write, as a read (see the module docs):
+/// None when the write itself explains it, `Read(NEVER)` when nothing can.
+fn reply_read(op: &Op, written: u32, interner: &mut Interner) -> Option<Step> {
+    let seen = interner.id(op.observed.as_ref()?);
+    if seen == written {
         return None;
     }
-    let settled = settle_register(op);
-    let step = match (op.outcome, op.kind) {
-        (Outcome::Info, OpKind::Create) => Step::MaybeCreate,
-        (Outcome::Info, OpKind::Resolve | OpKind::Reject) => Step::MaybeSettle(interner.id(settled.as_ref()?)),
-        (Outcome::Info, OpKind::Get | OpKind::Await) => return None,
-        (Outcome::Ok, OpKind::Create) if is_deduplicated(op) => Step::ReadExisting,
-        (Outcome::Ok, OpKind::Create) => Step::Create,
-        (Outcome::Ok, OpKind::Resolve | OpKind::Reject) => {
-            let to = interner.id(settled.as_ref()?);
-            if is_deduplicated(op) { Step::Read(to) } else { Step::Settle(to) }
-        }
-        (Outcome::Ok, OpKind::Get | OpKind::Await) | (Outcome::Fail, _) => {
-            Step::Read(interner.id(op.observed.as_ref()?))
+    // A deduplicated create's reply shows the record when the retry came, so a settlement made
+    // since may show; nothing turns a promise back into `Absent`. A settlement is final, so
+    // every settle's reply must show it.
+    let later_read = op.kind == OpKind::Create && op.deduplicated && seen != ABSENT;
+    Some(Step::Read(if later_read { seen } else { NEVER }))
+}
+
+/// Appends the model steps of `op` in the history cut at `cutoff` (None = the whole history) to
+/// `out`: none if the op does not belong to that prefix or constrains nothing, two for an
+/// acknowledged write whose reply is a read of its own.
+fn classify(op: &Op, interner: &mut Interner, cutoff: Option<u64>, out: &mut Vec<ModelOp>) {
+    if cutoff.is_some_and(|t| op.invoke_ns > t) {
+        return;
+    }
+    let settled = settle_register(op).map(|r| interner.id(&r));
+    let steps: [Option<Step>; 2] = match (op.outcome, op.kind) {
+        (Outcome::Info, OpKind::Create) => [Some(Step::MaybeCreate), None],
+        (Outcome::Info, OpKind::Resolve | OpKind::Reject) => [settled.map(Step::MaybeSettle), None],
+        (Outcome::Info, OpKind::Get | OpKind::Await | OpKind::FinalRead) => [None, None],
+        (Outcome::Ok, OpKind::Create) => [Some(Step::Create), reply_read(op, PENDING, interner)],
+        (Outcome::Ok, OpKind::Resolve | OpKind::Reject) => match settled {
+            Some(to) => [Some(Step::Settle(to)), reply_read(op, to, interner)],
+            None => [None, None],
+        },
+        (Outcome::Ok, OpKind::Get | OpKind::Await | OpKind::FinalRead) | (Outcome::Fail, _) => {
+            [op.observed.as_ref().map(|seen| Step::Read(interner.id(seen))), None]
         }
     };
-    if op.outcome == Outcome::Info {
-        return Some(ModelOp { step, invoke: op.invoke_ns, complete: None });
+    for step in steps.into_iter().flatten() {
+        let model = if op.outcome == Outcome::Info {
+            Some(ModelOp { step, invoke: op.invoke_ns, complete: None })
+        } else if cutoff.is_some_and(|t| op.complete_ns > t) {
+            step.unfinished().map(|step| ModelOp { step, invoke: op.invoke_ns, complete: None })
+        } else {
+            // A completion recorded before the invocation (clock trouble) is read as an instant op.
+            Some(ModelOp { step, invoke: op.invoke_ns, complete: Some(op.complete_ns.max(op.invoke_ns)) })
+        };
+        out.extend(model);
     }
-    if cutoff.is_some_and(|t| op.complete_ns > t) {
-        return step.unfinished().map(|step| ModelOp { step, invoke: op.invoke_ns, complete: None });
+}
+
+/// The model of one key's history cut at `cutoff` (None = all of it).
+fn model_of(ops: &[&Op], cutoff: Option<u64>) -> Vec<ModelOp> {
+    let mut interner = Interner::new();
+    let mut model = Vec::with_capacity(ops.len());
+    for op in ops {
+        classify(op, &mut interner, cutoff, &mut model);
     }
-    // A completion recorded before the invocation (clock trouble) is read as an instant op.
-    Some(ModelOp { step, invoke: op.invoke_ns, complete: Some(op.complete_ns.max(op.invoke_ns)) })
+    model
 }
 
 /// What a search found.
@@ -452,9 +552,7 @@ fn search(ops: &[ModelOp]) -> SearchResult {
 
 /// Searches the history of one key cut at `cutoff` (None = all of it).
 fn search_prefix(ops: &[&Op], cutoff: Option<u64>) -> SearchResult {
-    let mut interner = Interner::new();
-    let model: Vec<ModelOp> = ops.iter().filter_map(|op| classify(op, &mut interner, cutoff)).collect();
-    search(&model)
+    search(&model_of(ops, cutoff))
 }
 
 fn check_key_refs(key: &str, ops: &[&Op]) -> Result<(), Anomaly> {
@@ -464,9 +562,7 @@ fn check_key_refs(key: &str, ops: &[&Op]) -> Result<(), Anomaly> {
     }
     // Candidate cut points: completions of ops with a known outcome; only a response can make a
     // prefix unexplainable.
-    let mut interner = Interner::new();
-    let mut cuts: Vec<u64> =
-        ops.iter().filter_map(|op| classify(op, &mut interner, None)).filter_map(|op| op.complete).collect();
+    let mut cuts: Vec<u64> = model_of(ops, None).iter().filter_map(|op| op.complete).collect();
     cuts.sort_unstable();
     cuts.dedup();
     // The prefix cut at the last completion is equivalent to the whole history, which failed:
@@ -519,14 +615,16 @@ fn show(register: &Register) -> String {
     }
 }
 
-/// An op in words, for details: `#id p<process> kind(value) outcome -> observed [invoke..complete]`.
+/// An op in words, for details:
+/// `#id p<process> kind(value) outcome [deduplicated] -> observed [invoke..complete]`.
 fn describe(op: &Op) -> String {
     let kind = match op.kind {
-        OpKind::Create => "create",
-        OpKind::Resolve => "resolve",
-        OpKind::Reject => "reject",
-        OpKind::Get => "get",
-        OpKind::Await => "await",
+        OpKind::Create => "create".to_owned(),
+        OpKind::Resolve => "resolve".to_owned(),
+        OpKind::Reject => "reject".to_owned(),
+        OpKind::Get => "get".to_owned(),
+        OpKind::Await => "await".to_owned(),
+        OpKind::FinalRead => format!("final-read@n{}", op.node.unwrap_or_default()),
     };
     let value = op.value.as_ref().map(|v| format!("({v:?})")).unwrap_or_default();
     let outcome = match op.outcome {
@@ -534,8 +632,12 @@ fn describe(op: &Op) -> String {
         Outcome::Fail => "fail",
         Outcome::Info => "info",
     };
+    let dedup = if op.deduplicated { " deduplicated" } else { "" };
     let observed = op.observed.as_ref().map(|r| format!(" -> {}", show(r))).unwrap_or_default();
-    format!("#{} p{} {kind}{value} {outcome}{observed} [{}..{}]", op.id, op.process, op.invoke_ns, op.complete_ns)
+    format!(
+        "#{} p{} {kind}{value} {outcome}{dedup}{observed} [{}..{}]",
+        op.id, op.process, op.invoke_ns, op.complete_ns
+    )
 }
 
 fn is_settle(op: &Op) -> bool {
@@ -560,10 +662,10 @@ fn group_by_register<T>(items: impl IntoIterator<Item = (Register, T)>) -> Vec<(
     groups
 }
 
-/// Two different settlements were both acknowledged as the one that settled the promise.
+/// Two different settlements were both acknowledged as the one that settled the promise. A
+/// deduplicated acknowledgement counts: it says the op's own earlier attempt settled it.
 fn double_settle(key: &str, ops: &[&Op]) -> Option<Anomaly> {
-    let acks: Vec<&Op> =
-        ops.iter().copied().filter(|op| is_settle(op) && op.outcome == Outcome::Ok && !is_deduplicated(op)).collect();
+    let acks: Vec<&Op> = ops.iter().copied().filter(|op| is_settle(op) && op.outcome == Outcome::Ok).collect();
     let groups = group_by_register(acks.iter().filter_map(|op| Some((settle_register(op)?, *op))));
     if groups.len() < 2 {
         return None;
@@ -589,7 +691,8 @@ fn phantom_values(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Ano
     let is_phantom = |register: &Register| {
         matches!(register, Register::Resolved { .. } | Register::Rejected { .. }) && !written(register)
     };
-    let seen_by_ops = ops.iter().filter_map(|op| {
+    // Final reads are reported by node, below.
+    let seen_by_ops = ops.iter().filter(|op| op.kind != OpKind::FinalRead).filter_map(|op| {
         let seen = op.observed.as_ref().filter(|r| is_phantom(r))?;
         Some((seen.clone(), (Some(*op), None)))
     });
@@ -617,7 +720,6 @@ fn phantom_values(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Ano
 
 /// After healing, a node does not hold a settlement that a client was told had happened.
 fn lost_settles(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Anomaly> {
-    // Deduplicated acknowledgements also promise the settlement is durable.
     let acks = ops.iter().filter(|op| is_settle(op) && op.outcome == Outcome::Ok);
     let groups = group_by_register(acks.filter_map(|op| Some((settle_register(op)?, *op))));
     groups

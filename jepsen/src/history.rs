@@ -1,7 +1,18 @@
-//! The history of a run: every client operation as an invocation and its completion, and every
-//! nemesis event, with times in nanoseconds since the start of the run.
+//! The history of a run: every client operation as an invocation and its completion, every
+//! final read, and every nemesis event, with times in nanoseconds since the start of the run.
+//!
+//! A run appends the history to `history.jsonl` as it goes, one [`Entry`] per line, so an aborted
+//! run keeps everything up to the abort and `vow-jepsen check` can re-check any stored history.
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, LineWriter, Write};
+use std::path::Path;
+
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+use crate::checker::Anomaly;
+use crate::report::Setup;
 
 /// What a client asked for. Every op names one promise (`key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +23,9 @@ pub enum OpKind {
     Reject,
     Get,
     Await,
+    /// A read of one node's own replica after every fault is healed, the replicas have converged
+    /// and no client runs any more: what that node finally holds.
+    FinalRead,
 }
 
 /// How an operation ended.
@@ -56,7 +70,17 @@ pub struct Op {
     pub outcome: Outcome,
     /// What the response showed the register to be, when it showed anything.
     pub observed: Option<Register>,
-    /// The cluster's answer in words (error message, dedup flag), for the report.
+    /// An acknowledged write the cluster answered from its dedup table: an earlier attempt of
+    /// this same op (the SDK retries with the op's own idempotency key) took effect, and
+    /// `observed` is the record as it was when the retry arrived. The cluster's flag, recorded
+    /// as it came (`PromiseResponse.deduplicated`).
+    #[serde(default)]
+    pub deduplicated: bool,
+    /// The node a read was sent to (reads are pinned to one node); None for writes, which follow
+    /// the leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
+    /// The cluster's answer in words (error message), for the report.
     pub detail: String,
 }
 
@@ -64,7 +88,78 @@ pub struct Op {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NemesisEvent {
     pub at_ns: u64,
-    /// e.g. "kill", "restart", "pause", "resume", "partition", "heal", "netem", "remove", "add", "transfer".
+    /// e.g. "kill", "pause", "partition", "heal", "netem", "remove", "add", "transfer"; and
+    /// "crashed" when the run finds a node that exited without the nemesis killing it.
     pub action: String,
     pub detail: String,
+}
+
+/// One line of `history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Entry {
+    /// What the run tests; the first line.
+    Setup(crate::report::Setup),
+    Op(Op),
+    Nemesis(NemesisEvent),
+    /// Something the run saw directly rather than in a response (a cluster that did not recover
+    /// after the heal, a panic in a node's log): kept so a re-check reports it too.
+    Anomaly(Anomaly),
+}
+
+/// The file a run's history goes to, in its output directory.
+pub const FILE: &str = "history.jsonl";
+
+/// Appends a run's history to `history.jsonl` as it happens. Every line reaches the file as soon
+/// as it is complete, so a run that aborts, or is killed, leaves its history up to that point.
+#[derive(Debug)]
+pub struct Writer {
+    file: LineWriter<File>,
+}
+
+impl Writer {
+    /// Starts `dir/history.jsonl`, replacing what an earlier attempt left there.
+    pub fn create(dir: &Path) -> anyhow::Result<Writer> {
+        let path = dir.join(FILE);
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Writer { file: LineWriter::new(file) })
+    }
+
+    pub fn append(&mut self, entry: &Entry) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(entry)?;
+        line.push(b'\n');
+        self.file.write_all(&line).context("appending to the history")
+    }
+}
+
+/// A stored history, split by entry type; ops sorted by id as the checker wants them.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub setup: Option<Setup>,
+    pub ops: Vec<Op>,
+    pub events: Vec<NemesisEvent>,
+    pub anomalies: Vec<Anomaly>,
+    /// A last line cut short: the run was killed while writing it. It is left out.
+    pub torn_tail: bool,
+}
+
+/// Reads `dir/history.jsonl`. Only the last line may be unreadable (a run killed mid-line); an
+/// unreadable line before it means the file is not a history.
+pub fn read(dir: &Path) -> anyhow::Result<Stored> {
+    let path = dir.join(FILE);
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>()?;
+    let mut stored = Stored::default();
+    for (i, line) in lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match serde_json::from_str::<Entry>(line) {
+            Ok(Entry::Setup(setup)) => stored.setup = Some(setup),
+            Ok(Entry::Op(op)) => stored.ops.push(op),
+            Ok(Entry::Nemesis(event)) => stored.events.push(event),
+            Ok(Entry::Anomaly(anomaly)) => stored.anomalies.push(anomaly),
+            Err(_) if i + 1 == lines.len() => stored.torn_tail = true,
+            Err(e) => anyhow::bail!("{}:{}: {e}", path.display(), i + 1),
+        }
+    }
+    stored.ops.sort_by_key(|op| op.id);
+    Ok(stored)
 }

@@ -3,9 +3,11 @@
 //! [`run::test`] starts N `vowd` processes as hosts in their own network namespaces ([`net`],
 //! [`hosts`]), drives concurrent clients ([`workload`]) while a seeded nemesis ([`nemesis`])
 //! kills, pauses, partitions, degrades, reconfigures and re-leads the cluster, heals everything,
-//! reads every promise from every node, and checks the history ([`checker`]): per-promise
-//! linearizability against a write-once register (Porcupine's algorithm) plus invariants.
-//! [`report`] writes the results, the history and an HTML timeline. The cluster runs several
+//! reads every promise from every node into the history, and checks it ([`checker`]): per-promise
+//! linearizability against a write-once register (Porcupine's algorithm), invariants, liveness
+//! (writes must succeed, also after the final heal) and nodes that crashed or panicked by
+//! themselves. [`history`] appends the history to disk as the run goes, and [`run::recheck`]
+//! checks a stored one again; [`report`] writes the results and an HTML timeline. The cluster runs several
 //! shards, each its own Raft group with its own leader; [`shards`] reads who leads what and
 //! whether every replica caught up from the nodes' status replies.
 //!

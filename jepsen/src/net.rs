@@ -37,6 +37,32 @@ fn in_ns(node: u64, args: &[&str]) -> anyhow::Result<()> {
     run(&all)
 }
 
+/// Where runs and cleanups on one machine take turns (see [`exclusive`]).
+const LOCK: &str = "/run/lock/vow-jepsen.lock";
+
+/// Holds the machine's vow-jepsen lock until dropped. Every run uses the same namespace, link and
+/// address names, so a second run (or a cleanup) started during a run would take over or delete
+/// its nodes, and each would record the other's writes: it must refuse instead.
+pub fn exclusive() -> anyhow::Result<std::fs::File> {
+    let path = std::path::Path::new(LOCK);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {LOCK}"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another vow-jepsen run or cleanup holds {LOCK}: runs on one machine share their namespaces")
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {LOCK}")),
+    }
+}
+
 /// Names of namespaces and links an earlier run left behind.
 pub fn leftovers() -> Vec<String> {
     let mut found = Vec::new();

@@ -1,17 +1,18 @@
-//! What a run leaves behind: `results.json`, `history.jsonl` and `report.html` (a timeline of
-//! every client's operations with the nemesis windows shaded and failing promises outlined).
+//! What a run leaves behind besides `history.jsonl` (see [`crate::history`]): `results.json` and
+//! `report.html` (a timeline of every client's operations with the nemesis windows shaded and
+//! failing promises outlined).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::checker::Anomaly;
+use crate::checker::{self, Anomaly};
 use crate::history::{NemesisEvent, Op, OpKind, Outcome};
 
 /// What a run tested: enough to replay it (with the same binaries).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Setup {
     pub seed: u64,
     pub nodes: u64,
@@ -22,13 +23,43 @@ pub struct Setup {
     pub clients: u64,
 }
 
+/// Ops counted by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub ok: usize,
+    pub fail: usize,
+    pub info: usize,
+}
+
+impl Tally {
+    fn of<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Tally {
+        let mut tally = Tally::default();
+        for op in ops {
+            match op.outcome {
+                Outcome::Ok => tally.ok += 1,
+                Outcome::Fail => tally.fail += 1,
+                Outcome::Info => tally.info += 1,
+            }
+        }
+        tally
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Results {
     pub valid: bool,
+    /// The clients' ops (final reads are counted apart), and below them by outcome.
     pub ops: usize,
     pub ok: usize,
     pub fail: usize,
     pub info: usize,
+    /// The clients' creates, resolves and rejects by outcome: most reads succeed even on a
+    /// cluster that takes no write, so these are the numbers that show progress.
+    pub writes: Tally,
+    /// Writes invoked after the final heal that succeeded: the cluster came back.
+    pub ok_writes_after_heal: usize,
+    /// Reads of every promise from every node after the heal (part of the checked history).
+    pub final_reads: usize,
     pub anomalies: Vec<Anomaly>,
     pub nemesis: Vec<NemesisEvent>,
     /// Flattened: `seed`, `nodes`, `shards`, ... are top-level fields of `results.json`.
@@ -38,13 +69,22 @@ pub struct Results {
 
 impl Results {
     pub fn new(ops: &[Op], anomalies: Vec<Anomaly>, nemesis: Vec<NemesisEvent>, setup: Setup) -> Results {
-        let count = |o: Outcome| ops.iter().filter(|op| op.outcome == o).count();
+        let client_ops: Vec<&Op> = ops.iter().filter(|op| op.kind != OpKind::FinalRead).collect();
+        let all = Tally::of(client_ops.iter().copied());
+        let is_write = |op: &&&Op| matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject);
+        let heal_ns = checker::final_heal_ns(&nemesis);
         Results {
             valid: anomalies.is_empty(),
-            ops: ops.len(),
-            ok: count(Outcome::Ok),
-            fail: count(Outcome::Fail),
-            info: count(Outcome::Info),
+            ops: client_ops.len(),
+            ok: all.ok,
+            fail: all.fail,
+            info: all.info,
+            writes: Tally::of(client_ops.iter().filter(is_write).copied()),
+            ok_writes_after_heal: Tally::of(
+                client_ops.iter().filter(is_write).copied().filter(|op| op.invoke_ns >= heal_ns),
+            )
+            .ok,
+            final_reads: ops.len() - client_ops.len(),
             anomalies,
             nemesis,
             setup,
@@ -55,12 +95,16 @@ impl Results {
     pub fn summary(&self) -> String {
         let kinds: BTreeSet<&str> = self.anomalies.iter().map(|a| a.kind.as_str()).collect();
         format!(
-            "valid={} ops={} ok={} fail={} info={} anomalies={}{} nemesis_events={} nodes={} shards={} seed={}",
+            "valid={} ops={} ok={} fail={} info={} ok_writes={} ok_writes_after_heal={} final_reads={} anomalies={}{} \
+             nemesis_events={} nodes={} shards={} seed={}",
             self.valid,
             self.ops,
             self.ok,
             self.fail,
             self.info,
+            self.writes.ok,
+            self.ok_writes_after_heal,
+            self.final_reads,
             self.anomalies.len(),
             if kinds.is_empty() { String::new() } else { format!(" {kinds:?}") },
             self.nemesis.len(),
@@ -71,22 +115,12 @@ impl Results {
     }
 }
 
+/// The file of a run's results, in its output directory.
+pub const RESULTS: &str = "results.json";
+
+/// Writes `results.json` and `report.html` (the history is already on disk).
 pub fn write_all(dir: &Path, results: &Results, ops: &[Op]) -> anyhow::Result<()> {
-    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(results)?)?;
-    let mut lines = String::new();
-    for e in &results.nemesis {
-        let _ = writeln!(
-            lines,
-            "{}",
-            serde_json::json!({"type": "nemesis", "at_ns": e.at_ns, "action": e.action, "detail": e.detail})
-        );
-    }
-    for op in ops {
-        let mut v = serde_json::to_value(op)?;
-        v["type"] = "op".into();
-        let _ = writeln!(lines, "{v}");
-    }
-    std::fs::write(dir.join("history.jsonl"), lines)?;
+    std::fs::write(dir.join(RESULTS), serde_json::to_string_pretty(results)?)?;
     std::fs::write(dir.join("report.html"), html(results, ops))?;
     Ok(())
 }
@@ -121,7 +155,8 @@ fn html(results: &Results, ops: &[Op]) -> String {
                     escape(&s.action)
                 );
             }
-        } else if open.is_none() {
+        } else if open.is_none() && e.action != "crashed" {
+            // A crash is found at a heal, not a fault the nemesis opened.
             open = Some(e);
         }
     }
@@ -130,7 +165,7 @@ fn html(results: &Results, ops: &[Op]) -> String {
             Outcome::Ok => match op.kind {
                 OpKind::Create => "#4a90d9",
                 OpKind::Resolve | OpKind::Reject => "#2e7d32",
-                OpKind::Get | OpKind::Await => "#9ccc65",
+                OpKind::Get | OpKind::Await | OpKind::FinalRead => "#9ccc65",
             },
             Outcome::Fail => "#ef9a9a",
             Outcome::Info => "#ffb300",

@@ -1,20 +1,22 @@
-//! One test run, start to finish: hosts up, clients and nemesis, heal, final reads, check.
+//! One test run, start to finish: hosts up, clients and nemesis, heal, final reads, check; and
+//! the re-check of a stored run.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::sync::mpsc;
 use vow_client::{Client, Error};
 
-use crate::history::{Op, Register};
+use crate::checker::{self, Anomaly};
+use crate::history::{self, Entry, Op, OpKind, Outcome, Register};
 use crate::hosts::{self, Hosts};
 use crate::nemesis::{self, Nemesis};
 use crate::report::{self, Results, Setup};
-use crate::{checker, net, shards, workload};
+use crate::{net, shards, workload};
 
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -84,23 +86,138 @@ async fn wait_converged(hosts: &Hosts, within: Duration) -> anyhow::Result<()> {
     }
 }
 
-async fn final_reads(hosts: &Hosts, keys: &BTreeSet<String>) -> anyhow::Result<BTreeMap<String, Vec<(u64, Register)>>> {
-    let mut finals: BTreeMap<String, Vec<(u64, Register)>> = BTreeMap::new();
-    for id in hosts.ids() {
-        let addr = hosts::grpc(id);
+/// How long the clients keep going after the final heal, at least: more than a generation of
+/// promise ids, so fresh ids are created and settled after it and the liveness rule (a write must
+/// succeed after the final heal) is never judged on ids whose writes were all done before it.
+const LOAD_AFTER_HEAL: Duration = workload::GENERATION.saturating_add(Duration::from_secs(1));
+
+/// Tries per final read: one transient error must not cost the run its final reads.
+const FINAL_READ_TRIES: u32 = 3;
+
+/// Reads every key from every node's own replica, each read an op of the history (`FinalRead`,
+/// process `process`) sent to `out`. Errors once every read is done if a read failed on every try
+/// (the op records the failure and constrains nothing).
+async fn final_reads(
+    hosts: &Hosts,
+    keys: &BTreeSet<String>,
+    process: u64,
+    ids: &AtomicU64,
+    ns: impl Fn() -> u64,
+    out: &mpsc::Sender<Entry>,
+) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for node in hosts.ids() {
+        let addr = hosts::grpc(node);
         for key in keys {
-            let reg = match Client::get_local(&addr, key).await {
-                Ok(p) => workload::register_of(&p),
-                Err(Error::NotFound(_)) => Register::Absent,
-                Err(e) => return Err(e).with_context(|| format!("final read of {key} from node {id}")),
+            let invoke_ns = ns();
+            let mut answer = Client::get_local(&addr, key).await;
+            for _ in 1..FINAL_READ_TRIES {
+                if matches!(answer, Ok(_) | Err(Error::NotFound(_))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await; // a retry after a transient error
+                answer = Client::get_local(&addr, key).await;
+            }
+            let (outcome, observed, detail) = match answer {
+                Ok(p) => (Outcome::Ok, Some(workload::register_of(&p)), String::new()),
+                Err(Error::NotFound(_)) => (Outcome::Ok, Some(Register::Absent), String::new()),
+                Err(e) => {
+                    failed.push(format!("{key} from node {node}: {e}"));
+                    (Outcome::Fail, None, e.to_string())
+                }
             };
-            finals.entry(key.clone()).or_default().push((id, reg));
+            let op = Op {
+                id: ids.fetch_add(1, Ordering::Relaxed),
+                process,
+                kind: OpKind::FinalRead,
+                key: key.clone(),
+                value: None,
+                invoke_ns,
+                complete_ns: ns(),
+                outcome,
+                observed,
+                deduplicated: false,
+                node: Some(node),
+                detail,
+            };
+            out.send(Entry::Op(op)).await.context("the history recorder stopped")?;
         }
     }
-    Ok(finals)
+    match failed.first() {
+        None => Ok(()),
+        Some(first) => bail!("{} final reads failed, e.g. {first}", failed.len()),
+    }
 }
 
-/// Runs one test and returns its results (also written to `opts.out`).
+/// Owns the history file: appends every entry as it arrives and returns them all at the end.
+async fn record(mut entries: mpsc::Receiver<Entry>, mut file: history::Writer) -> anyhow::Result<history::Stored> {
+    let mut stored = history::Stored::default();
+    while let Some(entry) = entries.recv().await {
+        file.append(&entry)?;
+        match entry {
+            Entry::Setup(setup) => stored.setup = Some(setup),
+            Entry::Op(op) => stored.ops.push(op),
+            Entry::Nemesis(event) => stored.events.push(event),
+            Entry::Anomaly(anomaly) => stored.anomalies.push(anomaly),
+        }
+    }
+    stored.ops.sort_by_key(|o| o.id);
+    Ok(stored)
+}
+
+/// Sends the nemesis events recorded since the last call to the history.
+async fn forward_events(nemesis: &Nemesis, sent: &mut usize, out: &mpsc::Sender<Entry>) -> anyhow::Result<()> {
+    for event in &nemesis.events[*sent..] {
+        out.send(Entry::Nemesis(event.clone())).await.context("the history recorder stopped")?;
+    }
+    *sent = nemesis.events.len();
+    Ok(())
+}
+
+/// The anomalies the node logs under `dir` show: one "node-panic" per node whose log holds a
+/// panic or an abort (see [`hosts::crash_lines`]), quoting the first few such lines.
+pub fn log_anomalies(dir: &Path) -> Vec<Anomaly> {
+    let mut anomalies = Vec::new();
+    for (node, path) in hosts::node_logs(dir) {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let text = String::from_utf8_lossy(&bytes);
+        let lines = hosts::crash_lines(&text);
+        if lines.is_empty() {
+            continue;
+        }
+        let shown: Vec<&str> = lines.iter().take(3).copied().collect();
+        anomalies.push(Anomaly {
+            key: String::new(),
+            kind: "node-panic".to_owned(),
+            detail: format!("node {node}: {} crash lines in its log: {}", lines.len(), shown.join(" | ")),
+            op_ids: Vec::new(),
+        });
+    }
+    anomalies
+}
+
+/// Everything wrong with a stored run: what its history shows ([`checker::check_run`]), what
+/// the run saw directly and stored, and what the node logs in `dir` show. The run and
+/// `vow-jepsen check` both judge this way, so they agree.
+fn judge(dir: &Path, stored: &history::Stored) -> Vec<Anomaly> {
+    let mut anomalies = checker::check_run(&stored.ops, &stored.events);
+    anomalies.extend(stored.anomalies.iter().cloned());
+    anomalies.extend(log_anomalies(dir));
+    anomalies
+}
+
+/// Re-checks the run stored in `dir` (its `history.jsonl` and node logs), as `vow-jepsen check`
+/// does; works on the history of an aborted run too.
+pub fn recheck(dir: &Path) -> anyhow::Result<(Results, history::Stored)> {
+    let stored = history::read(dir)?;
+    let setup =
+        stored.setup.clone().with_context(|| format!("{} has no setup line", dir.join(history::FILE).display()))?;
+    let results = Results::new(&stored.ops, judge(dir, &stored), stored.events.clone(), setup);
+    Ok((results, stored))
+}
+
+/// Runs one test and returns its results (also written to `opts.out`). The history goes to
+/// `opts.out/history.jsonl` as the run goes, so a run that fails midway leaves it behind.
 pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     // Namespaces, iptables and tc need root.
     let uid = std::process::Command::new("id")
@@ -128,6 +245,17 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
         bail!("{} holds node data of an earlier run; give a fresh --out", old.display());
     }
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let setup = Setup {
+        seed: opts.seed,
+        nodes: opts.nodes,
+        shards: opts.shards,
+        time_limit_secs: opts.time_limit.as_secs(),
+        nemeses: opts.nemeses.clone(),
+        clients: opts.clients,
+    };
+    let (tx, rx) = mpsc::channel::<Entry>(4096);
+    let recorder = tokio::spawn(record(rx, history::Writer::create(&opts.out)?));
+    tx.send(Entry::Setup(setup.clone())).await?;
     let _guard = NetGuard;
     net::setup(opts.nodes)?;
     let mut hosts = Hosts::new(opts.vowd.clone(), &opts.out, opts.nodes, opts.shards, opts.vowd_env.clone());
@@ -137,86 +265,80 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     wait_for_leader(&hosts, Duration::from_secs(30)).await?;
 
     let start = Instant::now();
-    let until = start + opts.time_limit;
     let ns = move || start.elapsed().as_nanos() as u64;
-    let (tx, mut rx) = mpsc::channel::<Op>(4096);
+    let until_ns = Arc::new(AtomicU64::new(opts.time_limit.as_nanos() as u64));
     let next_id = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     for p in 0..opts.clients {
         let writer = hosts.client(Duration::from_secs(3))?;
-        let readers = hosts.ids().into_iter().map(|id| hosts.client_of(id)).collect::<anyhow::Result<Vec<_>>>()?;
+        let readers =
+            hosts.ids().into_iter().map(|id| Ok((id, hosts.client_of(id)?))).collect::<anyhow::Result<Vec<_>>>()?;
         clients.push(tokio::spawn(workload::client(
             p,
             workload::Connections { writer, readers },
             opts.seed,
             start,
-            until,
+            until_ns.clone(),
             next_id.clone(),
             tx.clone(),
         )));
     }
-    drop(tx);
-    let collector = tokio::spawn(async move {
-        let mut ops = Vec::new();
-        while let Some(op) = rx.recv().await {
-            ops.push(op);
-        }
-        ops
-    });
 
     let mut nemesis = Nemesis::default();
+    let mut forwarded = 0;
     let mut fault_error = None;
     for w in &windows {
         tokio::time::sleep_until((start + w.at).into()).await;
-        if let Err(e) = nemesis.apply(&mut hosts, w, ns).await {
+        let applied = nemesis.apply(&mut hosts, w, ns).await;
+        forward_events(&nemesis, &mut forwarded, &tx).await?;
+        if let Err(e) = applied {
             fault_error = Some(e.context(format!("applying {:?}", w.fault)));
             break;
         }
         tokio::time::sleep(w.hold).await;
         nemesis.heal(&mut hosts, ns).await?;
+        forward_events(&nemesis, &mut forwarded, &tx).await?;
     }
-    // Always heal before the final reads, whatever happened above.
+    // Always heal before the final reads, whatever happened above; then keep the load going
+    // long enough after it to show whether the cluster takes writes again.
     nemesis.heal(&mut hosts, ns).await?;
+    forward_events(&nemesis, &mut forwarded, &tx).await?;
+    until_ns.fetch_max(ns() + LOAD_AFTER_HEAL.as_nanos() as u64, Ordering::Relaxed);
+    // The keys the clients touched, for the final reads.
+    let mut keys = BTreeSet::new();
     for c in clients {
-        c.await?;
+        keys.extend(c.await?);
     }
-    let mut ops = collector.await?;
-    ops.sort_by_key(|o| o.id);
     if let Some(e) = fault_error {
         return Err(e);
     }
+    // A node that crashed after the last heal is not restarted: its final reads fail, as they
+    // should, and its crash is recorded.
+    nemesis.record_crashes(&mut hosts, ns());
+    forward_events(&nemesis, &mut forwarded, &tx).await?;
     // A cluster that does not recover after every fault is healed is a finding too: record it
     // as an anomaly and still check and report everything the clients saw.
-    let keys: BTreeSet<String> = ops.iter().map(|o| o.key.clone()).collect();
     let recovered = async {
         wait_for_leader(&hosts, Duration::from_secs(30)).await?;
         wait_converged(&hosts, Duration::from_secs(60)).await?;
-        final_reads(&hosts, &keys).await
+        final_reads(&hosts, &keys, opts.clients, &next_id, ns, &tx).await
     }
     .await;
+    nemesis.record_crashes(&mut hosts, ns());
+    forward_events(&nemesis, &mut forwarded, &tx).await?;
     hosts.stop_all();
-    let (finals, recovery) = match recovered {
-        Ok(f) => (f, None),
-        Err(e) => (BTreeMap::new(), Some(e)),
-    };
-    let mut anomalies = checker::check(&ops, &finals);
-    if let Some(e) = recovery {
-        anomalies.push(checker::Anomaly {
+    if let Err(e) = recovered {
+        let anomaly = Anomaly {
             key: String::new(),
             kind: "no-recovery".into(),
             detail: format!("after healing: {e:#}"),
             op_ids: vec![],
-        });
+        };
+        tx.send(Entry::Anomaly(anomaly)).await?;
     }
-    let setup = Setup {
-        seed: opts.seed,
-        nodes: opts.nodes,
-        shards: opts.shards,
-        time_limit_secs: opts.time_limit.as_secs(),
-        nemeses: opts.nemeses.clone(),
-        clients: opts.clients,
-    };
-    let results = Results::new(&ops, anomalies, nemesis.events, setup);
-    report::write_all(&opts.out, &results, &ops)?;
+    drop(tx);
+    let stored = recorder.await??;
+    let results = Results::new(&stored.ops, judge(&opts.out, &stored), stored.events.clone(), setup);
+    report::write_all(&opts.out, &results, &stored.ops)?;
     Ok(results)
 }

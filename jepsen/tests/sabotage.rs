@@ -1,9 +1,11 @@
 //! Proof that the harness catches real bugs in the real server: a `vowd` built with the
 //! test-only `sabotage` feature is switched into one deliberate bug at a time, and a short run
-//! must come out invalid with the anomaly that bug causes. Needs root and `vowd-sabotage`
+//! must come out invalid with the anomaly that bug causes; and a cluster that refuses every write
+//! must come out invalid too, although it breaks no safety rule. Every run is re-checked from its
+//! stored history with `vow-jepsen check`, which must agree. Needs root, and `vowd-sabotage`
 //! beside the other binaries (`scripts/test.sh` builds it).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn bin_dir() -> PathBuf {
@@ -13,21 +15,36 @@ fn bin_dir() -> PathBuf {
 
 /// Runs the harness against the sabotaged build and returns (exit code, results.json).
 fn run(bug: &str, nemesis: &str, seed: u64) -> (Option<i32>, serde_json::Value) {
-    let bin = bin_dir();
-    let sabotaged = bin.join("vowd-sabotage");
+    let sabotaged = bin_dir().join("vowd-sabotage");
     assert!(sabotaged.exists(), "{} missing: build it with scripts/test.sh", sabotaged.display());
-    let out = tempfile::Builder::new().prefix(&format!("vow-jepsen-{bug}-")).tempdir().expect("tempdir");
+    run_against(bug, &sabotaged, &format!("VOW_SABOTAGE={bug}"), nemesis, seed)
+}
+
+/// Runs the harness against `vowd` with `env` added for every node, re-checks the stored history
+/// with `vow-jepsen check` (which must agree with the run and exit the same way), and returns
+/// (exit code, results.json).
+fn run_against(label: &str, vowd: &Path, env: &str, nemesis: &str, seed: u64) -> (Option<i32>, serde_json::Value) {
+    let bin = bin_dir();
+    let out = tempfile::Builder::new().prefix(&format!("vow-jepsen-{label}-")).tempdir().expect("tempdir");
     let status = Command::new(bin.join("vow-jepsen"))
         .args(["test", "--nodes", "3", "--time-limit", "15", "--clients", "8", "--nemesis", nemesis])
         .args(["--seed", &seed.to_string(), "--out"])
         .arg(out.path())
         .arg("--vowd")
-        .arg(&sabotaged)
-        .arg(format!("--vowd-env=VOW_SABOTAGE={bug}"))
+        .arg(vowd)
+        .arg(format!("--vowd-env={env}"))
         .status()
         .expect("running vow-jepsen");
     let text = std::fs::read_to_string(out.path().join("results.json"))
-        .unwrap_or_else(|e| panic!("{bug}: no results.json ({e}); exit {status:?}"));
+        .unwrap_or_else(|e| panic!("{label}: no results.json ({e}); exit {status:?}"));
+    let recheck = Command::new(bin.join("vow-jepsen")).arg("check").arg(out.path()).output().expect("vow-jepsen check");
+    let said = String::from_utf8_lossy(&recheck.stdout);
+    assert!(
+        said.contains("agrees with"),
+        "{label}: the re-check disagrees:\n{said}{}",
+        String::from_utf8_lossy(&recheck.stderr)
+    );
+    assert_eq!(recheck.status.code(), status.code(), "{label}: the re-check exits as the run did\n{said}");
     (status.code(), serde_json::from_str(&text).expect("results.json parses"))
 }
 
@@ -76,4 +93,23 @@ fn every_sabotaged_build_is_caught() {
             "{bug}: expected one of {expected:?}, got {found:?}"
         );
     }
+}
+
+#[test]
+fn a_cluster_that_refuses_every_write_is_invalid() {
+    // Every write the workload sends carries an idempotency key of several bytes; with a limit of
+    // one byte the real vowd answers every create and settle INVALID_ARGUMENT, a definite refusal,
+    // and every read NOT_FOUND. Nothing in that history is unsafe: only liveness can fail it.
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(config.path(), "[limits]\nmax_idempotency_key_bytes = 1\n").expect("writing the config");
+    let vowd = bin_dir().join("vowd");
+    let env = format!("VOW_CONFIG={}", config.path().display());
+    let (code, results) = run_against("refuse-writes", &vowd, &env, "none", 7);
+    let found = kinds(&results);
+    println!("refuse-writes: exit {code:?}, anomalies {found:?}, writes {}", results["writes"]);
+    assert_eq!(results["writes"]["ok"], 0, "the cluster was meant to refuse every write");
+    assert!(results["writes"]["fail"].as_u64().unwrap_or(0) > 100, "the clients kept writing: {}", results["writes"]);
+    assert_eq!(results["valid"], false, "a cluster that takes no write passed");
+    assert_eq!(code, Some(1), "an invalid run exits 1");
+    assert_eq!(found, std::collections::BTreeSet::from(["no-progress".to_owned()]));
 }
