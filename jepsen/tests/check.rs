@@ -57,7 +57,11 @@ fn store(dir: &Path, entries: &[Entry]) {
 
 /// Runs `vow-jepsen check DIR`: (exit code, stdout, stderr).
 fn check(dir: &Path) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vow-jepsen")).arg("check").arg(dir).output().expect("running vow-jepsen check");
+    let out = Command::new(env!("CARGO_BIN_EXE_vow-jepsen"))
+        .arg("check")
+        .arg(dir)
+        .output()
+        .expect("running vow-jepsen check");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
