@@ -76,6 +76,11 @@ fn render_offset(ms: i64) -> String {
     format!("{sign}{}.{:03}", abs / 1000, abs % 1000)
 }
 
+/// An offset for people: `"+12.500 s"`, `"-0.250 s"`.
+pub fn describe_offset(ms: i64) -> String {
+    format!("{} s", render_offset(ms))
+}
+
 fn parse_offset(text: &str) -> Option<i64> {
     let secs: f64 = text.parse().ok()?;
     Some((secs * 1000.0).round() as i64)

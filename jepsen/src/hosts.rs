@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use vow_client::{Client, Options, pb};
 
+use crate::clocks::FakeClock;
 use crate::net;
 
 pub const GRPC_PORT: u16 = 7001;
@@ -17,6 +18,8 @@ pub struct Node {
     pub id: u64,
     child: Option<Child>,
     pub paused: bool,
+    /// The node's shifted wall clock, when the run injects clock faults.
+    clock: Option<FakeClock>,
 }
 
 /// The cluster's processes.
@@ -41,10 +44,52 @@ impl Hosts {
         Hosts {
             vowd,
             dir: dir.to_path_buf(),
-            nodes: (1..=n).map(|id| Node { id, child: None, paused: false }).collect(),
+            nodes: (1..=n).map(|id| Node { id, child: None, paused: false, clock: None }).collect(),
             shards,
             env,
         }
+    }
+
+    /// Puts every node on a fake wall clock of its own (libfaketime), at offset zero until
+    /// [`Hosts::set_clock_offset`] moves it. Call before the nodes start.
+    pub fn with_fake_clocks(mut self) -> anyhow::Result<Hosts> {
+        anyhow::ensure!(
+            crate::clocks::available(),
+            "clock faults need {} (scripts/setup.sh installs libfaketime)",
+            crate::clocks::LIBFAKETIME
+        );
+        for node in &mut self.nodes {
+            let dir = self.dir.join(format!("n{}", node.id));
+            std::fs::create_dir_all(&dir)?;
+            node.clock = Some(FakeClock::create(&dir)?);
+        }
+        Ok(self)
+    }
+
+    /// Moves node `id`'s wall clock to `offset_ms` from true time; it takes effect at once, in
+    /// the running process.
+    pub fn set_clock_offset(&mut self, id: u64, offset_ms: i64) -> anyhow::Result<()> {
+        let clock = self.node(id)?.clock.as_ref().with_context(|| format!("node {id} has no fake clock"))?;
+        Ok(clock.set_offset_ms(offset_ms)?)
+    }
+
+    /// Every fake clock back to true time (a no-op without clock faults).
+    pub fn reset_clocks(&mut self) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            if let Some(clock) = &node.clock {
+                clock.set_offset_ms(0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `id`'s fake clock, for a task that moves it on its own (a strobe).
+    pub fn clock_of(&self, id: u64) -> Option<FakeClock> {
+        self.nodes.iter().find(|n| n.id == id).and_then(|n| n.clock.clone())
+    }
+
+    pub fn has_fake_clocks(&self) -> bool {
+        self.nodes.iter().all(|n| n.clock.is_some())
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -80,6 +125,14 @@ impl Hosts {
             .args(["--shards", &self.shards.to_string()])
             .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500", "--snapshot-logs", "2000"])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .and_then(|n| n.clock.as_ref())
+                    .map(FakeClock::env)
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

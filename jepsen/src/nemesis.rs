@@ -14,9 +14,9 @@ use vow_client::transport::H2Channel;
 
 use crate::history::NemesisEvent;
 use crate::hosts::Hosts;
-use crate::{net, shards};
+use crate::{clocks, net, shards};
 
-pub const ALL: &[&str] = &["kill", "pause", "partition", "netem", "membership", "transfer"];
+pub const ALL: &[&str] = &["kill", "pause", "partition", "netem", "membership", "transfer", "clock"];
 
 /// One planned fault. The `*Leader` faults and `TransferLeader` hit the node that leads the most
 /// shards at the time (each node leads some of them); `RemoveAndAdd` the one leading the fewest.
@@ -36,6 +36,12 @@ pub enum Fault {
     Delay,
     RemoveAndAdd,
     TransferLeader,
+    /// A minority of clocks ahead, another behind, by seconds.
+    ClockSkew,
+    /// One clock jumps minutes ahead or behind.
+    ClockJump,
+    /// A minority of clocks flip between true time and an offset every 50–200 ms.
+    ClockStrobe,
 }
 
 /// The faults a nemesis name enables.
@@ -49,6 +55,7 @@ fn faults_of(name: &str) -> &'static [Fault] {
         "netem" => &[Fault::Loss, Fault::Delay],
         "membership" => &[Fault::RemoveAndAdd],
         "transfer" => &[Fault::TransferLeader],
+        "clock" => &[Fault::ClockSkew, Fault::ClockJump, Fault::ClockStrobe],
         _ => &[],
     }
 }
@@ -124,6 +131,38 @@ pub fn majorities_ring(order: &[u64]) -> Vec<(u64, u64)> {
 pub struct Nemesis {
     pub events: Vec<NemesisEvent>,
     removed: Vec<u64>,
+    /// The task flipping clocks during a [`Fault::ClockStrobe`], until the heal stops it.
+    strobe: Option<Strobe>,
+}
+
+#[derive(Debug)]
+struct Strobe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Offsets in milliseconds for a clock fault, seeded: which nodes move, and how far. At most
+/// [`clocks::max_fast_clocks`] nodes run ahead at once, the most vow's bounded cluster time is
+/// meant to withstand; any number may run behind.
+fn clock_offsets(fault: &Fault, ids: &[u64], rng: &mut StdRng) -> Vec<(u64, i64)> {
+    let fast = clocks::max_fast_clocks(ids.len());
+    match fault {
+        Fault::ClockSkew => {
+            let mut offsets: Vec<(u64, i64)> =
+                ids.iter().take(fast).map(|&id| (id, rng.random_range(2_000..30_000))).collect();
+            if let Some(&slow) = ids.get(fast) {
+                offsets.push((slow, -rng.random_range(2_000..30_000)));
+            }
+            offsets
+        }
+        Fault::ClockJump => {
+            let minutes = rng.random_range(1..=10) * 60_000;
+            let offset = if fast > 0 && rng.random_bool(0.5) { minutes } else { -minutes };
+            ids.first().map(|&id| vec![(id, offset)]).unwrap_or_default()
+        }
+        Fault::ClockStrobe => ids.iter().take(fast.max(1)).map(|&id| (id, rng.random_range(1_000..10_000))).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// How long the nemesis waits for the nodes' status before choosing whom to hit.
@@ -166,6 +205,13 @@ async fn transfer(from: u64, to: u64, shard_ids: &[u32]) -> String {
             format!("ok; node {from} now sees leaders {}", now.join(" "))
         }
     }
+}
+
+/// `"node 3 +12.500 s, node 1 -4.000 s"`.
+fn describe_offsets(offsets: &[(u64, i64)]) -> String {
+    let each: Vec<String> =
+        offsets.iter().map(|(id, ms)| format!("node {id} {}", clocks::describe_offset(*ms))).collect();
+    each.join(", ")
 }
 
 impl Nemesis {
@@ -292,6 +338,40 @@ impl Nemesis {
                     Err(e) => self.record(at_ns, "remove-failed", format!("node {victim}{}: {e}", note(victim))),
                 }
             }
+            Fault::ClockSkew | Fault::ClockJump => {
+                anyhow::ensure!(hosts.has_fake_clocks(), "clock faults need the nodes on fake clocks");
+                let offsets = clock_offsets(&w.fault, &ids, &mut rng);
+                for &(id, ms) in &offsets {
+                    hosts.set_clock_offset(id, ms)?;
+                }
+                let what = if w.fault == Fault::ClockJump { "jump" } else { "skew" };
+                self.record(at_ns, "clock", format!("{what}: {}", describe_offsets(&offsets)));
+            }
+            Fault::ClockStrobe => {
+                anyhow::ensure!(hosts.has_fake_clocks(), "clock faults need the nodes on fake clocks");
+                let offsets = clock_offsets(&w.fault, &ids, &mut rng);
+                let strobed: Vec<(clocks::FakeClock, i64)> =
+                    offsets.iter().filter_map(|&(id, ms)| Some((hosts.clock_of(id)?, ms))).collect();
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = stop.clone();
+                let period = Duration::from_millis(rng.random_range(50..200));
+                let task = tokio::spawn(async move {
+                    let mut ahead = false;
+                    while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        ahead = !ahead;
+                        for (clock, ms) in &strobed {
+                            let _ = clock.set_offset_ms(if ahead { *ms } else { 0 });
+                        }
+                        tokio::time::sleep(period).await;
+                    }
+                });
+                self.strobe = Some(Strobe { stop, task });
+                self.record(
+                    at_ns,
+                    "clock",
+                    format!("strobe every {period:?} between 0 and {}", describe_offsets(&offsets)),
+                );
+            }
             Fault::TransferLeader => match heaviest {
                 // Every shard the heaviest leader holds moves to one other node (seeded).
                 Some((from, led)) if n > 1 => {
@@ -318,6 +398,11 @@ impl Nemesis {
     pub async fn heal(&mut self, hosts: &mut Hosts, now_ns: impl Fn() -> u64) -> anyhow::Result<()> {
         let started_ns = now_ns();
         net::heal(hosts.ids().len() as u64)?;
+        if let Some(strobe) = self.strobe.take() {
+            strobe.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = strobe.task.await;
+        }
+        hosts.reset_clocks()?;
         // A node that died on its own is an anomaly; record it before the heal restarts it.
         self.record_crashes(hosts, started_ns);
         let restarted = hosts.heal()?;
@@ -356,6 +441,25 @@ mod tests {
     fn views(order: &[u64], cuts: &[(u64, u64)]) -> Vec<BTreeSet<u64>> {
         let linked = |a: u64, b: u64| !cuts.contains(&(a, b)) && !cuts.contains(&(b, a));
         order.iter().map(|&a| order.iter().copied().filter(|&b| a == b || linked(a, b)).collect()).collect()
+    }
+
+    #[test]
+    fn clock_faults_never_move_more_than_a_minority_ahead() {
+        for n in 1..=7u64 {
+            let ids: Vec<u64> = (1..=n).collect();
+            for seed in 0..200 {
+                let mut rng = StdRng::seed_from_u64(seed);
+                for fault in [Fault::ClockSkew, Fault::ClockJump, Fault::ClockStrobe] {
+                    let offsets = clock_offsets(&fault, &ids, &mut rng);
+                    let ahead = offsets.iter().filter(|(_, ms)| *ms > 0).count();
+                    // A strobe on one node of one or two is still one fast clock: with n < 3 no
+                    // bound holds anyway, and the checker is told the skew was injected.
+                    let allowed = clocks::max_fast_clocks(n as usize).max(usize::from(fault == Fault::ClockStrobe));
+                    assert!(ahead <= allowed, "{fault:?} on {n} nodes moved {ahead} ahead: {offsets:?}");
+                    assert!(!offsets.is_empty() || n == 0, "{fault:?} on {n} nodes moved no clock");
+                }
+            }
+        }
     }
 
     #[test]

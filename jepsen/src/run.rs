@@ -259,6 +259,9 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     let _guard = NetGuard;
     net::setup(opts.nodes)?;
     let mut hosts = Hosts::new(opts.vowd.clone(), &opts.out, opts.nodes, opts.shards, opts.vowd_env.clone());
+    if opts.nemeses.iter().any(|n| n == "clock") {
+        hosts = hosts.with_fake_clocks()?;
+    }
     for id in hosts.ids() {
         hosts.start(id)?;
     }
