@@ -123,7 +123,17 @@ impl Hosts {
                 &peers,
             ])
             .args(["--shards", &self.shards.to_string()])
-            .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500", "--snapshot-logs", "2000"])
+            .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500"])
+            // Snapshots every 2,000 entries unless the run asks for its own interval
+            // (`--vowd-env VOW_SNAPSHOT_LOGS=100`: snapshot-heavy runs, installs under faults).
+            .args(
+                self.env
+                    .iter()
+                    .all(|(k, _)| k != "VOW_SNAPSHOT_LOGS")
+                    .then_some(["--snapshot-logs", "2000"])
+                    .into_iter()
+                    .flatten(),
+            )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(
                 self.nodes

@@ -16,7 +16,7 @@ use crate::history::NemesisEvent;
 use crate::hosts::Hosts;
 use crate::{clocks, net, shards};
 
-pub const ALL: &[&str] = &["kill", "pause", "partition", "netem", "membership", "transfer", "clock"];
+pub const ALL: &[&str] = &["kill", "pause", "partition", "netem", "membership", "transfer", "clock", "overlap"];
 
 /// One planned fault. The `*Leader` faults and `TransferLeader` hit the node that leads the most
 /// shards at the time (each node leads some of them); `RemoveAndAdd` the one leading the fewest.
@@ -25,6 +25,8 @@ pub enum Fault {
     KillRandom,
     KillLeader,
     KillMajority,
+    /// `kill -9` of every node at once (a rack losing power, with intact disks).
+    KillAll,
     PauseRandom,
     PauseLeader,
     IsolateOne,
@@ -42,12 +44,16 @@ pub enum Fault {
     ClockJump,
     /// A minority of clocks flip between true time and an offset every 50–200 ms.
     ClockStrobe,
+    /// Two faults at once: the cluster split in halves, and a node of the larger half killed.
+    PartitionAndKill,
+    /// Two faults at once: a member removed (re-added at the heal) while another node is paused.
+    MembershipAndPause,
 }
 
 /// The faults a nemesis name enables.
 fn faults_of(name: &str) -> &'static [Fault] {
     match name {
-        "kill" => &[Fault::KillRandom, Fault::KillLeader, Fault::KillMajority],
+        "kill" => &[Fault::KillRandom, Fault::KillLeader, Fault::KillMajority, Fault::KillAll],
         "pause" => &[Fault::PauseRandom, Fault::PauseLeader],
         "partition" => {
             &[Fault::IsolateOne, Fault::IsolateLeader, Fault::RandomHalves, Fault::MajorityRing, Fault::Bridge]
@@ -56,6 +62,7 @@ fn faults_of(name: &str) -> &'static [Fault] {
         "membership" => &[Fault::RemoveAndAdd],
         "transfer" => &[Fault::TransferLeader],
         "clock" => &[Fault::ClockSkew, Fault::ClockJump, Fault::ClockStrobe],
+        "overlap" => &[Fault::PartitionAndKill, Fault::MembershipAndPause],
         _ => &[],
     }
 }
@@ -258,6 +265,42 @@ impl Nemesis {
                     format!("majority {victims:?}; leaders {}", shards::describe_leadership(&leaders)),
                 );
             }
+            Fault::KillAll => {
+                for &v in &ids {
+                    hosts.kill(v)?;
+                }
+                self.record(at_ns, "kill", format!("every node {ids:?}"));
+            }
+            Fault::PartitionAndKill => {
+                let (small, large) = ids.split_at(n / 2);
+                net::partition(&[small.to_vec(), large.to_vec()])?;
+                let victim = large[0];
+                hosts.kill(victim)?;
+                self.record(
+                    at_ns,
+                    "partition",
+                    format!(
+                        "halves {small:?} | {large:?}, and node {victim} of the larger half killed{}",
+                        note(victim)
+                    ),
+                );
+            }
+            Fault::MembershipAndPause => {
+                let victim = shards::least_leading(&ids, &leaders).map_or(ids[0], |(node, _)| node);
+                let paused = ids.iter().copied().find(|&i| i != victim && i != one).unwrap_or(one);
+                if paused != victim {
+                    hosts.pause(paused)?;
+                }
+                let c = hosts.client(Duration::from_secs(10))?;
+                // A removal that failed may still have taken effect on some shards (each shard
+                // changes its membership on its own), so the heal re-adds the node either way.
+                self.removed.push(victim);
+                let removal = match c.remove_node(victim).await {
+                    Ok(_) => format!("node {victim} removed"),
+                    Err(e) => format!("removing node {victim} failed: {e}"),
+                };
+                self.record(at_ns, "remove", format!("{removal} while node {paused} is paused"));
+            }
             Fault::PauseRandom | Fault::PauseLeader => {
                 let victim = if w.fault == Fault::PauseLeader { one } else { ids[0] };
                 hosts.pause(victim)?;
@@ -330,11 +373,11 @@ impl Nemesis {
                 // is one (removing leaders is a different, rarer operation).
                 let victim = shards::least_leading(&ids, &leaders).map_or(ids[0], |(node, _)| node);
                 let c = hosts.client(Duration::from_secs(10))?;
+                // Re-added at the heal even if the removal failed: it may have taken effect on
+                // some shards and not others.
+                self.removed.push(victim);
                 match c.remove_node(victim).await {
-                    Ok(_) => {
-                        self.removed.push(victim);
-                        self.record(at_ns, "remove", format!("node {victim}{}", note(victim)));
-                    }
+                    Ok(_) => self.record(at_ns, "remove", format!("node {victim}{}", note(victim))),
                     Err(e) => self.record(at_ns, "remove-failed", format!("node {victim}{}: {e}", note(victim))),
                 }
             }
