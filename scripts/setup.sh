@@ -16,6 +16,9 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 # The jepsen harness builds its hosts from network namespaces, iptables and tc.
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+# vow-lazyfs (the power-loss and disk-fault filesystem) mounts directly as root; fusermount3 is how
+# it mounts and unmounts otherwise, and how a mount left behind is cleaned up by hand.
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 # Its clock faults run each vowd under libfaketime.
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || need_apt+=(libfaketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
