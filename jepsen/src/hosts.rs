@@ -8,6 +8,7 @@ use anyhow::Context;
 use vow_client::{Client, Options, pb};
 
 use crate::clocks::FakeClock;
+use crate::disks::Disk;
 use crate::net;
 
 pub const GRPC_PORT: u16 = 7001;
@@ -20,6 +21,9 @@ pub struct Node {
     pub paused: bool,
     /// The node's shifted wall clock, when the run injects clock faults.
     clock: Option<FakeClock>,
+    /// The node's data directory as a disk that can lose power, when the run injects power
+    /// loss or disk faults.
+    disk: Option<Disk>,
 }
 
 /// The cluster's processes.
@@ -44,7 +48,7 @@ impl Hosts {
         Hosts {
             vowd,
             dir: dir.to_path_buf(),
-            nodes: (1..=n).map(|id| Node { id, child: None, paused: false, clock: None }).collect(),
+            nodes: (1..=n).map(|id| Node { id, child: None, paused: false, clock: None, disk: None }).collect(),
             shards,
             env,
         }
@@ -83,6 +87,43 @@ impl Hosts {
         Ok(())
     }
 
+    /// Gives every node a data directory on a disk that can lose power ([`crate::disks`]).
+    /// Call before the nodes start.
+    pub fn with_lazy_disks(mut self) -> anyhow::Result<Hosts> {
+        anyhow::ensure!(crate::disks::available(), "power-loss and disk faults need /dev/fuse");
+        for node in &mut self.nodes {
+            node.disk = Some(Disk::mount(&self.dir.join(format!("n{}", node.id)))?);
+        }
+        Ok(self)
+    }
+
+    pub fn has_lazy_disks(&self) -> bool {
+        self.nodes.iter().all(|n| n.disk.is_some())
+    }
+
+    /// Node `id`'s disk, if the run gave it one.
+    pub fn disk(&self, id: u64) -> anyhow::Result<&Disk> {
+        let node = self.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id}"))?;
+        node.disk.as_ref().with_context(|| format!("node {id} has no lazy disk (run with the power or disk nemesis)"))
+    }
+
+    /// The power goes out on node `id`: `kill -9`, then its disk loses what was not fsynced.
+    /// Returns the filesystem's account of what it rolled back.
+    pub fn power_loss(&mut self, id: u64) -> anyhow::Result<String> {
+        self.kill(id)?;
+        self.disk(id)?.send(vow_lazyfs::Command::Crash)
+    }
+
+    /// Lifts every disk fault (a no-op without lazy disks).
+    pub fn heal_disks(&self) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            if let Some(disk) = &node.disk {
+                disk.send(vow_lazyfs::Command::Heal)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Node `id`'s fake clock, for a task that moves it on its own (a strobe).
     pub fn clock_of(&self, id: u64) -> Option<FakeClock> {
         self.nodes.iter().find(|n| n.id == id).and_then(|n| n.clock.clone())
@@ -106,9 +147,14 @@ impl Hosts {
 
     pub fn start(&mut self, id: u64) -> anyhow::Result<()> {
         let peers = self.nodes.iter().map(|n| format!("{}={}", n.id, grpc(n.id))).collect::<Vec<_>>().join(",");
-        let data = self.dir.join(format!("n{id}"));
-        std::fs::create_dir_all(&data)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("vowd.log"))?;
+        let host_dir = self.dir.join(format!("n{id}"));
+        std::fs::create_dir_all(&host_dir)?;
+        // The log stays off the lazy disk: a power loss must not take the evidence with it.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(host_dir.join("vowd.log"))?;
+        let data = match self.nodes.iter().find(|n| n.id == id).and_then(|n| n.disk.as_ref()) {
+            Some(disk) => disk.data_dir().to_path_buf(),
+            None => host_dir,
+        };
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &net::ns(id)])
             .arg(&self.vowd)

@@ -15,6 +15,7 @@
 
 pub mod checker;
 pub mod clocks;
+pub mod disks;
 pub mod history;
 pub mod hosts;
 pub mod nemesis;

@@ -27,7 +27,7 @@ enum Command {
         /// Seconds of load and faults.
         #[arg(long, default_value_t = 60)]
         time_limit: u64,
-        /// Faults to inject: kill, pause, partition, netem, membership, transfer, clock, overlap (comma-separated), or "all" / "none".
+        /// Faults to inject: kill, pause, partition, netem, membership, transfer, clock, overlap, power, disk (comma-separated), or "all" / "none".
         #[arg(long, default_value = "all")]
         nemesis: String,
         /// Seeds the operation and fault schedule (default: from the clock; printed either way).

@@ -16,7 +16,11 @@ use crate::history::NemesisEvent;
 use crate::hosts::Hosts;
 use crate::{clocks, net, shards};
 
-pub const ALL: &[&str] = &["kill", "pause", "partition", "netem", "membership", "transfer", "clock", "overlap"];
+pub const ALL: &[&str] =
+    &["kill", "pause", "partition", "netem", "membership", "transfer", "clock", "overlap", "power", "disk"];
+
+/// The nemeses that need every node's data on a lazy disk ([`crate::disks`]).
+pub const ON_LAZY_DISKS: &[&str] = &["power", "disk"];
 
 /// One planned fault. The `*Leader` faults and `TransferLeader` hit the node that leads the most
 /// shards at the time (each node leads some of them); `RemoveAndAdd` the one leading the fewest.
@@ -44,6 +48,18 @@ pub enum Fault {
     ClockJump,
     /// A minority of clocks flip between true time and an offset every 50–200 ms.
     ClockStrobe,
+    /// Power loss (`kill -9`, then the disk drops what was not fsynced) on one node.
+    PowerLossOne,
+    /// Power loss on a majority at once: what they acknowledged must survive on their disks.
+    PowerLossMajority,
+    /// Power loss on every node at once.
+    PowerLossAll,
+    /// The leader's disk fills up: writes that would grow it fail with ENOSPC.
+    DiskFull,
+    /// One node's fsyncs fail with EIO.
+    FsyncErrors,
+    /// One node's writes fail with EIO.
+    WriteErrors,
     /// Two faults at once: the cluster split in halves, and a node of the larger half killed.
     PartitionAndKill,
     /// Two faults at once: a member removed (re-added at the heal) while another node is paused.
@@ -63,6 +79,8 @@ fn faults_of(name: &str) -> &'static [Fault] {
         "transfer" => &[Fault::TransferLeader],
         "clock" => &[Fault::ClockSkew, Fault::ClockJump, Fault::ClockStrobe],
         "overlap" => &[Fault::PartitionAndKill, Fault::MembershipAndPause],
+        "power" => &[Fault::PowerLossOne, Fault::PowerLossMajority, Fault::PowerLossAll],
+        "disk" => &[Fault::DiskFull, Fault::FsyncErrors, Fault::WriteErrors],
         _ => &[],
     }
 }
@@ -140,6 +158,9 @@ pub struct Nemesis {
     removed: Vec<u64>,
     /// The task flipping clocks during a [`Fault::ClockStrobe`], until the heal stops it.
     strobe: Option<Strobe>,
+    /// Nodes whose disk failed under them: the heal restarts them once the disk is whole, as
+    /// an operator would after replacing it (a node does not reopen its storage by itself).
+    disk_failed: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -264,6 +285,40 @@ impl Nemesis {
                     "kill",
                     format!("majority {victims:?}; leaders {}", shards::describe_leadership(&leaders)),
                 );
+            }
+            Fault::PowerLossOne | Fault::PowerLossMajority | Fault::PowerLossAll => {
+                let victims: Vec<u64> = match w.fault {
+                    Fault::PowerLossOne => ids[..1].to_vec(),
+                    Fault::PowerLossMajority => ids[..majority].to_vec(),
+                    _ => ids.clone(),
+                };
+                let mut lost = Vec::new();
+                for &v in &victims {
+                    lost.push(format!("node {v}: {}", hosts.power_loss(v)?));
+                }
+                self.record(at_ns, "power-loss", lost.join("; "));
+            }
+            Fault::DiskFull | Fault::FsyncErrors | Fault::WriteErrors => {
+                let victim = one;
+                let disk = hosts.disk(victim)?;
+                let detail = match w.fault {
+                    Fault::DiskFull => {
+                        // Room for a little more than what is there: it fills within moments.
+                        let used = disk.used_bytes()?;
+                        disk.send(vow_lazyfs::Command::Quota(Some(used + (256 << 10))))?;
+                        format!("node {victim}{}: full at {} bytes", note(victim), used + (256 << 10))
+                    }
+                    Fault::FsyncErrors => {
+                        disk.send(vow_lazyfs::Command::FailFsync(true))?;
+                        format!("node {victim}{}: fsync fails with EIO", note(victim))
+                    }
+                    _ => {
+                        disk.send(vow_lazyfs::Command::FailWrite(true))?;
+                        format!("node {victim}{}: write fails with EIO", note(victim))
+                    }
+                };
+                self.disk_failed.push(victim);
+                self.record(at_ns, "disk", detail);
             }
             Fault::KillAll => {
                 for &v in &ids {
@@ -446,6 +501,11 @@ impl Nemesis {
             let _ = strobe.task.await;
         }
         hosts.reset_clocks()?;
+        hosts.heal_disks()?;
+        for id in std::mem::take(&mut self.disk_failed) {
+            // Restarted below with the others that are down.
+            hosts.kill(id)?;
+        }
         // A node that died on its own is an anomaly; record it before the heal restarts it.
         self.record_crashes(hosts, started_ns);
         let restarted = hosts.heal()?;

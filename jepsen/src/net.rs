@@ -91,6 +91,7 @@ pub fn leftovers() -> Vec<String> {
     if Command::new("iptables").args(&check).output().is_ok_and(|o| o.status.success()) {
         found.push("iptables FORWARD rule for the bridge".into());
     }
+    found.extend(crate::disks::leftovers().iter().map(|m| format!("vow-lazyfs mount {}", m.display())));
     found
 }
 
@@ -124,6 +125,8 @@ pub fn cleanup() {
     }
     // Remove every copy of our forwarding rule (a crashed run may have left more than one).
     while Command::new("iptables").args(FORWARD_RULE_DEL).output().is_ok_and(|o| o.status.success()) {}
+    // The processes are dead, so a disk mount left behind is busy no more.
+    crate::disks::cleanup();
     // The kernel tears a deleted namespace (and the veth peers in it) down asynchronously; wait
     // for that, so the next run does not trip over links that are still going away.
     for _ in 0..600 {

@@ -262,6 +262,9 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     if opts.nemeses.iter().any(|n| n == "clock") {
         hosts = hosts.with_fake_clocks()?;
     }
+    if opts.nemeses.iter().any(|n| nemesis::ON_LAZY_DISKS.contains(&n.as_str())) {
+        hosts = hosts.with_lazy_disks()?;
+    }
     for id in hosts.ids() {
         hosts.start(id)?;
     }
