@@ -22,8 +22,9 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 "${VOW_CACHE:-$HOME/.cache/vow}/venv/bin/python" tests/python/external_client.py --bin-dir "$CARGO_TARGET_DIR/debug"
-# A short fault-injection run against the real server (the long one is in the README).
+# A short fault-injection run against the real server with every nemesis — membership, clock
+# skew (libfaketime), power loss and disk faults (FUSE) included — (the long one is in the README).
 "$CARGO_TARGET_DIR/debug/vow-jepsen" cleanup
-"$CARGO_TARGET_DIR/debug/vow-jepsen" test --nodes 5 --time-limit 100 --nemesis kill,pause,partition,transfer \
+"$CARGO_TARGET_DIR/debug/vow-jepsen" test --nodes 5 --time-limit 100 --nemesis all \
   --seed "${VOW_JEPSEN_SEED:-$RANDOM}" --out "${VOW_JEPSEN_OUT:-$(mktemp -d /tmp/vow-jepsen-ci.XXXXXX)}"
 echo "all tests passed"
