@@ -8,20 +8,37 @@
 //!
 //! Every op is mapped to one or two model steps (see `classify`):
 //!
-//! * an acknowledged create moves `Absent -> Pending`; an acknowledged resolve / reject moves
-//!   `Pending -> Resolved{v}` / `Rejected{v}`. A *deduplicated* acknowledgement is the same write:
+//! * an acknowledged create moves `Absent -> Pending`; an acknowledged resolve / reject / cancel
+//!   moves `Pending -> Resolved{v}` / `Rejected{v}` / `Canceled{v}`. A *deduplicated* acknowledgement is the same write:
 //!   the workload gives every invocation its own idempotency key, so the cluster can only have
 //!   deduplicated the op's own earlier attempt (an SDK retry), never someone else's write;
 //! * the reply of an acknowledged write is a read too. A plain reply shows the record the write
 //!   left (so it must be `Pending`, or the settlement written); a deduplicated reply shows the
 //!   record when the retry arrived, later within the op, so a deduplicated create may see a
-//!   settlement made since (a reply no later state can explain, such as `Absent`, fails);
+//!   settlement made since (a reply no later state can explain, such as `Absent`, fails). A
+//!   create's reply may also show `TimedOut`: a create that arrives after its deadline makes the
+//!   promise timed out at once (the timeout below, placed between the create and its reply);
 //! * an acknowledged get / await / final read, and any refused op that showed a register, is a
 //!   read that must see exactly that register (refusals did not take effect, but what they showed
 //!   was true at some instant while they ran);
 //! * an op with an unknown outcome (`Info`) that writes may take effect at any instant after its
 //!   invocation, or never; when it does, a create or settle the register would have refused is a
-//!   no-op. Unknown reads, and refusals that showed nothing, constrain nothing and are dropped.
+//!   no-op. Unknown reads, and refusals that showed nothing, constrain nothing and are dropped;
+//! * a promise created with a deadline may be timed out by the cluster: a write
+//!   `Pending -> TimedOut` by the system that may happen at any instant from
+//!   `deadline - EARLY_TIMEOUT_BOUND` on (by the harness's true clock; cluster time may run late,
+//!   never more than the bound early), or never, exactly like a settle with unknown outcome. As
+//!   with any settlement, a promise that timed out can never be settled later, and one that was
+//!   settled can never time out. A TIMED_OUT seen earlier than the bound allows is also reported
+//!   on its own, as `early-timeout`;
+//! * a Search page is a read of every record on it, each at its own instant within the op (a
+//!   page merges every shard's part, each read at its shard's leader). A page asked for every
+//!   state also shows which promises did *not* exist: a promise of the page's prefix, carrying
+//!   the page's tags, whose id lies within the stretch of ids the page covers and which is not
+//!   on it was `Absent` at some instant within the op. A page covers from its first record (from
+//!   the start of the prefix on a first page) to its last record (to the end of the prefix on a
+//!   last page); between pages the server resumes after a point the page token hides, so nothing
+//!   is claimed for ids between two pages.
 //!
 //! The final reads of every node (kind `FinalRead`) come after every other op, so they take part
 //! in the search like any read: an acknowledged create that no node holds at the end, or a get
@@ -54,8 +71,9 @@
 //! the first completion time whose prefix fails names the op whose response could not be explained.
 //!
 //! Besides linearizability, [`check`] reports direct invariant violations (double settles, phantom
-//! values, lost settles, divergent replicas, awaits that returned a non-final value) that are easier
-//! to read in a report than a failed search, including evidence from the final reads of every node.
+//! values, lost settles, divergent replicas, awaits that returned a non-final value, timeouts seen
+//! before their deadline, search pages with records the query excludes) that are easier to read in
+//! a report than a failed search, including evidence from the final reads of every node.
 //! [`check_run`] adds what only the whole run shows: liveness (a run in which no write succeeds, or
 //! none after the final heal, is invalid, as in Jepsen's `stats` checker) and nodes that exited
 //! without the nemesis killing them.
@@ -67,15 +85,18 @@ use serde::Serialize;
 
 use serde::Deserialize;
 
-use crate::history::{NemesisEvent, Op, OpKind, Outcome, Register};
+use crate::clocks::EARLY_TIMEOUT_BOUND;
+use crate::history::{Deadline, NemesisEvent, Op, OpKind, Outcome, Register};
 
 /// One violation found in the history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anomaly {
     /// The promise it concerns; empty for anomalies of the whole run.
     pub key: String,
-    /// Per key: "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence" or
-    /// "await-not-final". Per run: "no-progress" (no write succeeded, or none after the final
+    /// Per key: "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence",
+    /// "await-not-final", "early-timeout" (TIMED_OUT seen more than [`EARLY_TIMEOUT_BOUND`]
+    /// before the deadline by the harness's clock) or "search-mismatch" (a Search page holds a
+    /// record its query excludes). Per run: "no-progress" (no write succeeded, or none after the final
     /// heal) and "node-crashed" (see [`check_run`]); the run itself adds "no-recovery" when the
     /// healed cluster does not converge and "node-panic" for a panic in a node's log.
     pub kind: String,
@@ -92,16 +113,100 @@ pub fn check_key(key: &str, ops: &[Op]) -> Result<(), Anomaly> {
 }
 
 /// Checks every key's linearizability plus the invariants listed on [`Anomaly::kind`], with the
-/// history's `FinalRead` ops as the final reads of every node. Anomalies come out grouped by key
-/// in key order; an empty result means every key is consistent.
+/// history's `FinalRead` ops as the final reads of every node and each Search page split into
+/// reads of the promises it speaks about (see [`search_reads`]). Anomalies come out grouped by
+/// key in key order; an empty result means every key is consistent.
 pub fn check(ops: &[Op]) -> Vec<Anomaly> {
+    let (derived, mismatches) = search_reads(ops);
     let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
-    for op in ops {
+    for op in ops.iter().filter(|op| op.kind != OpKind::Search).chain(&derived) {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
     let keys: Vec<(&str, Vec<&Op>)> = by_key.into_iter().collect();
     let per_key = parallel_map(&keys, |(key, key_ops)| check_one(key, key_ops));
-    per_key.into_iter().flatten().collect()
+    let mut anomalies: Vec<Anomaly> = per_key.into_iter().flatten().chain(mismatches).collect();
+    // Stable: each key's anomalies keep the order `check_one` gives them.
+    anomalies.sort_by(|a, b| a.key.cmp(&b.key));
+    anomalies
+}
+
+/// The reads a history's Search pages make (see the module docs), as ops of kind `Search` on
+/// the promise each speaks about, with the page's id, process and interval; and a
+/// "search-mismatch" anomaly for each record that a page's query excludes (another prefix,
+/// another state). Failed searches show nothing.
+pub fn search_reads(ops: &[Op]) -> (Vec<Op>, Vec<Anomaly>) {
+    // Every promise the history names, and for each the tag sets of the creates that may have
+    // made it.
+    let mut created_with: BTreeMap<&str, Vec<&BTreeMap<String, String>>> = BTreeMap::new();
+    for op in ops.iter().filter(|op| op.kind != OpKind::Search) {
+        let tags = created_with.entry(op.key.as_str()).or_default();
+        if op.kind == OpKind::Create && op.outcome != Outcome::Fail {
+            tags.push(&op.tags);
+        }
+    }
+    let mut reads = Vec::new();
+    let mut mismatches = Vec::new();
+    for op in ops.iter().filter(|op| op.kind == OpKind::Search && op.outcome == Outcome::Ok) {
+        let Some(page) = op.search.as_deref() else { continue };
+        let read = |key: &str, register: Register| Op {
+            id: op.id,
+            process: op.process,
+            kind: OpKind::Search,
+            key: key.to_owned(),
+            value: None,
+            invoke_ns: op.invoke_ns,
+            complete_ns: op.complete_ns,
+            outcome: Outcome::Ok,
+            observed: Some(register),
+            deduplicated: false,
+            node: op.node,
+            detail: String::new(),
+            deadline: None,
+            tags: BTreeMap::new(),
+            search: None,
+        };
+        for found in &page.found {
+            let wrong_prefix = !found.key.starts_with(&page.id_prefix);
+            let wrong_state = page.state.is_some_and(|s| !s.matches(&found.register));
+            if wrong_prefix || wrong_state {
+                mismatches.push(Anomaly {
+                    key: found.key.clone(),
+                    kind: "search-mismatch".to_owned(),
+                    detail: format!(
+                        "search #{} for prefix {:?}, state {:?}, tags {:?} returned {} in state {}",
+                        op.id,
+                        page.id_prefix,
+                        page.state,
+                        page.tags,
+                        found.key,
+                        show(&found.register)
+                    ),
+                    op_ids: vec![op.id],
+                });
+            }
+            reads.push(read(&found.key, found.register.clone()));
+        }
+        // Absence is shown only by a page that asked for every state, and only within the ids
+        // it covers.
+        if page.state.is_some() || (!page.first && page.found.is_empty()) {
+            continue;
+        }
+        let lower = if page.first { None } else { page.found.first().map(|f| f.key.as_str()) };
+        let upper = if page.last { None } else { page.found.last().map(|f| f.key.as_str()) };
+        let on_page: HashSet<&str> = page.found.iter().map(|f| f.key.as_str()).collect();
+        let carries_tags = |creates: &[&BTreeMap<String, String>]| {
+            creates.iter().all(|tags| page.tags.iter().all(|(k, v)| tags.get(k) == Some(v)))
+        };
+        let missing = created_with
+            .range(page.id_prefix.as_str()..)
+            .take_while(|(key, _)| key.starts_with(&page.id_prefix))
+            .filter(|(key, _)| lower.is_none_or(|l| **key >= l) && upper.is_none_or(|u| **key <= u))
+            .filter(|(key, creates)| !on_page.contains(**key) && carries_tags(creates));
+        for (key, _) in missing {
+            reads.push(read(key, Register::Absent));
+        }
+    }
+    (reads, mismatches)
 }
 
 /// Everything the stored history of a run shows: [`check`] per key, then [`liveness`] and
@@ -115,7 +220,7 @@ pub fn check_run(ops: &[Op], events: &[NemesisEvent]) -> Vec<Anomaly> {
 }
 
 fn is_write(op: &Op) -> bool {
-    matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject)
+    matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject | OpKind::Cancel)
 }
 
 /// When the last heal of the run completed (0 if there was none): every fault has ended by then.
@@ -183,8 +288,9 @@ fn check_one(key: &str, ops: &[&Op]) -> Vec<Anomaly> {
     out.extend(double_settle(key, ops));
     out.extend(phantom_values(key, ops, &finals));
     out.extend(lost_settles(key, ops, &finals));
-    out.extend(divergence(key, &finals));
+    out.extend(divergence(key, &finals, key_deadline(ops.iter().copied()).is_some()));
     out.extend(await_not_final(key, ops, &finals));
+    out.extend(early_timeout(key, ops));
     out
 }
 
@@ -235,6 +341,8 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
 const ABSENT: u32 = 0;
 /// Interned id of `Register::Pending`.
 const PENDING: u32 = 1;
+/// Interned id of `Register::TimedOut`.
+const TIMED_OUT: u32 = 2;
 /// A register no state ever is: `Read(NEVER)` is a reply that nothing can explain.
 const NEVER: u32 = u32::MAX;
 
@@ -249,6 +357,7 @@ impl Interner {
         let mut interner = Interner { ids: HashMap::new() };
         interner.id(&Register::Absent);
         interner.id(&Register::Pending);
+        interner.id(&Register::TimedOut);
         interner
     }
 
@@ -308,15 +417,29 @@ struct ModelOp {
     complete: Option<u64>,
 }
 
-/// The register a resolve / reject writes, or None for other kinds.
+/// The register a resolve / reject / cancel writes, or None for other kinds.
 fn settle_register(op: &Op) -> Option<Register> {
     // A settle without a value is malformed; the empty value still lets it be checked.
     let value = op.value.clone().unwrap_or_default();
     match op.kind {
         OpKind::Resolve => Some(Register::Resolved { value }),
         OpKind::Reject => Some(Register::Rejected { value }),
-        OpKind::Create | OpKind::Get | OpKind::Await | OpKind::FinalRead => None,
+        OpKind::Cancel => Some(Register::Canceled { value }),
+        OpKind::Create | OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead => None,
     }
+}
+
+/// The earliest deadline any create of the key that may have taken effect asked for: the
+/// promise's own deadline is one of them, so the cluster may time it out from this one on.
+fn key_deadline<'a>(ops: impl IntoIterator<Item = &'a Op>) -> Option<Deadline> {
+    ops.into_iter()
+        .filter(|op| op.kind == OpKind::Create && op.outcome != Outcome::Fail)
+        .filter_map(|op| op.deadline)
+        .min_by_key(|d| d.ns)
+}
+
+fn early_timeout_bound_ns() -> u64 {
+    u64::try_from(EARLY_TIMEOUT_BOUND.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What the reply of an acknowledged write adds to its write, as a read (see the module docs):
@@ -327,9 +450,10 @@ fn reply_read(op: &Op, written: u32, interner: &mut Interner) -> Option<Step> {
         return None;
     }
     // A deduplicated create's reply shows the record when the retry came, so a settlement made
-    // since may show; nothing turns a promise back into `Absent`. A settlement is final, so
-    // every settle's reply must show it.
-    let later_read = op.kind == OpKind::Create && op.deduplicated && seen != ABSENT;
+    // since may show; nothing turns a promise back into `Absent`. A create applied after its
+    // deadline leaves the promise timed out at once, which its reply shows. A settlement is
+    // final, so every settle's reply must show it.
+    let later_read = op.kind == OpKind::Create && ((op.deduplicated && seen != ABSENT) || seen == TIMED_OUT);
     Some(Step::Read(if later_read { seen } else { NEVER }))
 }
 
@@ -343,14 +467,14 @@ fn classify(op: &Op, interner: &mut Interner, cutoff: Option<u64>, out: &mut Vec
     let settled = settle_register(op).map(|r| interner.id(&r));
     let steps: [Option<Step>; 2] = match (op.outcome, op.kind) {
         (Outcome::Info, OpKind::Create) => [Some(Step::MaybeCreate), None],
-        (Outcome::Info, OpKind::Resolve | OpKind::Reject) => [settled.map(Step::MaybeSettle), None],
-        (Outcome::Info, OpKind::Get | OpKind::Await | OpKind::FinalRead) => [None, None],
+        (Outcome::Info, OpKind::Resolve | OpKind::Reject | OpKind::Cancel) => [settled.map(Step::MaybeSettle), None],
+        (Outcome::Info, OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead) => [None, None],
         (Outcome::Ok, OpKind::Create) => [Some(Step::Create), reply_read(op, PENDING, interner)],
-        (Outcome::Ok, OpKind::Resolve | OpKind::Reject) => match settled {
+        (Outcome::Ok, OpKind::Resolve | OpKind::Reject | OpKind::Cancel) => match settled {
             Some(to) => [Some(Step::Settle(to)), reply_read(op, to, interner)],
             None => [None, None],
         },
-        (Outcome::Ok, OpKind::Get | OpKind::Await | OpKind::FinalRead) | (Outcome::Fail, _) => {
+        (Outcome::Ok, OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead) | (Outcome::Fail, _) => {
             [op.observed.as_ref().map(|seen| Step::Read(interner.id(seen))), None]
         }
     };
@@ -367,12 +491,20 @@ fn classify(op: &Op, interner: &mut Interner, cutoff: Option<u64>, out: &mut Vec
     }
 }
 
-/// The model of one key's history cut at `cutoff` (None = all of it).
+/// The model of one key's history cut at `cutoff` (None = all of it): its ops' steps, and the
+/// cluster's timeout of the promise when a create gave it a deadline.
 fn model_of(ops: &[&Op], cutoff: Option<u64>) -> Vec<ModelOp> {
     let mut interner = Interner::new();
-    let mut model = Vec::with_capacity(ops.len());
+    let mut model = Vec::with_capacity(ops.len() + 1);
     for op in ops {
         classify(op, &mut interner, cutoff, &mut model);
+    }
+    let in_prefix = |t: u64| cutoff.is_none_or(|cut| t <= cut);
+    if let Some(deadline) = key_deadline(ops.iter().copied().filter(|op| in_prefix(op.invoke_ns))) {
+        let earliest = deadline.ns.saturating_sub(early_timeout_bound_ns());
+        if in_prefix(earliest) {
+            model.push(ModelOp { step: Step::MaybeSettle(TIMED_OUT), invoke: earliest, complete: None });
+        }
     }
     model
 }
@@ -612,6 +744,8 @@ fn show(register: &Register) -> String {
         Register::Pending => "pending".to_owned(),
         Register::Resolved { value } => format!("resolved({value:?})"),
         Register::Rejected { value } => format!("rejected({value:?})"),
+        Register::Canceled { value } => format!("canceled({value:?})"),
+        Register::TimedOut => "timed-out".to_owned(),
     }
 }
 
@@ -622,8 +756,10 @@ fn describe(op: &Op) -> String {
         OpKind::Create => "create".to_owned(),
         OpKind::Resolve => "resolve".to_owned(),
         OpKind::Reject => "reject".to_owned(),
+        OpKind::Cancel => "cancel".to_owned(),
         OpKind::Get => "get".to_owned(),
         OpKind::Await => "await".to_owned(),
+        OpKind::Search => "search".to_owned(),
         OpKind::FinalRead => format!("final-read@n{}", op.node.unwrap_or_default()),
     };
     let value = op.value.as_ref().map(|v| format!("({v:?})")).unwrap_or_default();
@@ -641,7 +777,7 @@ fn describe(op: &Op) -> String {
 }
 
 fn is_settle(op: &Op) -> bool {
-    matches!(op.kind, OpKind::Resolve | OpKind::Reject)
+    matches!(op.kind, OpKind::Resolve | OpKind::Reject | OpKind::Cancel)
 }
 
 fn ids(ops: &[&Op]) -> Vec<u64> {
@@ -686,10 +822,12 @@ fn phantom_values(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Ano
     let could_write = |register: &Register, outcome_ok: fn(Outcome) -> bool| {
         ops.iter().any(|op| outcome_ok(op.outcome) && settle_register(op).as_ref() == Some(register))
     };
-    // Refused writes definitely did not happen, so their values do not count as written.
+    // Refused writes definitely did not happen, so their values do not count as written. A
+    // timeout carries no value; the linearizability check covers who may time a promise out.
     let written = |register: &Register| could_write(register, |o| o != Outcome::Fail);
     let is_phantom = |register: &Register| {
-        matches!(register, Register::Resolved { .. } | Register::Rejected { .. }) && !written(register)
+        matches!(register, Register::Resolved { .. } | Register::Rejected { .. } | Register::Canceled { .. })
+            && !written(register)
     };
     // Final reads are reported by node, below.
     let seen_by_ops = ops.iter().filter(|op| op.kind != OpKind::FinalRead).filter_map(|op| {
@@ -749,10 +887,14 @@ fn lost_settles(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Vec<Anoma
         .collect()
 }
 
-/// After healing, nodes disagree about the key.
-fn divergence(key: &str, finals: &[(u64, Register)]) -> Option<Anomaly> {
+/// After healing, nodes disagree about the key. A promise with a deadline is the exception when
+/// some nodes hold it pending and the others timed out: the cluster times promises out by
+/// itself, also while the final reads go from node to node, and whether the pending reads came
+/// before the timeout is for the linearizability search to judge.
+fn divergence(key: &str, finals: &[(u64, Register)], may_time_out: bool) -> Option<Anomaly> {
     let groups = group_by_register(finals.iter().map(|(node, r)| (r.clone(), *node)));
-    if groups.len() < 2 {
+    let timing_out = |(r, _): &(Register, Vec<u64>)| matches!(r, Register::Pending | Register::TimedOut);
+    if groups.len() < 2 || (may_time_out && groups.iter().all(timing_out)) {
         return None;
     }
     let parts: Vec<String> = groups
@@ -784,10 +926,7 @@ fn await_not_final(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Option
         .iter()
         .copied()
         .filter(|op| op.kind == OpKind::Await && op.outcome == Outcome::Ok)
-        .filter(|op| match &op.observed {
-            Some(seen @ (Register::Resolved { .. } | Register::Rejected { .. })) => !final_registers.contains(seen),
-            _ => false,
-        })
+        .filter(|op| op.observed.as_ref().is_some_and(|seen| seen.is_settled() && !final_registers.contains(seen)))
         .collect();
     if bad.is_empty() {
         return None;
@@ -805,5 +944,41 @@ fn await_not_final(key: &str, ops: &[&Op], finals: &[(u64, Register)]) -> Option
             finals_shown.join(" / ")
         ),
         op_ids: ids(&bad),
+    })
+}
+
+/// TIMED_OUT seen by an op that completed more than [`EARLY_TIMEOUT_BOUND`] before the deadline
+/// (by the harness's clock, on which every op's times and the deadline lie): the cluster timed
+/// the promise out early, which no clock it runs on may cause while at most a minority of the
+/// voters' clocks run fast.
+fn early_timeout(key: &str, ops: &[&Op]) -> Option<Anomaly> {
+    let deadline = key_deadline(ops.iter().copied())?;
+    let bound_ns = early_timeout_bound_ns();
+    let early: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|op| op.outcome != Outcome::Info && op.observed == Some(Register::TimedOut))
+        .filter(|op| op.complete_ns.saturating_add(bound_ns) < deadline.ns)
+        .collect();
+    if early.is_empty() {
+        return None;
+    }
+    let mut sorted = early.clone();
+    sorted.sort_by_key(|op| op.id);
+    let described: Vec<String> = sorted
+        .iter()
+        .map(|op| format!("{} ({} ms before the deadline)", describe(op), (deadline.ns - op.complete_ns) / 1_000_000))
+        .collect();
+    Some(Anomaly {
+        key: key.to_owned(),
+        kind: "early-timeout".to_owned(),
+        detail: format!(
+            "deadline_ms={} ({} ns into the run by the harness's clock), but TIMED_OUT was seen more than \
+             {EARLY_TIMEOUT_BOUND:?} before it: {}",
+            deadline.ms,
+            deadline.ns,
+            described.join("; ")
+        ),
+        op_ids: ids(&early),
     })
 }

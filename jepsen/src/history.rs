@@ -4,6 +4,7 @@
 //! A run appends the history to `history.jsonl` as it goes, one [`Entry`] per line, so an aborted
 //! run keeps everything up to the abort and `vow-jepsen check` can re-check any stored history.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, LineWriter, Write};
 use std::path::Path;
@@ -21,8 +22,13 @@ pub enum OpKind {
     Create,
     Resolve,
     Reject,
+    /// Settles the promise as REJECTED_CANCELED with the op's value.
+    Cancel,
     Get,
     Await,
+    /// One page of a Search ([`Op::search`] holds the query and what came back); `key` is the
+    /// page's id prefix. Every record on the page is a read of its promise during the op.
+    Search,
     /// A read of one node's own replica after every fault is healed, the replicas have converged
     /// and no client runs any more: what that node finally holds.
     FinalRead,
@@ -44,13 +50,92 @@ pub enum Outcome {
 }
 
 /// The state of one promise as the model sees it.
+///
+/// A `value` is the settlement's data as text; data too large to keep in a history (see
+/// [`crate::workload::LargeValue`]) is kept as `"<tag>|<length>"` after its bytes were checked.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Register {
     Absent,
     Pending,
-    Resolved { value: String },
-    Rejected { value: String },
+    Resolved {
+        value: String,
+    },
+    Rejected {
+        value: String,
+    },
+    /// REJECTED_CANCELED, by a Cancel carrying `value`.
+    Canceled {
+        value: String,
+    },
+    /// REJECTED_TIMEDOUT: the cluster settled it when its deadline passed.
+    TimedOut,
+}
+
+impl Register {
+    pub fn is_settled(&self) -> bool {
+        !matches!(self, Register::Absent | Register::Pending)
+    }
+}
+
+/// A create's deadline: what the request said, and where that instant lies on the run's
+/// timeline by the harness's clock (the true one: the harness runs on the cluster's machine and
+/// its wall clock is never skewed), which is what the checker compares completions with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deadline {
+    /// `CreateRequest.deadline_ms`: milliseconds since the epoch.
+    pub ms: i64,
+    /// The same instant in nanoseconds since the start of the run.
+    pub ns: u64,
+}
+
+/// The states a Search can ask for (`SearchRequest.state`); none asked matches every state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateFilter {
+    Pending,
+    Resolved,
+    Rejected,
+    Canceled,
+    TimedOut,
+}
+
+impl StateFilter {
+    pub fn matches(self, register: &Register) -> bool {
+        matches!(
+            (self, register),
+            (StateFilter::Pending, Register::Pending)
+                | (StateFilter::Resolved, Register::Resolved { .. })
+                | (StateFilter::Rejected, Register::Rejected { .. })
+                | (StateFilter::Canceled, Register::Canceled { .. })
+                | (StateFilter::TimedOut, Register::TimedOut)
+        )
+    }
+}
+
+/// One Search page: the query and the records on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchPage {
+    pub id_prefix: String,
+    /// Tags every match must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// The state asked for; None matches every state.
+    #[serde(default)]
+    pub state: Option<StateFilter>,
+    /// Asked without a page token: the page starts at the first id of the prefix.
+    pub first: bool,
+    /// Came back without a next page token: the page runs to the last id of the prefix.
+    pub last: bool,
+    /// The records on the page, in the order they came (ids ascending).
+    pub found: Vec<Found>,
+}
+
+/// One record on a Search page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Found {
+    pub key: String,
+    pub register: Register,
 }
 
 /// One client operation.
@@ -62,7 +147,7 @@ pub struct Op {
     pub process: u64,
     pub kind: OpKind,
     pub key: String,
-    /// For resolve / reject: the value written (unique per invocation in a run).
+    /// For resolve / reject / cancel: the value written (unique per invocation in a run).
     pub value: Option<String>,
     pub invoke_ns: u64,
     /// For `Info`, when the client gave up; the op may still take effect later.
@@ -82,6 +167,16 @@ pub struct Op {
     pub node: Option<u64>,
     /// The cluster's answer in words (error message), for the report.
     pub detail: String,
+    /// For a create with a deadline: the deadline it asked for. Every create of one promise
+    /// asks for the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Deadline>,
+    /// For a create: the tags it gave the promise (Search finds promises by them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// For a search: the query and the page that came back (None if the search failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<Box<SearchPage>>,
 }
 
 /// A fault injected or healed.

@@ -2,7 +2,7 @@
 //! `report.html` (a timeline of every client's operations with the nemesis windows shaded and
 //! failing promises outlined).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -53,9 +53,14 @@ pub struct Results {
     pub ok: usize,
     pub fail: usize,
     pub info: usize,
-    /// The clients' creates, resolves and rejects by outcome: most reads succeed even on a
-    /// cluster that takes no write, so these are the numbers that show progress.
+    /// The clients' creates, resolves, rejects and cancels by outcome: most reads succeed even on
+    /// a cluster that takes no write, so these are the numbers that show progress.
     pub writes: Tally,
+    /// Acknowledged writes per shard (index = shard id, by the cluster's placement rule): the
+    /// workload must reach every shard.
+    pub ok_writes_by_shard: Vec<usize>,
+    /// The clients' ops per kind ("create", "search", ...), by outcome.
+    pub by_kind: BTreeMap<String, Tally>,
     /// Writes invoked after the final heal that succeeded: the cluster came back.
     pub ok_writes_after_heal: usize,
     /// Reads of every promise from every node after the heal (part of the checked history).
@@ -71,8 +76,18 @@ impl Results {
     pub fn new(ops: &[Op], anomalies: Vec<Anomaly>, nemesis: Vec<NemesisEvent>, setup: Setup) -> Results {
         let client_ops: Vec<&Op> = ops.iter().filter(|op| op.kind != OpKind::FinalRead).collect();
         let all = Tally::of(client_ops.iter().copied());
-        let is_write = |op: &&&Op| matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject);
+        let is_write =
+            |op: &&&Op| matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject | OpKind::Cancel);
         let heal_ns = checker::final_heal_ns(&nemesis);
+        let mut ok_writes_by_shard = vec![0; setup.shards.max(1) as usize];
+        for op in client_ops.iter().filter(is_write).filter(|op| op.outcome == Outcome::Ok) {
+            ok_writes_by_shard[shard_of(&op.key, setup.shards.max(1)) as usize] += 1;
+        }
+        let mut by_kind: BTreeMap<String, Vec<&Op>> = BTreeMap::new();
+        for op in &client_ops {
+            let kind = serde_json::to_value(op.kind).ok().and_then(|v| v.as_str().map(str::to_owned));
+            by_kind.entry(kind.unwrap_or_default()).or_default().push(op);
+        }
         Results {
             valid: anomalies.is_empty(),
             ops: client_ops.len(),
@@ -84,6 +99,8 @@ impl Results {
                 client_ops.iter().filter(is_write).copied().filter(|op| op.invoke_ns >= heal_ns),
             )
             .ok,
+            ok_writes_by_shard,
+            by_kind: by_kind.into_iter().map(|(kind, ops)| (kind, Tally::of(ops))).collect(),
             final_reads: ops.len() - client_ops.len(),
             anomalies,
             nemesis,
@@ -95,8 +112,8 @@ impl Results {
     pub fn summary(&self) -> String {
         let kinds: BTreeSet<&str> = self.anomalies.iter().map(|a| a.kind.as_str()).collect();
         format!(
-            "valid={} ops={} ok={} fail={} info={} ok_writes={} ok_writes_after_heal={} final_reads={} anomalies={}{} \
-             nemesis_events={} nodes={} shards={} seed={}",
+            "valid={} ops={} ok={} fail={} info={} ok_writes={} ok_writes_after_heal={} ok_writes_by_shard={:?} \
+             final_reads={} anomalies={}{} nemesis_events={} nodes={} shards={} seed={}",
             self.valid,
             self.ops,
             self.ok,
@@ -104,6 +121,7 @@ impl Results {
             self.info,
             self.writes.ok,
             self.ok_writes_after_heal,
+            self.ok_writes_by_shard,
             self.final_reads,
             self.anomalies.len(),
             if kinds.is_empty() { String::new() } else { format!(" {kinds:?}") },
@@ -113,6 +131,25 @@ impl Results {
             self.setup.seed
         )
     }
+}
+
+/// The shard of a promise id: vow's placement rule (README.md, "Placement"), FNV-1a 64 over the
+/// id's hash tag (the text between the first `{` and the next `}`, when not empty) or the whole
+/// id, modulo the shard count. Kept here rather than taken from the server, which the harness
+/// must not depend on.
+pub fn shard_of(id: &str, shards: u32) -> u32 {
+    let key = id
+        .find('{')
+        .and_then(|open| {
+            let rest = &id[open + 1..];
+            rest.find('}').filter(|&close| close > 0).map(|close| &rest[..close])
+        })
+        .unwrap_or(id);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(shards.max(1))) as u32
 }
 
 /// The file of a run's results, in its output directory.
@@ -164,8 +201,8 @@ fn html(results: &Results, ops: &[Op]) -> String {
         let color = match op.outcome {
             Outcome::Ok => match op.kind {
                 OpKind::Create => "#4a90d9",
-                OpKind::Resolve | OpKind::Reject => "#2e7d32",
-                OpKind::Get | OpKind::Await | OpKind::FinalRead => "#9ccc65",
+                OpKind::Resolve | OpKind::Reject | OpKind::Cancel => "#2e7d32",
+                OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead => "#9ccc65",
             },
             Outcome::Fail => "#ef9a9a",
             Outcome::Info => "#ffb300",
@@ -215,4 +252,19 @@ red refused, amber unknown). Grey bands are fault windows. Operations on failing
         escape(&results.summary()),
         if anomalies.is_empty() { "<li>none</li>".to_string() } else { anomalies }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worked examples of README.md's placement section.
+    #[test]
+    fn placement_follows_the_documented_rule() {
+        assert_eq!(shard_of("{user-42}:order-7", 8), 3);
+        assert_eq!(shard_of("café", 8), 1);
+        assert_eq!(shard_of("{}x", 8), 7);
+        assert_eq!(shard_of("{user-42}:cart", 8), shard_of("{user-42}:order-7", 8));
+        assert_eq!(shard_of("anything", 1), 0);
+    }
 }

@@ -139,6 +139,9 @@ async fn final_reads(
                 deduplicated: false,
                 node: Some(node),
                 detail,
+                deadline: None,
+                tags: Default::default(),
+                search: None,
             };
             out.send(Entry::Op(op)).await.context("the history recorder stopped")?;
         }

@@ -30,6 +30,9 @@ fn op(id: u64, kind: OpKind, key: &str, span: (u64, u64), outcome: Outcome, obse
         deduplicated: false,
         node,
         detail: String::new(),
+        deadline: None,
+        tags: Default::default(),
+        search: None,
     }
 }
 

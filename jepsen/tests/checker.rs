@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use vow_jepsen::checker::{Anomaly, check, check_key, check_run};
-use vow_jepsen::history::{NemesisEvent, Op, OpKind, Outcome, Register};
+use vow_jepsen::clocks::EARLY_TIMEOUT_BOUND;
+use vow_jepsen::history::{Deadline, Found, NemesisEvent, Op, OpKind, Outcome, Register, SearchPage, StateFilter};
 
 const OK: Outcome = Outcome::Ok;
 const FAIL: Outcome = Outcome::Fail;
@@ -21,7 +22,22 @@ fn rejected(value: &str) -> Register {
     Register::Rejected { value: value.to_owned() }
 }
 
+fn canceled(value: &str) -> Register {
+    Register::Canceled { value: value.to_owned() }
+}
+
+/// [`EARLY_TIMEOUT_BOUND`] in nanoseconds, the unit of a history's times.
+const BOUND: u64 = EARLY_TIMEOUT_BOUND.as_nanos() as u64;
+
+/// A deadline from which the cluster may time a promise out at `earliest_ns` on the history's
+/// clock: the deadline itself lies [`EARLY_TIMEOUT_BOUND`] later.
+fn deadline_from(earliest_ns: u64) -> Deadline {
+    let ns = earliest_ns + BOUND;
+    Deadline { ms: 1_700_000_000_000 + (ns / 1_000_000) as i64, ns }
+}
+
 /// Builds a history, numbering ops in the order they are added; ops go to key "k" unless `on` says otherwise.
+#[derive(Clone)]
 struct History {
     ops: Vec<Op>,
     key: String,
@@ -60,6 +76,9 @@ impl History {
             deduplicated: false,
             node: None,
             detail: String::new(),
+            deadline: None,
+            tags: Default::default(),
+            search: None,
         });
         id
     }
@@ -84,6 +103,46 @@ impl History {
         self.add(p, OpKind::Await, None, span, outcome, observed)
     }
 
+    fn cancel(&mut self, p: u64, v: &str, span: (u64, u64), outcome: Outcome, observed: Option<Register>) -> u64 {
+        self.add(p, OpKind::Cancel, Some(v), span, outcome, observed)
+    }
+
+    /// A create asking for `deadline`, with the tags `w=1` (as the workload tags its ids).
+    fn create_due(
+        &mut self,
+        p: u64,
+        deadline: Option<Deadline>,
+        span: (u64, u64),
+        outcome: Outcome,
+        observed: Option<Register>,
+    ) -> u64 {
+        let id = self.create(p, span, outcome, observed);
+        let op = &mut self.ops[id as usize];
+        op.deadline = deadline;
+        op.tags = [("w".to_owned(), "1".to_owned())].into();
+        id
+    }
+
+    /// One search page over the ids starting with "w1-" that carry the tag `w=1`.
+    fn search(&mut self, p: u64, span: (u64, u64), page: Page<'_>) -> u64 {
+        let key = std::mem::replace(&mut self.key, "w1-".to_owned());
+        let id = self.add(p, OpKind::Search, None, span, OK, None);
+        self.key = key;
+        self.ops[id as usize].search = Some(Box::new(SearchPage {
+            id_prefix: "w1-".to_owned(),
+            tags: [("w".to_owned(), "1".to_owned())].into(),
+            state: page.state,
+            first: page.first,
+            last: page.last,
+            found: page
+                .found
+                .iter()
+                .map(|(key, register)| Found { key: (*key).to_owned(), register: register.clone() })
+                .collect(),
+        }));
+        id
+    }
+
     /// Marks write `id` as answered from the cluster's dedup table: the SDK retried it with its
     /// own idempotency key after an attempt whose answer was lost had taken effect.
     fn dedup(&mut self, id: u64) {
@@ -100,6 +159,19 @@ impl History {
         all.insert(self.key.clone(), finals.to_vec());
         check(&with_finals(&self.ops, &all))
     }
+}
+
+/// A search page as a test writes it.
+struct Page<'a> {
+    state: Option<StateFilter>,
+    first: bool,
+    last: bool,
+    found: &'a [(&'a str, Register)],
+}
+
+/// The only page of a search for every state.
+fn whole<'a>(found: &'a [(&'a str, Register)]) -> Page<'a> {
+    Page { state: None, first: true, last: true, found }
 }
 
 /// `ops` followed by final reads as the run makes them: after every other op has completed, one
@@ -122,6 +194,9 @@ fn with_finals(ops: &[Op], finals: &Finals) -> Vec<Op> {
                 deduplicated: false,
                 node: Some(*node),
                 detail: String::new(),
+                deadline: None,
+                tags: Default::default(),
+                search: None,
             });
             t += 2;
         }
@@ -609,6 +684,303 @@ fn many_overlapping_awaits_do_not_blow_up_a_failing_search() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Cancel, deadlines and timeouts, Search
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_cancel_is_a_settlement_of_its_own() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.await_(3, (15, 50), OK, Some(canceled("c")));
+    h.cancel(1, "c", (20, 40), OK, Some(canceled("c")));
+    h.resolve(2, "a", (25, 35), FAIL, Some(canceled("c")));
+    h.get(2, (60, 70), OK, Some(canceled("c")));
+    assert_eq!(h.check_with(&[(1, canceled("c")), (2, canceled("c"))]), vec![]);
+
+    // Acknowledged alongside another settlement: two settlements.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    let cancel = h.cancel(1, "c", (20, 30), OK, Some(canceled("c")));
+    let resolve = h.resolve(2, "a", (40, 50), OK, Some(resolved("a")));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["double-settle", "nonlinearizable"], "{anomalies:#?}");
+    assert_eq!(find(&anomalies, "double-settle").op_ids, [cancel, resolve]);
+
+    // The canceled value under another state is not what the cancel wrote, and one nobody
+    // canceled with is a phantom.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.cancel(1, "c", (20, 30), INFO, None);
+    h.get(2, (40, 50), OK, Some(rejected("c")));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable", "phantom-value"]);
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.get(2, (40, 50), OK, Some(canceled("zzz")));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable", "phantom-value"]);
+
+    // A lost cancel is a lost settle.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.cancel(1, "c", (20, 30), OK, Some(canceled("c")));
+    assert_eq!(kinds(&h.check_with(&[(1, Register::Pending)])), ["lost-settle", "nonlinearizable"]);
+}
+
+#[test]
+fn a_promise_may_time_out_at_any_instant_from_its_deadline_or_never() {
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(100)), (0, 10), OK, Some(Register::Pending));
+    h.get(2, (20, 30), OK, Some(Register::Pending));
+    // Cluster time may run late: still pending well after the deadline.
+    h.get(2, (150, 160), OK, Some(Register::Pending));
+    h.await_(3, (150, 300), OK, Some(Register::TimedOut));
+    h.resolve(1, "a", (310, 320), FAIL, Some(Register::TimedOut));
+    h.get(2, (400, 410), OK, Some(Register::TimedOut));
+    assert_eq!(h.check_with(&[(1, Register::TimedOut), (2, Register::TimedOut)]), vec![]);
+
+    // Or never: a settle acknowledged after the deadline (a slow clock) and no timeout.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(100)), (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (200, 210), OK, Some(resolved("a")));
+    assert_eq!(h.check_with(&[(1, resolved("a"))]), vec![]);
+}
+
+#[test]
+fn a_timed_out_promise_is_never_settled_and_a_settled_one_never_times_out() {
+    // The resolve is acknowledged after a read saw the timeout.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(100)), (0, 10), OK, Some(Register::Pending));
+    h.get(2, (150, 160), OK, Some(Register::TimedOut));
+    h.resolve(1, "a", (170, 180), OK, Some(resolved("a")));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable"], "{anomalies:#?}");
+
+    // The resolve won the race with the timeout, yet the promise is later seen timed out.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(100)), (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (90, 130), OK, Some(resolved("a")));
+    h.get(2, (140, 150), OK, Some(Register::TimedOut));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+    let anomalies = h.check_with(&[(1, Register::TimedOut)]);
+    assert_eq!(kinds(&anomalies), ["lost-settle", "nonlinearizable"], "{anomalies:#?}");
+
+    // The same race lost: the resolve is refused with the timed-out record.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(100)), (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (90, 130), FAIL, Some(Register::TimedOut));
+    h.get(2, (140, 150), OK, Some(Register::TimedOut));
+    assert_eq!(h.check_with(&[(1, Register::TimedOut), (2, Register::TimedOut)]), vec![]);
+}
+
+#[test]
+fn only_a_promise_given_a_deadline_times_out() {
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.get(2, (1_000, 1_010), OK, Some(Register::TimedOut));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+    // A refused create's deadline is not the promise's.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.create_due(2, Some(deadline_from(50)), (20, 30), FAIL, Some(Register::Pending));
+    h.get(2, (1_000, 1_010), OK, Some(Register::TimedOut));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+}
+
+#[test]
+fn a_timeout_while_the_final_reads_go_from_node_to_node_is_no_divergence() {
+    // The final reads come at 20 ns and after; the promise may time out from 15 ns on.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(15)), (0, 10), OK, Some(Register::Pending));
+    let finals = [(1, Register::Pending), (2, Register::Pending), (3, Register::TimedOut)];
+    assert_eq!(h.check_with(&finals), vec![]);
+    // The other way round the promise came back from its timeout.
+    let finals = [(1, Register::TimedOut), (2, Register::Pending)];
+    assert_eq!(kinds(&h.check_with(&finals)), ["nonlinearizable"]);
+    // Without a deadline, or with a settlement among them, nodes that differ diverge.
+    let finals = [(1, Register::Pending), (2, resolved("a")), (3, Register::TimedOut)];
+    assert!(kinds(&h.check_with(&finals)).contains(&"divergence"));
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    let finals = [(1, Register::Pending), (2, Register::TimedOut)];
+    assert_eq!(kinds(&h.check_with(&finals)), ["divergence", "nonlinearizable"]);
+}
+
+#[test]
+fn a_create_after_its_deadline_leaves_the_promise_timed_out() {
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(100)), (150, 170), OK, Some(Register::TimedOut));
+    h.resolve(2, "a", (180, 190), FAIL, Some(Register::TimedOut));
+    assert_eq!(h.check_with(&[(1, Register::TimedOut)]), vec![]);
+    // A deduplicated one may show the timeout too; nothing may show it on a create without one.
+    let mut h = History::new();
+    let retried = h.create_due(1, Some(deadline_from(100)), (50, 170), OK, Some(Register::TimedOut));
+    h.dedup(retried);
+    assert_eq!(h.check(), vec![]);
+    let mut h = History::new();
+    h.create_due(1, None, (150, 170), OK, Some(Register::TimedOut));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+}
+
+#[test]
+fn a_timeout_seen_before_its_deadline_less_the_bound_is_an_early_timeout() {
+    // The deadline lies at 2 s into the run; the cluster may time the promise out from 1.5 s on.
+    let deadline = deadline_from(1_500_000_000);
+    assert_eq!(deadline.ns, 2_000_000_000);
+    let earliest = deadline.ns - BOUND;
+    let mut h = History::new();
+    h.create_due(1, Some(deadline), (0, 10), OK, Some(Register::Pending));
+    // Seen by a read that completed just in time: cluster time ran ahead, within the bound.
+    h.get(2, (earliest - 100, earliest), OK, Some(Register::TimedOut));
+    assert_eq!(h.check(), vec![]);
+    // One nanosecond earlier is too early, whoever sees it: a read, a refusal, a final read.
+    let early = h.get(3, (earliest - 300, earliest - 1), OK, Some(Register::TimedOut));
+    let refused = h.resolve(4, "a", (100, 200), FAIL, Some(Register::TimedOut));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["early-timeout", "nonlinearizable"], "{anomalies:#?}");
+    let a = find(&anomalies, "early-timeout");
+    assert_eq!(a.op_ids, [early, refused]);
+    assert_eq!(a.key, "k");
+    assert!(a.detail.contains(&format!("deadline_ms={}", deadline.ms)), "{}", a.detail);
+    assert!(a.detail.contains("1999 ms before the deadline"), "{}", a.detail);
+
+    // The earliest deadline a create that may have taken effect asked for counts: an unknown
+    // create's, not a refused one's.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(5_000_000_000)), (0, 10), OK, Some(Register::Pending));
+    h.create_due(2, Some(deadline_from(100)), (0, 10), INFO, None);
+    h.create_due(3, Some(deadline_from(0)), (0, 10), FAIL, Some(Register::Pending));
+    h.get(2, (150, 160), OK, Some(Register::TimedOut));
+    assert_eq!(h.check(), vec![]);
+    h.get(2, (50, 60), OK, Some(Register::TimedOut));
+    assert_eq!(kinds(&h.check()), ["early-timeout", "nonlinearizable"]);
+}
+
+#[test]
+fn a_clock_skewed_run_is_judged_by_the_harness_clock_alone() {
+    // A fast leader stamps the timeout early: its deadline by the node's clock has passed, but
+    // the harness's clock, the true one, says it is 2 s early.
+    let mut h = History::new();
+    let deadline = deadline_from(3_000_000_000);
+    h.create_due(1, Some(deadline), (0, 10), OK, Some(Register::Pending));
+    let seen = h.await_(2, (20, 1_000_000_000), OK, Some(Register::TimedOut));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["early-timeout", "nonlinearizable"], "{anomalies:#?}");
+    assert_eq!(find(&anomalies, "early-timeout").op_ids, [seen]);
+    assert!(find(&anomalies, "early-timeout").detail.contains("2500 ms before the deadline"));
+    // The final reads after the deadline see it timed out: not early.
+    let mut h = History::new();
+    h.create_due(1, Some(deadline_from(20)), (0, 10), OK, Some(Register::Pending));
+    assert_eq!(h.check_with(&[(1, Register::TimedOut), (2, Register::TimedOut)]), vec![]);
+}
+
+#[test]
+fn a_search_page_is_a_read_of_every_record_on_it() {
+    let mut h = History::new();
+    for key in ["w1-a", "w1-b", "w1-c"] {
+        h.on(key);
+        h.create_due(1, None, (0, 10), OK, Some(Register::Pending));
+    }
+    h.on("w1-a");
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    let found = [("w1-a", resolved("a")), ("w1-b", Register::Pending), ("w1-c", Register::Pending)];
+    h.search(2, (40, 50), whole(&found));
+    assert_eq!(h.check(), vec![]);
+    // Each record is read at its own instant within the page: overlapping the resolve, the
+    // page may show it before or after.
+    let mut concurrent = h.clone();
+    concurrent.search(3, (25, 45), whole(&[("w1-a", Register::Pending), ("w1-b", Register::Pending)]));
+    // (w1-c is missing from it: see below.)
+    let anomalies = concurrent.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable"], "{anomalies:#?}");
+    assert_eq!(anomalies[0].key, "w1-c");
+    // A stale record after the resolve completed is caught on its own key.
+    let stale = h.search(
+        3,
+        (40, 50),
+        whole(&[("w1-a", Register::Pending), ("w1-b", Register::Pending), ("w1-c", Register::Pending)]),
+    );
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable"], "{anomalies:#?}");
+    assert_eq!(anomalies[0].key, "w1-a");
+    assert!(anomalies[0].op_ids.contains(&stale));
+    assert!(anomalies[0].detail.contains(&format!("#{stale} p3 search")), "{}", anomalies[0].detail);
+}
+
+#[test]
+fn a_promise_a_page_covers_but_leaves_out_was_absent() {
+    let history = || {
+        let mut h = History::new();
+        for key in ["w1-a", "w1-b", "w1-c"] {
+            h.on(key);
+            h.create_due(1, None, (0, 10), OK, Some(Register::Pending));
+        }
+        h
+    };
+    let a_and_c = [("w1-a", Register::Pending), ("w1-c", Register::Pending)];
+    // The only page: it covers every id of the prefix, so an acknowledged create is missing.
+    let mut h = history();
+    let page = h.search(2, (40, 50), whole(&a_and_c));
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["nonlinearizable"], "{anomalies:#?}");
+    assert_eq!((anomalies[0].key.as_str(), anomalies[0].op_ids.contains(&page)), ("w1-b", true));
+    // A middle page between the two: still covered.
+    let mut h = history();
+    h.search(2, (40, 50), Page { state: None, first: false, last: false, found: &a_and_c });
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+    // Past the page's last record, with more pages to come, or before the first record of a
+    // later page: not covered (the page token hides where the server resumed).
+    let mut h = history();
+    h.search(2, (40, 50), Page { state: None, first: true, last: false, found: &[("w1-a", Register::Pending)] });
+    h.search(2, (50, 60), Page { state: None, first: false, last: true, found: &[("w1-c", Register::Pending)] });
+    assert_eq!(h.check(), vec![]);
+    // Asked for one state, a page shows only what it holds.
+    let mut h = history();
+    h.search(2, (40, 50), Page { state: Some(StateFilter::Pending), first: true, last: true, found: &a_and_c });
+    assert_eq!(h.check(), vec![]);
+    // A promise created without the page's tags does not match, nor does one still being
+    // created.
+    let mut h = history();
+    h.ops[1].tags.clear();
+    h.search(2, (40, 50), whole(&a_and_c));
+    assert_eq!(h.check(), vec![]);
+    let mut h = history();
+    h.ops[1].invoke_ns = 30;
+    h.ops[1].complete_ns = 60;
+    h.search(2, (40, 50), whole(&a_and_c));
+    assert_eq!(h.check(), vec![]);
+}
+
+#[test]
+fn a_record_the_query_excludes_is_a_search_mismatch() {
+    let mut h = History::new();
+    h.on("w1-a");
+    h.create_due(1, None, (0, 10), OK, Some(Register::Pending));
+    let page =
+        Page { state: Some(StateFilter::Resolved), first: true, last: true, found: &[("w1-a", Register::Pending)] };
+    let id = h.search(2, (40, 50), page);
+    let anomalies = h.check();
+    assert_eq!(kinds(&anomalies), ["search-mismatch"], "{anomalies:#?}");
+    assert_eq!((anomalies[0].key.as_str(), anomalies[0].op_ids.as_slice()), ("w1-a", &[id][..]));
+    let mut h = History::new();
+    h.on("w2-a");
+    h.create_due(1, None, (0, 10), OK, Some(Register::Pending));
+    h.search(2, (40, 50), whole(&[("w2-a", Register::Pending)]));
+    assert_eq!(kinds(&h.check()), ["search-mismatch"]);
+}
+
+#[test]
+fn an_await_on_a_follower_that_gives_up_pending_read_pending_within_its_wait() {
+    // The follower's Await gave up after its wait and answered pending: fine while the settle
+    // may come after some instant of the wait, a stale read once it was acknowledged before.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (100, 110), OK, Some(resolved("a")));
+    h.await_(2, (20, 600), OK, Some(Register::Pending));
+    assert_eq!(h.check(), vec![]);
+    h.await_(3, (120, 600), OK, Some(Register::Pending));
+    assert_eq!(kinds(&h.check()), ["nonlinearizable"]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cross-check against brute force
 // ---------------------------------------------------------------------------------------------
 
@@ -633,48 +1005,86 @@ impl Rng {
     }
 }
 
-/// One thing the brute force places: the effect of an op, or the reply of a deduplicated write,
-/// which the cluster read from the register when the retry arrived, after the write and within
-/// the op.
+/// What a part of the brute force is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    /// The effect of an op (for a read, the read).
+    Effect,
+    /// The reply of an acknowledged write that shows a later state than the write left: a
+    /// deduplicated write's (the cluster read the register when the retry arrived), or a create's
+    /// that shows the promise timed out (it arrived after the deadline). It comes after the write
+    /// and within the op.
+    Reply,
+    /// The cluster's timeout of the promise: optional, from the earliest deadline a create that
+    /// may have taken effect asked for, less the bound.
+    Timeout,
+}
+
+/// One thing the brute force places.
 #[derive(Debug, Clone, Copy)]
 struct Part<'a> {
     op: &'a Op,
-    reply: bool,
-}
-
-/// The parts of `op` that constrain the history, effect first.
-fn brute_parts(op: &Op) -> Vec<Part<'_>> {
-    let relevant = match op.outcome {
-        Outcome::Info => matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject),
-        Outcome::Ok => !matches!(op.kind, OpKind::Get | OpKind::Await | OpKind::FinalRead) || op.observed.is_some(),
-        Outcome::Fail => op.observed.is_some(),
-    };
-    let late_reply = op.outcome == Outcome::Ok && op.deduplicated && op.observed.is_some() && is_write(op);
-    let mut parts = Vec::new();
-    if relevant {
-        parts.push(Part { op, reply: false });
-    }
-    if late_reply {
-        parts.push(Part { op, reply: true });
-    }
-    parts
+    kind: PartKind,
+    invoke: u64,
+    /// None: optional, and never blocks another part.
+    complete: Option<u64>,
 }
 
 fn is_write(op: &Op) -> bool {
-    matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject)
+    matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject | OpKind::Cancel)
+}
+
+/// Whether an acknowledged write's reply is placed as a part of its own.
+fn late_reply(op: &Op) -> bool {
+    let shows_timeout = op.kind == OpKind::Create && op.observed == Some(Register::TimedOut);
+    op.outcome == Outcome::Ok && is_write(op) && op.observed.is_some() && (op.deduplicated || shows_timeout)
+}
+
+/// The parts of one key's history, each op's effect before its reply, and the timeout last.
+fn brute_parts(ops: &[Op]) -> Vec<Part<'_>> {
+    let mut parts = Vec::new();
+    for op in ops {
+        let relevant = match op.outcome {
+            Outcome::Info => is_write(op),
+            Outcome::Ok => is_write(op) || op.observed.is_some(),
+            Outcome::Fail => op.observed.is_some(),
+        };
+        let complete = (op.outcome != Outcome::Info).then_some(op.complete_ns);
+        if relevant {
+            parts.push(Part { op, kind: PartKind::Effect, invoke: op.invoke_ns, complete });
+        }
+        if late_reply(op) {
+            parts.push(Part { op, kind: PartKind::Reply, invoke: op.invoke_ns, complete });
+        }
+    }
+    let due = ops
+        .iter()
+        .filter(|op| op.kind == OpKind::Create && op.outcome != Outcome::Fail && op.deadline.is_some())
+        .min_by_key(|op| op.deadline.map(|d| d.ns));
+    if let Some(op) = due {
+        let invoke = op.deadline.map_or(0, |d| d.ns.saturating_sub(BOUND));
+        parts.push(Part { op, kind: PartKind::Timeout, invoke, complete: None });
+    }
+    parts
 }
 
 /// The model step of `part` from `state`, written straight from the spec: None if impossible.
 fn brute_step(part: Part<'_>, state: &Register) -> Option<Register> {
     let op = part.op;
-    if part.reply {
-        return (op.observed.as_ref() == Some(state)).then(|| state.clone());
+    match part.kind {
+        PartKind::Reply => return (op.observed.as_ref() == Some(state)).then(|| state.clone()),
+        PartKind::Timeout => {
+            // Like a settle with unknown outcome: takes effect on a pending promise, or not at all.
+            return Some(if *state == Register::Pending { Register::TimedOut } else { state.clone() });
+        }
+        PartKind::Effect => {}
     }
     let value = op.value.clone().unwrap_or_default();
     let target = match op.kind {
         OpKind::Create => Some(Register::Pending),
         OpKind::Resolve => Some(Register::Resolved { value }),
         OpKind::Reject => Some(Register::Rejected { value }),
+        OpKind::Cancel => Some(Register::Canceled { value }),
         _ => None,
     };
     let requires = if op.kind == OpKind::Create { Register::Absent } else { Register::Pending };
@@ -683,21 +1093,21 @@ fn brute_step(part: Part<'_>, state: &Register) -> Option<Register> {
         Outcome::Info => Some(if *state == requires { target? } else { state.clone() }),
         Outcome::Ok if is_write(op) => {
             let after = (*state == requires).then_some(target?)?;
-            // A plain reply shows the register the write left; a deduplicated one is its own part.
-            let reply_ok = op.deduplicated || op.observed.is_none() || op.observed.as_ref() == Some(&after);
+            // A plain reply shows the register the write left; a later one is its own part.
+            let reply_ok = late_reply(op) || op.observed.is_none() || op.observed.as_ref() == Some(&after);
             reply_ok.then_some(after)
         }
         Outcome::Ok | Outcome::Fail => (op.observed.as_ref() == Some(state)).then(|| state.clone()),
     }
 }
 
-/// Tries every order of the ops' parts that respects real time, with unknown-outcome writes
-/// optional and every reply after its own write. Failed (placed parts, state) pairs are
+/// Tries every order of the parts that respects real time, with unknown-outcome writes and the
+/// timeout optional and every reply after its own write. Failed (placed parts, state) pairs are
 /// remembered so histories of twenty ops stay cheap.
 fn brute_force_linearizable(ops: &[Op]) -> bool {
     type Failed = HashSet<(Vec<bool>, Register)>;
     fn go(parts: &[Part<'_>], used: &mut [bool], state: &Register, failed: &mut Failed) -> bool {
-        if parts.iter().zip(used.iter()).all(|(p, u)| *u || p.op.outcome == Outcome::Info) {
+        if parts.iter().zip(used.iter()).all(|(p, u)| *u || p.complete.is_none()) {
             return true;
         }
         if failed.contains(&(used.to_vec(), state.clone())) {
@@ -705,11 +1115,9 @@ fn brute_force_linearizable(ops: &[Op]) -> bool {
         }
         for x in 0..parts.len() {
             // An unplaced part with a known outcome that returned before x was invoked must come first.
-            let blocked = |y: usize| {
-                !used[y] && parts[y].op.outcome != Outcome::Info && parts[y].op.complete_ns < parts[x].op.invoke_ns
-            };
+            let blocked = |y: usize| !used[y] && parts[y].complete.is_some_and(|c| c < parts[x].invoke);
             // A reply follows its own write, the part just before it.
-            let early_reply = parts[x].reply && !used[x - 1];
+            let early_reply = parts[x].kind == PartKind::Reply && !used[x - 1];
             if used[x] || early_reply || (0..parts.len()).any(blocked) {
                 continue;
             }
@@ -724,24 +1132,30 @@ fn brute_force_linearizable(ops: &[Op]) -> bool {
         failed.insert((used.to_vec(), state.clone()));
         false
     }
-    let parts: Vec<Part<'_>> = ops.iter().flat_map(brute_parts).collect();
+    let parts = brute_parts(ops);
     go(&parts, &mut vec![false; parts.len()], &Register::Absent, &mut Failed::new())
 }
 
 fn random_register(rng: &mut Rng) -> Register {
-    match rng.below(6) {
+    match rng.below(9) {
         0 => Register::Absent,
         1 => Register::Pending,
         2 => resolved("a"),
         3 => resolved("b"),
         4 => rejected("a"),
-        _ => rejected("b"),
+        5 => rejected("b"),
+        6 => canceled("a"),
+        7 => canceled("b"),
+        _ => Register::TimedOut,
     }
 }
 
 fn random_small_history(rng: &mut Rng) -> Vec<Op> {
     let mut h = History::new();
     let n = 1 + rng.below(9);
+    // A third of the histories are of a promise with a deadline that may pass while they run;
+    // now and then creates ask for different ones.
+    let due = rng.chance(33).then(|| rng.below(30));
     for p in 0..n {
         let invoke = rng.below(20);
         let span = (invoke, invoke + rng.below(12));
@@ -751,28 +1165,34 @@ fn random_small_history(rng: &mut Rng) -> Vec<Op> {
             _ => INFO,
         };
         let value = if rng.chance(50) { "a" } else { "b" };
-        let kind = rng.below(6);
+        let kind = rng.below(7);
         // An acknowledged write's reply mostly shows what the write left, as the cluster's does.
         let left = match kind {
+            0 if due.is_some() && rng.chance(20) => Register::TimedOut,
             0 => Register::Pending,
             1 => resolved(value),
-            _ => rejected(value),
+            2 => rejected(value),
+            _ => canceled(value),
         };
         let observed = match outcome {
             Outcome::Info => None,
             Outcome::Fail => rng.chance(80).then(|| random_register(rng)),
-            Outcome::Ok if kind < 3 && rng.chance(70) => Some(left),
+            Outcome::Ok if kind < 4 && rng.chance(70) => Some(left),
             Outcome::Ok => Some(random_register(rng)),
         };
         let id = match kind {
-            0 => h.create(p, span, outcome, observed),
+            0 => {
+                let deadline = due.map(|t| if rng.chance(15) { rng.below(30) } else { t }).map(deadline_from);
+                h.create_due(p, deadline, span, outcome, observed)
+            }
             1 => h.resolve(p, value, span, outcome, observed),
             2 => h.reject(p, value, span, outcome, observed),
-            3 => h.get(p, span, outcome, observed),
-            4 => h.await_(p, span, outcome, observed),
+            3 => h.cancel(p, value, span, outcome, observed),
+            4 => h.get(p, span, outcome, observed),
+            5 => h.await_(p, span, outcome, observed),
             _ => h.add(p, OpKind::FinalRead, None, span, outcome, observed),
         };
-        if outcome == OK && kind < 3 && rng.chance(20) {
+        if outcome == OK && kind < 4 && rng.chance(20) {
             h.dedup(id);
         }
     }
@@ -816,12 +1236,15 @@ fn perturb(ops: &mut [Op], rng: &mut Rng) {
         .filter_map(|op| match (op.kind, &op.value) {
             (OpKind::Resolve, Some(v)) => Some(resolved(v)),
             (OpKind::Reject, Some(v)) => Some(rejected(v)),
+            (OpKind::Cancel, Some(v)) => Some(canceled(v)),
             _ => None,
         })
         .collect();
-    ops[i].observed = Some(match rng.below(3) {
+    let due = ops.iter().any(|op| op.deadline.is_some());
+    ops[i].observed = Some(match rng.below(4) {
         0 => Register::Absent,
         1 => Register::Pending,
+        2 if due => Register::TimedOut,
         _ if written.is_empty() => Register::Pending,
         _ => written[rng.below(written.len() as u64) as usize].clone(),
     });
@@ -852,15 +1275,23 @@ fn search_agrees_with_brute_force_on_near_valid_histories() {
 
 /// A valid history: `procs` clients per key each run `per_proc` ops with overlapping intervals;
 /// each op takes effect at a random instant inside its interval and its response is computed from
-/// the model at that instant. Also returns the final reads of three agreeing nodes.
+/// the model at that instant. A third of the keys get a deadline, and the cluster times the
+/// promise out at a random instant after it, or a create arriving later makes it timed out at
+/// once. Also returns the final reads of three agreeing nodes.
 fn generated_valid_run(keys: usize, procs: u64, per_proc: usize, seed: u64) -> (Vec<Op>, Finals) {
     let mut rng = Rng(seed);
     let mut ops = Vec::new();
     let mut finals = Finals::new();
     for k in 0..keys {
         let key = format!("key-{k:05}");
-        // (effect instant, op, whether an unknown-outcome write took effect)
-        let mut planned: Vec<(u64, Op, bool)> = Vec::new();
+        let deadline = rng.chance(33).then(|| deadline_from(rng.below(150)));
+        // When the cluster's timeout fires (if the promise is pending then).
+        let times_out_at = deadline.map(|d| d.ns - BOUND + rng.below(60));
+        // (effect instant, op or None for the timeout, whether an unknown-outcome write took effect)
+        let mut planned: Vec<(u64, Option<Op>, bool)> = Vec::new();
+        if let Some(at) = times_out_at {
+            planned.push((at, None, true));
+        }
         for process in 0..procs {
             let mut t = rng.below(30);
             for _ in 0..per_proc {
@@ -870,13 +1301,14 @@ fn generated_valid_run(keys: usize, procs: u64, per_proc: usize, seed: u64) -> (
                 t = complete + rng.below(20);
                 let kind = match rng.below(100) {
                     0..15 => OpKind::Create,
-                    15..30 => OpKind::Resolve,
-                    30..40 => OpKind::Reject,
-                    40..75 => OpKind::Get,
+                    15..27 => OpKind::Resolve,
+                    27..35 => OpKind::Reject,
+                    35..42 => OpKind::Cancel,
+                    42..75 => OpKind::Get,
                     _ => OpKind::Await,
                 };
-                let value =
-                    matches!(kind, OpKind::Resolve | OpKind::Reject).then(|| format!("{key}-{}", planned.len()));
+                let value = matches!(kind, OpKind::Resolve | OpKind::Reject | OpKind::Cancel)
+                    .then(|| format!("{key}-{}", planned.len()));
                 let outcome = match rng.below(100) {
                     0..8 => INFO,
                     8..12 => FAIL, // refused without showing anything
@@ -896,26 +1328,37 @@ fn generated_valid_run(keys: usize, procs: u64, per_proc: usize, seed: u64) -> (
                     deduplicated: outcome == OK && rng.chance(10),
                     node: None,
                     detail: String::new(),
+                    deadline: if kind == OpKind::Create { deadline } else { None },
+                    tags: Default::default(),
+                    search: None,
                 };
-                planned.push((at, op, rng.chance(50)));
+                planned.push((at, Some(op), rng.chance(50)));
             }
         }
-        planned.sort_by_key(|(at, op, _)| (*at, op.process));
+        planned.sort_by_key(|(at, op, _)| (*at, op.as_ref().map_or(0, |op| op.process + 1)));
         let mut state = Register::Absent;
-        for (_, mut op, takes_effect) in planned {
+        for (at, op, takes_effect) in planned {
+            let Some(mut op) = op else {
+                if state == Register::Pending {
+                    state = Register::TimedOut;
+                }
+                continue;
+            };
+            // A create after the timeout's instant makes the promise timed out at once.
+            let created = if times_out_at.is_some_and(|t| at >= t) { Register::TimedOut } else { Register::Pending };
             let target = match (op.kind, &op.value) {
                 (OpKind::Resolve, Some(value)) => Some(Register::Resolved { value: value.clone() }),
                 (OpKind::Reject, Some(value)) => Some(Register::Rejected { value: value.clone() }),
+                (OpKind::Cancel, Some(value)) => Some(Register::Canceled { value: value.clone() }),
                 _ => None,
             };
+            let settle = matches!(op.kind, OpKind::Resolve | OpKind::Reject | OpKind::Cancel);
             match op.outcome {
                 Outcome::Info => {
                     if takes_effect {
                         match (op.kind, &state) {
-                            (OpKind::Create, Register::Absent) => state = Register::Pending,
-                            (OpKind::Resolve | OpKind::Reject, Register::Pending) => {
-                                state = target.clone().expect("settles carry a value")
-                            }
+                            (OpKind::Create, Register::Absent) => state = created,
+                            (_, Register::Pending) if settle => state = target.clone().expect("settles carry a value"),
                             _ => {}
                         }
                     }
@@ -923,10 +1366,10 @@ fn generated_valid_run(keys: usize, procs: u64, per_proc: usize, seed: u64) -> (
                 Outcome::Fail => {}
                 Outcome::Ok => match (op.kind, &state) {
                     (OpKind::Create, Register::Absent) => {
-                        state = Register::Pending;
-                        op.observed = Some(Register::Pending);
+                        state = created;
+                        op.observed = Some(state.clone());
                     }
-                    (OpKind::Resolve | OpKind::Reject, Register::Pending) => {
+                    (_, Register::Pending) if settle => {
                         state = target.clone().expect("settles carry a value");
                         op.observed = Some(state.clone());
                     }
@@ -934,15 +1377,15 @@ fn generated_valid_run(keys: usize, procs: u64, per_proc: usize, seed: u64) -> (
                         op.outcome = FAIL;
                         op.observed = Some(state.clone());
                     }
-                    (OpKind::Resolve | OpKind::Reject, _) => {
+                    _ if settle => {
                         op.outcome = FAIL;
                         op.observed = Some(state.clone());
                     }
-                    (OpKind::Get | OpKind::Await | OpKind::FinalRead, _) => op.observed = Some(state.clone()),
+                    _ => op.observed = Some(state.clone()),
                 },
             }
             // Only an acknowledged write comes from the dedup table.
-            if op.outcome != OK || !matches!(op.kind, OpKind::Create | OpKind::Resolve | OpKind::Reject) {
+            if op.outcome != OK || !is_write(&op) {
                 op.deduplicated = false;
             }
             op.id = ops.len() as u64;

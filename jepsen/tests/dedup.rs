@@ -54,6 +54,9 @@ fn op(id: u64, process: u64, kind: OpKind, span: (Instant, Instant), start: Inst
         deduplicated: answer.deduplicated,
         node: None,
         detail: answer.detail,
+        deadline: None,
+        tags: Default::default(),
+        search: None,
     }
 }
 
