@@ -233,7 +233,7 @@ struct Chooser {
     rng: StdRng,
     /// What this client last saw of each id (absent from the map: never looked).
     seen: HashMap<String, Register>,
-    /// Ids this client saw pending, oldest first: half its ops settle one of them once its plan
+    /// Ids this client saw pending, oldest first: most of its ops settle one of them once its plan
     /// allows, which is what makes most created ids settle while they are in play.
     pending: VecDeque<String>,
 }
@@ -294,7 +294,7 @@ impl Chooser {
         if self.rng.random_range(0..100) < 3 {
             return Action::Search { window };
         }
-        if self.rng.random_range(0..2) == 0
+        if self.rng.random_range(0..10) < 6
             && let Some(action) = self.follow_up(now_ms)
         {
             return action;
@@ -304,10 +304,12 @@ impl Chooser {
         let roll = self.rng.random_range(0..100);
         // What is still worth asking: writes that can take effect, and now and then one that
         // must be refused (a settle before the create, a second create, a late settle).
+        // An id of an earlier window that this client never saw was most likely created by now.
+        let creates = if window == current { 60 } else { 15 };
         let write = match self.seen.get(&key) {
             None | Some(Register::Absent) => match roll {
-                0..50 => Some(OpKind::Create),
-                50..60 if may_settle => Some(settle_kind(&mut self.rng)),
+                r if r < creates => Some(OpKind::Create),
+                r if r < creates + 10 && may_settle => Some(settle_kind(&mut self.rng)),
                 _ => None,
             },
             Some(Register::Pending) => match roll {
