@@ -199,6 +199,12 @@ impl Hosts {
         Ok(())
     }
 
+    /// How node `id`'s process ended, if it has, in words ("exit status: 74").
+    pub fn exit_status(&mut self, id: u64) -> Option<String> {
+        let child = self.node(id).ok()?.child.as_mut()?;
+        child.try_wait().ok().flatten().map(|status| status.to_string())
+    }
+
     pub fn is_running(&mut self, id: u64) -> bool {
         match self.node(id) {
             Ok(n) => n.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))),

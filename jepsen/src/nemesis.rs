@@ -502,14 +502,23 @@ impl Nemesis {
         }
         hosts.reset_clocks()?;
         hosts.heal_disks()?;
+        let mut disk_exits = Vec::new();
         for id in std::mem::take(&mut self.disk_failed) {
-            // Restarted below with the others that are down.
+            // A node stops by itself when its disk fails (crash-only, exit status 74): expected
+            // here, so it is taken before the crash check below. Restarted below with the
+            // others that are down.
+            if let Some(status) = hosts.exit_status(id) {
+                disk_exits.push(format!("node {id} had stopped on its disk error ({status})"));
+            }
             hosts.kill(id)?;
         }
         // A node that died on its own is an anomaly; record it before the heal restarts it.
         self.record_crashes(hosts, started_ns);
         let restarted = hosts.heal()?;
         let mut detail = format!("network healed; processes resumed/started: {restarted:?}");
+        for exit in disk_exits {
+            detail.push_str(&format!("; {exit}"));
+        }
         for id in std::mem::take(&mut self.removed) {
             let c = hosts.client(Duration::from_secs(30))?;
             let mut outcome = String::from("not attempted");

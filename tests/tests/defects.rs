@@ -128,7 +128,7 @@ async fn sixty_four_concurrent_one_mib_creates_all_commit() -> anyhow::Result<()
 /// What a write in flight is reported as when the leader's disk fails under it: the entry may
 /// be on the followers already and commit there, so its outcome is unknown — never a plain
 /// failure. Every write the client was told failed must indeed be absent afterwards, and every
-/// acknowledged one present.
+/// acknowledged one present. The leader then stops (exit status 74) instead of serving on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> anyhow::Result<()> {
     let vowd = sabotaged_vowd();
@@ -198,6 +198,11 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
     eprintln!("{acked} acknowledged, {unknown} unknown, {refused} refused");
     assert!(acked > 0 && unknown > 0, "the failure must hit writes in flight: {acked} acked, {unknown} unknown");
     assert!(cluster.log_of(leader).contains("WAL fsync failed"), "the failpoint fired");
+    // Crash-only: a node whose disk failed stops rather than serve on with stopped shards.
+    eventually("the leader to stop on its disk error", Duration::from_secs(10), || {
+        Ok(cluster.log_of(leader).contains("storage failed: stopping this node"))
+    })
+    .await?;
     Ok(())
 }
 

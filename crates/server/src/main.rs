@@ -11,7 +11,20 @@ use vow_server::server::{self, Listeners};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            match e.downcast_ref::<server::StorageFailed>() {
+                Some(_) => std::process::ExitCode::from(server::StorageFailed::EXIT_CODE),
+                None => std::process::ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log));
     tracing_subscriber::fmt()

@@ -101,13 +101,34 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         background.push(tokio::spawn(crate::balance::run(node.clone(), stop_rx.clone())));
     }
     tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
-    for bug in ["stale-reads", "ack-before-commit", "skip-settled-check", "wal-fsync-failpoint"] {
+    for bug in [
+        "stale-reads",
+        "ack-before-commit",
+        "skip-settled-check",
+        "wal-fsync-failpoint",
+        "read-index-without-heartbeat",
+        "ack-before-fsync",
+        "drop-snapshot-announcements",
+    ] {
         if crate::sabotage::enabled(bug) {
             tracing::warn!(bug, "SABOTAGED BUILD: deliberate consistency bug enabled");
         }
     }
 
-    shutdown.await;
+    // Crash-only on a storage failure: after a failed write or fsync nothing says what the disk
+    // holds (the page cache may have dropped the data it failed to write), so the node stops at
+    // once — without handing off leadership or flushing — and its next start recovers from what
+    // is durable, once the disk is sound again. A node left running with stopped shards would
+    // only answer errors.
+    let failure =
+        futures::future::select_all(shards.iter().map(|s| Box::pin(async move { (s.id, s.fatal_error().await) })));
+    tokio::select! {
+        () = shutdown => {}
+        ((shard, reason), _, _) = failure => {
+            tracing::error!(%shard, error = %reason, "storage failed: stopping this node; restart it once the disk is sound");
+            return Err(StorageFailed { shard, reason }.into());
+        }
+    }
     tracing::info!(node = %config.node_id, "shutting down");
     node.begin_shutdown();
     node.hand_off_leadership().await;
@@ -132,6 +153,20 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
     tracing::info!(node = %config.node_id, "stopped");
     Ok(())
+}
+
+/// Why [`run`] ended without being asked to: a shard's storage failed. `vowd` exits with
+/// [`StorageFailed::EXIT_CODE`] for it.
+#[derive(Debug, thiserror::Error)]
+#[error("storage of shard {shard} failed: {reason}")]
+pub struct StorageFailed {
+    pub shard: ShardId,
+    pub reason: String,
+}
+
+impl StorageFailed {
+    /// `EX_IOERR` from sysexits.h.
+    pub const EXIT_CODE: u8 = 74;
 }
 
 async fn wait_stop(mut rx: watch::Receiver<bool>) {

@@ -427,6 +427,21 @@ impl Shard {
         ShardError::NotLeader { shard: self.id, leader }
     }
 
+    /// Completes when this shard's Raft has stopped on a fatal error — a log write or fsync that
+    /// failed, a panic in its core — with the error in words; pending while the shard runs.
+    pub async fn fatal_error(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &rx.borrow_watched().running_state {
+                return fatal.to_string();
+            }
+            if rx.changed().await.is_err() {
+                // The core is gone without a fatal error: a shutdown, not a failure.
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// A copy of the shard's current Raft metrics.
     pub fn metrics(&self) -> RaftMetrics<TypeConfig> {
         self.raft.metrics().borrow_watched().clone()
