@@ -126,12 +126,20 @@ fn a_cluster_that_refuses_every_write_is_invalid() {
     std::fs::write(config.path(), "[limits]\nmax_idempotency_key_bytes = 1\n").expect("writing the config");
     let vowd = bin_dir().join("vowd");
     let env = format!("VOW_CONFIG={}", config.path().display());
-    let (code, results) = run_against("refuse-writes", &vowd, &env, "none", 7);
-    let found = kinds(&results);
-    println!("refuse-writes: exit {code:?}, anomalies {found:?}, writes {}", results["writes"]);
-    assert_eq!(results["writes"]["ok"], 0, "the cluster was meant to refuse every write");
-    assert!(results["writes"]["fail"].as_u64().unwrap_or(0) > 100, "the clients kept writing: {}", results["writes"]);
-    assert_eq!(results["valid"], false, "a cluster that takes no write passed");
-    assert_eq!(code, Some(1), "an invalid run exits 1");
-    assert_eq!(found, std::collections::BTreeSet::from(["no-progress".to_owned()]));
+    // And the sabotaged build whose every write path refuses (UNAVAILABLE, a definite refusal).
+    let configured = run_against("refuse-writes-config", &vowd, &env, "none", 7);
+    let sabotaged = run("refuse-writes", "none", 7);
+    for (label, (code, results)) in [("config", configured), ("sabotage", sabotaged)] {
+        let found = kinds(&results);
+        println!("refuse-writes ({label}): exit {code:?}, anomalies {found:?}, writes {}", results["writes"]);
+        assert_eq!(results["writes"]["ok"], 0, "{label}: the cluster was meant to refuse every write");
+        assert!(
+            results["writes"]["fail"].as_u64().unwrap_or(0) > 100,
+            "{label}: the clients kept writing: {}",
+            results["writes"]
+        );
+        assert_eq!(results["valid"], false, "{label}: a cluster that takes no write passed");
+        assert_eq!(code, Some(1), "{label}: an invalid run exits 1");
+        assert_eq!(found, std::collections::BTreeSet::from(["no-progress".to_owned()]), "{label}");
+    }
 }

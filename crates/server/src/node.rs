@@ -172,6 +172,10 @@ impl Node {
         if crate::sabotage::enabled("ack-before-commit") {
             return shard.predict_and_propose_in_background(command.clone());
         }
+        if crate::sabotage::enabled("refuse-writes") {
+            let reason = "sabotage refuse-writes: this build takes no write".to_owned();
+            return Err(ShardError::Unavailable { shard: shard.id, reason });
+        }
         self.with_leader(shard, || shard.propose(command.clone())).await
     }
 

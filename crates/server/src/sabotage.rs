@@ -9,6 +9,8 @@
 //! - `ack-before-commit`: answer a write from a prediction on local state and propose it in the
 //!   background, before it is committed;
 //! - `skip-settled-check`: let a settle overwrite an already settled promise;
+//! - `refuse-writes`: refuse every write as unavailable (breaks no safety rule: only the
+//!   harness's liveness check can fail it);
 //! - `read-index-without-heartbeat`: a leader serves a linearizable read from its own state
 //!   without confirming with a majority that it still leads (caught by partitioning it away);
 //! - `ack-before-fsync`: acknowledge log appends once the OS has them, before the fsync (caught

@@ -109,6 +109,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         "read-index-without-heartbeat",
         "ack-before-fsync",
         "drop-snapshot-announcements",
+        "refuse-writes",
     ] {
         if crate::sabotage::enabled(bug) {
             tracing::warn!(bug, "SABOTAGED BUILD: deliberate consistency bug enabled");
