@@ -70,6 +70,8 @@ pub enum Fault {
 fn faults_of(name: &str) -> &'static [Fault] {
     match name {
         "kill" => &[Fault::KillRandom, Fault::KillLeader, Fault::KillMajority, Fault::KillAll],
+        // Only the whole-cluster kill, for runs aimed at it (not part of "all": "kill" has it).
+        "kill-all" => &[Fault::KillAll],
         "pause" => &[Fault::PauseRandom, Fault::PauseLeader],
         "partition" => {
             &[Fault::IsolateOne, Fault::IsolateLeader, Fault::RandomHalves, Fault::MajorityRing, Fault::Bridge]

@@ -453,3 +453,78 @@ async fn oversized_requests_are_refused_and_the_node_keeps_serving() -> anyhow::
     c.create(create_big("fits", 1 << 20)).await?;
     Ok(())
 }
+
+/// A leader restarted after losing an entry it had already replicated must not resume its term.
+/// The leader replicates an entry before its own fsync; here its fsyncs stall, so the entry is
+/// durable on the followers only, and then every node dies at once. Had the leader come back
+/// leading the same term (openraft's leader restore), its log would end before that entry and it
+/// would propose another one at the same index under the same log id, which the followers take
+/// for the one they hold: replicas with different records at one log id. vow-jepsen found this
+/// with every node killed at once. Now the restarted leader holds an election in a new term, and
+/// every replica ends with the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_starts_a_new_term() -> anyhow::Result<()> {
+    let vowd = sabotaged_vowd();
+    let vowd = vowd.display().to_string();
+    let env = [("VOW_VOWD", vowd.as_str()), ("VOW_SABOTAGE", "wal-fsync-stall")];
+    let mut cluster = DevCluster::up_env(3, &["--no-leader-balance"], &[], &env)?;
+    let leader = cluster.leader_of("{lr}").await?;
+    let c = cluster.client_of(leader);
+    c.create(create_req("{lr}/before", "k0")).await?;
+    let stall = cluster.data_dir(leader).join("stall-wal-fsync");
+    std::fs::write(&stall, b"")?;
+    // Entries the stalled leader sends on but cannot sync; the followers sync and acknowledge.
+    let writer = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 0..5 {
+                let _ = c.create(create_req(&format!("{{lr}}/unsynced-{i}"), &format!("u{i}"))).await;
+            }
+        })
+    };
+    let followers: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|&id| id != leader).collect();
+    let synced_before: f64 = followers.iter().map(|&f| cluster.metric(f, "vow_wal_syncs_total").unwrap_or(0.0)).sum();
+    eventually("the followers to sync what the stalled leader sent", Duration::from_secs(10), || {
+        let synced: f64 = followers.iter().map(|&f| cluster.metric(f, "vow_wal_syncs_total").unwrap_or(0.0)).sum();
+        Ok(synced >= synced_before + 2.0)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await; // a few more appends reach them
+    for node in cluster.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>() {
+        cluster.kill9(node)?;
+    }
+    writer.abort();
+    std::fs::remove_file(&stall)?;
+    cluster.reup()?;
+    // New writes on the shard after the restart, then every replica must agree on every record.
+    let any = cluster.client();
+    for i in 0..5 {
+        any.create(create_req(&format!("{{lr}}/after-{i}"), &format!("a{i}"))).await?;
+    }
+    let mut ids = vec!["{lr}/before".to_owned()];
+    ids.extend((0..5).map(|i| format!("{{lr}}/unsynced-{i}")));
+    ids.extend((0..5).map(|i| format!("{{lr}}/after-{i}")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut views = Vec::new();
+        for n in &cluster.nodes {
+            let mut view = Vec::new();
+            for id in &ids {
+                let record = match Client::get_local(&n.grpc, id).await {
+                    Ok(p) => format!("{:?} {}", pb::State::try_from(p.state), p.idempotency_key_create),
+                    Err(Error::NotFound(_)) => "absent".to_owned(),
+                    Err(e) => format!("unreadable ({e})"),
+                };
+                view.push(format!("{id}: {record}"));
+            }
+            views.push((n.node_id, view));
+        }
+        if views.windows(2).all(|w| w[0].1 == w[1].1) && views[0].1.iter().all(|r| !r.contains("unreadable")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the replicas disagree: {views:#?}\n{}", cluster.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // replicas still catching up
+    }
+}

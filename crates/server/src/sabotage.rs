@@ -17,6 +17,8 @@
 //!   only by a power loss, which drops what was not synced);
 //! - `drop-snapshot-announcements`: do not wake waiters when a snapshot replaces the state
 //!   (caught by an Await on a replica that catches up by snapshot);
+//! - `wal-fsync-stall`: while the file `stall-wal-fsync` exists in the data directory, WAL
+//!   fsyncs wait: appends stay unsynced and unacknowledged (a disk that stops answering);
 //! - `wal-fsync-failpoint`: while the file `fail-wal-fsync` exists in the data directory, every
 //!   WAL fsync fails (a disk error): the shards stop with their writes in flight.
 //!

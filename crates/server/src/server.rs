@@ -18,7 +18,8 @@ use crate::node::{Node, NodeParts};
 use crate::peers::Peers;
 use crate::router::Router;
 use crate::shard::{Shard, ShardContext};
-use vow_storage::{self as storage, NodeIdentity, log_store::WalFlusher};
+use vow_storage::log_store::{Failpoints, WalFlusher};
+use vow_storage::{self as storage, NodeIdentity};
 
 /// Listeners the node serves on, bound by the caller.
 #[derive(Debug)]
@@ -47,9 +48,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             "TEST CLOCK: this node's wall clock runs off on purpose"
         );
     }
-    let flusher = WalFlusher::spawn_with_failpoint(
+    let flusher = WalFlusher::spawn_with_failpoints(
         db.clone(),
-        crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
+        Failpoints {
+            fail: crate::sabotage::enabled("wal-fsync-failpoint").then(|| config.data_dir.join("fail-wal-fsync")),
+            stall: crate::sabotage::enabled("wal-fsync-stall").then(|| config.data_dir.join("stall-wal-fsync")),
+        },
     );
     let ctx = ShardContext {
         node_id: config.node_id,
@@ -106,6 +110,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         "ack-before-commit",
         "skip-settled-check",
         "wal-fsync-failpoint",
+        "wal-fsync-stall",
         "read-index-without-heartbeat",
         "ack-before-fsync",
         "drop-snapshot-announcements",

@@ -254,6 +254,15 @@ impl Shard {
             // deposes the leader of every shard when it returns (with 8 shards, ~1.5 s with no
             // leader on most of them after each heal in vow-jepsen runs).
             enable_pre_vote: Some(true),
+            // A restarted leader must win a new election, not resume its old term. Resuming it
+            // (openraft's default) together with replicating before the local fsync (above)
+            // let two different entries carry one log id: the leader sent entry i to the
+            // followers, which made it durable, while its own copy was still unsynced; killed
+            // and restarted, it resumed the same term with a log ending before i and proposed
+            // another entry at i. The followers already "had" (term, i) and kept theirs, and
+            // the replicas diverged — vow-jepsen found it with every node killed at once
+            // (`a_restarted_leader_starts_a_new_term`).
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()?;

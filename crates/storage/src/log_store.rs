@@ -33,6 +33,15 @@ use crate::{CF_LOG, CF_META, cf, corrupt, fitting, io_err, keys};
 /// Callbacks waiting for the next WAL fsync, at most this many queued before appends wait.
 const FLUSH_QUEUE: usize = 4096;
 
+/// Files whose presence makes the flusher misbehave, for tests of disk trouble.
+#[derive(Debug, Default)]
+pub struct Failpoints {
+    /// While it exists, every fsync fails (a disk error).
+    pub fail: Option<std::path::PathBuf>,
+    /// While it exists, fsyncs wait (a disk that stops answering): appends stay unsynced.
+    pub stall: Option<std::path::PathBuf>,
+}
+
 /// Handle to the node's WAL flusher thread. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct WalFlusher {
@@ -58,6 +67,12 @@ impl WalFlusher {
     /// As [`WalFlusher::spawn`]; while the file `failpoint` exists, every fsync fails as a disk
     /// error would (tests of what a failing disk does to writes in flight).
     pub fn spawn_with_failpoint(db: Arc<DB>, failpoint: Option<std::path::PathBuf>) -> Self {
+        Self::spawn_with_failpoints(db, Failpoints { fail: failpoint, stall: None })
+    }
+
+    /// As [`WalFlusher::spawn`], with test failpoints (see [`Failpoints`]).
+    pub fn spawn_with_failpoints(db: Arc<DB>, failpoints: Failpoints) -> Self {
+        let Failpoints { fail: failpoint, stall } = failpoints;
         let (tx, mut rx) = mpsc::channel::<IOFlushed<TypeConfig>>(FLUSH_QUEUE);
         let db = Arc::downgrade(&db);
         let counters = Arc::new(SyncCounters::default());
@@ -68,6 +83,10 @@ impl WalFlusher {
             let mut waiting = Vec::with_capacity(256);
             while let Some(first) = rx.blocking_recv() {
                 waiting.push(first);
+                // Test failpoint: appends wait, unsynced and unacknowledged, while the file is there.
+                while stall.as_ref().is_some_and(|f| f.exists()) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
                 while waiting.len() < FLUSH_QUEUE {
                     match rx.try_recv() {
                         Ok(cb) => waiting.push(cb),
