@@ -133,11 +133,12 @@ fn a_cluster_that_refuses_every_write_is_invalid() {
         let found = kinds(&results);
         println!("refuse-writes ({label}): exit {code:?}, anomalies {found:?}, writes {}", results["writes"]);
         assert_eq!(results["writes"]["ok"], 0, "{label}: the cluster was meant to refuse every write");
-        assert!(
-            results["writes"]["fail"].as_u64().unwrap_or(0) > 100,
-            "{label}: the clients kept writing: {}",
-            results["writes"]
-        );
+        // The configured refusal is definite (INVALID_ARGUMENT, `fail`); the sabotage answers
+        // UNAVAILABLE, which the SDK retries until the call's deadline and the workload records
+        // as `info`: fewer, slower attempts, but attempts all the same.
+        let attempted =
+            results["writes"]["fail"].as_u64().unwrap_or(0) + results["writes"]["info"].as_u64().unwrap_or(0);
+        assert!(attempted > 20, "{label}: the clients kept writing: {}", results["writes"]);
         assert_eq!(results["valid"], false, "{label}: a cluster that takes no write passed");
         assert_eq!(code, Some(1), "{label}: an invalid run exits 1");
         assert_eq!(found, std::collections::BTreeSet::from(["no-progress".to_owned()]), "{label}");

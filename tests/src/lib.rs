@@ -244,6 +244,31 @@ impl DevCluster {
             .sum())
     }
 
+    /// A per-shard gauge from a node's `/metrics`, e.g. `vow_shard_purged_index` of shard 3.
+    pub fn shard_metric(&self, id: u64, shard: u32, name: &str) -> anyhow::Result<u64> {
+        let label = format!("shard=\"{shard}\"");
+        let text = self.metrics_of(id)?;
+        let line = text.lines().find(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(&label));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no {name} for {label} on node {id}"))
+    }
+
+    /// Waits until every node but `behind` has purged its log of `shard` past `last_index`, so
+    /// that whichever of them leads when `behind` returns must send it a snapshot (leadership
+    /// can move meanwhile; a leader that had not purged yet would catch it up from its log).
+    pub async fn wait_purged_past(&self, shard: u32, behind: u64, last_index: u64) -> anyhow::Result<()> {
+        let others: Vec<u64> = self.nodes.iter().map(|n| n.node_id).filter(|&id| id != behind).collect();
+        eventually("the other replicas to purge their logs past the node left behind", Duration::from_secs(30), || {
+            for &id in &others {
+                if self.shard_metric(id, shard, "vow_shard_purged_index")? <= last_index {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+
     fn signal(&self, id: u64, sig: &str) -> anyhow::Result<()> {
         let pid = self.node(id).pid;
         let ok = Command::new("kill").args([sig, &pid.to_string()]).status().context("kill")?.success();

@@ -267,6 +267,8 @@ async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
     let mut cluster = DevCluster::up(3, &["--snapshot-logs=50"])?;
     let leader = cluster.leader_of("{snap}").await?;
     let lagging = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
+    let shard = vow_core::ShardId::for_promise(&vow_core::PromiseId::new_unchecked("{snap}"), 8).0;
+    let lagging_last = cluster.shard_metric(lagging, shard, "vow_shard_last_log_index")?;
     cluster.kill9(lagging)?;
     let c = cluster.client();
     // Enough entries that the leader snapshots and purges (openraft purges in batches of 256
@@ -275,6 +277,7 @@ async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
     for i in 0..1000 {
         c.create(create_req(&format!("{{snap}}-{i}"), "")).await?;
     }
+    cluster.wait_purged_past(shard, lagging, lagging_last).await?;
     cluster.reup()?;
     let addr = cluster.node(lagging).grpc.clone();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -4,6 +4,8 @@
 //! replies and refusals larger than transport defaults, and a leader whose clock runs fast.
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vow_client::{Client, Error, Options, pb};
@@ -145,14 +147,17 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
         },
     )?;
     let proposed_before = cluster.metric(leader, "vow_shard_proposals_total")?;
-    let stop_at = Instant::now() + Duration::from_secs(4);
+    // The writers run until a while after the disk failed (not for a fixed time: on a loaded
+    // machine they could finish before the failpoint is set, and no write would be in flight).
+    let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..16)
         .map(|w| {
             let c = direct.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
                 let mut results = Vec::new();
                 let mut i = 0;
-                while Instant::now() < stop_at {
+                while !stop.load(Ordering::Relaxed) {
                     let id = format!("f-{w:02}-{i:04}");
                     let r = c.create(create_req(&id, &format!("k-{id}"))).await.map(|_| ());
                     results.push((id, r));
@@ -168,6 +173,8 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
     })
     .await?;
     std::fs::write(cluster.data_dir(leader).join("fail-wal-fsync"), b"")?;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // writes meet the failed disk
+    stop.store(true, Ordering::Relaxed);
     let mut results = Vec::new();
     for w in writers {
         results.extend(w.await?);
@@ -299,32 +306,15 @@ async fn await_on_a_follower_sees_a_settlement_that_arrives_by_snapshot() -> any
     })
     .await?;
 
-    let of_shard = |id: u64, name: &str| -> anyhow::Result<u64> {
-        let label = format!("shard=\"{shard}\"");
-        let text = cluster.metrics_of(id)?;
-        let line = text.lines().find(|l| l.starts_with(name) && l.contains(&label));
-        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).ok_or_else(|| anyhow::anyhow!("no {name} for {label}"))
-    };
-    let follower_last = of_shard(follower, "vow_shard_last_log_index")?;
+    let follower_last = cluster.shard_metric(follower, shard, "vow_shard_last_log_index")?;
     cluster.pause(follower)?;
     c.resolve("{snap}/await", value("by snapshot"), None).await?;
     for i in 0..300 {
         c.create(create_req(&format!("{{snap}}/filler-{i}"), "")).await?;
     }
-    // Both other replicas snapshot and purge their logs past what the paused follower has, so
-    // whichever of them leads when it returns (under a loaded test run the leader can change)
-    // must send it a snapshot. Waiting for the leader alone let a new leader that had not
-    // purged yet catch the follower up from its log, and the test failed now and then.
-    let others: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|&id| id != follower).collect();
-    eventually("the other replicas to purge their logs past the paused follower", Duration::from_secs(30), || {
-        for &id in &others {
-            if of_shard(id, "vow_shard_purged_index")? <= follower_last {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })
-    .await?;
+    // Every other replica purges past the paused follower: whichever leads when it returns must
+    // send it a snapshot.
+    cluster.wait_purged_past(shard, follower, follower_last).await?;
     cluster.resume(follower)?;
     let resumed = Instant::now();
     let p = tokio::time::timeout(Duration::from_secs(30), w).await???;
