@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # How often vow-jepsen catches each deliberate bug, over seeds 1..SEEDS: every sabotage of the
 # test-only `sabotage` build against the fault that reveals it, one table row per bug.
-# Usage: scripts/sabotage-rates.sh [SEEDS=5] [SECONDS=20] [OUT=/tmp/vow-sabotage-rates]
+# Usage: [BUGS="a b"] scripts/sabotage-rates.sh [SEEDS=5] [SECONDS=20] [OUT=/tmp/vow-sabotage-rates]
+# (BUGS: only these sabotages; default every one below.)
 # Needs root and the binaries scripts/test.sh builds (vowd-sabotage among them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
 mkdir -p "$out"
 printf '| sabotage | nemesis | caught | anomalies seen |\n|---|---|---|---|\n'
 while read -r bug nemesis extra; do
+  if [ -n "${BUGS:-}" ] && ! [[ " $BUGS " == *" $bug "* ]]; then continue; fi
   caught=0; kinds=""
   for seed in $(seq 1 "$seeds"); do
     dir="$out/$bug-$seed"; rm -rf "$dir"
