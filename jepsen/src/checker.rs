@@ -81,30 +81,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use serde::Serialize;
-
-use serde::Deserialize;
-
 use crate::clocks::EARLY_TIMEOUT_BOUND;
 use crate::history::{Deadline, NemesisEvent, Op, OpKind, Outcome, Register};
 
-/// One violation found in the history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Anomaly {
-    /// The promise it concerns; empty for anomalies of the whole run.
-    pub key: String,
-    /// Per key: "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence",
-    /// "await-not-final", "early-timeout" (TIMED_OUT seen more than [`EARLY_TIMEOUT_BOUND`]
-    /// before the deadline by the harness's clock) or "search-mismatch" (a Search page holds a
-    /// record its query excludes). Per run: "no-progress" (no write succeeded, or none after the final
-    /// heal) and "node-crashed" (see [`check_run`]); the run itself adds "no-recovery" when the
-    /// healed cluster does not converge and "node-panic" for a panic in a node's log.
-    pub kind: String,
-    pub detail: String,
-    /// The ops that show the anomaly, ascending: for "nonlinearizable" every op of the key invoked
-    /// by the time the smallest failing prefix ends; empty when only final reads show the anomaly.
-    pub op_ids: Vec<u64>,
-}
+pub use crate::history::Anomaly;
 
 /// Checks linearizability of one key's ops (in any order) against the write-once register model.
 pub fn check_key(key: &str, ops: &[Op]) -> Result<(), Anomaly> {

@@ -12,8 +12,35 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::checker::Anomaly;
-use crate::report::Setup;
+/// What a run tested: enough to replay it (with the same binaries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    pub seed: u64,
+    pub nodes: u64,
+    /// Every vowd's `--shards`.
+    pub shards: u32,
+    pub time_limit_secs: u64,
+    pub nemeses: Vec<String>,
+    pub clients: u64,
+}
+
+/// One violation found in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anomaly {
+    /// The promise it concerns; empty for anomalies of the whole run.
+    pub key: String,
+    /// Per key: "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence",
+    /// "await-not-final", "early-timeout" (TIMED_OUT seen more than [`crate::clocks::EARLY_TIMEOUT_BOUND`]
+    /// before the deadline by the harness's clock) or "search-mismatch" (a Search page holds a
+    /// record its query excludes). Per run: "no-progress" (no write succeeded, or none after the final
+    /// heal) and "node-crashed" (see [`crate::checker::check_run`]); the run itself adds "no-recovery" when the
+    /// healed cluster does not converge and "node-panic" for a panic in a node's log.
+    pub kind: String,
+    pub detail: String,
+    /// The ops that show the anomaly, ascending: for "nonlinearizable" every op of the key invoked
+    /// by the time the smallest failing prefix ends; empty when only final reads show the anomaly.
+    pub op_ids: Vec<u64>,
+}
 
 /// What a client asked for. Every op names one promise (`key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,7 +221,7 @@ pub struct NemesisEvent {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Entry {
     /// What the run tests; the first line.
-    Setup(crate::report::Setup),
+    Setup(Setup),
     Op(Op),
     Nemesis(NemesisEvent),
     /// Something the run saw directly rather than in a response (a cluster that did not recover

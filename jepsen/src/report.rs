@@ -6,22 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::checker::{self, Anomaly};
 use crate::history::{NemesisEvent, Op, OpKind, Outcome};
 
-/// What a run tested: enough to replay it (with the same binaries).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Setup {
-    pub seed: u64,
-    pub nodes: u64,
-    /// Every vowd's `--shards`.
-    pub shards: u32,
-    pub time_limit_secs: u64,
-    pub nemeses: Vec<String>,
-    pub clients: u64,
-}
+pub use crate::history::Setup;
 
 /// Ops counted by outcome.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
