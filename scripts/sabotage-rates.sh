@@ -10,13 +10,16 @@ seeds="${1:-5}"; secs="${2:-20}"; out="${3:-/tmp/vow-sabotage-rates}"
 bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
 mkdir -p "$out"
 printf '| sabotage | nemesis | caught | anomalies seen |\n|---|---|---|---|\n'
-while read -r bug nemesis extra; do
+# Each row: sabotage, nemesis, then optionally one VOW_ setting for every vowd ("-" for none) and
+# further vow-jepsen flags.
+while read -r bug nemesis extra flags; do
+  [ "$extra" = "-" ] && extra=
   if [ -n "${BUGS:-}" ] && ! [[ " $BUGS " == *" $bug "* ]]; then continue; fi
   caught=0; kinds=""
   for seed in $(seq 1 "$seeds"); do
     dir="$out/$bug-$seed"; rm -rf "$dir"
-    "$bin/vow-jepsen" test --nodes 3 --time-limit "$secs" --clients 8 --nemesis "$nemesis" --seed "$seed" \
-      --out "$dir" --vowd "$bin/vowd-sabotage" --vowd-env "VOW_SABOTAGE=$bug" ${extra:+--vowd-env "$extra"} >"$dir.log" 2>&1 || true
+    "$bin/vow-jepsen" test --nodes 3 --time-limit "$secs" --clients "${CLIENTS:-8}" --nemesis "$nemesis" --seed "$seed" \
+      --out "$dir" --vowd "$bin/vowd-sabotage" --vowd-env "VOW_SABOTAGE=$bug" ${extra:+--vowd-env "$extra"} $flags >"$dir.log" 2>&1 || true
     if [ -f "$dir/results.json" ] && python3 -c "import json,sys; sys.exit(0 if json.load(open('$dir/results.json'))['valid'] else 1)"; then
       :
     else
@@ -31,5 +34,5 @@ stale-reads partition,pause
 ack-before-commit kill,partition
 read-index-without-heartbeat partition
 ack-before-fsync power
-drop-snapshot-announcements kill,pause VOW_SNAPSHOT_LOGS=50
+drop-snapshot-announcements pause VOW_SNAPSHOT_LOGS=20 --shards 1
 LIST

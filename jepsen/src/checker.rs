@@ -74,12 +74,14 @@
 //! values, lost settles, divergent replicas, awaits that returned a non-final value, timeouts seen
 //! before their deadline, search pages with records the query excludes) that are easier to read in
 //! a report than a failed search, including evidence from the final reads of every node.
-//! [`check_run`] adds what only the whole run shows: liveness (a run in which no write succeeds, or
+//! [`check_run`] adds what only the whole run shows: awaits that kept waiting after their node's
+//! replica held the settlement (judged outside fault windows, see [`await_late`]), liveness (a run in which no write succeeds, or
 //! none after the final heal, is invalid, as in Jepsen's `stats` checker) and nodes that exited
 //! without the nemesis killing them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::clocks::EARLY_TIMEOUT_BOUND;
 use crate::history::{Deadline, NemesisEvent, Op, OpKind, Outcome, Register};
@@ -194,6 +196,7 @@ pub fn search_reads(ops: &[Op]) -> (Vec<Op>, Vec<Anomaly>) {
 /// re-check of a stored history finds what the run found.
 pub fn check_run(ops: &[Op], events: &[NemesisEvent]) -> Vec<Anomaly> {
     let mut anomalies = check(ops);
+    anomalies.extend(await_late(ops, events));
     anomalies.extend(liveness(ops, events));
     anomalies.extend(crashes(events));
     anomalies
@@ -233,6 +236,113 @@ pub fn liveness(ops: &[Op], events: &[NemesisEvent]) -> Option<Anomaly> {
         format!("no write invoked after the final heal at {heal_ns} ns succeeded ({})", tally(&after))
     };
     Some(Anomaly { key: String::new(), kind: "no-progress".to_owned(), detail, op_ids: Vec::new() })
+}
+
+/// How long an await may still take to return a settlement once its node's replica holds it.
+/// Waking is local (the replica announces every settle it applies, and a snapshot install tells
+/// every waiter to look again), so an await still waiting this long after is one that missed
+/// its wake-up.
+pub const AWAIT_WAKE_BOUND: Duration = Duration::from_millis(1500);
+
+/// How long after a network fault heals awaits are not judged: a connection in TCP
+/// retransmission backoff may stay silent for seconds after the network is whole again, and an
+/// await's first read crosses one (it is served by the shard's leader).
+pub const NETWORK_RECOVERY: Duration = Duration::from_secs(10);
+
+/// The stretches of the run during which some fault was in force, each with the event that
+/// started it: from that event to the heal that ended it (or the end of the run), network faults
+/// stretched by [`NETWORK_RECOVERY`].
+fn troubled(events: &[NemesisEvent]) -> Vec<(u64, u64, &NemesisEvent)> {
+    let mut sorted: Vec<&NemesisEvent> = events.iter().collect();
+    sorted.sort_by_key(|e| e.at_ns);
+    let mut spans = Vec::new();
+    let mut open: Vec<&NemesisEvent> = Vec::new();
+    for e in sorted {
+        if e.action == "heal" {
+            for fault in open.drain(..) {
+                let network = matches!(fault.action.as_str(), "partition" | "netem");
+                let tail = if network { NETWORK_RECOVERY } else { Duration::ZERO };
+                spans.push((fault.at_ns, e.at_ns.saturating_add(tail.as_nanos() as u64), fault));
+            }
+        } else {
+            open.push(e);
+        }
+    }
+    spans.extend(open.iter().map(|fault| (fault.at_ns, u64::MAX, *fault)));
+    spans
+}
+
+/// How much later than an await a stale read must have been invoked to count as evidence
+/// against it: longer than an await's first read takes on a loaded cluster, so that read is
+/// over by the time the evidence is taken, unless a fault held it back.
+pub const FIRST_READ_GRACE: Duration = Duration::from_millis(250);
+
+/// Awaits that kept waiting after their node's replica held the settlement they returned
+/// ("await-late"). The evidence is a `LocalGet` of the same key on the same node, invoked at
+/// least [`FIRST_READ_GRACE`] after the await was, that saw a settlement and returned more than
+/// [`AWAIT_WAKE_BOUND`] before the await did. An await's first read is served by the shard's
+/// leader, so a fault in force while it may still run (up to the evidence's return) can hold it
+/// back for any time: such awaits are not judged (see [`troubled`]). A pause of the await's own
+/// node is the exception: it holds the await and the evidence alike (neither runs while the
+/// node is stopped), and the snapshot installs that catch a paused node up are exactly what a
+/// waiter must not miss.
+pub fn await_late(ops: &[Op], events: &[NemesisEvent]) -> Vec<Anomaly> {
+    let spans = troubled(events);
+    let calm = |op: &Op, until_ns: u64| {
+        spans.iter().all(|&(from, to, fault)| {
+            let apart = to < op.invoke_ns || from > until_ns;
+            let own_pause = fault.action == "pause" && op.node.is_some_and(|n| fault.nodes == [n]);
+            apart || own_pause
+        })
+    };
+    let settled = |op: &Op| op.outcome == Outcome::Ok && op.observed.as_ref().is_some_and(Register::is_settled);
+    let mut local: HashMap<(&str, u64), Vec<&Op>> = HashMap::new();
+    for op in ops.iter().filter(|op| op.kind == OpKind::LocalGet && settled(op)) {
+        if let Some(node) = op.node {
+            local.entry((op.key.as_str(), node)).or_default().push(op);
+        }
+    }
+    let bound_ns = AWAIT_WAKE_BOUND.as_nanos() as u64;
+    let mut late: BTreeMap<&str, Vec<(&Op, &Op)>> = BTreeMap::new();
+    let grace_ns = FIRST_READ_GRACE.as_nanos() as u64;
+    for wait in ops.iter().filter(|op| op.kind == OpKind::Await && settled(op)) {
+        let Some(node) = wait.node else { continue };
+        let evidence = local.get(&(wait.key.as_str(), node)).into_iter().flatten().find(|get| {
+            get.invoke_ns >= wait.invoke_ns.saturating_add(grace_ns)
+                && get.complete_ns.saturating_add(bound_ns) < wait.complete_ns
+                && calm(wait, get.complete_ns)
+        });
+        if let Some(get) = evidence {
+            late.entry(wait.key.as_str()).or_default().push((wait, get));
+        }
+    }
+    late.into_iter()
+        .map(|(key, pairs)| {
+            let described: Vec<String> = pairs
+                .iter()
+                .map(|(wait, get)| {
+                    format!(
+                        "{} returned {} ms after {} had shown node {} holding the settlement",
+                        describe(wait),
+                        (wait.complete_ns - get.complete_ns) / 1_000_000,
+                        describe(get),
+                        get.node.unwrap_or_default()
+                    )
+                })
+                .collect();
+            let mut op_ids: Vec<u64> = pairs.iter().flat_map(|(w, g)| [w.id, g.id]).collect();
+            op_ids.sort_unstable();
+            Anomaly {
+                key: key.to_owned(),
+                kind: "await-late".to_owned(),
+                detail: format!(
+                    "awaits kept waiting more than {AWAIT_WAKE_BOUND:?} after their node's replica held the settlement: {}",
+                    described.join("; ")
+                ),
+                op_ids,
+            }
+        })
+        .collect()
 }
 
 /// A node that exited without the nemesis killing it (a panic, a fatal storage error): the run
@@ -405,7 +515,7 @@ fn settle_register(op: &Op) -> Option<Register> {
         OpKind::Resolve => Some(Register::Resolved { value }),
         OpKind::Reject => Some(Register::Rejected { value }),
         OpKind::Cancel => Some(Register::Canceled { value }),
-        OpKind::Create | OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead => None,
+        OpKind::Create | OpKind::Get | OpKind::Await | OpKind::LocalGet | OpKind::Search | OpKind::FinalRead => None,
     }
 }
 
@@ -446,6 +556,8 @@ fn classify(op: &Op, interner: &mut Interner, cutoff: Option<u64>, out: &mut Vec
     }
     let settled = settle_register(op).map(|r| interner.id(&r));
     let steps: [Option<Step>; 2] = match (op.outcome, op.kind) {
+        // A replica's own view may lag the cluster's by any amount: no linearization point.
+        (_, OpKind::LocalGet) => [None, None],
         (Outcome::Info, OpKind::Create) => [Some(Step::MaybeCreate), None],
         (Outcome::Info, OpKind::Resolve | OpKind::Reject | OpKind::Cancel) => [settled.map(Step::MaybeSettle), None],
         (Outcome::Info, OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead) => [None, None],
@@ -739,6 +851,7 @@ fn describe(op: &Op) -> String {
         OpKind::Cancel => "cancel".to_owned(),
         OpKind::Get => "get".to_owned(),
         OpKind::Await => "await".to_owned(),
+        OpKind::LocalGet => format!("local-get@n{}", op.node.unwrap_or_default()),
         OpKind::Search => "search".to_owned(),
         OpKind::FinalRead => format!("final-read@n{}", op.node.unwrap_or_default()),
     };

@@ -30,7 +30,8 @@ pub struct Anomaly {
     /// The promise it concerns; empty for anomalies of the whole run.
     pub key: String,
     /// Per key: "nonlinearizable", "double-settle", "phantom-value", "lost-settle", "divergence",
-    /// "await-not-final", "early-timeout" (TIMED_OUT seen more than [`crate::clocks::EARLY_TIMEOUT_BOUND`]
+    /// "await-not-final", "await-late" (an await kept waiting after its node's replica held the
+    /// settlement, see [`crate::checker::await_late`]), "early-timeout" (TIMED_OUT seen more than [`crate::clocks::EARLY_TIMEOUT_BOUND`]
     /// before the deadline by the harness's clock) or "search-mismatch" (a Search page holds a
     /// record its query excludes). Per run: "no-progress" (no write succeeded, or none after the final
     /// heal) and "node-crashed" (see [`crate::checker::check_run`]); the run itself adds "no-recovery" when the
@@ -53,6 +54,10 @@ pub enum OpKind {
     Cancel,
     Get,
     Await,
+    /// A read of one node's own replica while the run goes (a Get with `Consistency::Stale`):
+    /// stale by contract, so it constrains no linearization; it is evidence of what that node's
+    /// replica held by the time it returned (see the "await-late" rule).
+    LocalGet,
     /// One page of a Search ([`Op::search`] holds the query and what came back); `key` is the
     /// page's id prefix. Every record on the page is a read of its promise during the op.
     Search,
@@ -214,6 +219,10 @@ pub struct NemesisEvent {
     /// "crashed" when the run finds a node that exited without the nemesis killing it.
     pub action: String,
     pub detail: String,
+    /// The nodes a process fault (kill, pause, power loss, disk) acts on; empty for network and
+    /// membership faults, heals and crashes (their detail says whom they concern).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<u64>,
 }
 
 /// One line of `history.jsonl`.

@@ -246,7 +246,12 @@ fn describe_offsets(offsets: &[(u64, i64)]) -> String {
 
 impl Nemesis {
     fn record(&mut self, at_ns: u64, action: &str, detail: String) {
-        self.events.push(NemesisEvent { at_ns, action: action.to_owned(), detail });
+        self.record_on(at_ns, action, Vec::new(), detail);
+    }
+
+    /// Records a process fault on `nodes`.
+    fn record_on(&mut self, at_ns: u64, action: &str, nodes: Vec<u64>, detail: String) {
+        self.events.push(NemesisEvent { at_ns, action: action.to_owned(), detail, nodes });
     }
 
     /// Records a "crashed" event for every node whose process exited although the nemesis did
@@ -275,18 +280,15 @@ impl Nemesis {
             Fault::KillRandom | Fault::KillLeader => {
                 let victim = if w.fault == Fault::KillLeader { one } else { ids[0] };
                 hosts.kill(victim)?;
-                self.record(at_ns, "kill", format!("node {victim}{}", note(victim)));
+                self.record_on(at_ns, "kill", vec![victim], format!("node {victim}{}", note(victim)));
             }
             Fault::KillMajority => {
                 let victims: Vec<u64> = ids[..majority].to_vec();
                 for v in &victims {
                     hosts.kill(*v)?;
                 }
-                self.record(
-                    at_ns,
-                    "kill",
-                    format!("majority {victims:?}; leaders {}", shards::describe_leadership(&leaders)),
-                );
+                let detail = format!("majority {victims:?}; leaders {}", shards::describe_leadership(&leaders));
+                self.record_on(at_ns, "kill", victims, detail);
             }
             Fault::PowerLossOne | Fault::PowerLossMajority | Fault::PowerLossAll => {
                 let victims: Vec<u64> = match w.fault {
@@ -298,7 +300,7 @@ impl Nemesis {
                 for &v in &victims {
                     lost.push(format!("node {v}: {}", hosts.power_loss(v)?));
                 }
-                self.record(at_ns, "power-loss", lost.join("; "));
+                self.record_on(at_ns, "power-loss", victims, lost.join("; "));
             }
             Fault::DiskFull | Fault::FsyncErrors | Fault::WriteErrors => {
                 let victim = one;
@@ -320,13 +322,13 @@ impl Nemesis {
                     }
                 };
                 self.disk_failed.push(victim);
-                self.record(at_ns, "disk", detail);
+                self.record_on(at_ns, "disk", vec![victim], detail);
             }
             Fault::KillAll => {
                 for &v in &ids {
                     hosts.kill(v)?;
                 }
-                self.record(at_ns, "kill", format!("every node {ids:?}"));
+                self.record_on(at_ns, "kill", ids.clone(), format!("every node {ids:?}"));
             }
             Fault::PartitionAndKill => {
                 let (small, large) = ids.split_at(n / 2);
@@ -361,7 +363,7 @@ impl Nemesis {
             Fault::PauseRandom | Fault::PauseLeader => {
                 let victim = if w.fault == Fault::PauseLeader { one } else { ids[0] };
                 hosts.pause(victim)?;
-                self.record(at_ns, "pause", format!("node {victim}{}", note(victim)));
+                self.record_on(at_ns, "pause", vec![victim], format!("node {victim}{}", note(victim)));
             }
             Fault::IsolateOne | Fault::IsolateLeader => {
                 let victim = if w.fault == Fault::IsolateLeader { one } else { ids[0] };

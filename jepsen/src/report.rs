@@ -192,7 +192,7 @@ fn html(results: &Results, ops: &[Op]) -> String {
             Outcome::Ok => match op.kind {
                 OpKind::Create => "#4a90d9",
                 OpKind::Resolve | OpKind::Reject | OpKind::Cancel => "#2e7d32",
-                OpKind::Get | OpKind::Await | OpKind::Search | OpKind::FinalRead => "#9ccc65",
+                OpKind::Get | OpKind::Await | OpKind::LocalGet | OpKind::Search | OpKind::FinalRead => "#9ccc65",
             },
             Outcome::Fail => "#ef9a9a",
             Outcome::Info => "#ffb300",

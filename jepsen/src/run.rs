@@ -275,16 +275,30 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
 
     let start = Instant::now();
     let ns = move || start.elapsed().as_nanos() as u64;
-    let until_ns = Arc::new(AtomicU64::new(opts.time_limit.as_nanos() as u64));
+    // The clients run until the run sets their end, after the final heal has actually ended (a
+    // heal that re-adds a removed node can end past the time limit; clients that had stopped by
+    // then would leave the liveness rule nothing to judge after it).
+    let until_ns = Arc::new(AtomicU64::new(u64::MAX));
     let next_id = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
+    let readers =
+        || hosts.ids().into_iter().map(|id| Ok((id, hosts.client_of(id)?))).collect::<anyhow::Result<Vec<_>>>();
+    let in_flight = workload::InFlight::default();
+    // Process ids: 0.. the clients, then the final reads, then the watcher.
+    let watcher = tokio::spawn(workload::watcher(
+        opts.clients + 1,
+        readers()?,
+        in_flight.clone(),
+        start,
+        until_ns.clone(),
+        next_id.clone(),
+        tx.clone(),
+    ));
     for p in 0..opts.clients {
         let writer = hosts.client(Duration::from_secs(3))?;
-        let readers =
-            hosts.ids().into_iter().map(|id| Ok((id, hosts.client_of(id)?))).collect::<anyhow::Result<Vec<_>>>()?;
         clients.push(tokio::spawn(workload::client(
             p,
-            workload::Connections { writer, readers },
+            workload::Connections { writer, readers: readers()?, in_flight: in_flight.clone() },
             opts.seed,
             start,
             until_ns.clone(),
@@ -312,12 +326,14 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     // long enough after it to show whether the cluster takes writes again.
     nemesis.heal(&mut hosts, ns).await?;
     forward_events(&nemesis, &mut forwarded, &tx).await?;
-    until_ns.fetch_max(ns() + LOAD_AFTER_HEAL.as_nanos() as u64, Ordering::Relaxed);
+    let end_ns = (opts.time_limit.as_nanos() as u64).max(ns() + LOAD_AFTER_HEAL.as_nanos() as u64);
+    until_ns.store(end_ns, Ordering::Relaxed);
     // The keys the clients touched, for the final reads.
     let mut keys = BTreeSet::new();
     for c in clients {
         keys.extend(c.await?);
     }
+    watcher.await?;
     if let Some(e) = fault_error {
         return Err(e);
     }

@@ -12,10 +12,11 @@
 //! What an id gets is fixed by its slot and the run's seed ([`Plan`]), the same for every client:
 //! some ids get a deadline a few seconds after their window opens, and some of those are settled
 //! around the deadline (racing the cluster's timeout) or never (left to time out); some get
-//! large values, up to the server's limit and one byte past it. Reads are Get and Await, each
-//! sent to one node picked at random that does not follow leader hints, so most go to a
-//! follower of the id's shard (an Await waits there); and Search pages over a window's ids by
-//! prefix and tag.
+//! large values, up to the server's limit and one byte past it. Reads are Get, Await and
+//! LocalGet (a stale read of the node's own replica), each sent to one node picked at random
+//! that does not follow leader hints, so most go to a follower of the id's shard (an Await
+//! waits there, mostly briefly, now and then for seconds); and Search pages over a window's ids
+//! by prefix and tag.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -205,11 +206,70 @@ pub fn classify(kind: OpKind, r: Result<(Option<pb::Promise>, bool), Error>) -> 
 }
 
 /// A workload client's connections: one that follows the leader for writes, and one pinned to
-/// each node (node id, client) for reads.
+/// each node (node id, client) for reads; and where it tells the [`watcher`] what it awaits.
 #[derive(Debug)]
 pub struct Connections {
     pub writer: Client,
     pub readers: Vec<(u64, Client)>,
+    pub in_flight: InFlight,
+}
+
+/// One await in flight: the node it waits on, the key and when it was invoked.
+type Awaiting = (u64, String, Instant);
+
+/// The awaits in flight, by a token of their client's.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<std::sync::Mutex<HashMap<u64, Awaiting>>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Awaiting>> {
+        // A client that panicked holding it left a map that is still whole.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The (node, key) of every await in flight for at least `age`, each once.
+    fn older_than(&self, age: Duration) -> BTreeSet<(u64, String)> {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|(_, _, since)| now.saturating_duration_since(*since) >= age)
+            .map(|(node, key, _)| (*node, key.clone()))
+            .collect()
+    }
+}
+
+/// How often the [`watcher`] looks at the replicas awaits wait on.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// Watches the replicas that awaits wait on: every [`WATCH_EVERY`], for each await in flight
+/// for at least [`crate::checker::FIRST_READ_GRACE`], it reads the key from the awaited node's
+/// own replica (a `LocalGet` of process `process`, through the documented stale read). These
+/// reads are the evidence the "await-late" rule needs at the moments it matters: while a
+/// waiter waits. Runs until `until_ns`.
+pub async fn watcher(
+    process: u64,
+    readers: Vec<(u64, Client)>,
+    in_flight: InFlight,
+    start: Instant,
+    until_ns: Arc<AtomicU64>,
+    next_id: Arc<AtomicU64>,
+    out: mpsc::Sender<Entry>,
+) {
+    let ctx = Ctx { process, seed: 0, start, epoch_ms_at_start: epoch_ms_at(start), next_id, out };
+    while ctx.ns(Instant::now()) < until_ns.load(Ordering::Relaxed) {
+        tokio::time::sleep(WATCH_EVERY).await; // the watcher's pace
+        for (node, key) in in_flight.older_than(crate::checker::FIRST_READ_GRACE) {
+            let Some((_, reader)) = readers.iter().find(|(id, _)| *id == node) else { continue };
+            let invoked = Instant::now();
+            let r = reader.get_with(&key, pb::Consistency::Stale).await;
+            let mut op =
+                ctx.op(OpKind::LocalGet, key, invoked, classify(OpKind::LocalGet, r.map(|p| (Some(p), false))));
+            op.node = Some(node);
+            if !ctx.send(op).await {
+                return;
+            }
+        }
+    }
 }
 
 /// Milliseconds since the epoch by the harness's clock at the run's start (`start`), so that
@@ -325,8 +385,11 @@ impl Chooser {
         };
         match write {
             Some(kind) => Action::Write { kind, key },
-            None if self.rng.random_range(0..10) < 7 => Action::Read { kind: OpKind::Get, key },
-            None => Action::Read { kind: OpKind::Await, key },
+            None => match self.rng.random_range(0..10) {
+                0..4 => Action::Read { kind: OpKind::Get, key },
+                4..7 => Action::Read { kind: OpKind::LocalGet, key },
+                _ => Action::Read { kind: OpKind::Await, key },
+            },
         }
     }
 }
@@ -505,8 +568,18 @@ fn state_to_pb(state: StateFilter) -> pb::State {
     }
 }
 
+/// How long an Await waits: mostly briefly, and one in six for seconds (longer than most pauses), so that a
+/// waiter which misses its wake-up shows as "await-late" (see [`crate::checker::await_late`]).
+fn await_wait(rng: &mut StdRng) -> Duration {
+    if rng.random_range(0..6) == 0 {
+        Duration::from_millis(rng.random_range(2_000..10_000))
+    } else {
+        Duration::from_millis(rng.random_range(50..500))
+    }
+}
+
 /// One client's loop until `until_ns` (nanoseconds since `start`, read before every op: the run
-/// moves it later when the final heal leaves too little load after it). Its choices come from
+/// sets it once the final heal has ended). Its choices come from
 /// `seed` and what it has seen. Returns the keys it touched.
 pub async fn client(
     process: u64,
@@ -518,7 +591,8 @@ pub async fn client(
     out: mpsc::Sender<Entry>,
 ) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
-    let Connections { writer, readers } = conns;
+    let Connections { writer, readers, in_flight } = conns;
+    let mut awaits = 0u64;
     let ctx = Ctx { process, seed, start, epoch_ms_at_start: epoch_ms_at(start), next_id, out };
     let mut rng = StdRng::seed_from_u64(seed ^ process.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut chooser =
@@ -542,9 +616,14 @@ pub async fn client(
                 let invoked = Instant::now();
                 let r = match kind {
                     OpKind::Await => {
-                        let wait = Duration::from_millis(rng.random_range(50..500));
-                        reader.await_settled(&key, wait).await
+                        awaits += 1;
+                        let token = process << 40 | awaits;
+                        in_flight.lock().insert(token, (*node, key.clone(), invoked));
+                        let r = reader.await_settled(&key, await_wait(&mut rng)).await;
+                        in_flight.lock().remove(&token);
+                        r
                     }
+                    OpKind::LocalGet => reader.get_with(&key, pb::Consistency::Stale).await,
                     _ => reader.get(&key).await,
                 };
                 let mut op = ctx.op(kind, key, invoked, classify(kind, r.map(|p| (Some(p), false))));

@@ -42,9 +42,14 @@ fn entries() -> Vec<Entry> {
     vec![
         Entry::Setup(setup()),
         Entry::Op(op(0, OpKind::Create, "a", (0, 10), Outcome::Ok, Some(Register::Pending))),
-        Entry::Nemesis(NemesisEvent { at_ns: 12, action: "kill".into(), detail: "node 2".into() }),
+        Entry::Nemesis(NemesisEvent { at_ns: 12, action: "kill".into(), detail: "node 2".into(), nodes: vec![2] }),
         Entry::Op(op(1, OpKind::Resolve, "a", (20, 30), Outcome::Ok, Some(v1.clone()))),
-        Entry::Nemesis(NemesisEvent { at_ns: 35, action: "heal".into(), detail: "restarted [2]".into() }),
+        Entry::Nemesis(NemesisEvent {
+            at_ns: 35,
+            action: "heal".into(),
+            detail: "restarted [2]".into(),
+            nodes: Vec::new(),
+        }),
         Entry::Op(op(2, OpKind::Create, "b", (40, 50), Outcome::Ok, Some(Register::Pending))),
         Entry::Op(op(3, OpKind::FinalRead, "a", (60, 61), Outcome::Ok, Some(v1))),
         Entry::Op(op(4, OpKind::FinalRead, "b", (62, 63), Outcome::Ok, Some(Register::Absent))),

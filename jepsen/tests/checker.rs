@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use vow_jepsen::checker::{Anomaly, check, check_key, check_run};
+use vow_jepsen::checker::{Anomaly, await_late, check, check_key, check_run};
 use vow_jepsen::clocks::EARLY_TIMEOUT_BOUND;
 use vow_jepsen::history::{Deadline, Found, NemesisEvent, Op, OpKind, Outcome, Register, SearchPage, StateFilter};
 
@@ -585,7 +585,7 @@ fn final_reads_are_part_of_the_linearizability_check() {
 }
 
 fn event(at_ns: u64, action: &str) -> NemesisEvent {
-    NemesisEvent { at_ns, action: action.to_owned(), detail: format!("{action} at {at_ns}") }
+    NemesisEvent { at_ns, action: action.to_owned(), detail: format!("{action} at {at_ns}"), nodes: Vec::new() }
 }
 
 #[test]
@@ -644,6 +644,93 @@ fn a_node_that_exits_by_itself_makes_the_run_invalid() {
     let anomalies = check_run(&h.ops, &crashed);
     assert_eq!(kinds(&anomalies), ["node-crashed"], "{anomalies:#?}");
     assert_eq!(anomalies[0].detail, "at 10 ns: crashed at 10");
+}
+
+const SEC: u64 = 1_000_000_000;
+
+/// A promise resolved at 1 s, an await on node 2 from 0.5 s that returned it at `returned_ns`,
+/// and a stale read of node 2's replica from `local_invoke_ns` that returned it by 2 s.
+fn await_and_local_read(returned_ns: u64, local_invoke_ns: u64) -> History {
+    let mut h = History::new();
+    h.create(1, (0, SEC / 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (SEC, SEC + SEC / 10), OK, Some(resolved("a")));
+    let wait = h.await_(2, (SEC / 2, returned_ns), OK, Some(resolved("a")));
+    h.ops[wait as usize].node = Some(2);
+    let local = h.add(3, OpKind::LocalGet, None, (local_invoke_ns, 2 * SEC), OK, Some(resolved("a")));
+    h.ops[local as usize].node = Some(2);
+    h
+}
+
+#[test]
+fn an_await_that_outwaits_its_replica_is_late() {
+    // Returned 3 s after node 2's own replica showed the settlement: the waiter missed its wake-up.
+    let h = await_and_local_read(5 * SEC, SEC);
+    assert_eq!(h.check(), vec![], "late, but nothing it saw was wrong");
+    let anomalies = check_run(&h.ops, &[]);
+    assert_eq!(kinds(&anomalies), ["await-late"], "{anomalies:#?}");
+    assert_eq!(anomalies[0].op_ids, [2, 3]);
+    assert!(anomalies[0].detail.contains("returned 3000 ms after #3"), "{}", anomalies[0].detail);
+    // Within the bound, the wake-up is in time.
+    assert_eq!(check_run(&await_and_local_read(3 * SEC, SEC).ops, &[]), vec![]);
+    // A stale read invoked before the await, or so soon after it that its first read may
+    // still run, proves nothing.
+    assert_eq!(check_run(&await_and_local_read(5 * SEC, SEC / 4).ops, &[]), vec![]);
+    assert_eq!(check_run(&await_and_local_read(5 * SEC, SEC / 2 + SEC / 10).ops, &[]), vec![]);
+    // Another node's replica is not this one's.
+    let mut other = await_and_local_read(5 * SEC, SEC);
+    other.ops[3].node = Some(3);
+    assert_eq!(check_run(&other.ops, &[]), vec![]);
+    // A stale read that saw it still pending is no evidence.
+    let mut pending = await_and_local_read(5 * SEC, SEC);
+    pending.ops[3].observed = Some(Register::Pending);
+    assert_eq!(check_run(&pending.ops, &[]), vec![]);
+}
+
+#[test]
+fn awaits_are_not_judged_late_while_a_fault_holds_them_back() {
+    let h = await_and_local_read(5 * SEC, SEC);
+    // A kill healed before the await began leaves it judged; one during it does not.
+    let before = [event(SEC / 10, "kill"), event(SEC / 5, "heal")];
+    assert_eq!(kinds(&await_late(&h.ops, &before)), ["await-late"]);
+    let during = [event(3 * SEC / 2, "pause"), event(6 * SEC, "heal")];
+    assert_eq!(await_late(&h.ops, &during), vec![]);
+    // A pause of the await's own node holds the evidence back too, so it excuses nothing.
+    let mut own_pause = [event(SEC, "pause"), event(3 * SEC / 2, "heal")];
+    own_pause[0].nodes = vec![2];
+    assert_eq!(kinds(&await_late(&h.ops, &own_pause)), ["await-late"]);
+    own_pause[0].nodes = vec![1];
+    assert_eq!(await_late(&h.ops, &own_pause), vec![]);
+    let unhealed = [event(SEC, "kill")];
+    assert_eq!(await_late(&h.ops, &unhealed), vec![]);
+    // A fault that begins once the evidence is in cannot have held back the first read, which
+    // was over by then.
+    let after_evidence = [event(5 * SEC / 2, "pause"), event(6 * SEC, "heal")];
+    assert_eq!(kinds(&await_late(&h.ops, &after_evidence)), ["await-late"]);
+    // A network fault keeps connections in TCP backoff for a while after its heal.
+    let partition = [event(SEC / 10, "partition"), event(SEC / 5, "heal")];
+    assert_eq!(await_late(&h.ops, &partition), vec![]);
+    let long_ago = [event(0, "partition"), event(1, "heal")];
+    let mut later = h.clone();
+    for op in &mut later.ops {
+        op.invoke_ns += 20 * SEC;
+        op.complete_ns += 20 * SEC;
+    }
+    assert_eq!(kinds(&await_late(&later.ops, &long_ago)), ["await-late"]);
+}
+
+#[test]
+fn a_local_read_constrains_no_linearization() {
+    // A replica may lag: a stale read of "pending" after the acknowledged resolve is allowed,
+    // where a Get's would not be.
+    let mut h = History::new();
+    h.create(1, (0, 10), OK, Some(Register::Pending));
+    h.resolve(1, "a", (20, 30), OK, Some(resolved("a")));
+    h.add(2, OpKind::LocalGet, None, (40, 50), OK, Some(Register::Pending));
+    h.add(2, OpKind::LocalGet, None, (60, 70), FAIL, Some(Register::Absent));
+    assert_eq!(h.check(), vec![]);
+    // It still may not see a value nobody wrote.
+    h.add(2, OpKind::LocalGet, None, (80, 90), OK, Some(resolved("b")));
+    assert_eq!(kinds(&h.check()), ["phantom-value"]);
 }
 
 #[test]
