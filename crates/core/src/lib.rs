@@ -5,7 +5,9 @@
 //! [`Change`]s. It does no I/O, reads no clock and draws no random numbers — time comes from the
 //! leader's stamp inside each proposal — so every replica that applies the same log reaches the
 //! same state. [`codec`] is the explicit, versioned binary format for records and proposals.
-//! [`Limits`] checks user input before it is proposed.
+//! [`Limits`] checks user input before it is proposed. [`pipeline`] holds the rules of promise
+//! pipelining: what a continuation does with its sources' outcomes, how combinators decide,
+//! and which submitted graphs are refused (not yet wired into [`machine::apply`]).
 //!
 //! Anyone may depend on this crate; it depends on nothing but `thiserror`.
 
@@ -13,6 +15,7 @@ pub mod codec;
 pub mod command;
 pub mod limits;
 pub mod machine;
+pub mod pipeline;
 pub mod promise;
 
 pub use codec::DecodeError;
