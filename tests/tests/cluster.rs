@@ -396,7 +396,14 @@ fn cli_round_trip_and_clear_errors() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
-    let cluster = DevCluster::up(3, &[])?;
+    // Leaderships stay where the elections put them (the balancer moving one while the node
+    // hands it off would make the handoff give up), and every shard has its leader first.
+    let cluster = DevCluster::up(3, &["--no-leader-balance"])?;
+    cluster
+        .wait_for("every shard to have a leader", Duration::from_secs(30), |s| {
+            s.shards.iter().all(|sh| sh.leader_id != 0).then_some(())
+        })
+        .await?;
     let leader = cluster.leader().await?;
     let c = cluster.client();
     c.create(create_req("t-1", "")).await?;
