@@ -109,6 +109,11 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
+    /// Bytes not read yet: an upper bound for any count read from them.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn finish(&self) -> Result<(), DecodeError> {
         if self.buf.is_empty() { Ok(()) } else { Err(DecodeError::Trailing(self.buf.len())) }
     }

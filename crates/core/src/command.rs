@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
+use crate::pipeline::{Continuation, ContinuationRecord, Settlement};
 use crate::promise::{Promise, PromiseId, SettleAs, Value};
 
 /// One log entry's application payload: a command plus the proposing leader's wall-clock stamp.
@@ -40,6 +41,30 @@ pub enum Command {
         ids: Vec<PromiseId>,
         retention_ms: i64,
     },
+    /// One Submit's part on one shard: `Create`s and `Register`s applied together, or (if any
+    /// of them fails) not at all.
+    Batch {
+        commands: Vec<Command>,
+    },
+    /// Stores a continuation on its anchor's shard (see [`Continuation::anchor`]). The same
+    /// continuation registered again is a no-op; another one under the same id a conflict.
+    Register {
+        continuation: Continuation,
+        target_deadline_ms: i64,
+    },
+    /// A source's outcome, delivered to the join `join` (stored with `target`) as input `index`.
+    Offer {
+        join: String,
+        target: PromiseId,
+        index: u32,
+        outcome: Settlement,
+    },
+    /// Proposed by the executor on the continuation's own shard once its target is settled:
+    /// the continuation is done.
+    Complete {
+        id: String,
+        note: String,
+    },
 }
 
 /// The domain outcome of applying one command. Outcomes are replicated results, not errors:
@@ -73,6 +98,42 @@ pub enum Outcome {
     Collected {
         count: u32,
     },
+    /// Each command's outcome; `applied` is false when one failed and the batch changed nothing.
+    Batch {
+        outcomes: Vec<Outcome>,
+        applied: bool,
+    },
+    /// The continuation is registered, or was already, identically.
+    Registered {
+        record: ContinuationRecord,
+        deduplicated: bool,
+    },
+    /// Another continuation is registered under the id.
+    RegisterConflict {
+        current: ContinuationRecord,
+    },
+    /// The offer was taken in (or, for a decided join or a repeated input, ignored).
+    Offered {
+        record: ContinuationRecord,
+    },
+    /// The continuation is done (now or before).
+    Completed {
+        record: ContinuationRecord,
+    },
+}
+
+impl Outcome {
+    /// Whether a command of a batch failed: the batch then changes nothing.
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Outcome::CreateConflict { .. }
+            | Outcome::SettleConflict { .. }
+            | Outcome::RegisterConflict { .. }
+            | Outcome::NotFound => true,
+            Outcome::Batch { applied, .. } => !applied,
+            _ => false,
+        }
+    }
 }
 
 /// The effect of a command on one record. The storage layer derives its index updates, and
@@ -99,6 +160,10 @@ const TAG_CREATE: u8 = 1;
 const TAG_SETTLE: u8 = 2;
 const TAG_TIMEOUT: u8 = 3;
 const TAG_COLLECT: u8 = 4;
+const TAG_BATCH: u8 = 5;
+const TAG_REGISTER: u8 = 6;
+const TAG_OFFER: u8 = 7;
+const TAG_COMPLETE: u8 = 8;
 
 impl Proposal {
     /// About how many bytes [`Proposal::encode`] produces (a little more, never much less),
@@ -117,6 +182,10 @@ impl Proposal {
                     id.as_str().len() + value(v) + idempotency_key.len() + 3 * FIELD
                 }
                 Command::Timeout { ids: i } | Command::Collect { ids: i, .. } => ids(i) + 2 * FIELD,
+                // Rare and small next to the data they carry: measured, not estimated.
+                Command::Batch { .. } | Command::Register { .. } | Command::Offer { .. } | Command::Complete { .. } => {
+                    self.command.encode().len()
+                }
             }
     }
 
@@ -145,7 +214,19 @@ impl Command {
     pub fn promise_id(&self) -> Option<&PromiseId> {
         match self {
             Command::Create { id, .. } | Command::Settle { id, .. } => Some(id),
-            Command::Timeout { .. } | Command::Collect { .. } => None,
+            Command::Register { continuation, .. } => Some(continuation.anchor()),
+            Command::Offer { target, .. } => Some(target),
+            Command::Batch { commands } => commands.first().and_then(Command::promise_id),
+            Command::Timeout { .. } | Command::Collect { .. } | Command::Complete { .. } => None,
+        }
+    }
+
+    /// Every promise whose shard this command must be applied on: a routed command's ids must
+    /// all be of one shard.
+    pub fn placement_ids(&self) -> Vec<&PromiseId> {
+        match self {
+            Command::Batch { commands } => commands.iter().flat_map(Command::placement_ids).collect(),
+            other => other.promise_id().into_iter().collect(),
         }
     }
 
@@ -189,6 +270,24 @@ impl Command {
                     e.str(id.as_str());
                 }
             }
+            Command::Batch { commands } => {
+                e.u8(TAG_BATCH).u64(commands.len() as u64);
+                for c in commands {
+                    c.encode_into(e);
+                }
+            }
+            Command::Register { continuation, target_deadline_ms } => {
+                e.u8(TAG_REGISTER);
+                continuation.encode_into(e);
+                e.i64(*target_deadline_ms);
+            }
+            Command::Offer { join, target, index, outcome } => {
+                e.u8(TAG_OFFER).str(join).str(target.as_str()).u64(u64::from(*index));
+                outcome.encode_into(e);
+            }
+            Command::Complete { id, note } => {
+                e.u8(TAG_COMPLETE).str(id).str(note);
+            }
         }
     }
 
@@ -219,6 +318,33 @@ impl Command {
                 let ids = (0..n).map(|_| id(d)).collect::<Result<_, _>>()?;
                 Command::Collect { ids, retention_ms }
             }
+            TAG_BATCH => {
+                let n = d.u64("batch size")?;
+                if n > d.remaining() as u64 {
+                    return Err(DecodeError::Invalid("batch size"));
+                }
+                let mut commands = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let c = Command::decode_from(d)?;
+                    // A batch holds what a Submit creates and registers; nothing nests.
+                    if !matches!(c, Command::Create { .. } | Command::Register { .. }) {
+                        return Err(DecodeError::Invalid("batched command"));
+                    }
+                    commands.push(c);
+                }
+                Command::Batch { commands }
+            }
+            TAG_REGISTER => Command::Register {
+                continuation: Continuation::decode_from(d)?,
+                target_deadline_ms: d.i64("target deadline")?,
+            },
+            TAG_OFFER => Command::Offer {
+                join: d.string("join id")?,
+                target: id(d)?,
+                index: d.u32("join input")?,
+                outcome: Settlement::decode_from(d)?,
+            },
+            TAG_COMPLETE => Command::Complete { id: d.string("continuation id")?, note: d.string("note")? },
             _ => return Err(DecodeError::Invalid("command tag")),
         })
     }
@@ -232,12 +358,22 @@ const OUTCOME_SETTLE_CONFLICT: u8 = 4;
 const OUTCOME_NOT_FOUND: u8 = 5;
 const OUTCOME_TIMED_OUT: u8 = 6;
 const OUTCOME_COLLECTED: u8 = 7;
+const OUTCOME_BATCH: u8 = 8;
+const OUTCOME_REGISTERED: u8 = 9;
+const OUTCOME_REGISTER_CONFLICT: u8 = 10;
+const OUTCOME_OFFERED: u8 = 11;
+const OUTCOME_COMPLETED: u8 = 12;
 
 impl Outcome {
     /// The outcome as a leader sends it back to the node that carried the command to it.
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::with_capacity(128);
         e.u8(OUTCOME_FORMAT);
+        self.encode_into(&mut e);
+        e.into_bytes()
+    }
+
+    fn encode_into(&self, e: &mut Encoder) {
         match self {
             Outcome::Created { promise, deduplicated } => {
                 e.u8(OUTCOME_CREATED).bytes(&promise.encode()).bool(*deduplicated);
@@ -260,26 +396,63 @@ impl Outcome {
             Outcome::Collected { count } => {
                 e.u8(OUTCOME_COLLECTED).u64(u64::from(*count));
             }
+            Outcome::Batch { outcomes, applied } => {
+                e.u8(OUTCOME_BATCH).bool(*applied).u64(outcomes.len() as u64);
+                for o in outcomes {
+                    o.encode_into(e);
+                }
+            }
+            Outcome::Registered { record, deduplicated } => {
+                e.u8(OUTCOME_REGISTERED).bytes(&record.encode()).bool(*deduplicated);
+            }
+            Outcome::RegisterConflict { current } => {
+                e.u8(OUTCOME_REGISTER_CONFLICT).bytes(&current.encode());
+            }
+            Outcome::Offered { record } => {
+                e.u8(OUTCOME_OFFERED).bytes(&record.encode());
+            }
+            Outcome::Completed { record } => {
+                e.u8(OUTCOME_COMPLETED).bytes(&record.encode());
+            }
         }
-        e.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Decoder::new(bytes);
         d.version("outcome", OUTCOME_FORMAT)?;
+        let outcome = Outcome::decode_from(&mut d, true)?;
+        d.finish()?;
+        Ok(outcome)
+    }
+
+    fn decode_from(d: &mut Decoder<'_>, top: bool) -> Result<Self, DecodeError> {
         let record = |d: &mut Decoder<'_>| Promise::decode(d.bytes("record")?);
-        let outcome = match d.u8("outcome tag")? {
-            OUTCOME_CREATED => Outcome::Created { promise: record(&mut d)?, deduplicated: d.bool("deduplicated")? },
-            OUTCOME_CREATE_CONFLICT => Outcome::CreateConflict { current: record(&mut d)? },
-            OUTCOME_SETTLED => Outcome::Settled { promise: record(&mut d)?, deduplicated: d.bool("deduplicated")? },
-            OUTCOME_SETTLE_CONFLICT => Outcome::SettleConflict { current: record(&mut d)? },
+        let continuation = |d: &mut Decoder<'_>| ContinuationRecord::decode(d.bytes("continuation record")?);
+        Ok(match d.u8("outcome tag")? {
+            OUTCOME_CREATED => Outcome::Created { promise: record(d)?, deduplicated: d.bool("deduplicated")? },
+            OUTCOME_CREATE_CONFLICT => Outcome::CreateConflict { current: record(d)? },
+            OUTCOME_SETTLED => Outcome::Settled { promise: record(d)?, deduplicated: d.bool("deduplicated")? },
+            OUTCOME_SETTLE_CONFLICT => Outcome::SettleConflict { current: record(d)? },
             OUTCOME_NOT_FOUND => Outcome::NotFound,
             OUTCOME_TIMED_OUT => Outcome::TimedOut { count: d.u32("count")? },
             OUTCOME_COLLECTED => Outcome::Collected { count: d.u32("count")? },
+            OUTCOME_BATCH if top => {
+                let applied = d.bool("batch applied")?;
+                let n = d.u64("batch outcomes")?;
+                if n > d.remaining() as u64 {
+                    return Err(DecodeError::Invalid("batch outcomes"));
+                }
+                let outcomes = (0..n).map(|_| Outcome::decode_from(d, false)).collect::<Result<_, _>>()?;
+                Outcome::Batch { outcomes, applied }
+            }
+            OUTCOME_REGISTERED => {
+                Outcome::Registered { record: continuation(d)?, deduplicated: d.bool("deduplicated")? }
+            }
+            OUTCOME_REGISTER_CONFLICT => Outcome::RegisterConflict { current: continuation(d)? },
+            OUTCOME_OFFERED => Outcome::Offered { record: continuation(d)? },
+            OUTCOME_COMPLETED => Outcome::Completed { record: continuation(d)? },
             _ => return Err(DecodeError::Invalid("outcome tag")),
-        };
-        d.finish()?;
-        Ok(outcome)
+        })
     }
 }
 
@@ -290,6 +463,12 @@ impl std::fmt::Display for Proposal {
             Command::Settle { id, settle_as, .. } => write!(f, "{settle_as:?} {id} @{}", self.stamp_ms),
             Command::Timeout { ids } => write!(f, "timeout {} promises @{}", ids.len(), self.stamp_ms),
             Command::Collect { ids, .. } => write!(f, "collect {} promises @{}", ids.len(), self.stamp_ms),
+            Command::Batch { commands } => write!(f, "batch of {} @{}", commands.len(), self.stamp_ms),
+            Command::Register { continuation, .. } => {
+                write!(f, "register {} -> {} @{}", continuation.id, continuation.target, self.stamp_ms)
+            }
+            Command::Offer { join, index, .. } => write!(f, "offer input {index} to {join} @{}", self.stamp_ms),
+            Command::Complete { id, .. } => write!(f, "complete {id} @{}", self.stamp_ms),
         }
     }
 }

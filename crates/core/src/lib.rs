@@ -7,7 +7,8 @@
 //! same state. [`codec`] is the explicit, versioned binary format for records and proposals.
 //! [`Limits`] checks user input before it is proposed. [`pipeline`] holds the rules of promise
 //! pipelining: what a continuation does with its sources' outcomes, how combinators decide,
-//! and which submitted graphs are refused (not yet wired into [`machine::apply`]).
+//! and which submitted graphs are refused; [`machine::apply`] registers continuations, makes
+//! them ready as their sources settle and reports them as [`Effect`]s for the shard's leader.
 //!
 //! Anyone may depend on this crate; it depends on nothing but `thiserror`.
 
@@ -21,5 +22,5 @@ pub mod promise;
 pub use codec::DecodeError;
 pub use command::{Change, Command, Outcome, Proposal};
 pub use limits::{HARD_MAX_RECORD_BYTES, LimitError, Limits};
-pub use machine::{Applied, MemState, PromiseView, apply};
+pub use machine::{Applied, ContinuationChange, Effect, MemState, PromiseView, apply};
 pub use promise::{NodeId, Promise, PromiseId, SettleAs, ShardId, State, Value};

@@ -21,7 +21,15 @@ use crate::promise::{PromiseId, SettleAs, State, Value};
 /// Most continuations one Submit may register.
 pub const MAX_CONTINUATIONS: usize = 1_000;
 /// Most sources one continuation may join.
-pub const MAX_SOURCES: usize = 100;
+pub const MAX_SOURCES: usize = 16;
+/// Most bytes a join's record may hold. Its inputs are kept until it decides (`all` resolves
+/// with every one of them), so an offer that would take the record past this decides the join
+/// as a rejection instead: a record must stay well inside
+/// [`crate::HARD_MAX_RECORD_BYTES`], which bounds snapshot records and Raft messages.
+pub const MAX_JOIN_RECORD_BYTES: usize = crate::HARD_MAX_RECORD_BYTES / 2;
+/// Separates a join's id from the index of the source whose delivery continuation it names
+/// (`<join id>#<index>`); user continuation ids may not contain it.
+pub const DELIVERY_SEPARATOR: char = '#';
 /// Longest continuation id, in bytes.
 pub const MAX_CONTINUATION_ID_BYTES: usize = 256;
 /// Longest function URL, in bytes.
@@ -67,6 +75,9 @@ pub enum Action {
     Forward { recover: bool },
     /// POST the outcome to an HTTP function; its answer settles the target.
     Invoke { url: String, headers: BTreeMap<String, String>, timeout_ms: u32, prewarm: bool },
+    /// Internal, never submitted: offer the source's outcome to join `join` (on the target's
+    /// shard) as input `index`. The server registers one per source of a join.
+    Deliver { join: String, index: u32 },
 }
 
 /// One step of a pipeline: when `sources` settle, run `action` (if `on` matches) and settle
@@ -95,6 +106,8 @@ pub enum Next {
     Settle { settle_as: SettleAs, value: Value },
     /// Call the function with the outcome; its answer settles the target.
     Invoke,
+    /// Offer the outcome to the join the continuation delivers to.
+    Deliver,
 }
 
 /// The settle that passes `outcome` on unchanged. A timeout cannot be written by a settle, so
@@ -116,6 +129,9 @@ pub fn pass_on(outcome: &Settlement) -> (SettleAs, Value) {
 /// What the target of a continuation with filter `on` and `action` gets once the outcome it
 /// runs on (its source's, or its join's) is `outcome`.
 pub fn step(on: On, action: &Action, outcome: &Settlement) -> Next {
+    if let Action::Deliver { .. } = action {
+        return Next::Deliver;
+    }
     if !on.matches(outcome.state) {
         let (settle_as, value) = pass_on(outcome);
         return Next::Settle { settle_as, value };
@@ -129,6 +145,7 @@ pub fn step(on: On, action: &Action, outcome: &Settlement) -> Next {
             Next::Settle { settle_as, value }
         }
         Action::Invoke { .. } => Next::Invoke,
+        Action::Deliver { .. } => Next::Deliver,
     }
 }
 
@@ -236,6 +253,11 @@ impl Continuation {
     /// Encodes the continuation for the log and the state column family (format version 1).
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::new();
+        self.encode_into(&mut e);
+        e.into_bytes()
+    }
+
+    pub(crate) fn encode_into(&self, e: &mut Encoder) {
         e.u8(CONTINUATION_FORMAT).str(&self.id).u64(self.sources.len() as u64);
         for s in &self.sources {
             e.str(s.as_str());
@@ -259,18 +281,26 @@ impl Continuation {
             Action::Invoke { url, headers, timeout_ms, prewarm } => {
                 e.u8(2).str(url).map(headers).u64(u64::from(*timeout_ms)).bool(*prewarm);
             }
+            Action::Deliver { join, index } => {
+                e.u8(3).str(join).u64(u64::from(*index));
+            }
         }
-        e.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut d = Decoder::new(bytes);
+        let c = Continuation::decode_from(&mut d)?;
+        d.finish()?;
+        Ok(c)
+    }
+
+    pub(crate) fn decode_from(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
         d.version("continuation", CONTINUATION_FORMAT)?;
         let id = d.string("continuation id")?;
         let count = d.u64("source count")?;
         // Each source takes at least one byte: a count beyond what is left is corrupt, and
         // must not size an allocation.
-        if count > bytes.len() as u64 {
+        if count > d.remaining() as u64 {
             return Err(DecodeError::Invalid("source count"));
         }
         let sources =
@@ -297,10 +327,180 @@ impl Continuation {
                 timeout_ms: d.u32("function timeout")?,
                 prewarm: d.bool("prewarm")?,
             },
+            3 => Action::Deliver { join: d.string("join id")?, index: d.u32("join input")? },
             _ => return Err(DecodeError::Invalid("action")),
         };
-        d.finish()?;
         Ok(Continuation { id, sources, target, combinator, on, action })
+    }
+
+    /// The promise whose shard stores this continuation: a join's target (the join state lives
+    /// with it), otherwise the one source, whose settlement makes it ready.
+    pub fn anchor(&self) -> &PromiseId {
+        match self.combinator {
+            Some(_) => &self.target,
+            None => &self.sources[0],
+        }
+    }
+
+    /// The delivery continuations a join needs, one per source, each stored on its source's
+    /// shard: `<join id>#<index>`, run on any settlement.
+    pub fn deliveries(&self) -> Vec<Continuation> {
+        if self.combinator.is_none() {
+            return Vec::new();
+        }
+        self.sources
+            .iter()
+            .enumerate()
+            .map(|(i, source)| Continuation {
+                id: format!("{}{DELIVERY_SEPARATOR}{i}", self.id),
+                sources: vec![source.clone()],
+                target: self.target.clone(),
+                combinator: None,
+                on: On::Settled,
+                action: Action::Deliver { join: self.id.clone(), index: i as u32 },
+            })
+            .collect()
+    }
+}
+
+impl Settlement {
+    pub(crate) fn encode_into(&self, e: &mut Encoder) {
+        e.u8(self.state.code());
+        self.value.encode(e);
+    }
+
+    pub(crate) fn decode_from(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+        Ok(Settlement { state: State::from_code(d.u8("settlement state")?)?, value: Value::decode(d)? })
+    }
+
+    /// Roughly the bytes it takes in a record.
+    pub fn size_hint(&self) -> usize {
+        16 + self.value.data.len() + self.value.headers.iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>()
+    }
+}
+
+/// Where a registered continuation stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The outcome it runs on is not in yet: its source is pending, its join undecided.
+    Waiting,
+    /// The outcome is in; the leader of the continuation's shard runs it.
+    Ready,
+    /// Finished: its target is settled, or can no longer be settled by it; `note` says how.
+    Done { note: String },
+}
+
+impl Status {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Waiting => "WAITING",
+            Status::Ready => "READY",
+            Status::Done { .. } => "DONE",
+        }
+    }
+}
+
+/// A continuation as its shard stores it (key range `S 0x04`, see `vow-storage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContinuationRecord {
+    pub continuation: Continuation,
+    /// The target's deadline: the executor retries transient failures until then, after which
+    /// the target has timed out anyway.
+    pub target_deadline_ms: i64,
+    pub status: Status,
+    /// A join's state, for a continuation with a combinator; `None` otherwise.
+    pub join: Option<Join>,
+    pub registered_at_ms: i64,
+    /// The log index of its last change.
+    pub revision: u64,
+}
+
+const RECORD_FORMAT: u8 = 1;
+
+impl ContinuationRecord {
+    /// The outcome this continuation runs on when it is stored with a join: the join's
+    /// decision. Single-source continuations run on their source's record instead.
+    pub fn decided(&self) -> Option<&Settlement> {
+        self.join.as_ref().and_then(|j| j.decided.as_ref())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::new();
+        e.u8(RECORD_FORMAT);
+        self.continuation.encode_into(&mut e);
+        e.i64(self.target_deadline_ms);
+        match &self.status {
+            Status::Waiting => e.u8(1),
+            Status::Ready => e.u8(2),
+            Status::Done { note } => e.u8(3).str(note),
+        };
+        match &self.join {
+            None => {
+                e.u8(0);
+            }
+            Some(join) => {
+                e.u8(1).u64(join.inputs.len() as u64);
+                for input in &join.inputs {
+                    match input {
+                        None => {
+                            e.u8(0);
+                        }
+                        Some(s) => {
+                            e.u8(1);
+                            s.encode_into(&mut e);
+                        }
+                    }
+                }
+                match &join.decided {
+                    None => {
+                        e.u8(0);
+                    }
+                    Some(s) => {
+                        e.u8(1);
+                        s.encode_into(&mut e);
+                    }
+                }
+            }
+        }
+        e.i64(self.registered_at_ms).u64(self.revision);
+        e.into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        d.version("continuation record", RECORD_FORMAT)?;
+        let continuation = Continuation::decode_from(&mut d)?;
+        let target_deadline_ms = d.i64("target deadline")?;
+        let status = match d.u8("continuation status")? {
+            1 => Status::Waiting,
+            2 => Status::Ready,
+            3 => Status::Done { note: d.string("done note")? },
+            _ => return Err(DecodeError::Invalid("continuation status")),
+        };
+        let optional = |d: &mut Decoder<'_>| -> Result<Option<Settlement>, DecodeError> {
+            match d.u8("optional settlement")? {
+                0 => Ok(None),
+                1 => Ok(Some(Settlement::decode_from(d)?)),
+                _ => Err(DecodeError::Invalid("optional settlement")),
+            }
+        };
+        let join = match (d.u8("join")?, continuation.combinator) {
+            (0, None) => None,
+            (1, Some(combinator)) => {
+                let n = d.u64("join inputs")?;
+                if n != continuation.sources.len() as u64 {
+                    return Err(DecodeError::Invalid("join inputs"));
+                }
+                let inputs = (0..n).map(|_| optional(&mut d)).collect::<Result<_, _>>()?;
+                let decided = optional(&mut d)?;
+                Some(Join { combinator, sources: continuation.sources.clone(), inputs, decided })
+            }
+            _ => return Err(DecodeError::Invalid("join")),
+        };
+        let registered_at_ms = d.i64("registered at")?;
+        let revision = d.u64("revision")?;
+        d.finish()?;
+        Ok(ContinuationRecord { continuation, target_deadline_ms, status, join, registered_at_ms, revision })
     }
 }
 
@@ -356,6 +556,12 @@ fn check_one(c: &Continuation) -> Result<(), GraphError> {
     let invalid = |why: String| Err(GraphError::Invalid(c.id.clone(), why));
     if c.id.is_empty() || c.id.len() > MAX_CONTINUATION_ID_BYTES {
         return invalid(format!("the id must be 1 to {MAX_CONTINUATION_ID_BYTES} bytes"));
+    }
+    if c.id.contains(DELIVERY_SEPARATOR) || c.id.contains('\0') {
+        return invalid(format!("the id may not contain {DELIVERY_SEPARATOR:?} or NUL"));
+    }
+    if let Action::Deliver { .. } = c.action {
+        return invalid("deliveries are registered by the server, not submitted".into());
     }
     match (c.combinator, c.sources.len()) {
         (_, 0) => return invalid("it names no source".into()),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use vow_core::codec::Encoder;
+use vow_core::pipeline::{Action, Combinator, Continuation, On, Settlement};
 use vow_core::{Command, DecodeError, MemState, Outcome, Promise, PromiseId, Proposal, SettleAs, State, Value};
 
 fn id(s: &str) -> PromiseId {
@@ -292,9 +293,28 @@ fn variant(c: &Command) -> usize {
         Command::Settle { .. } => 1,
         Command::Timeout { .. } => 2,
         Command::Collect { .. } => 3,
+        Command::Batch { .. } => 4,
+        Command::Register { .. } => 5,
+        Command::Offer { .. } => 6,
+        Command::Complete { .. } => 7,
     }
 }
-const COMMAND_VARIANTS: usize = 4;
+const COMMAND_VARIANTS: usize = 8;
+
+fn arb_continuation() -> impl Strategy<Value = Continuation> {
+    let action = prop_oneof![
+        any::<bool>().prop_map(|recover| Action::Forward { recover }),
+        (arb_text(), arb_map(), any::<u32>(), any::<bool>())
+            .prop_map(|(url, headers, timeout_ms, prewarm)| Action::Invoke { url, headers, timeout_ms, prewarm }),
+        (arb_text(), any::<u32>()).prop_map(|(join, index)| Action::Deliver { join, index }),
+    ];
+    let combinator =
+        prop::sample::select(vec![None, Some(Combinator::All), Some(Combinator::Any), Some(Combinator::Race)]);
+    let on = prop::sample::select(vec![On::Resolved, On::Rejected, On::Settled]);
+    (arb_text(), prop::collection::vec(arb_id(), 1..4), arb_id(), combinator, on, action).prop_map(
+        |(id, sources, target, combinator, on, action)| Continuation { id, sources, target, combinator, on, action },
+    )
+}
 
 /// One command of every variant, so that every case covers them all.
 fn arb_every_command() -> impl Strategy<Value = Vec<Command>> {
@@ -304,8 +324,18 @@ fn arb_every_command() -> impl Strategy<Value = Vec<Command>> {
         (arb_id(), kind, arb_value(), arb_text()),
         arb_ids(),
         (arb_ids(), any::<i64>()),
+        (arb_continuation(), any::<i64>(), arb_id()),
+        (arb_text(), arb_id(), any::<u32>(), arb_value(), arb_text()),
     )
-        .prop_map(|(create, settle, timeout, collect)| {
+        .prop_map(|(create, settle, timeout, collect, register, offer)| {
+            let create_command = Command::Create {
+                id: create.0.clone(),
+                param: create.1.clone(),
+                deadline_ms: create.2,
+                tags: create.3.clone(),
+                idempotency_key: create.4.clone(),
+            };
+            let register_command = Command::Register { continuation: register.0, target_deadline_ms: register.1 };
             vec![
                 Command::Create {
                     id: create.0,
@@ -317,6 +347,15 @@ fn arb_every_command() -> impl Strategy<Value = Vec<Command>> {
                 Command::Settle { id: settle.0, settle_as: settle.1, value: settle.2, idempotency_key: settle.3 },
                 Command::Timeout { ids: timeout },
                 Command::Collect { ids: collect.0, retention_ms: collect.1 },
+                Command::Batch { commands: vec![create_command, register_command.clone()] },
+                register_command,
+                Command::Offer {
+                    join: offer.0,
+                    target: offer.1,
+                    index: offer.2,
+                    outcome: Settlement { state: State::Rejected, value: offer.3 },
+                },
+                Command::Complete { id: register.2.into_string(), note: offer.4 },
             ]
         })
 }
@@ -394,10 +433,31 @@ fn promise_layout(p: &Promise) -> Layout {
     l
 }
 
+fn continuation_layout(l: &mut Layout, c: &Continuation) {
+    l.fixed(1).bytes(c.id.as_bytes()).ids(&c.sources).bytes(c.target.as_str().as_bytes()).fixed(2).fixed(1);
+    match &c.action {
+        Action::Forward { .. } => {
+            l.fixed(1);
+        }
+        Action::Invoke { url, headers, timeout_ms, .. } => {
+            l.bytes(url.as_bytes()).map(headers).varint(u64::from(*timeout_ms)).fixed(1);
+        }
+        Action::Deliver { join, index } => {
+            l.bytes(join.as_bytes()).varint(u64::from(*index));
+        }
+    }
+}
+
 fn proposal_layout(p: &Proposal) -> Layout {
     let mut l = Layout::default();
-    l.fixed(1).i64(p.stamp_ms).fixed(1);
-    match &p.command {
+    l.fixed(1).i64(p.stamp_ms);
+    command_layout(&mut l, &p.command);
+    l
+}
+
+fn command_layout(l: &mut Layout, command: &Command) {
+    l.fixed(1);
+    match command {
         Command::Create { id, param, deadline_ms, tags, idempotency_key } => {
             l.bytes(id.as_str().as_bytes()).value(param).i64(*deadline_ms).map(tags).bytes(idempotency_key.as_bytes());
         }
@@ -410,8 +470,24 @@ fn proposal_layout(p: &Proposal) -> Layout {
         Command::Collect { ids, retention_ms } => {
             l.i64(*retention_ms).ids(ids);
         }
+        Command::Batch { commands } => {
+            l.prefix(commands.len());
+            for c in commands {
+                command_layout(l, c);
+            }
+        }
+        Command::Register { continuation, target_deadline_ms } => {
+            continuation_layout(l, continuation);
+            l.i64(*target_deadline_ms);
+        }
+        Command::Offer { join, target, index, outcome } => {
+            l.bytes(join.as_bytes()).bytes(target.as_str().as_bytes()).varint(u64::from(*index)).fixed(1);
+            l.value(&outcome.value);
+        }
+        Command::Complete { id, note } => {
+            l.bytes(id.as_bytes()).bytes(note.as_bytes());
+        }
     }
-    l
 }
 
 /// What a damaged length or count prefix says instead.
