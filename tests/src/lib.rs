@@ -421,3 +421,52 @@ pub fn create_req(id: &str, key: &str) -> pb::CreateRequest {
         idempotency_key: key.into(),
     }
 }
+
+/// A running `vow-functions` process (the example HTTP functions pipelines call), killed when
+/// dropped.
+#[derive(Debug)]
+pub struct Functions {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Functions {
+    /// Starts it on a free port; `args` go to `vow-functions`.
+    pub fn start(args: &[&str]) -> anyhow::Result<Functions> {
+        use std::io::BufRead;
+        let bin = bin_dir().join("vow-functions");
+        anyhow::ensure!(bin.exists(), "{} is missing: run `cargo build --workspace --bins`", bin.display());
+        let mut child = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting vow-functions")?;
+        let stdout = child.stdout.take().context("vow-functions stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line.trim().strip_prefix("listening on ").with_context(|| format!("vow-functions said {line:?}"))?;
+        Ok(Functions { child, base: format!("http://{addr}") })
+    }
+
+    /// The URL of a function route, e.g. `url("/append/x")`.
+    pub fn url(&self, route: &str) -> String {
+        format!("{}{route}", self.base)
+    }
+
+    /// How many calls each Idempotency-Key (continuation id) made.
+    pub fn calls(&self) -> anyhow::Result<std::collections::BTreeMap<String, u32>> {
+        let addr = self.base.trim_start_matches("http://");
+        let text = http_get(addr, "/calls")?;
+        let body = text.split("\r\n\r\n").nth(1).context("no body in /calls answer")?;
+        Ok(serde_json::from_str(body)?)
+    }
+}
+
+impl Drop for Functions {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

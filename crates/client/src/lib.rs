@@ -444,6 +444,46 @@ impl Client {
         resp.promise.ok_or_else(|| Error::Client("server returned no promise".into()))
     }
 
+    /// Submits a pipeline: its promises and continuations (see `Submit` in `vow.proto`).
+    /// Without an idempotency key the client makes one up, so its own retries after a lost
+    /// reply complete the same graph instead of conflicting with it. With `wait_for` set the
+    /// call lasts up to `wait_timeout_ms` (30 s when 0).
+    pub async fn submit(&self, mut req: pb::SubmitRequest) -> Result<pb::SubmitResponse> {
+        if req.idempotency_key.is_empty() {
+            req.idempotency_key = generated_key();
+        }
+        if req.wait_for.is_empty() {
+            return self
+                .call(Effect::Write, Patience::Default, Route::Any, |c, t| {
+                    let req = Self::request(req.clone(), t);
+                    async move { promises(c).submit(req).await }
+                })
+                .await;
+        }
+        // Like an Await: a retry after a lost node waits only for what is left.
+        let wait =
+            Duration::from_millis(u64::from(if req.wait_timeout_ms == 0 { 30_000 } else { req.wait_timeout_ms }));
+        let until = Instant::now() + wait;
+        self.call(Effect::Write, Patience::LongCall(wait), Route::Any, |c, _| {
+            let left = until.saturating_duration_since(Instant::now());
+            let mut req = req.clone();
+            req.wait_timeout_ms = left.as_millis().max(1) as u32;
+            let req = Self::request(req, left + self.options.attempt_timeout);
+            async move { promises(c).submit(req).await }
+        })
+        .await
+    }
+
+    /// Where a continuation stands (waiting, ready with its attempts, or done).
+    pub async fn get_continuation(&self, id: &str) -> Result<pb::ContinuationStatus> {
+        let req = pb::GetContinuationRequest { id: id.to_owned() };
+        self.call(Effect::Read, Patience::Default, Route::Any, |c, t| {
+            let req = Self::request(req.clone(), t);
+            async move { promises(c).get_continuation(req).await }
+        })
+        .await
+    }
+
     pub async fn search(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse> {
         self.call(Effect::Read, Patience::Default, Route::Any, |c, t| {
             let req = Self::request(req.clone(), t);

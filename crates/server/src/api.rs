@@ -19,7 +19,9 @@ use vow_api::v1::promises_server::{Promises, PromisesServer};
 use vow_core::{NodeId, PromiseId, SettleAs, ShardId};
 
 use crate::convert::{self, shard_status};
+use crate::functions::Functions;
 use crate::node::{self, Node};
+use crate::pipelines::Pipelines;
 use crate::raft_service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
@@ -43,6 +45,7 @@ const PENDING_RESET_STREAMS: usize = 1024;
 /// Serves every gRPC service on `listener` until `shutdown` completes.
 pub async fn serve(
     router: Router,
+    functions: Functions,
     data_dir: PathBuf,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -88,9 +91,12 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
-            PromisesServer::new(PromisesApi { promises: service::Promises::new(router.clone()) })
-                .max_decoding_message_size(max_request)
-                .max_encoding_message_size(usize::MAX),
+            PromisesServer::new(PromisesApi {
+                promises: service::Promises::new(router.clone()),
+                pipelines: Pipelines::new(router.clone(), functions),
+            })
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(usize::MAX),
         )
         .add_service(
             ClusterServer::new(ClusterApi { router: router.clone() }).max_decoding_message_size(REQUEST_SLACK_BYTES),
@@ -166,6 +172,7 @@ const REQUEST_SLACK_BYTES: usize = 64 << 10;
 #[derive(Debug)]
 pub struct PromisesApi {
     promises: service::Promises,
+    pipelines: Pipelines,
 }
 
 impl PromisesApi {
@@ -291,6 +298,53 @@ impl Promises for PromisesApi {
         };
         self.node().metrics().record("await", &result, started.elapsed());
         result
+    }
+
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let wait_for = match r.wait_for.as_str() {
+            "" => None,
+            id => Some(self.node().limits().check_id(id).map_err(|e| Status::invalid_argument(e.0))?),
+        };
+        let wait = match r.wait_timeout_ms {
+            0 => AWAIT_DEFAULT,
+            ms => Duration::from_millis(u64::from(ms)).min(AWAIT_MAX),
+        };
+        let submission = convert::submission_from_pb(self.node().limits(), r, self.node().wall_ms())?;
+        let result = async {
+            let created = self.pipelines.submit(submission).await.map_err(|e| convert::submit_error_status(&e))?;
+            let waited = match wait_for {
+                None => None,
+                Some(id) => match self.promises.await_settled(&id, wait).await {
+                    Ok(Some(p)) => Some(convert::promise_to_pb(p)),
+                    Ok(None) => return Err(Status::not_found(format!("no promise {id} to wait for"))),
+                    Err(e) => return Err(shard_status(&e)),
+                },
+            };
+            Ok(Response::new(pb::SubmitResponse {
+                promises: created.into_iter().map(convert::promise_to_pb).collect(),
+                waited,
+            }))
+        }
+        .await;
+        self.node().metrics().record("submit", &result, started.elapsed());
+        result
+    }
+
+    async fn get_continuation(
+        &self,
+        req: Request<pb::GetContinuationRequest>,
+    ) -> Result<Response<pb::ContinuationStatus>, Status> {
+        let id = req.into_inner().id;
+        if id.is_empty() || id.len() > 2 * vow_core::pipeline::MAX_CONTINUATION_ID_BYTES {
+            return Err(Status::invalid_argument("a continuation id is 1 to 256 bytes"));
+        }
+        match self.pipelines.get(&id).await {
+            Ok(Some(found)) => Ok(Response::new(convert::continuation_status_to_pb(found))),
+            Ok(None) => Err(Status::not_found(format!("no continuation {id}"))),
+            Err(e) => Err(shard_status(&e)),
+        }
     }
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {

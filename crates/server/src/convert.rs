@@ -8,8 +8,10 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use vow_api::metadata as md;
 use vow_api::v1 as pb;
-use vow_core::{Command, LimitError, Limits, Outcome, Promise, SettleAs, State, Value};
+use vow_core::pipeline::{Action, Combinator, Continuation, On, Status as ContinuationState};
+use vow_core::{Command, LimitError, Limits, Outcome, Promise, PromiseId, SettleAs, State, Value};
 
+use crate::pipelines::{Found, Submission, SubmitError};
 use crate::shard::ShardError;
 
 pub fn state_to_pb(s: State) -> pb::State {
@@ -125,9 +127,13 @@ pub fn outcome_reply(outcome: Outcome) -> Result<pb::PromiseResponse, Status> {
             current,
         )),
         Outcome::NotFound => Err(Status::not_found("no such promise")),
-        Outcome::TimedOut { .. } | Outcome::Collected { .. } => {
-            Err(Status::internal("internal command outcome returned to a client"))
-        }
+        Outcome::TimedOut { .. }
+        | Outcome::Collected { .. }
+        | Outcome::Batch { .. }
+        | Outcome::Registered { .. }
+        | Outcome::RegisterConflict { .. }
+        | Outcome::Offered { .. }
+        | Outcome::Completed { .. } => Err(Status::internal("internal command outcome returned to a client")),
     }
 }
 
@@ -171,5 +177,121 @@ pub fn shard_to_pb(shard: &crate::shard::Shard) -> pb::ShardStatus {
         voters: membership.voter_ids().map(|v| v.0).collect(),
         learners: membership.learner_ids().map(|v| v.0).collect(),
         applied_index: m.last_applied.map_or(0, |a| a.index),
+    }
+}
+
+/// A submitted continuation in core terms (the graph checks come after, in
+/// [`vow_core::pipeline::validate`]).
+pub fn continuation_from_pb(limits: &Limits, c: pb::Continuation) -> Result<Continuation, Status> {
+    let name = if c.id.is_empty() { format!("to {}", c.target) } else { format!("{:?}", c.id) };
+    let bad = |why: String| Status::invalid_argument(format!("continuation {name}: {why}"));
+    let sources = c
+        .sources
+        .iter()
+        .map(|s| limits.check_id(s).map_err(|e| bad(format!("source: {}", e.0))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let target = limits.check_id(&c.target).map_err(|e| bad(format!("target: {}", e.0)))?;
+    let combinator = match pb::Combinator::try_from(c.combinator) {
+        Ok(pb::Combinator::Unspecified) => None,
+        Ok(pb::Combinator::All) => Some(Combinator::All),
+        Ok(pb::Combinator::Any) => Some(Combinator::Any),
+        Ok(pb::Combinator::Race) => Some(Combinator::Race),
+        Err(_) => return Err(bad(format!("unknown combinator {}", c.combinator))),
+    };
+    let on = match pb::On::try_from(c.on) {
+        Ok(pb::On::Unspecified | pb::On::Resolved) => On::Resolved,
+        Ok(pb::On::Rejected) => On::Rejected,
+        Ok(pb::On::Settled) => On::Settled,
+        Err(_) => return Err(bad(format!("unknown on {}", c.on))),
+    };
+    let action = match c.action {
+        Some(pb::continuation::Action::Forward(f)) => Action::Forward { recover: f.recover },
+        Some(pb::continuation::Action::Invoke(i)) => {
+            let headers: BTreeMap<String, String> = i.headers.into_iter().collect();
+            limits.check_tags(&headers).map_err(|e| bad(format!("headers: {}", e.0)))?;
+            Action::Invoke { url: i.url, headers, timeout_ms: i.timeout_ms, prewarm: i.prewarm }
+        }
+        None => return Err(bad("no action: give invoke or forward".into())),
+    };
+    // The target is settled by one continuation, so it names one: the default id.
+    let id = if c.id.is_empty() { format!("to:{}", target) } else { c.id };
+    Ok(Continuation { id, sources, target, combinator, on, action })
+}
+
+pub fn continuation_to_pb(c: Continuation) -> pb::Continuation {
+    let combinator = match c.combinator {
+        None => pb::Combinator::Unspecified,
+        Some(Combinator::All) => pb::Combinator::All,
+        Some(Combinator::Any) => pb::Combinator::Any,
+        Some(Combinator::Race) => pb::Combinator::Race,
+    };
+    let on = match c.on {
+        On::Resolved => pb::On::Resolved,
+        On::Rejected => pb::On::Rejected,
+        On::Settled => pb::On::Settled,
+    };
+    let action = match c.action {
+        Action::Forward { recover } => Some(pb::continuation::Action::Forward(pb::Forward { recover })),
+        Action::Invoke { url, headers, timeout_ms, prewarm } => Some(pb::continuation::Action::Invoke(pb::Invoke {
+            url,
+            headers: headers.into_iter().collect(),
+            timeout_ms,
+            prewarm,
+        })),
+        // A join's delivery: shown as forwarding its source's outcome to the join's target.
+        Action::Deliver { .. } => Some(pb::continuation::Action::Forward(pb::Forward { recover: false })),
+    };
+    pb::Continuation {
+        id: c.id,
+        sources: c.sources.into_iter().map(PromiseId::into_string).collect(),
+        target: c.target.into_string(),
+        combinator: combinator as i32,
+        on: on as i32,
+        action,
+    }
+}
+
+/// A submitted graph, validated field by field, with each create's deadline resolved on `now_ms`.
+pub fn submission_from_pb(limits: &Limits, r: pb::SubmitRequest, now_ms: i64) -> Result<Submission, Status> {
+    limits.check_idempotency_key(&r.idempotency_key).map_err(invalid)?;
+    if r.traceparent.len() > 512 {
+        return Err(Status::invalid_argument("traceparent is longer than 512 bytes"));
+    }
+    let creates = r.promises.into_iter().map(|c| create_command(limits, c, now_ms)).collect::<Result<_, _>>()?;
+    let continuations =
+        r.continuations.into_iter().map(|c| continuation_from_pb(limits, c)).collect::<Result<_, _>>()?;
+    Ok(Submission { creates, continuations, idempotency_key: r.idempotency_key, traceparent: r.traceparent })
+}
+
+pub fn submit_error_status(e: &SubmitError) -> Status {
+    match e {
+        SubmitError::Invalid(m) => Status::invalid_argument(m.clone()),
+        SubmitError::Refused { conflict: true, .. } => Status::already_exists(e.to_string()),
+        SubmitError::Refused { conflict: false, .. } => Status::not_found(e.to_string()),
+        SubmitError::Unavailable { outcome_unknown, .. } => {
+            let mut status = Status::unavailable(e.to_string());
+            if *outcome_unknown {
+                mark_outcome_unknown(&mut status);
+            }
+            status
+        }
+    }
+}
+
+pub fn continuation_status_to_pb(found: Found) -> pb::ContinuationStatus {
+    let Found { shard, record, progress } = found;
+    let note = match &record.status {
+        ContinuationState::Done { note } => note.clone(),
+        _ => String::new(),
+    };
+    pb::ContinuationStatus {
+        status: record.status.name().to_owned(),
+        note,
+        attempts: progress.attempts,
+        last_error: progress.last_error,
+        next_attempt_ms: progress.next_attempt_ms,
+        registered_at_ms: record.registered_at_ms,
+        shard_id: shard.0,
+        continuation: Some(continuation_to_pb(record.continuation)),
     }
 }

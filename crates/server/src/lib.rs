@@ -4,12 +4,15 @@
 //! shard) and one openraft instance per shard ([`shard`], [`raft`]); serves the public gRPC
 //! API, the internal Raft and Route transports, health and reflection on one port ([`api`]) and
 //! operator endpoints on another ([`http`]); carries every request to its shard's leader
-//! ([`router`]) behind protocol-neutral promise operations ([`service`]); and runs the leader's
+//! ([`router`]) behind protocol-neutral promise operations ([`service`]) and pipeline
+//! operations ([`pipelines`]); runs each shard's ready continuations while it leads the shard
+//! ([`executor`], calling users' HTTP functions through [`functions`]); and runs the leader's
 //! timeout and retention sweeps ([`sweeper`]) and leader balancing ([`balance`]).
 //! [`server::run`] is the entry point; the `vowd` binary only parses [`config::Config`] and
 //! calls it.
 //!
-//! Module dependencies run one way: `server` → `api`, `http` → `service` → `router` → `node` →
+//! Module dependencies run one way: `server` → `executor`, `api` → `pipelines`, `http` →
+//! `service` → `router` → `node` →
 //! `shard` → `raft`, storage (and `api` → `raft_service` → `shard`); nothing below imports
 //! anything above it.
 //!
@@ -21,10 +24,13 @@ pub mod balance;
 pub mod clock;
 pub mod config;
 pub mod convert;
+pub mod executor;
+pub mod functions;
 pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod peers;
+pub mod pipelines;
 pub mod raft;
 pub mod raft_service;
 pub mod router;

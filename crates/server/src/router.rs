@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use vow_api::route as wire;
 use vow_api::route::route_client::RouteClient;
+use vow_core::pipeline::ContinuationRecord;
 use vow_core::{Command, NodeId, Outcome, Promise, PromiseId, ShardId, State};
 
 use crate::node::{self, Node};
@@ -86,6 +87,47 @@ enum HopError {
     Failed(ShardError),
 }
 
+/// What the leader running a ready continuation knows of it, for `GetContinuation`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub attempts: u32,
+    pub last_error: String,
+    /// Wall-clock ms of the next attempt; 0 when none is scheduled.
+    pub next_attempt_ms: i64,
+}
+
+/// The progress of the continuations this node runs: written by the executor, read by the
+/// routed `ReadContinuation` at this node.
+#[derive(Debug, Default)]
+pub struct ProgressBoard {
+    running: Mutex<std::collections::HashMap<String, Progress>>,
+}
+
+impl ProgressBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Progress>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One more attempt of `id`, its error if it failed, and when the next is due (0: none).
+    pub fn note(&self, id: &str, error: Option<&str>, next_attempt_ms: i64) {
+        let mut all = self.lock();
+        let p = all.entry(id.to_owned()).or_default();
+        p.attempts += 1;
+        if let Some(e) = error {
+            p.last_error = e.to_owned();
+        }
+        p.next_attempt_ms = next_attempt_ms;
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    pub fn get(&self, id: &str) -> Option<Progress> {
+        self.lock().get(id).cloned()
+    }
+}
+
 /// A cheap, cloneable handle; clones share the leader cache.
 #[derive(Clone, Debug)]
 pub struct Router {
@@ -98,12 +140,18 @@ struct Inner {
     /// Per shard, the newest leader a peer reported in a refusal. It matters only while this
     /// node's own replica knows less (cut off, or behind an election).
     reported: Mutex<Vec<Option<Leader>>>,
+    progress: ProgressBoard,
 }
 
 impl Router {
     pub fn new(node: Node) -> Router {
         let reported = Mutex::new(vec![None; node.shards().len()]);
-        Router { inner: Arc::new(Inner { node, reported }) }
+        Router { inner: Arc::new(Inner { node, reported, progress: ProgressBoard::default() }) }
+    }
+
+    /// The progress of the continuations this node runs.
+    pub fn progress(&self) -> &ProgressBoard {
+        &self.inner.progress
     }
 
     pub fn node(&self) -> &Node {
@@ -122,10 +170,21 @@ impl Router {
     /// The shard a client's command goes to. The sweepers' commands are proposed by a shard's
     /// own leader and never routed.
     pub fn shard_of_command(&self, command: &Command) -> Result<ShardId, ShardError> {
-        command.promise_id().map(|id| self.shard_of(id)).ok_or_else(|| ShardError::Unavailable {
+        let shard = command.promise_id().map(|id| self.shard_of(id)).ok_or_else(|| ShardError::Unavailable {
             shard: ShardId(0),
-            reason: "sweeper commands are proposed by a shard's own leader, never routed".into(),
-        })
+            reason: "sweeper and executor commands are proposed by a shard's own leader, never routed".into(),
+        })?;
+        // A batch is one shard's part of a Submit: everything in it belongs to that shard.
+        if let Some(other) = command.placement_ids().into_iter().find(|id| self.shard_of(id) != shard) {
+            return Err(ShardError::Unavailable {
+                shard,
+                reason: format!(
+                    "a batch for shard {shard} holds {other}, which belongs to shard {}",
+                    self.shard_of(other)
+                ),
+            });
+        }
+        Ok(shard)
     }
 
     /// This node's replica of shard `id`.
@@ -321,6 +380,59 @@ impl Router {
             },
         )
         .await
+    }
+
+    /// The continuation `id` if `shard` stores it, read at the shard's leader, with the
+    /// leader's progress on it.
+    pub async fn read_continuation(
+        &self,
+        shard: ShardId,
+        id: &str,
+    ) -> Result<Option<(ContinuationRecord, Progress)>, ShardError> {
+        self.route(
+            shard,
+            || self.local_read_continuation(shard, id),
+            |mut client, target| {
+                let request = Request::new(wire::ReadContinuationRequest { target: Some(target), id: id.to_owned() });
+                async move {
+                    let reply = client
+                        .read_continuation(request)
+                        .await
+                        .map_err(|s| transport_failure(shard, Effect::Read, &s))?
+                        .into_inner();
+                    let progress = Progress {
+                        attempts: reply.attempts,
+                        last_error: reply.last_error,
+                        next_attempt_ms: reply.next_attempt_ms,
+                    };
+                    match reply.result {
+                        Some(wire::read_continuation_reply::Result::Record(bytes)) => {
+                            ContinuationRecord::decode(&bytes)
+                                .map(|r| Some((r, progress)))
+                                .map_err(|e| HopError::Failed(malformed_reply(shard, Effect::Read, e)))
+                        }
+                        Some(wire::read_continuation_reply::Result::NotFound(_)) => Ok(None),
+                        Some(wire::read_continuation_reply::Result::Refused(r)) => Err(refused(shard, Effect::Read, r)),
+                        None => Err(HopError::Failed(empty_reply(shard, Effect::Read))),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    async fn local_read_continuation(
+        &self,
+        shard: ShardId,
+        id: &str,
+    ) -> Result<Option<(ContinuationRecord, Progress)>, ShardError> {
+        let s = self.shard(shard)?;
+        self.inner.node.read_barrier(s).await?;
+        let record = s
+            .state
+            .continuation(id)
+            .map_err(|e| ShardError::Unavailable { shard, reason: format!("reading continuation {id}: {e}") })?;
+        Ok(record.map(|r| (r, self.progress().get(id).unwrap_or_default())))
     }
 
     /// Makes `change` to `shard`'s membership at its leader.
@@ -548,7 +660,17 @@ fn check_limits(limits: &vow_core::Limits, command: &Command) -> Result<(), vow_
             limits.check_value("value", value)?;
             limits.check_idempotency_key(idempotency_key)
         }
-        Command::Timeout { .. } | Command::Collect { .. } => Ok(()),
+        Command::Batch { commands } => commands.iter().try_for_each(|c| check_limits(limits, c)),
+        Command::Register { continuation, .. } => continuation
+            .sources
+            .iter()
+            .chain([&continuation.target])
+            .try_for_each(|id| limits.check_id(id.as_str()).map(drop)),
+        Command::Offer { target, outcome, .. } => {
+            limits.check_id(target.as_str())?;
+            limits.check_value("value", &outcome.value)
+        }
+        Command::Timeout { .. } | Command::Collect { .. } | Command::Complete { .. } => Ok(()),
     }
 }
 
@@ -569,14 +691,20 @@ impl wire::route_server::Route for RouteService {
             Err(refusal) => return refuse(refusal),
         };
         let command = match Command::decode(&r.command) {
-            Ok(c @ (Command::Create { .. } | Command::Settle { .. })) => c,
-            Ok(_) => return refuse(invalid("only creates and settles are routed")),
+            Ok(
+                c @ (Command::Create { .. }
+                | Command::Settle { .. }
+                | Command::Batch { .. }
+                | Command::Register { .. }
+                | Command::Offer { .. }),
+            ) => c,
+            Ok(_) => return refuse(invalid("sweeper and executor commands are not routed")),
             Err(e) => return refuse(invalid(format!("malformed command: {e}"))),
         };
-        if let Some(id) = command.promise_id()
-            && let Err(refusal) = self.check_owner(shard, id)
-        {
-            return refuse(refusal);
+        for id in command.placement_ids() {
+            if let Err(refusal) = self.check_owner(shard, id) {
+                return refuse(refusal);
+            }
         }
         // The sender validated it; checking again costs little and keeps anything that reaches
         // this port from putting an entry into the log that a public request could not.
@@ -622,6 +750,34 @@ impl wire::route_server::Route for RouteService {
             Err(e) => R::Refused(self.router.refusal(e)),
         };
         Ok(Response::new(wire::ReadReply { result: Some(result) }))
+    }
+
+    async fn read_continuation(
+        &self,
+        req: Request<wire::ReadContinuationRequest>,
+    ) -> Result<Response<wire::ReadContinuationReply>, Status> {
+        self.router.node().metrics().routed_served();
+        use wire::read_continuation_reply::Result as R;
+        let r = req.into_inner();
+        let mut reply = wire::ReadContinuationReply::default();
+        let shard = match self.target(r.target) {
+            Ok(s) => s,
+            Err(refusal) => {
+                reply.result = Some(R::Refused(refusal));
+                return Ok(Response::new(reply));
+            }
+        };
+        reply.result = Some(match self.router.local_read_continuation(shard, &r.id).await {
+            Ok(Some((record, progress))) => {
+                reply.attempts = progress.attempts;
+                reply.last_error = progress.last_error;
+                reply.next_attempt_ms = progress.next_attempt_ms;
+                R::Record(record.encode())
+            }
+            Ok(None) => R::NotFound(true),
+            Err(e) => R::Refused(self.router.refusal(e)),
+        });
+        Ok(Response::new(reply))
     }
 
     async fn search(&self, req: Request<wire::SearchRequest>) -> Result<Response<wire::SearchReply>, Status> {

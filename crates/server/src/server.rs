@@ -14,6 +14,8 @@ use vow_core::{NodeId, ShardId};
 
 use crate::clock::{PeerClocks, WallClock};
 use crate::config::Config;
+use crate::executor::Executor;
+use crate::functions::Functions;
 use crate::node::{Node, NodeParts};
 use crate::peers::Peers;
 use crate::router::Router;
@@ -82,10 +84,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         flusher,
     });
     let router = Router::new(node.clone());
+    // A function's answer becomes a promise value: no bigger than the limits allow.
+    let functions = Functions::new(config.limits.max_data_bytes);
+    let executor = Executor::new(router.clone(), functions.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let grpc =
-        tokio::spawn(crate::api::serve(router, config.data_dir.clone(), listeners.grpc, wait_stop(stop_rx.clone())));
+    let grpc = tokio::spawn(crate::api::serve(
+        router,
+        functions,
+        config.data_dir.clone(),
+        listeners.grpc,
+        wait_stop(stop_rx.clone()),
+    ));
     let http = tokio::spawn(crate::http::serve(node.clone(), listeners.http, wait_stop(stop_rx.clone())));
 
     if !config.initial_members.is_empty() {
@@ -100,6 +110,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .iter()
         .map(|s| tokio::spawn(crate::sweeper::run(s.clone(), config.retention, stop_rx.clone())))
         .chain(shards.iter().map(|s| tokio::spawn(s.clone().run_snapshot_policy(stop_rx.clone()))))
+        .chain(shards.iter().map(|s| tokio::spawn(executor.clone().run(s.clone(), stop_rx.clone()))))
         .collect();
     if config.balance_leaders {
         background.push(tokio::spawn(crate::balance::run(node.clone(), stop_rx.clone())));

@@ -104,7 +104,7 @@ impl Promises {
                             return Ok(Some(p));
                         }
                     }
-                    Ok(Announcement::Settled(_)) => {}
+                    Ok(Announcement::Settled(_) | Announcement::Ready(_)) => {}
                     // The state was replaced, or notifications were missed: look at the state.
                     Ok(Announcement::StateReplaced) | Err(RecvError::Lagged(_)) => {
                         if let Some(p) = settled_here() {

@@ -30,6 +30,9 @@
 //! | `state` | `S 0x01 id` | promise record ([`vow_core::Promise::encode`]) |
 //! | `state` | `S 0x02 deadline:i64 id` | empty: pending promises by deadline, for the timeout sweep |
 //! | `state` | `S 0x03 settled_at:i64 id` | empty: settled promises by settle time, for retention |
+//! | `state` | `S 0x04 continuation id` | continuation record ([`vow_core::pipeline::ContinuationRecord::encode`]) |
+//! | `state` | `S 0x05 anchor id 0x00 continuation id` | empty: continuations by the promise they are stored with |
+//! | `state` | `S 0x06 continuation id` | empty: continuations ready to run, for the shard leader's executor |
 //!
 //! Everything of one shard's state lives under the `S` prefix of `state`, so a snapshot is one
 //! range scan and installing one is a range delete plus writes.
@@ -82,6 +85,9 @@ pub mod keys {
     pub const STATE_PROMISE: u8 = 0x01;
     pub const STATE_BY_DEADLINE: u8 = 0x02;
     pub const STATE_BY_SETTLED: u8 = 0x03;
+    pub const STATE_CONTINUATION: u8 = 0x04;
+    pub const STATE_BY_ANCHOR: u8 = 0x05;
+    pub const STATE_READY: u8 = 0x06;
 
     pub const SM_APPLIED: u8 = 0x01;
     pub const SM_MEMBERSHIP: u8 = 0x02;
@@ -128,6 +134,40 @@ pub mod keys {
         k.extend_from_slice(&state_kind(shard, STATE_PROMISE));
         k.extend_from_slice(id.as_bytes());
         k
+    }
+
+    /// A key of `kind` followed by `id`'s bytes: a continuation record or a ready key.
+    pub fn named(shard: ShardId, kind: u8, id: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(5 + id.len());
+        k.extend_from_slice(&state_kind(shard, kind));
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
+    /// The prefix of the anchor keys of continuations stored with `anchor` (ids hold no NUL,
+    /// so no anchor's prefix is another's).
+    pub fn anchor_prefix(shard: ShardId, anchor: &str) -> Vec<u8> {
+        let mut k = named(shard, STATE_BY_ANCHOR, anchor);
+        k.push(0);
+        k
+    }
+
+    pub fn anchor(shard: ShardId, anchor: &str, continuation: &str) -> Vec<u8> {
+        let mut k = anchor_prefix(shard, anchor);
+        k.extend_from_slice(continuation.as_bytes());
+        k
+    }
+
+    /// The name after a `named` key's 5-byte prefix.
+    pub fn named_id(key: &[u8]) -> Option<&str> {
+        std::str::from_utf8(key.get(5..)?).ok()
+    }
+
+    /// The anchor and continuation ids of an anchor key.
+    pub fn anchor_ids(key: &[u8]) -> Option<(&str, &str)> {
+        let rest = key.get(5..)?;
+        let nul = rest.iter().position(|b| *b == 0)?;
+        Some((std::str::from_utf8(&rest[..nul]).ok()?, std::str::from_utf8(&rest[nul + 1..]).ok()?))
     }
 
     /// Orders signed milliseconds correctly as unsigned big-endian bytes.

@@ -22,7 +22,8 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, S
 use rocksdb::{DB, ReadOptions, WriteBatch, WriteOptions};
 use tokio::sync::broadcast;
 use vow_core::codec::Decoder;
-use vow_core::{Promise, PromiseId, PromiseView, ShardId, State};
+use vow_core::pipeline::ContinuationRecord;
+use vow_core::{Effect, Promise, PromiseId, PromiseView, ShardId, State};
 
 use crate::codec;
 use crate::snapshot::{self, SnapshotFile};
@@ -40,8 +41,11 @@ const INSTALL_BATCH_RECORDS: usize = 4096;
 pub enum Announcement {
     /// The promise was settled by an entry applied here.
     Settled(PromiseId),
-    /// The whole state was replaced by a snapshot: any promise may have settled meanwhile.
+    /// The whole state was replaced by a snapshot: any promise may have settled meanwhile, and
+    /// any continuation become ready.
     StateReplaced,
+    /// The continuation's outcome is in: the shard's leader is to run it.
+    Ready(String),
 }
 
 /// Read access to one shard's applied state, for the API, sweepers and snapshots. Cheap to clone.
@@ -218,11 +222,93 @@ impl ShardState {
     }
 }
 
+impl ShardState {
+    /// The continuation stored here under `id`.
+    pub fn continuation(&self, id: &str) -> io::Result<Option<ContinuationRecord>> {
+        if let Some(r) = self.layer.lock()?.continuation(id) {
+            return Ok(r.cloned());
+        }
+        read_continuation(&self.db, self.shard, id)
+    }
+
+    /// Ids of continuations ready to run, at most `limit`, in id order.
+    pub fn ready(&self, limit: usize) -> io::Result<Vec<String>> {
+        let prefix = keys::state_kind(self.shard, keys::STATE_READY);
+        let (put, deleted) = self.layer.lock()?.continuation_keys(&prefix);
+        let found = merged_keys(&self.db, &prefix, put, &deleted, limit)?;
+        Ok(found.iter().filter_map(|k| keys::named_id(k)).map(str::to_owned).collect())
+    }
+
+    /// Ids of the continuations stored with `anchor`.
+    pub fn anchored_on(&self, anchor: &PromiseId) -> io::Result<Vec<String>> {
+        let layer = self.layer.lock()?;
+        anchored_on(&self.db, self.shard, &layer, anchor)
+    }
+}
+
 impl PromiseView for ShardState {
     type Error = io::Error;
     fn promise(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
         self.get(id)
     }
+
+    fn continuation(&self, id: &str) -> io::Result<Option<ContinuationRecord>> {
+        ShardState::continuation(self, id)
+    }
+
+    fn anchored_on(&self, anchor: &PromiseId) -> io::Result<Vec<String>> {
+        ShardState::anchored_on(self, anchor)
+    }
+}
+
+fn read_continuation(db: &DB, shard: ShardId, id: &str) -> io::Result<Option<ContinuationRecord>> {
+    match db.get_pinned_cf(cf(db, CF_STATE)?, keys::named(shard, keys::STATE_CONTINUATION, id)).map_err(io_err)? {
+        None => Ok(None),
+        Some(b) => Ok(Some(ContinuationRecord::decode(&b).map_err(corrupt)?)),
+    }
+}
+
+/// The database's keys under `prefix` merged with the layer's unflushed ones (`put`, and
+/// `deleted`, which hide what the database still holds), in key order, at most `limit`.
+fn merged_keys(
+    db: &DB,
+    prefix: &[u8],
+    put: Vec<Vec<u8>>,
+    deleted: &std::collections::HashSet<Vec<u8>>,
+    limit: usize,
+) -> io::Result<Vec<Vec<u8>>> {
+    let state = cf(db, CF_STATE)?;
+    let mut opts = ReadOptions::default();
+    opts.set_iterate_lower_bound(prefix.to_vec());
+    let mut it = db.raw_iterator_cf_opt(state, opts);
+    it.seek(prefix);
+    let mut found = Vec::new();
+    while it.valid() && found.len() < limit + deleted.len() {
+        let Some(key) = it.key() else { break };
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if !deleted.contains(key) {
+            found.push(key.to_vec());
+        }
+        it.next();
+    }
+    it.status().map_err(io_err)?;
+    found.extend(put);
+    found.sort_unstable();
+    found.dedup();
+    found.truncate(limit);
+    Ok(found)
+}
+
+fn anchored_on(db: &DB, shard: ShardId, layer: &Layer, anchor: &PromiseId) -> io::Result<Vec<String>> {
+    if !layer.is_anchor(anchor) {
+        return Ok(Vec::new());
+    }
+    let prefix = keys::anchor_prefix(shard, anchor.as_str());
+    let (put, deleted) = layer.continuation_keys(&prefix);
+    let found = merged_keys(db, &prefix, put, &deleted, usize::MAX)?;
+    Ok(found.iter().filter_map(|k| keys::anchor_ids(k)).map(|(_, c)| c.to_owned()).collect())
 }
 
 fn read_promise(db: &DB, shard: ShardId, id: &PromiseId) -> io::Result<Option<Promise>> {
@@ -244,6 +330,18 @@ struct LayeredView<'a> {
 
 impl PromiseView for LayeredView<'_> {
     type Error = io::Error;
+
+    fn continuation(&self, id: &str) -> io::Result<Option<ContinuationRecord>> {
+        match self.layer.continuation(id) {
+            Some(r) => Ok(r.cloned()),
+            None => read_continuation(self.db, self.shard, id),
+        }
+    }
+
+    fn anchored_on(&self, anchor: &PromiseId) -> io::Result<Vec<String>> {
+        anchored_on(self.db, self.shard, self.layer, anchor)
+    }
+
     fn promise(&self, id: &PromiseId) -> io::Result<Option<Promise>> {
         let p = match self.layer.record(id) {
             Some(p) => p.cloned(),
@@ -327,6 +425,7 @@ impl ShardStateMachine {
         // Only now: a received file named by the marker was a temporary one until installed.
         snapshot::clean_temporaries(&sm.snapshot_dir);
         sm.load_meta()?;
+        sm.layer.lock()?.load_anchors(&sm.db, shard)?;
         Ok(sm)
     }
 
@@ -382,7 +481,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
         let mut replies = Vec::new();
-        let mut settled = Vec::new();
+        let mut announcements = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             self.applied = Some(entry.log_id);
@@ -407,10 +506,16 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         self.cluster_time_ms = applied.cluster_time_ms;
                         for change in applied.changes {
                             if let Some(p) = change.newly_settled() {
-                                settled.push(p.id.clone());
+                                announcements.push(Announcement::Settled(p.id.clone()));
                             }
                             layer.change(self.shard, change);
                         }
+                        for change in applied.continuations {
+                            layer.change_continuation(self.shard, change);
+                        }
+                        announcements.extend(applied.effects.into_iter().map(|e| match e {
+                            Effect::Ready { continuation } => Announcement::Ready(continuation),
+                        }));
                         ApplyResponse(Some(applied.outcome))
                     }
                 };
@@ -429,9 +534,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 r.send(reply);
             }
         }
-        for id in settled {
+        for announcement in announcements {
             // No receiver is fine: nobody is waiting.
-            let _ = self.announce.send(Announcement::Settled(id));
+            let _ = self.announce.send(announcement);
         }
         Ok(())
     }
@@ -607,6 +712,7 @@ fn install_file(
             std::fs::File::open(dir)?.sync_all()?;
         }
     }
+    layer.lock()?.load_anchors(db, shard)?;
     let mut done = WriteBatch::default();
     let written = Meta { applied: meta.last_log_id, cluster_time_ms, membership: Some(meta.last_membership.clone()) };
     put_meta(&mut done, state, shard, &written);

@@ -18,13 +18,14 @@
 //! changes, then the records flushed lately ([`RecentRecords`], which also spares a settle the
 //! memtable search for the record its create just wrote), then the database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 use rocksdb::{DB, WriteBatch};
 use vow_core::codec::Encoder;
-use vow_core::{Change, Promise, PromiseId, ShardId};
+use vow_core::pipeline::{ContinuationRecord, Status};
+use vow_core::{Change, ContinuationChange, Promise, PromiseId, ShardId};
 
 use crate::codec;
 use crate::types::{LogId, StoredMembership};
@@ -65,6 +66,29 @@ fn put<K: Eq + std::hash::Hash, V>(map: &mut Map<K, Slot<V>>, key: K, value: V, 
     }
 }
 
+/// [`put`] for the ordered key map.
+fn put_ordered(map: &mut BTreeMap<Vec<u8>, Slot<()>>, key: Vec<u8>, new: bool) {
+    match map.get_mut(&key) {
+        Some(slot) => slot.value = Some(()),
+        None => {
+            map.insert(key, Slot { value: Some(()), in_db: !new });
+        }
+    }
+}
+
+/// [`delete`] for the ordered key map.
+fn delete_ordered(map: &mut BTreeMap<Vec<u8>, Slot<()>>, key: Vec<u8>) {
+    match map.get_mut(&key) {
+        Some(slot) if !slot.in_db => {
+            map.remove(&key);
+        }
+        Some(slot) => slot.value = None,
+        None => {
+            map.insert(key, Slot { value: None, in_db: true });
+        }
+    }
+}
+
 fn delete<K: Eq + std::hash::Hash, V>(map: &mut Map<K, Slot<V>>, key: K) {
     match map.get_mut(&key) {
         Some(slot) if !slot.in_db => {
@@ -92,6 +116,9 @@ struct Unflushed {
     records: IdMap<Slot<Promise>>,
     /// Index keys (`S 0x02 …`, `S 0x03 …`); their values are empty.
     index: KeyMap<Slot<()>>,
+    continuations: Map<String, Slot<ContinuationRecord>>,
+    /// Anchor and ready keys (`S 0x05 …`, `S 0x06 …`), ordered for prefix scans.
+    continuation_keys: BTreeMap<Vec<u8>, Slot<()>>,
     bytes: usize,
     /// `None` until something was applied since the last flush.
     meta: Option<Meta>,
@@ -158,6 +185,10 @@ pub(crate) struct WriteBehind {
 pub(crate) struct Layer {
     unflushed: Unflushed,
     recent: RecentRecords,
+    /// How many continuations are stored with each promise, in the database and unflushed
+    /// together: a settle looks for continuations to wake only when its promise has some, so
+    /// promises without continuations cost no database scan.
+    anchors: Map<PromiseId, u32>,
 }
 
 impl WriteBehind {
@@ -207,8 +238,98 @@ impl Layer {
         }
     }
 
+    /// The continuation as the layer knows it: `Some(None)` if deleted, `None` if the database
+    /// must be asked.
+    pub fn continuation(&self, id: &str) -> Option<Option<&ContinuationRecord>> {
+        self.unflushed.continuations.get(id).map(|slot| slot.value.as_ref())
+    }
+
+    /// Whether any continuation is stored with `anchor`.
+    pub fn is_anchor(&self, anchor: &PromiseId) -> bool {
+        self.anchors.contains_key(anchor)
+    }
+
+    /// Unflushed anchor or ready keys starting with `prefix`: those put, and those deleted
+    /// (which the database may still hold).
+    pub fn continuation_keys(&self, prefix: &[u8]) -> (Vec<Vec<u8>>, HashSet<Vec<u8>>) {
+        let mut put = Vec::new();
+        let mut deleted = HashSet::new();
+        for (key, slot) in self.unflushed.continuation_keys.range(prefix.to_vec()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            match slot.value {
+                Some(()) => put.push(key.clone()),
+                None => {
+                    deleted.insert(key.clone());
+                }
+            }
+        }
+        (put, deleted)
+    }
+
+    /// Takes in one applied continuation change.
+    pub fn change_continuation(&mut self, shard: ShardId, change: ContinuationChange) {
+        let ready = |r: &Option<ContinuationRecord>| r.as_ref().is_some_and(|r| r.status == Status::Ready);
+        let (was_ready, is_ready) = (ready(&change.before), ready(&change.after));
+        let keys = &mut self.unflushed.continuation_keys;
+        let record = change.after.as_ref().or(change.before.as_ref()).map(|r| &r.continuation);
+        let Some(c) = record else { return };
+        let ready_key = keys::named(shard, keys::STATE_READY, &c.id);
+        if was_ready && !is_ready {
+            delete_ordered(keys, ready_key);
+        } else if is_ready && !was_ready {
+            put_ordered(keys, ready_key, true);
+        }
+        let anchor_key = keys::anchor(shard, c.anchor().as_str(), &c.id);
+        match (&change.before, change.after) {
+            (None, Some(after)) => {
+                put_ordered(keys, anchor_key, true);
+                *self.anchors.entry(after.continuation.anchor().clone()).or_default() += 1;
+                self.unflushed.bytes += 256 + after.continuation.sources.len() * 64;
+                put(&mut self.unflushed.continuations, after.continuation.id.clone(), after, true);
+            }
+            (Some(_), Some(after)) => {
+                self.unflushed.bytes += 256 + after.continuation.sources.len() * 64;
+                put(&mut self.unflushed.continuations, after.continuation.id.clone(), after, false);
+            }
+            (Some(before), None) => {
+                delete_ordered(keys, anchor_key);
+                let anchor = before.continuation.anchor();
+                if let Some(n) = self.anchors.get_mut(anchor) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.anchors.remove(anchor);
+                    }
+                }
+                delete(&mut self.unflushed.continuations, before.continuation.id.clone());
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Counts the continuations stored with each promise, from the database: at start-up and
+    /// after a snapshot install replaced the state.
+    pub fn load_anchors(&mut self, db: &DB, shard: ShardId) -> io::Result<()> {
+        self.anchors.clear();
+        let state = cf(db, CF_STATE)?;
+        let prefix = keys::state_kind(shard, keys::STATE_BY_ANCHOR);
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::state_kind(shard, keys::STATE_BY_ANCHOR + 1).to_vec());
+        let mut it = db.raw_iterator_cf_opt(state, opts);
+        it.seek(prefix);
+        while it.valid() {
+            if let Some((anchor, _)) = it.key().and_then(keys::anchor_ids) {
+                *self.anchors.entry(PromiseId::new_unchecked(anchor)).or_default() += 1;
+            }
+            it.next();
+        }
+        it.status().map_err(io_err)
+    }
+
     pub fn wants_flush(&self) -> bool {
-        self.unflushed.records.len() >= FLUSH_RECORDS || self.unflushed.bytes >= FLUSH_BYTES
+        self.unflushed.records.len() + self.unflushed.continuations.len() >= FLUSH_RECORDS
+            || self.unflushed.bytes >= FLUSH_BYTES
     }
 
     /// Writes the unflushed changes to the database in one batch (not synced: see the module
@@ -230,6 +351,19 @@ impl Layer {
                 None => batch.delete_cf(state, key),
             }
         }
+        for (key, slot) in &self.unflushed.continuation_keys {
+            match slot.value {
+                Some(()) => batch.put_cf(state, key, []),
+                None => batch.delete_cf(state, key),
+            }
+        }
+        for (id, slot) in &self.unflushed.continuations {
+            let key = keys::named(shard, keys::STATE_CONTINUATION, id);
+            match &slot.value {
+                Some(r) => batch.put_cf(state, key, r.encode()),
+                None => batch.delete_cf(state, key),
+            }
+        }
         put_meta(&mut batch, state, shard, &meta);
         db.write(batch).map_err(io_err)?;
         let unflushed = std::mem::take(&mut self.unflushed);
@@ -239,7 +373,8 @@ impl Layer {
         Ok(())
     }
 
-    /// Forgets everything: the database's state was replaced (a snapshot install).
+    /// Forgets everything: the database's state was replaced (a snapshot install), and
+    /// [`Layer::load_anchors`] is to follow.
     pub fn clear(&mut self) {
         *self = Layer::default();
     }

@@ -364,6 +364,11 @@ fn outcome_kind(o: &Outcome) -> &'static str {
         Outcome::TimedOut { .. } => "timed out",
         Outcome::Collected { count: 0 } => "collect of nothing",
         Outcome::Collected { .. } => "collected",
+        Outcome::Batch { .. }
+        | Outcome::Registered { .. }
+        | Outcome::RegisterConflict { .. }
+        | Outcome::Offered { .. }
+        | Outcome::Completed { .. } => "pipeline",
     }
 }
 

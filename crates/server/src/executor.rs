@@ -1,0 +1,402 @@
+//! The continuation executor: runs a shard's ready continuations while this node leads it.
+//!
+//! # Lifecycle
+//!
+//! One task per shard ([`run`]) follows openraft's metrics channel. When the replica becomes
+//! leader of term T it subscribes to the shard's announcements, then scans the ready index
+//! (`S 0x06`): everything made ready under earlier leaders, or before a restart, is found by
+//! the scan, and everything made ready after it is announced (an `Announcement::Ready` per
+//! effect of an applied entry; a snapshot install or a lagging subscription triggers another
+//! scan). Each ready continuation gets a worker. When the replica stops leading T — a vote, a
+//! transfer, a shutdown — the term's task is dropped and every worker with it, wherever it was.
+//!
+//! # Why a continuation is never lost or doubled
+//!
+//! A worker settles the target through the router with the idempotency key
+//! `vow-cont:<continuation id>`, then proposes `Complete` on its own shard, which takes the
+//! continuation out of the ready index. Readiness is replicated state, so a new leader finds
+//! every continuation whose target may not be settled yet. If the old leader settled the
+//! target but died before `Complete`, the new one settles again with the same key: the target's
+//! shard answers "deduplicated" (or, if a function answered differently the second time, "already
+//! settled"), never a second settlement. Functions are called at least once: every attempt of a
+//! continuation carries the same `Idempotency-Key`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::async_runtime::watch::WatchReceiver;
+use rand::Rng;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use vow_core::pipeline::{self, Action, ContinuationRecord, Next, On, Settlement, Status};
+use vow_core::{Command, Outcome, PromiseId, SettleAs, Value};
+
+use crate::functions::{Answer, Call, DEFAULT_TIMEOUT, Functions};
+use crate::router::Router;
+use crate::shard::{Shard, ShardError};
+use vow_storage::state_machine::Announcement;
+
+/// Ready continuations one scan picks up; the next scan takes the rest.
+const SCAN_LIMIT: usize = 1000;
+/// How often a leader scans the ready index anyway: picks up what a full scan left behind.
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
+/// Continuations a node runs at once, over all its shards.
+pub const MAX_RUNNING: usize = 256;
+/// Retry backoff: the first wait, and the cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The node's executor state, shared by its shards' tasks. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Executor {
+    router: Router,
+    functions: Functions,
+    running: Arc<Semaphore>,
+}
+
+impl Executor {
+    pub fn new(router: Router, functions: Functions) -> Executor {
+        Executor { router, functions, running: Arc::new(Semaphore::new(MAX_RUNNING)) }
+    }
+
+    pub fn functions(&self) -> &Functions {
+        &self.functions
+    }
+
+    fn note_attempt(&self, id: &str, error: Option<&str>, next: Option<Duration>) {
+        let now = self.router.node().wall_ms();
+        self.router.progress().note(id, error, next.map_or(0, |d| now + d.as_millis() as i64));
+    }
+
+    /// Runs `shard`'s ready continuations whenever this node leads it, until `stop`.
+    pub async fn run(self, shard: Shard, mut stop: watch::Receiver<bool>) {
+        let mut metrics = shard.raft.metrics();
+        loop {
+            let led = {
+                let m = metrics.borrow_watched();
+                (m.state == ServerState::Leader).then_some(m.current_term)
+            };
+            let Some(term) = led else {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    changed = metrics.changed() => if changed.is_err() { return },
+                }
+                continue;
+            };
+            let still_leading = async {
+                loop {
+                    if metrics.changed().await.is_err() {
+                        return;
+                    }
+                    let m = metrics.borrow_watched();
+                    if m.state != ServerState::Leader || m.current_term != term {
+                        return;
+                    }
+                }
+            };
+            tracing::debug!(shard = %shard.id, term, "executor starts");
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = still_leading => {}
+                _ = self.lead(&shard) => {}
+            }
+            tracing::debug!(shard = %shard.id, term, "executor stops");
+        }
+    }
+
+    /// One term of leadership: runs what is ready, as it becomes ready. Dropped when the term
+    /// ends, and its workers with it.
+    async fn lead(&self, shard: &Shard) {
+        let mut announcements = shard.subscribe();
+        let mut workers: JoinSet<String> = JoinSet::new();
+        let mut active: HashSet<String> = HashSet::new();
+        let mut rescan = tokio::time::interval(RESCAN_EVERY);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut start: Vec<String> = Vec::new();
+            tokio::select! {
+                _ = rescan.tick() => start = self.scan(shard).await,
+                event = announcements.recv() => match event {
+                    Ok(Announcement::Ready(id)) => start.push(id),
+                    Ok(Announcement::Settled(_)) => {}
+                    Ok(Announcement::StateReplaced) | Err(RecvError::Lagged(_)) => start = self.scan(shard).await,
+                    Err(RecvError::Closed) => return,
+                },
+                Some(done) = workers.join_next() => {
+                    if let Ok(id) = done {
+                        active.remove(&id);
+                        self.router.progress().forget(&id);
+                    }
+                }
+            }
+            for id in start {
+                if active.insert(id.clone()) {
+                    let (this, shard) = (self.clone(), shard.clone());
+                    workers.spawn(async move {
+                        let _permit = this.running.clone().acquire_owned().await;
+                        this.execute(&shard, &id).await;
+                        id
+                    });
+                }
+            }
+        }
+    }
+
+    async fn scan(&self, shard: &Shard) -> Vec<String> {
+        let state = shard.state.clone();
+        match tokio::task::spawn_blocking(move || state.ready(SCAN_LIMIT)).await {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
+                tracing::error!(shard = %shard.id, error = %e, "reading the ready continuations failed");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(shard = %shard.id, error = %e, "ready scan task failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Runs one continuation to its end: its target settled (or beyond reach) and `Complete`
+    /// proposed. Returns early only if the continuation is not ready (anymore) or this node
+    /// stops leading (then the next leader takes over).
+    async fn execute(&self, shard: &Shard, id: &str) {
+        let record = match shard.state.continuation(id) {
+            Ok(Some(r)) if r.status == Status::Ready => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(shard = %shard.id, continuation = id, error = %e, "reading a continuation failed");
+                return;
+            }
+        };
+        let note = match self.outcome(shard, &record) {
+            Err(note) => note,
+            Ok(outcome) => self.step(&record, &outcome).await,
+        };
+        // Done: out of the ready index. Failing that, this node lost the shard: the next leader
+        // runs the continuation again, and its settle is deduplicated.
+        let complete = Command::Complete { id: id.to_owned(), note: note.clone() };
+        match shard.propose(complete).await {
+            Ok(_) => tracing::debug!(shard = %shard.id, continuation = id, note, "continuation done"),
+            Err(e) => tracing::debug!(shard = %shard.id, continuation = id, error = %e, "completing failed"),
+        }
+    }
+
+    /// The outcome the continuation runs on: its join's decision, or its source's settlement.
+    fn outcome(&self, shard: &Shard, record: &ContinuationRecord) -> Result<(PromiseId, Settlement), String> {
+        let c = &record.continuation;
+        if let Some(decided) = record.decided() {
+            return Ok((c.target.clone(), decided.clone()));
+        }
+        let source = &c.sources[0];
+        match shard.state.get(source) {
+            Ok(Some(p)) if p.state.is_settled() => Ok((source.clone(), Settlement { state: p.state, value: p.value })),
+            Ok(Some(_)) => Err(format!("source {source} is not settled; nothing to run")),
+            Ok(None) => Err(format!("source {source} no longer exists")),
+            Err(e) => Err(format!("reading source {source}: {e}")),
+        }
+    }
+
+    /// Does what the continuation's step says and settles its target; returns how it ended.
+    async fn step(&self, record: &ContinuationRecord, (source, outcome): &(PromiseId, Settlement)) -> String {
+        let c = &record.continuation;
+        match pipeline::step(c.on, &c.action, outcome) {
+            Next::Settle { settle_as, value } => self.settle(record, settle_as, value).await,
+            Next::Deliver => self.deliver(record, outcome).await,
+            Next::Invoke => match self.invoke(record, source, outcome).await {
+                Answer::Resolve(value) => self.settle(record, SettleAs::Resolve, value).await,
+                Answer::Reject(value) => self.settle(record, SettleAs::Reject, value).await,
+                Answer::Adopt(promise) => self.adopt(record, promise).await,
+                Answer::Transient(why) => format!("gave up at the target's deadline; last error: {why}"),
+            },
+        }
+    }
+
+    /// Calls the function until it answers for good or the target's deadline passes.
+    async fn invoke(&self, record: &ContinuationRecord, source: &PromiseId, outcome: &Settlement) -> Answer {
+        let c = &record.continuation;
+        let Action::Invoke { url, headers, timeout_ms, .. } = &c.action else {
+            return Answer::Reject(Value::default());
+        };
+        let timeout = if *timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(u64::from(*timeout_ms)) };
+        let call = Call {
+            url,
+            headers,
+            timeout,
+            continuation: &c.id,
+            source,
+            source_state: outcome.state,
+            target: &c.target,
+            input: &outcome.value,
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            match self.functions.call(&call).await {
+                Answer::Transient(why) => {
+                    let Some(wait) = backoff.next(self.left(record)) else {
+                        self.note_attempt(&c.id, Some(&why), None);
+                        return Answer::Transient(why);
+                    };
+                    tracing::debug!(continuation = %c.id, error = %why, ?wait, "function call failed; retrying");
+                    self.note_attempt(&c.id, Some(&why), Some(wait));
+                    tokio::time::sleep(wait).await;
+                }
+                answer => {
+                    self.note_attempt(&c.id, None, None);
+                    return answer;
+                }
+            }
+        }
+    }
+
+    /// Time left until the target's deadline.
+    fn left(&self, record: &ContinuationRecord) -> Duration {
+        let now = self.router.node().wall_ms();
+        Duration::from_millis(record.target_deadline_ms.saturating_sub(now).max(0) as u64)
+    }
+
+    /// Proposes `command` through the router until it has an outcome or the target's deadline
+    /// passes (`None`; the target has timed out by then).
+    async fn write_until_deadline(&self, record: &ContinuationRecord, command: Command) -> Option<Outcome> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.router.write(command.clone(), Some(Duration::from_secs(10))).await {
+                Ok(outcome) => return Some(outcome),
+                Err(
+                    e @ (ShardError::NotLeader { .. }
+                    | ShardError::Unavailable { .. }
+                    | ShardError::OutcomeUnknown { .. }
+                    | ShardError::Fatal { .. }),
+                ) => {
+                    let wait = backoff.next(self.left(record))?;
+                    tracing::debug!(continuation = %record.continuation.id, error = %e, ?wait, "write failed; retrying");
+                    self.note_attempt(&record.continuation.id, Some(&e.to_string()), Some(wait));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// Settles the target, exactly once whoever tries: the idempotency key is the
+    /// continuation's.
+    async fn settle(&self, record: &ContinuationRecord, settle_as: SettleAs, mut value: Value) -> String {
+        let c = &record.continuation;
+        let mut settle_as = settle_as;
+        if let Err(e) = self.router.node().limits().check_value("value", &value) {
+            // A joined list or a function's answer can outgrow what a promise holds.
+            settle_as = SettleAs::Reject;
+            value = Value {
+                headers: Default::default(),
+                data: format!("the outcome cannot be stored: {}", e.0).into_bytes(),
+            };
+        }
+        let command =
+            Command::Settle { id: c.target.clone(), settle_as, value, idempotency_key: format!("vow-cont:{}", c.id) };
+        match self.write_until_deadline(record, command).await {
+            Some(Outcome::Settled { promise, deduplicated: false }) => {
+                format!("settled {} as {}", promise.id, promise.state)
+            }
+            Some(Outcome::Settled { promise, deduplicated: true }) => {
+                format!("settled {} as {} (by an earlier attempt)", promise.id, promise.state)
+            }
+            Some(Outcome::SettleConflict { current }) => format!("{} was already {}", current.id, current.state),
+            Some(Outcome::NotFound) => format!("target {} does not exist", c.target),
+            Some(other) => format!("unexpected answer settling {}: {other:?}", c.target),
+            None => format!("gave up settling {} at its deadline", c.target),
+        }
+    }
+
+    /// Offers the outcome to the join, on the target's shard. A join not registered yet (its
+    /// part of the Submit still on its way) is waited for, until the target's deadline.
+    async fn deliver(&self, record: &ContinuationRecord, outcome: &Settlement) -> String {
+        let c = &record.continuation;
+        let Action::Deliver { join, index } = &c.action else { return "not a delivery".into() };
+        let command =
+            Command::Offer { join: join.clone(), target: c.target.clone(), index: *index, outcome: outcome.clone() };
+        let mut backoff = Backoff::default();
+        loop {
+            match self.write_until_deadline(record, command.clone()).await {
+                Some(Outcome::Offered { .. }) => return format!("delivered to join {join}"),
+                Some(Outcome::NotFound) => {
+                    let Some(wait) = backoff.next(self.left(record)) else {
+                        return format!("join {join} never appeared before the target's deadline");
+                    };
+                    self.note_attempt(&c.id, Some(&format!("join {join} is not registered yet")), Some(wait));
+                    tokio::time::sleep(wait).await;
+                }
+                Some(other) => return format!("unexpected answer delivering to {join}: {other:?}"),
+                None => return format!("gave up delivering to {join} at the target's deadline"),
+            }
+        }
+    }
+
+    /// The function handed its result over to `promise`: the target settles as it does, by a
+    /// forwarding continuation stored with that promise.
+    async fn adopt(&self, record: &ContinuationRecord, promise: PromiseId) -> String {
+        let c = &record.continuation;
+        if let Err(e) = self.router.node().limits().check_id(promise.as_str()) {
+            let why = format!("the function answered with an invalid promise id: {}", e.0);
+            return self
+                .settle(record, SettleAs::Reject, Value { headers: Default::default(), data: why.into_bytes() })
+                .await;
+        }
+        let forward = pipeline::Continuation {
+            id: format!("{}{}adopt", c.id, pipeline::DELIVERY_SEPARATOR),
+            sources: vec![promise.clone()],
+            target: c.target.clone(),
+            combinator: None,
+            on: On::Settled,
+            action: Action::Forward { recover: false },
+        };
+        let command = Command::Register { continuation: forward, target_deadline_ms: record.target_deadline_ms };
+        match self.write_until_deadline(record, command).await {
+            Some(Outcome::Registered { .. }) => format!("the target follows promise {promise}"),
+            Some(Outcome::NotFound) => {
+                let why = format!("the function answered with promise {promise}, which does not exist");
+                self.settle(record, SettleAs::Reject, Value { headers: Default::default(), data: why.into_bytes() })
+                    .await
+            }
+            Some(other) => format!("unexpected answer adopting {promise}: {other:?}"),
+            None => format!("gave up adopting {promise} at the target's deadline"),
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// The next wait, or `None` if `left` does not allow one.
+    fn next(&mut self, left: Duration) -> Option<Duration> {
+        if left.is_zero() {
+            return None;
+        }
+        let cap = BACKOFF_FIRST.saturating_mul(1 << self.attempt.min(10)).min(BACKOFF_MAX);
+        self.attempt += 1;
+        let wait = Duration::from_millis(rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64));
+        Some(wait.min(left))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_stops_at_the_deadline() {
+        let mut b = Backoff::default();
+        let first = b.next(Duration::from_secs(60)).unwrap();
+        assert!(first >= BACKOFF_FIRST / 2 && first <= BACKOFF_FIRST);
+        for _ in 0..20 {
+            assert!(b.next(Duration::from_secs(60)).unwrap() <= BACKOFF_MAX);
+        }
+        assert_eq!(b.next(Duration::from_millis(3)), Some(Duration::from_millis(3)), "never past the deadline");
+        assert_eq!(b.next(Duration::ZERO), None);
+    }
+}
