@@ -333,3 +333,58 @@ async fn a_retried_submit_completes_the_graph_and_a_bad_one_is_refused_whole() -
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_submits_a_yaml_pipeline_waits_for_it_and_shows_its_progress() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    let functions = Functions::start(&[])?;
+    let client = cluster.client();
+    client.create(create("cli-in")).await?;
+    client.resolve("cli-in", value("hello"), None).await?;
+    let yaml = format!(
+        r#"
+idempotency_key: cli-run
+promises:
+  - id: cli-upper
+    deadline_in: 5m
+  - id: cli-done
+continuations:
+  - id: cli-c1
+    sources: [cli-in]
+    target: cli-upper
+    invoke: {{ url: "{}", prewarm: true }}
+  - sources: [cli-upper]
+    target: cli-done
+    forward: {{}}
+"#,
+        functions.url("/upper")
+    );
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, yaml)?;
+    let endpoints = cluster.endpoints().join(",");
+    let file = file.to_string_lossy().into_owned();
+    let out = vow_tests::vow(&["--endpoints", &endpoints, "pipeline", "submit", &file, "--wait"]);
+    ensure!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(reply["waited"]["id"] == "cli-done", "{reply}");
+    ensure!(reply["waited"]["value"]["data"] == "HELLO", "{reply}");
+    ensure!(reply["promises"].as_array().map(Vec::len) == Some(2), "{reply}");
+
+    let out = vow_tests::vow(&["--endpoints", &endpoints, "pipeline", "show", "--file", &file]);
+    ensure!(out.status.success(), "show failed: {}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let ids: Vec<&str> = shown.as_array().context("a list")?.iter().filter_map(|s| s["id"].as_str()).collect();
+    ensure!(ids == ["cli-c1", "to:cli-done"], "{shown}");
+    ensure!(shown.as_array().context("a list")?.iter().all(|s| s["status"] == "DONE"), "{shown}");
+
+    // A mistake in the file is named, with the CLI's exit code for bad input.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "continuations: [{sources: [a], target: b, on: sometimes, forward: {}}]",
+    )?;
+    let bad = dir.path().join("bad.yaml").to_string_lossy().into_owned();
+    let out = vow_tests::vow(&["--endpoints", &endpoints, "pipeline", "submit", &bad]);
+    ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("sometimes"));
+    Ok(())
+}

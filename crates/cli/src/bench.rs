@@ -11,6 +11,8 @@
 //! - `get`: linearizable reads of promises created before the run.
 //! - `await-latency` (vow only): one connection awaits a promise while another resolves it; the
 //!   latency is from the resolve being acknowledged to the await returning.
+//! - `chain`: a chain of `--steps` functions, pipelined against orchestrated by the client, behind
+//!   added round trips (`--rtt-ms`); see [`crate::chain`]. Runs alone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use crate::results::BenchResult;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// create-settle, get or await-latency (comma-separated for several).
+    /// create-settle, get, await-latency (comma-separated for several), or chain (alone).
     #[arg(long, default_value = "create-settle")]
     workload: String,
     /// Client counts to run, e.g. 1,16,64,256.
@@ -64,6 +66,21 @@ pub struct BenchArgs {
     /// after --duration; throughput is then over the time the run took.
     #[arg(long)]
     promises: Option<u64>,
+    /// chain: functions per chain.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// chain: timed chains per variant and delay.
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// chain: added client round trips to run, in ms.
+    #[arg(long, default_value = "0,5,20")]
+    rtt_ms: String,
+    /// chain: a function's start-up time after idling (the cold/prewarm variants; 0: skip them).
+    #[arg(long, default_value_t = 100)]
+    cold_start_ms: u64,
+    /// chain: base URL of running `vow-functions`; default: start one beside this binary.
+    #[arg(long)]
+    functions: Option<String>,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -392,6 +409,12 @@ fn etcd_peer<'a>(results: &'a [BenchResult], r: &BenchResult) -> Option<&'a Benc
 
 pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<()> {
     let workloads: Vec<String> = args.workload.split(',').map(|s| s.trim().to_owned()).collect();
+    if workloads.iter().any(|w| w == "chain") {
+        if workloads.len() > 1 {
+            bail!("the chain workload runs alone");
+        }
+        return run_chain(&args, vow_endpoints).await;
+    }
     for w in &workloads {
         if !["create-settle", "get", "await-latency"].contains(&w.as_str()) {
             bail!("unknown workload {w:?} (create-settle, get, await-latency)");
@@ -465,6 +488,49 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
         bail!("the run had errors (see the errors column)");
     }
     Ok(())
+}
+
+/// `--workload chain`, on the given or spawned clusters.
+async fn run_chain(args: &BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<()> {
+    let compare_etcd = args.compare.split(',').any(|t| t.trim() == "etcd");
+    let vow_cluster = match args.spawn {
+        Some(n) => Some(crate::dev::Spawned::start(n, args.shards).await?),
+        None => None,
+    };
+    let etcd_cluster = match (args.spawn, compare_etcd) {
+        (Some(n), true) => Some(etcd::Spawned::start(n).await?),
+        _ => None,
+    };
+    let rtts_ms = args
+        .rtt_ms
+        .split(',')
+        .map(|s| s.trim().parse::<u64>().map_err(|_| anyhow::anyhow!("--rtt-ms {s:?} is not a number")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if rtts_ms.is_empty() {
+        bail!("--rtt-ms names no delay");
+    }
+    let chain_args = crate::chain::ChainArgs {
+        steps: args.steps,
+        iterations: args.iterations,
+        rtts_ms,
+        cold_start_ms: args.cold_start_ms,
+        functions: args.functions.clone(),
+        compare_etcd,
+        etcd: etcd_cluster.as_ref().map_or_else(
+            || args.etcd_endpoints.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+            |s| s.endpoints(),
+        ),
+        out: args.out.clone(),
+    };
+    let endpoints = vow_cluster.as_ref().map_or(vow_endpoints, |s| s.endpoints());
+    let result = crate::chain::run(chain_args, endpoints).await;
+    if let Some(s) = vow_cluster {
+        s.stop().await?;
+    }
+    if let Some(s) = etcd_cluster {
+        s.stop();
+    }
+    result.map(drop)
 }
 
 #[cfg(test)]

@@ -58,6 +58,13 @@ impl Etcd {
         self.put_if_version(id, 0, b"PENDING".to_vec()).await
     }
 
+    /// Puts `value` under `id` if the key is absent: a step's result, written once.
+    pub async fn create_with(&self, id: &str, value: &[u8]) -> Result<(), String> {
+        let mut v = b"RESOLVED:".to_vec();
+        v.extend_from_slice(value);
+        self.put_if_version(id, 0, v).await
+    }
+
     pub async fn settle(&self, id: &str, value: &[u8]) -> Result<(), String> {
         let mut v = b"RESOLVED:".to_vec();
         v.extend_from_slice(value);

@@ -9,9 +9,11 @@
 //! exists / already settled, 5 cluster unavailable.
 
 mod bench;
+mod chain;
 mod dev;
 mod etcd;
 mod output;
+mod pipeline;
 mod plot;
 mod results;
 
@@ -98,6 +100,9 @@ enum Command {
         #[arg(long, default_value = "")]
         page_token: String,
     },
+    /// Pipelines: graphs of continuations run by the cluster (YAML or JSON files).
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
     /// Cluster status and membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -106,6 +111,36 @@ enum Command {
     Dev(dev::DevCommand),
     /// Measure throughput and latency against a cluster.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PipelineCommand {
+    /// Create a pipeline's promises and register its continuations (file format: see
+    /// `crates/cli/src/pipeline.rs` or the README); `-` reads stdin.
+    Submit {
+        file: String,
+        /// Wait until the pipeline's `wait_for` (or its last target) settles and print it.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+    /// Where continuations stand: by id, or every continuation of a pipeline file.
+    Show {
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        file: Option<String>,
+    },
+}
+
+fn read_file_or_stdin(path: &str) -> anyhow::Result<String> {
+    if path == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,6 +354,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let resp = client()?.search(req).await?;
             print!("{}", output.render(|| search_json(&resp), || output::search_table(&resp)));
+        }
+        Command::Pipeline(PipelineCommand::Submit { file, wait, wait_timeout }) => {
+            let spec = pipeline::parse(&read_file_or_stdin(&file)?)?;
+            let mut req = spec.to_request(now_ms())?;
+            if wait {
+                req.wait_for = spec.default_wait().context("--wait: the pipeline has no continuation to wait for")?;
+                req.wait_timeout_ms = wait_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+            }
+            let resp = client()?.submit(req).await?;
+            let as_json = || {
+                let promises: Vec<_> = resp.promises.iter().map(promise_json).collect();
+                match &resp.waited {
+                    Some(w) => json!({ "promises": promises, "waited": promise_json(w) }),
+                    None => json!({ "promises": promises }),
+                }
+            };
+            let as_table = || match &resp.waited {
+                Some(w) => output::promise_table(w, false),
+                None => {
+                    format!("submitted: {} promises, {} continuations\n", resp.promises.len(), spec.continuations.len())
+                }
+            };
+            print!("{}", output.render(as_json, as_table));
+        }
+        Command::Pipeline(PipelineCommand::Show { ids, file }) => {
+            let ids = match file {
+                Some(f) => pipeline::parse(&read_file_or_stdin(&f)?)?.continuation_ids(),
+                None if ids.is_empty() => anyhow::bail!("name continuation ids, or a pipeline --file"),
+                None => ids,
+            };
+            pipeline::show(&client()?, output, &ids).await?;
         }
         Command::Cluster(c) => {
             let client = client()?;

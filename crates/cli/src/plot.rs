@@ -97,3 +97,38 @@ pub fn latency_cdf(path: &Path, runs: &[(BenchResult, Histogram<u64>)]) -> anyho
     root.present().map_err(plot_err)?;
     Ok(())
 }
+
+/// The chain benchmark: p50 end-to-end latency against the added round trip, one line per
+/// variant (a variant measured at one delay only is a single point).
+pub fn chain(path: &Path, results: &[crate::chain::ChainResult]) -> anyhow::Result<()> {
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in results {
+        series.entry(r.variant.clone()).or_default().push((r.rtt_ms as f64, r.p50_us as f64 / 1000.0));
+    }
+    let max_x = results.iter().map(|r| r.rtt_ms).max().unwrap_or(1).max(1) as f64;
+    let max_y = results.iter().map(|r| r.p50_us as f64 / 1000.0).fold(1.0, f64::max) * 1.1;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let steps = results.first().map_or(0, |r| r.steps);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{steps}-step chain: p50 end-to-end latency by added client round trip"), ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5f64..max_x * 1.1 + 0.5, 0f64..max_y)
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc("added RTT (ms)").y_desc("p50 (ms)").draw().map_err(plot_err)?;
+    for (i, (variant, mut points)) in series.into_iter().enumerate() {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+            .map_err(plot_err)?
+            .label(variant)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, c.filled()))).map_err(plot_err)?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

@@ -35,6 +35,7 @@ use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
 use tempfile::TempDir;
 use tokio::sync::broadcast;
 use vow_core::codec::Decoder;
+use vow_core::pipeline::{Action, Combinator, Continuation, ContinuationRecord, On, Settlement, Status};
 use vow_core::{Command, MemState, NodeId, Outcome, Promise, PromiseId, Proposal, SettleAs, ShardId, Value};
 use vow_storage::codec;
 use vow_storage::keys;
@@ -103,9 +104,32 @@ enum Cmd {
         retention_ms: i64,
         limit: usize,
     },
-    /// The previous create or settle again, as a client retries with the same idempotency key.
+    /// The previous create, settle or registration again, as a client retries it.
     Retry,
+    /// A continuation `CIDS[cid]` from `source` to `target` (a join of `source` and `other`
+    /// when `join`, stored with the target), as a Submit's batch registers it.
+    Register {
+        cid: usize,
+        source: Target,
+        other: usize,
+        /// Mostly a pending promise, so that joins wait for offers.
+        target: Target,
+        join: bool,
+    },
+    /// An input for join `CIDS[cid]`; its target is the registered one when there is one.
+    Offer {
+        cid: usize,
+        index: u32,
+        settle_as: SettleAs,
+    },
+    /// The executor's "done" for `CIDS[cid]`.
+    Complete {
+        cid: usize,
+    },
 }
+
+/// Few continuation ids, so that registrations collide.
+const CIDS: [&str; 3] = ["c0", "c1", "c2"];
 
 /// Which id a settle names.
 #[derive(Debug, Clone)]
@@ -113,6 +137,8 @@ enum Target {
     Any(usize),
     /// One of the promises that exist, so that settles mostly find something to race on.
     Existing(Index),
+    /// One of the pending promises, if any.
+    Pending(Index),
 }
 
 /// One command and how far its stamp moves from the previous one's: mostly forward, sometimes
@@ -159,6 +185,17 @@ fn arb_step() -> impl Strategy<Value = Step> {
         2 => (1usize..8).prop_map(|limit| Cmd::SweepTimeout { limit }),
         2 => (retention_ms, 1usize..8).prop_map(|(retention_ms, limit)| Cmd::SweepCollect { retention_ms, limit }),
         3 => Just(Cmd::Retry),
+        3 => (
+            0..CIDS.len(),
+            prop_oneof![1 => (0..IDS.len()).prop_map(Target::Any), 3 => any::<Index>().prop_map(Target::Existing)],
+            0..IDS.len(),
+            prop_oneof![1 => (0..IDS.len()).prop_map(Target::Any), 3 => any::<Index>().prop_map(Target::Pending)],
+            any::<bool>()
+        )
+            .prop_map(|(cid, source, other, target, join)| Cmd::Register { cid, source, other, target, join }),
+        4 => (0..CIDS.len(), 0u32..2, prop::sample::select(vec![SettleAs::Resolve, SettleAs::Resolve, SettleAs::Reject]))
+            .prop_map(|(cid, index, settle_as)| Cmd::Offer { cid, index, settle_as }),
+        2 => (0..CIDS.len()).prop_map(|cid| Cmd::Complete { cid }),
     ];
     (dt_ms, cmd).prop_map(|(dt_ms, cmd)| Step { dt_ms, cmd })
 }
@@ -232,18 +269,23 @@ fn due(mem: &MemState, settled: bool, up_to_ms: i64, limit: usize) -> Vec<Promis
     found.into_iter().take(limit).map(|(_, id)| id.clone()).collect()
 }
 
-/// The index keys the server should hold for these records.
+/// The index keys the server should hold for these records and continuations.
 fn index_keys(mem: &MemState) -> BTreeSet<Vec<u8>> {
-    mem.promises
+    let promises = mem.promises.values().map(|p| {
+        if p.state.is_settled() {
+            keys::timed(SHARD, keys::STATE_BY_SETTLED, p.settled_at_ms, p.id.as_str())
+        } else {
+            keys::timed(SHARD, keys::STATE_BY_DEADLINE, p.deadline_ms, p.id.as_str())
+        }
+    });
+    let anchors =
+        mem.continuations.values().map(|r| keys::anchor(SHARD, r.continuation.anchor().as_str(), &r.continuation.id));
+    let ready = mem
+        .continuations
         .values()
-        .map(|p| {
-            if p.state.is_settled() {
-                keys::timed(SHARD, keys::STATE_BY_SETTLED, p.settled_at_ms, p.id.as_str())
-            } else {
-                keys::timed(SHARD, keys::STATE_BY_DEADLINE, p.deadline_ms, p.id.as_str())
-            }
-        })
-        .collect()
+        .filter(|r| r.status == Status::Ready)
+        .map(|r| keys::named(SHARD, keys::STATE_READY, &r.continuation.id));
+    promises.chain(anchors).chain(ready).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,6 +311,7 @@ impl Replica {
 #[derive(Debug)]
 struct Stored {
     records: BTreeMap<PromiseId, Promise>,
+    continuations: BTreeMap<String, ContinuationRecord>,
     index_keys: BTreeSet<Vec<u8>>,
     applied: Option<LogId>,
     cluster_time_ms: Option<i64>,
@@ -277,8 +320,13 @@ struct Stored {
 fn stored(db: &rocksdb::DB) -> io::Result<Stored> {
     let state = db.cf_handle(CF_STATE).ok_or_else(|| io::Error::other("no state family"))?;
     let prefix = keys::shard_prefix(SHARD);
-    let mut out =
-        Stored { records: BTreeMap::new(), index_keys: BTreeSet::new(), applied: None, cluster_time_ms: None };
+    let mut out = Stored {
+        records: BTreeMap::new(),
+        continuations: BTreeMap::new(),
+        index_keys: BTreeSet::new(),
+        applied: None,
+        cluster_time_ms: None,
+    };
     let corrupt = |e: vow_core::DecodeError| io::Error::other(e.to_string());
     for item in db.iterator_cf(state, rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
         let (key, value) = item.map_err(io::Error::other)?;
@@ -299,6 +347,13 @@ fn stored(db: &rocksdb::DB) -> io::Result<Stored> {
                     return Err(io::Error::other(format!("record of {} under key {key:?}", p.id)));
                 }
                 out.records.insert(p.id.clone(), p);
+            }
+            (Some(keys::STATE_CONTINUATION), _) => {
+                let r = ContinuationRecord::decode(&value).map_err(corrupt)?;
+                if key[5..] != *r.continuation.id.as_bytes() {
+                    return Err(io::Error::other(format!("continuation {} under key {key:?}", r.continuation.id)));
+                }
+                out.continuations.insert(r.continuation.id.clone(), r);
             }
             _ => {
                 out.index_keys.insert(key.to_vec());
@@ -348,6 +403,14 @@ const MUST_COVER: &[&str] = &[
     "crash lost applied entries",
     "crash kept flushed entries",
     "snapshot moved records",
+    "registered",
+    "registered ready",
+    "register deduplicated",
+    "register conflict",
+    "offered",
+    "join decided",
+    "completed",
+    "continuation made ready by a settle",
 ];
 
 fn outcome_kind(o: &Outcome) -> &'static str {
@@ -364,11 +427,14 @@ fn outcome_kind(o: &Outcome) -> &'static str {
         Outcome::TimedOut { .. } => "timed out",
         Outcome::Collected { count: 0 } => "collect of nothing",
         Outcome::Collected { .. } => "collected",
-        Outcome::Batch { .. }
-        | Outcome::Registered { .. }
-        | Outcome::RegisterConflict { .. }
-        | Outcome::Offered { .. }
-        | Outcome::Completed { .. } => "pipeline",
+        Outcome::Batch { .. } => "batch",
+        Outcome::Registered { deduplicated: true, .. } => "register deduplicated",
+        Outcome::Registered { record, .. } if record.status == Status::Ready => "registered ready",
+        Outcome::Registered { .. } => "registered",
+        Outcome::RegisterConflict { .. } => "register conflict",
+        Outcome::Offered { record } if record.status == Status::Ready => "join decided",
+        Outcome::Offered { .. } => "offered",
+        Outcome::Completed { .. } => "completed",
     }
 }
 
@@ -378,7 +444,7 @@ struct Harness {
     /// The previous proposal's stamp.
     clock_ms: i64,
     term: u64,
-    /// The last create or settle proposed, for `Cmd::Retry`.
+    /// The last create, settle or registration proposed, for `Cmd::Retry`.
     last_request: Option<Command>,
     coverage: Coverage,
 }
@@ -432,7 +498,7 @@ impl Harness {
                 cmd => command(&reader, &base, stamp_ms, cmd)?,
             };
             let Some(command) = command else { continue };
-            if matches!(command, Command::Create { .. } | Command::Settle { .. }) {
+            if matches!(command, Command::Create { .. } | Command::Settle { .. } | Command::Register { .. }) {
                 self.last_request = Some(command.clone());
             }
             match (&step.cmd, &command) {
@@ -446,8 +512,14 @@ impl Harness {
                 }
                 _ => {}
             }
+            let ready_before = self.model.mem.continuations.values().filter(|r| r.status == Status::Ready).count();
+            let settles = matches!(command, Command::Settle { .. } | Command::Timeout { .. } | Command::Create { .. });
             let payload = EntryPayload::Normal(Arc::new(Proposal { stamp_ms, command }));
             entries.push(self.model.append(self.term, payload));
+            let ready_after = self.model.mem.continuations.values().filter(|r| r.status == Status::Ready).count();
+            if settles && ready_after > ready_before {
+                self.hit("continuation made ready by a settle");
+            }
             if let Some(Some(outcome)) = self.model.outcomes.last() {
                 let kind = outcome_kind(outcome);
                 self.hit(kind);
@@ -578,6 +650,7 @@ impl Harness {
         prop_assert_eq!(found.applied, self.model.log_id_at(at), "stored applied log id");
         prop_assert_eq!(found.cluster_time_ms.unwrap_or(0), want.cluster_time_ms, "stored cluster time at {}", at);
         prop_assert_eq!(&found.records, &want.promises, "stored records at {}", at);
+        prop_assert_eq!(&found.continuations, &want.continuations, "stored continuations at {}", at);
         prop_assert_eq!(&found.index_keys, &index_keys(want), "stored index keys at {}", at);
         Ok(())
     }
@@ -594,7 +667,35 @@ impl Harness {
         prop_assert_eq!(pending, due(&self.model.mem, false, i64::MAX - 1, SCAN_ALL), "deadline index");
         let settled = reader.due_for_collection(i64::MAX - 1, SCAN_ALL).map_err(fail)?;
         prop_assert_eq!(settled, due(&self.model.mem, true, i64::MAX - 1, SCAN_ALL), "settled index");
+        let mem = &self.model.mem;
+        for cid in CIDS {
+            let got = reader.continuation(cid).map_err(fail)?;
+            prop_assert_eq!(got.as_ref(), mem.continuations.get(cid), "continuation {} now", cid);
+        }
+        let ready: Vec<String> = mem
+            .continuations
+            .values()
+            .filter(|r| r.status == Status::Ready)
+            .map(|r| r.continuation.id.clone())
+            .collect();
+        prop_assert_eq!(reader.ready(SCAN_ALL).map_err(fail)?, ready, "ready index");
+        for id in all_ids() {
+            let want = vow_core::PromiseView::anchored_on(mem, &id).expect("infallible");
+            prop_assert_eq!(reader.anchored_on(&id).map_err(fail)?, want, "continuations stored with {}", id);
+        }
         Ok(())
+    }
+}
+
+/// The id a target names, given the model's state as the server's reader shows it now.
+fn pick(base: &MemState, target: &Target) -> PromiseId {
+    let nth = |ids: Vec<&PromiseId>, i: &Index| {
+        if ids.is_empty() { pid(0) } else { ids[i.index(ids.len())].clone() }
+    };
+    match target {
+        Target::Any(i) => pid(*i),
+        Target::Existing(i) => nth(base.promises.keys().collect(), i),
+        Target::Pending(i) => nth(base.promises.values().filter(|p| !p.state.is_settled()).map(|p| &p.id).collect(), i),
     }
 }
 
@@ -611,13 +712,7 @@ fn command(reader: &ShardState, base: &MemState, stamp_ms: i64, cmd: &Cmd) -> Re
             idempotency_key: (*key).into(),
         },
         Cmd::Settle { id, settle_as, value, key } => Command::Settle {
-            id: match id {
-                Target::Existing(i) if !base.promises.is_empty() => {
-                    base.promises.keys().nth(i.index(base.promises.len())).cloned().expect("an existing id")
-                }
-                Target::Existing(_) => pid(0),
-                Target::Any(i) => pid(*i),
-            },
+            id: pick(base, id),
             settle_as: *settle_as,
             value: Value { headers: BTreeMap::from([("h".into(), value.to_string())]), data: vec![*value] },
             idempotency_key: (*key).into(),
@@ -642,6 +737,31 @@ fn command(reader: &ShardState, base: &MemState, stamp_ms: i64, cmd: &Cmd) -> Re
             Command::Collect { ids: found, retention_ms: *retention_ms }
         }
         Cmd::Retry => return Ok(None),
+        Cmd::Register { cid, source, other, target, join } => {
+            let source = pick(base, source);
+            let sources = if *join && pid(*other) != source { vec![source, pid(*other)] } else { vec![source] };
+            Command::Register {
+                continuation: Continuation {
+                    id: CIDS[*cid].to_owned(),
+                    combinator: (sources.len() > 1).then_some(Combinator::All),
+                    sources,
+                    target: pick(base, target),
+                    on: On::Resolved,
+                    action: Action::Forward { recover: false },
+                },
+                target_deadline_ms: stamp_ms + 1_000,
+            }
+        }
+        Cmd::Offer { cid, index, settle_as } => Command::Offer {
+            join: CIDS[*cid].to_owned(),
+            target: base.continuations.get(CIDS[*cid]).map_or_else(|| pid(0), |r| r.continuation.target.clone()),
+            index: *index,
+            outcome: Settlement {
+                state: settle_as.state(),
+                value: Value { headers: BTreeMap::new(), data: vec![*index as u8] },
+            },
+        },
+        Cmd::Complete { cid } => Command::Complete { id: CIDS[*cid].to_owned(), note: format!("done@{stamp_ms}") },
     }))
 }
 

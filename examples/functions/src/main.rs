@@ -8,7 +8,7 @@
 //! | `POST /flaky/{n}/{text}` | answers 503 to the first `n` calls with a given `Idempotency-Key`, then as `/append/{text}` |
 //! | `POST /fail` | answers 422 with "permanent failure: <body>" (a final rejection) |
 //! | `POST /adopt/{id}` | answers 202 with `Vow-Promise: {id}`: "my result is that promise" |
-//! | `POST /cold/{ms}/{text}` | as `/append/{text}`, but an instance idle for over a second first takes `ms` to start; a request with `Vow-Prewarm: 1` starts it without a call |
+//! | `POST /cold/{ms}/{text}` | as `/append/{text}`, but its instance (one per `text`), idle for over a second, first takes `ms` to start; a request with `Vow-Prewarm: 1` starts it without a call |
 //! | `POST /delay/{ms}/{text}` | as `/append/{text}` after `ms` |
 //! | `GET /calls` | how many calls each `Idempotency-Key` made, as JSON |
 //!
@@ -40,8 +40,9 @@ struct Args {
 struct Functions {
     /// Calls per Idempotency-Key (prewarm requests are not calls).
     calls: Mutex<BTreeMap<String, u32>>,
-    /// `/cold`: when the instance started warming, and when it was last used.
-    instance: Mutex<Option<(Instant, Instant)>>,
+    /// `/cold`: per function (its `text`), when its instance started warming and when it was
+    /// last used.
+    instances: Mutex<BTreeMap<String, (Instant, Instant)>>,
     idle: Duration,
 }
 
@@ -57,17 +58,17 @@ impl Functions {
         *n
     }
 
-    /// `/cold`: how long a request must wait for the instance to be warm.
-    fn start_instance(&self, start_ms: u64) -> Duration {
+    /// `/cold`: how long a request to function `name` must wait for its instance to be warm.
+    fn start_instance(&self, name: &str, start_ms: u64) -> Duration {
         let now = Instant::now();
         let start = Duration::from_millis(start_ms);
-        let mut instance = self.instance.lock().unwrap_or_else(|p| p.into_inner());
-        let started = match *instance {
-            Some((started, last)) if now.duration_since(last) <= self.idle => started,
+        let mut instances = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        let started = match instances.get(name) {
+            Some((started, last)) if now.duration_since(*last) <= self.idle => *started,
             _ => now,
         };
         let ready = started + start;
-        *instance = Some((started, ready.max(now)));
+        instances.insert(name.to_owned(), (started, ready.max(now)));
         ready.saturating_duration_since(now)
     }
 }
@@ -137,7 +138,7 @@ async fn cold(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let wait = f.start_instance(start_ms);
+    let wait = f.start_instance(&text, start_ms);
     if prewarm(&headers) {
         return StatusCode::NO_CONTENT.into_response();
     }
