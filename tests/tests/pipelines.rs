@@ -66,6 +66,20 @@ async fn settled_by(client: &Client, id: &str, cid: &str) -> anyhow::Result<pb::
     Ok(p)
 }
 
+/// The continuation's status once it is DONE: the leader proposes finished continuations
+/// done a moment after they ran (many in one entry).
+async fn done(client: &Client, cid: &str) -> anyhow::Result<pb::ContinuationStatus> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.get_continuation(cid).await?;
+        if status.status == "DONE" {
+            return Ok(status);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{cid} is still {}: {status:?}", status.status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A chain `in -> s1 -> ... -> sN`, step i calling `route(i)`; ids are spread over shards.
 fn chain(run: &str, steps: usize, route: impl Fn(usize) -> String) -> pb::SubmitRequest {
     let mut req = pb::SubmitRequest { idempotency_key: format!("{run}-submit"), ..Default::default() };
@@ -106,8 +120,7 @@ async fn a_ten_step_chain_runs_across_shards_and_the_client_waits_once() -> anyh
     let shards: std::collections::BTreeSet<u32> =
         futures_shards(&client, (1..=10).map(|i| format!("t-s{i}")).collect()).await?;
     ensure!(shards.len() >= 4, "the chain spans several shards: {shards:?}");
-    let status = client.get_continuation("t-c10").await?;
-    ensure!(status.status == "DONE", "t-c10 is {}: {}", status.status, status.note);
+    let status = done(&client, "t-c10").await?;
     ensure!(status.note.contains("settled t-s10 as RESOLVED"), "{}", status.note);
     Ok(())
 }
@@ -371,6 +384,8 @@ continuations:
     ensure!(reply["waited"]["value"]["data"] == "HELLO", "{reply}");
     ensure!(reply["promises"].as_array().map(Vec::len) == Some(2), "{reply}");
 
+    done(&client, "cli-c1").await?;
+    done(&client, "to:cli-done").await?;
     let out = vow_tests::vow(&["--endpoints", &endpoints, "pipeline", "show", "--file", &file]);
     ensure!(out.status.success(), "show failed: {}", String::from_utf8_lossy(&out.stderr));
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
-use crate::pipeline::{Continuation, ContinuationRecord, Settlement};
+use crate::pipeline::{Completion, Continuation, ContinuationRecord, Settlement};
 use crate::promise::{Promise, PromiseId, SettleAs, Value};
 
 /// One log entry's application payload: a command plus the proposing leader's wall-clock stamp.
@@ -59,11 +59,10 @@ pub enum Command {
         index: u32,
         outcome: Settlement,
     },
-    /// Proposed by the executor on the continuation's own shard once its target is settled:
-    /// the continuation is done.
+    /// Proposed by the executor on the continuations' own shard once their targets are
+    /// settled: they are done. Several at once: the leader gathers them for a moment.
     Complete {
-        id: String,
-        note: String,
+        done: Vec<Completion>,
     },
 }
 
@@ -116,9 +115,10 @@ pub enum Outcome {
     Offered {
         record: ContinuationRecord,
     },
-    /// The continuation is done (now or before).
+    /// How many of the continuations a `Complete` named were done by it (the others were
+    /// done before, or are gone).
     Completed {
-        record: ContinuationRecord,
+        count: u32,
     },
 }
 
@@ -285,8 +285,11 @@ impl Command {
                 e.u8(TAG_OFFER).str(join).str(target.as_str()).u64(u64::from(*index));
                 outcome.encode_into(e);
             }
-            Command::Complete { id, note } => {
-                e.u8(TAG_COMPLETE).str(id).str(note);
+            Command::Complete { done } => {
+                e.u8(TAG_COMPLETE).u64(done.len() as u64);
+                for c in done {
+                    e.str(&c.id).str(&c.note);
+                }
             }
         }
     }
@@ -344,7 +347,16 @@ impl Command {
                 index: d.u32("join input")?,
                 outcome: Settlement::decode_from(d)?,
             },
-            TAG_COMPLETE => Command::Complete { id: d.string("continuation id")?, note: d.string("note")? },
+            TAG_COMPLETE => {
+                let n = d.u64("completion count")?;
+                if n > d.remaining() as u64 {
+                    return Err(DecodeError::Invalid("completion count"));
+                }
+                let done = (0..n)
+                    .map(|_| Ok(Completion { id: d.string("continuation id")?, note: d.string("note")? }))
+                    .collect::<Result<_, DecodeError>>()?;
+                Command::Complete { done }
+            }
             _ => return Err(DecodeError::Invalid("command tag")),
         })
     }
@@ -411,8 +423,8 @@ impl Outcome {
             Outcome::Offered { record } => {
                 e.u8(OUTCOME_OFFERED).bytes(&record.encode());
             }
-            Outcome::Completed { record } => {
-                e.u8(OUTCOME_COMPLETED).bytes(&record.encode());
+            Outcome::Completed { count } => {
+                e.u8(OUTCOME_COMPLETED).u64(u64::from(*count));
             }
         }
     }
@@ -450,7 +462,7 @@ impl Outcome {
             }
             OUTCOME_REGISTER_CONFLICT => Outcome::RegisterConflict { current: continuation(d)? },
             OUTCOME_OFFERED => Outcome::Offered { record: continuation(d)? },
-            OUTCOME_COMPLETED => Outcome::Completed { record: continuation(d)? },
+            OUTCOME_COMPLETED => Outcome::Completed { count: d.u32("count")? },
             _ => return Err(DecodeError::Invalid("outcome tag")),
         })
     }
@@ -468,7 +480,7 @@ impl std::fmt::Display for Proposal {
                 write!(f, "register {} -> {} @{}", continuation.id, continuation.target, self.stamp_ms)
             }
             Command::Offer { join, index, .. } => write!(f, "offer input {index} to {join} @{}", self.stamp_ms),
-            Command::Complete { id, .. } => write!(f, "complete {id} @{}", self.stamp_ms),
+            Command::Complete { done } => write!(f, "complete {} continuations @{}", done.len(), self.stamp_ms),
         }
     }
 }

@@ -314,15 +314,19 @@ impl<V: PromiseView> Tx<'_, V> {
                 self.put(Some(record), after.clone());
                 Outcome::Offered { record: after }
             }
-            Command::Complete { id, note } => {
-                let Some(record) = self.continuation(id)? else { return Ok(Outcome::NotFound) };
-                if let Status::Done { .. } = record.status {
-                    return Ok(Outcome::Completed { record });
+            Command::Complete { done } => {
+                let mut count = 0;
+                for c in done {
+                    let Some(record) = self.continuation(&c.id)? else { continue };
+                    if let Status::Done { .. } = record.status {
+                        continue;
+                    }
+                    let mut after = record.clone();
+                    after.status = Status::Done { note: c.note.clone() };
+                    self.put(Some(record), after);
+                    count += 1;
                 }
-                let mut after = record.clone();
-                after.status = Status::Done { note: note.clone() };
-                self.put(Some(record), after.clone());
-                Outcome::Completed { record: after }
+                Outcome::Completed { count }
             }
         })
     }

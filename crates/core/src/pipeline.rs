@@ -379,6 +379,13 @@ impl Settlement {
     }
 }
 
+/// A continuation the executor finished, and how (shown by `GetContinuation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub id: String,
+    pub note: String,
+}
+
 /// Where a registered continuation stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {

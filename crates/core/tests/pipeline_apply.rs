@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use vow_core::pipeline::{Action, Combinator, Continuation, On, Settlement, Status};
+use vow_core::pipeline::{Action, Combinator, Completion, Continuation, On, Settlement, Status};
 use vow_core::{Command, Effect, MemState, Outcome, PromiseId, Proposal, SettleAs, State, Value};
 
 fn id(s: &str) -> PromiseId {
@@ -49,6 +49,10 @@ fn register(c: Continuation) -> Command {
     Command::Register { continuation: c, target_deadline_ms: 10_000 }
 }
 
+fn complete(ids: &[&str], note: &str) -> Command {
+    Command::Complete { done: ids.iter().map(|id| Completion { id: (*id).into(), note: note.into() }).collect() }
+}
+
 fn ready(cid: &str) -> Vec<Effect> {
     vec![Effect::Ready { continuation: cid.into() }]
 }
@@ -71,11 +75,11 @@ fn a_continuation_waits_for_its_source_and_is_ready_once_it_settles() {
     assert_eq!(effects, ready("c1"));
     assert_eq!(status(&s, "c1"), Status::Ready);
 
-    let done = Command::Complete { id: "c1".into(), note: "settled b".into() };
-    assert!(matches!(s.apply(&at(4, done.clone())), Outcome::Completed { .. }));
+    let done = complete(&["c1", "missing"], "settled b");
+    assert_eq!(s.apply(&at(4, done.clone())), Outcome::Completed { count: 1 }, "a missing one is skipped");
     assert_eq!(status(&s, "c1"), Status::Done { note: "settled b".into() });
     let (again, effects) = s.apply_with_effects(&at(5, done));
-    assert!(matches!(again, Outcome::Completed { .. }) && effects.is_empty(), "completing twice changes nothing");
+    assert!(again == Outcome::Completed { count: 0 } && effects.is_empty(), "completing twice changes nothing");
     assert_eq!(status(&s, "c1"), Status::Done { note: "settled b".into() });
 }
 
@@ -209,7 +213,7 @@ fn retention_keeps_a_source_until_its_ready_continuations_are_done() {
     s.apply(&at(3, settle("a", SettleAs::Resolve, "v")));
     let collect = |t| at(t, Command::Collect { ids: vec![id("a")], retention_ms: 10 });
     assert_eq!(s.apply(&collect(100)), Outcome::Collected { count: 0 }, "c1 still needs a's value");
-    s.apply(&at(101, Command::Complete { id: "c1".into(), note: String::new() }));
+    s.apply(&at(101, complete(&["c1"], "")));
     assert_eq!(s.apply(&collect(102)), Outcome::Collected { count: 1 });
     assert!(s.continuations.is_empty(), "the done continuation went with its source");
 }
@@ -228,7 +232,7 @@ fn arb_log() -> impl Strategy<Value = Vec<Proposal>> {
         (cid.clone(), pid.clone(), pid.clone()).prop_map(|(c, s, t)| register(forward(c, s, t))),
         (cid.clone(), pid.clone(), pid.clone()).prop_map(|(c, s, t)| register(join(c, Combinator::All, &[s, "d"], t))),
         (cid.clone(), pid.clone(), 0u32..2).prop_map(|(c, t, i)| offer(c, t, i, State::Resolved, "x")),
-        cid.prop_map(|c| Command::Complete { id: c.into(), note: String::new() }),
+        prop::collection::vec(cid, 0..3).prop_map(|cs| complete(&cs, "")),
     ];
     prop::collection::vec((0i64..2_000, command).prop_map(|(t, c)| at(t, c)), 1..60)
 }

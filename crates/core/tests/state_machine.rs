@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use vow_core::codec::Encoder;
-use vow_core::pipeline::{Action, Combinator, Continuation, On, Settlement};
+use vow_core::pipeline::{Action, Combinator, Completion, Continuation, On, Settlement};
 use vow_core::{Command, DecodeError, MemState, Outcome, Promise, PromiseId, Proposal, SettleAs, State, Value};
 
 fn id(s: &str) -> PromiseId {
@@ -355,7 +355,7 @@ fn arb_every_command() -> impl Strategy<Value = Vec<Command>> {
                     index: offer.2,
                     outcome: Settlement { state: State::Rejected, value: offer.3 },
                 },
-                Command::Complete { id: register.2.into_string(), note: offer.4 },
+                Command::Complete { done: vec![Completion { id: register.2.into_string(), note: offer.4 }] },
             ]
         })
 }
@@ -484,8 +484,11 @@ fn command_layout(l: &mut Layout, command: &Command) {
             l.bytes(join.as_bytes()).bytes(target.as_str().as_bytes()).varint(u64::from(*index)).fixed(1);
             l.value(&outcome.value);
         }
-        Command::Complete { id, note } => {
-            l.bytes(id.as_bytes()).bytes(note.as_bytes());
+        Command::Complete { done } => {
+            l.prefix(done.len());
+            for c in done {
+                l.bytes(c.id.as_bytes()).bytes(c.note.as_bytes());
+            }
         }
     }
 }

@@ -13,8 +13,9 @@
 //! # Why a continuation is never lost or doubled
 //!
 //! A worker settles the target through the router with the idempotency key
-//! `vow-cont:<continuation id>`, then proposes `Complete` on its own shard, which takes the
-//! continuation out of the ready index. Readiness is replicated state, so a new leader finds
+//! `vow-cont:<continuation id>`; then the leader proposes `Complete` on its own shard, which
+//! takes the continuation out of the ready index (gathered for [`COMPLETE_AFTER`], many in one
+//! entry). Readiness is replicated state, so a new leader finds
 //! every continuation whose target may not be settled yet. If the old leader settled the
 //! target but died before `Complete`, the new one settles again with the same key: the target's
 //! shard answers "deduplicated" (or, if a function answered differently the second time, "already
@@ -31,7 +32,7 @@ use rand::Rng;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use vow_core::pipeline::{self, Action, ContinuationRecord, Next, On, Settlement, Status};
+use vow_core::pipeline::{self, Action, Completion, ContinuationRecord, Next, On, Settlement, Status};
 use vow_core::{Command, Outcome, PromiseId, SettleAs, Value};
 
 use crate::functions::{Answer, Call, DEFAULT_TIMEOUT, Functions};
@@ -45,6 +46,12 @@ const SCAN_LIMIT: usize = 1000;
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
 /// Continuations a node runs at once, over all its shards.
 pub const MAX_RUNNING: usize = 256;
+/// How long a leader gathers finished continuations before proposing them done in one
+/// `Complete` entry (or sooner, at [`COMPLETE_BATCH`] of them): one entry for many, and none
+/// on the path of the chains still running (a 10-step chain took 15.1 ms at p50 with one
+/// `Complete` per step, 12.8 ms without; `vow bench --workload chain --rtt-ms 0`).
+const COMPLETE_AFTER: Duration = Duration::from_millis(20);
+const COMPLETE_BATCH: usize = 1000;
 /// Retry backoff: the first wait, and the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -111,12 +118,18 @@ impl Executor {
     /// ends, and its workers with it.
     async fn lead(&self, shard: &Shard) {
         let mut announcements = shard.subscribe();
-        let mut workers: JoinSet<String> = JoinSet::new();
+        // Continuations being run, and those run but not yet proposed done: a rescan must not
+        // start either again.
         let mut active: HashSet<String> = HashSet::new();
+        let mut workers: JoinSet<(String, Option<Completion>)> = JoinSet::new();
+        let mut finished: Vec<Completion> = Vec::new();
+        let mut propose_at: Option<tokio::time::Instant> = None;
+        let mut completing: JoinSet<Vec<String>> = JoinSet::new();
         let mut rescan = tokio::time::interval(RESCAN_EVERY);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut start: Vec<String> = Vec::new();
+            let mut propose_now = false;
             tokio::select! {
                 _ = rescan.tick() => start = self.scan(shard).await,
                 event = announcements.recv() => match event {
@@ -125,20 +138,47 @@ impl Executor {
                     Ok(Announcement::StateReplaced) | Err(RecvError::Lagged(_)) => start = self.scan(shard).await,
                     Err(RecvError::Closed) => return,
                 },
-                Some(done) = workers.join_next() => {
-                    if let Ok(id) = done {
+                Some(ran) = workers.join_next() => match ran {
+                    Ok((_, Some(done))) => {
+                        propose_at.get_or_insert_with(|| tokio::time::Instant::now() + COMPLETE_AFTER);
+                        finished.push(done);
+                        propose_now = finished.len() >= COMPLETE_BATCH;
+                    }
+                    Ok((id, None)) => {
+                        active.remove(&id);
+                        self.router.progress().forget(&id);
+                    }
+                    Err(e) => tracing::error!(shard = %shard.id, error = %e, "a continuation's worker failed"),
+                },
+                _ = sleep_until_some(propose_at) => propose_now = true,
+                Some(proposed) = completing.join_next() => {
+                    for id in proposed.unwrap_or_default() {
                         active.remove(&id);
                         self.router.progress().forget(&id);
                     }
                 }
+            }
+            if propose_now && !finished.is_empty() {
+                propose_at = None;
+                let done = std::mem::take(&mut finished);
+                let shard = shard.clone();
+                completing.spawn(async move {
+                    let ids: Vec<String> = done.iter().map(|c| c.id.clone()).collect();
+                    // Failing, this node is losing the shard: the next leader runs them again,
+                    // and their settles are deduplicated.
+                    if let Err(e) = shard.propose(Command::Complete { done }).await {
+                        tracing::debug!(shard = %shard.id, error = %e, "proposing continuations done failed");
+                    }
+                    ids
+                });
             }
             for id in start {
                 if active.insert(id.clone()) {
                     let (this, shard) = (self.clone(), shard.clone());
                     workers.spawn(async move {
                         let _permit = this.running.clone().acquire_owned().await;
-                        this.execute(&shard, &id).await;
-                        id
+                        let done = this.execute(&shard, &id).await;
+                        (id, done)
                     });
                 }
             }
@@ -160,29 +200,23 @@ impl Executor {
         }
     }
 
-    /// Runs one continuation to its end: its target settled (or beyond reach) and `Complete`
-    /// proposed. Returns early only if the continuation is not ready (anymore) or this node
-    /// stops leading (then the next leader takes over).
-    async fn execute(&self, shard: &Shard, id: &str) {
+    /// Runs one continuation to its end, its target settled (or beyond reach), and says how
+    /// it ended, to be proposed done. `None` if it is not ready (anymore).
+    async fn execute(&self, shard: &Shard, id: &str) -> Option<Completion> {
         let record = match shard.state.continuation(id) {
             Ok(Some(r)) if r.status == Status::Ready => r,
-            Ok(_) => return,
+            Ok(_) => return None,
             Err(e) => {
                 tracing::error!(shard = %shard.id, continuation = id, error = %e, "reading a continuation failed");
-                return;
+                return None;
             }
         };
         let note = match self.outcome(shard, &record) {
             Err(note) => note,
             Ok(outcome) => self.step(&record, &outcome).await,
         };
-        // Done: out of the ready index. Failing that, this node lost the shard: the next leader
-        // runs the continuation again, and its settle is deduplicated.
-        let complete = Command::Complete { id: id.to_owned(), note: note.clone() };
-        match shard.propose(complete).await {
-            Ok(_) => tracing::debug!(shard = %shard.id, continuation = id, note, "continuation done"),
-            Err(e) => tracing::debug!(shard = %shard.id, continuation = id, error = %e, "completing failed"),
-        }
+        tracing::debug!(shard = %shard.id, continuation = id, note, "continuation ran");
+        Some(Completion { id: id.to_owned(), note })
     }
 
     /// The outcome the continuation runs on: its join's decision, or its source's settlement.
@@ -362,6 +396,14 @@ impl Executor {
             Some(other) => format!("unexpected answer adopting {promise}: {other:?}"),
             None => format!("gave up adopting {promise} at the target's deadline"),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -35,7 +35,7 @@ use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
 use tempfile::TempDir;
 use tokio::sync::broadcast;
 use vow_core::codec::Decoder;
-use vow_core::pipeline::{Action, Combinator, Continuation, ContinuationRecord, On, Settlement, Status};
+use vow_core::pipeline::{Action, Combinator, Completion, Continuation, ContinuationRecord, On, Settlement, Status};
 use vow_core::{Command, MemState, NodeId, Outcome, Promise, PromiseId, Proposal, SettleAs, ShardId, Value};
 use vow_storage::codec;
 use vow_storage::keys;
@@ -761,7 +761,12 @@ fn command(reader: &ShardState, base: &MemState, stamp_ms: i64, cmd: &Cmd) -> Re
                 value: Value { headers: BTreeMap::new(), data: vec![*index as u8] },
             },
         },
-        Cmd::Complete { cid } => Command::Complete { id: CIDS[*cid].to_owned(), note: format!("done@{stamp_ms}") },
+        Cmd::Complete { cid } => Command::Complete {
+            done: vec![
+                Completion { id: CIDS[*cid].to_owned(), note: format!("done@{stamp_ms}") },
+                Completion { id: CIDS[(*cid + 1) % CIDS.len()].to_owned(), note: "the next".into() },
+            ],
+        },
     }))
 }
 
