@@ -236,6 +236,8 @@ pub enum Entry {
     /// Something the run saw directly rather than in a response (a cluster that did not recover
     /// after the heal, a panic in a node's log): kept so a re-check reports it too.
     Anomaly(Anomaly),
+    /// What the pipeline workload did and found (its anomalies are `Anomaly` lines).
+    Pipelines(crate::pipelines::PipelineTally),
 }
 
 /// The file a run's history goes to, in its output directory.
@@ -270,6 +272,7 @@ pub struct Stored {
     pub ops: Vec<Op>,
     pub events: Vec<NemesisEvent>,
     pub anomalies: Vec<Anomaly>,
+    pub pipelines: Option<crate::pipelines::PipelineTally>,
     /// A last line cut short: the run was killed while writing it. It is left out.
     pub torn_tail: bool,
 }
@@ -287,6 +290,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Stored> {
             Ok(Entry::Op(op)) => stored.ops.push(op),
             Ok(Entry::Nemesis(event)) => stored.events.push(event),
             Ok(Entry::Anomaly(anomaly)) => stored.anomalies.push(anomaly),
+            Ok(Entry::Pipelines(tally)) => stored.pipelines = Some(tally),
             Err(_) if i + 1 == lines.len() => stored.torn_tail = true,
             Err(e) => anyhow::bail!("{}:{}: {e}", path.display(), i + 1),
         }

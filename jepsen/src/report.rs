@@ -56,6 +56,8 @@ pub struct Results {
     /// Reads of every promise from every node after the heal (part of the checked history).
     pub final_reads: usize,
     pub anomalies: Vec<Anomaly>,
+    /// The pipeline workload's chains, when the run had it.
+    pub pipelines: Option<crate::pipelines::PipelineTally>,
     pub nemesis: Vec<NemesisEvent>,
     /// Flattened: `seed`, `nodes`, `shards`, ... are top-level fields of `results.json`.
     #[serde(flatten)]
@@ -93,9 +95,16 @@ impl Results {
             by_kind: by_kind.into_iter().map(|(kind, ops)| (kind, Tally::of(ops))).collect(),
             final_reads: ops.len() - client_ops.len(),
             anomalies,
+            pipelines: None,
             nemesis,
             setup,
         }
+    }
+
+    /// With what the pipeline workload did.
+    pub fn with_pipelines(mut self, pipelines: Option<crate::pipelines::PipelineTally>) -> Results {
+        self.pipelines = pipelines;
+        self
     }
 
     /// The one summary line a run prints.
@@ -103,7 +112,7 @@ impl Results {
         let kinds: BTreeSet<&str> = self.anomalies.iter().map(|a| a.kind.as_str()).collect();
         format!(
             "valid={} ops={} ok={} fail={} info={} ok_writes={} ok_writes_after_heal={} ok_writes_by_shard={:?} \
-             final_reads={} anomalies={}{} nemesis_events={} nodes={} shards={} seed={}",
+             final_reads={}{} anomalies={}{} nemesis_events={} nodes={} shards={} seed={}",
             self.valid,
             self.ops,
             self.ok,
@@ -113,6 +122,10 @@ impl Results {
             self.ok_writes_after_heal,
             self.ok_writes_by_shard,
             self.final_reads,
+            self.pipelines.as_ref().map_or(String::new(), |p| format!(
+                " chains={} chains_acknowledged={} chains_completed={} function_calls={}",
+                p.submitted, p.acknowledged, p.completed, p.function_calls
+            )),
             self.anomalies.len(),
             if kinds.is_empty() { String::new() } else { format!(" {kinds:?}") },
             self.nemesis.len(),

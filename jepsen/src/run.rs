@@ -16,7 +16,7 @@ use crate::history::{self, Entry, Op, OpKind, Outcome, Register};
 use crate::hosts::{self, Hosts};
 use crate::nemesis::{self, Nemesis};
 use crate::report::{self, Results, Setup};
-use crate::{net, shards, workload};
+use crate::{net, pipelines, shards, workload};
 
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -162,6 +162,7 @@ async fn record(mut entries: mpsc::Receiver<Entry>, mut file: history::Writer) -
             Entry::Op(op) => stored.ops.push(op),
             Entry::Nemesis(event) => stored.events.push(event),
             Entry::Anomaly(anomaly) => stored.anomalies.push(anomaly),
+            Entry::Pipelines(tally) => stored.pipelines = Some(tally),
         }
     }
     stored.ops.sort_by_key(|o| o.id);
@@ -215,7 +216,8 @@ pub fn recheck(dir: &Path) -> anyhow::Result<(Results, history::Stored)> {
     let stored = history::read(dir)?;
     let setup =
         stored.setup.clone().with_context(|| format!("{} has no setup line", dir.join(history::FILE).display()))?;
-    let results = Results::new(&stored.ops, judge(dir, &stored), stored.events.clone(), setup);
+    let results = Results::new(&stored.ops, judge(dir, &stored), stored.events.clone(), setup)
+        .with_pipelines(stored.pipelines.clone());
     Ok((results, stored))
 }
 
@@ -272,6 +274,7 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
         hosts.start(id)?;
     }
     wait_for_leader(&hosts, Duration::from_secs(30)).await?;
+    let functions = pipelines::Functions::start(&opts.vowd, net::BRIDGE_ADDR)?;
 
     let start = Instant::now();
     let ns = move || start.elapsed().as_nanos() as u64;
@@ -307,6 +310,13 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
         )));
     }
 
+    let chains = tokio::spawn(pipelines::client(
+        hosts.client(Duration::from_secs(3))?,
+        functions.base.clone(),
+        start,
+        until_ns.clone(),
+    ));
+
     let mut nemesis = Nemesis::default();
     let mut forwarded = 0;
     let mut fault_error = None;
@@ -334,6 +344,7 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
         keys.extend(c.await?);
     }
     watcher.await?;
+    let chains = chains.await?;
     if let Some(e) = fault_error {
         return Err(e);
     }
@@ -346,7 +357,15 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     let recovered = async {
         wait_for_leader(&hosts, Duration::from_secs(30)).await?;
         wait_converged(&hosts, Duration::from_secs(60)).await?;
-        final_reads(&hosts, &keys, opts.clients, &next_id, ns, &tx).await
+        final_reads(&hosts, &keys, opts.clients, &next_id, ns, &tx).await?;
+        // Every acknowledged chain completes on the healed cluster, each step settled once.
+        let (tally, anomalies) =
+            pipelines::check(&hosts.client(Duration::from_secs(10))?, &chains, functions.calls()).await;
+        for a in anomalies {
+            tx.send(Entry::Anomaly(a)).await?;
+        }
+        tx.send(Entry::Pipelines(tally)).await?;
+        anyhow::Ok(())
     }
     .await;
     nemesis.record_crashes(&mut hosts, ns());
@@ -363,7 +382,8 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     }
     drop(tx);
     let stored = recorder.await??;
-    let results = Results::new(&stored.ops, judge(&opts.out, &stored), stored.events.clone(), setup);
+    let results = Results::new(&stored.ops, judge(&opts.out, &stored), stored.events.clone(), setup)
+        .with_pipelines(stored.pipelines.clone());
     report::write_all(&opts.out, &results, &stored.ops)?;
     Ok(results)
 }

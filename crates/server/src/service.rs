@@ -81,7 +81,16 @@ impl Promises {
         let is_settled = |p: &Option<Promise>| p.as_ref().is_some_and(|p| p.state.is_settled());
         // Subscribe before the read: a settle applied after the read is then always heard.
         let mut announcements = replica.subscribe();
-        let first = self.router.read(id).await?;
+        // A settlement is final: one this replica holds is the answer, whoever leads.
+        if let Some(p) = settled_here() {
+            return Ok(Some(p));
+        }
+        // The read goes to the leader and may wait for one to be elected; meanwhile this replica
+        // may apply the settlement, which is final (write-once): answer with it at once.
+        let first = tokio::select! {
+            first = self.router.read(id) => first?,
+            settled = settled_locally(&mut announcements, id, settled_here) => return Ok(Some(settled)),
+        };
         if first.is_none() || is_settled(&first) {
             return Ok(first);
         }
@@ -134,6 +143,27 @@ impl Promises {
         let shards = (0..self.router.shard_count()).map(ShardId);
         let pages = try_join_all(shards.map(|s| self.router.search(s, &query))).await?;
         Ok(merge_pages(pages, limit, max_bytes))
+    }
+}
+
+/// Waits until this replica holds `id` settled, as its announcements tell; never returns if the
+/// stream closes (the caller's other branch answers then).
+async fn settled_locally(
+    announcements: &mut tokio::sync::broadcast::Receiver<Announcement>,
+    id: &PromiseId,
+    settled_here: impl Fn() -> Option<Promise>,
+) -> Promise {
+    loop {
+        match announcements.recv().await {
+            Ok(Announcement::Settled(settled_id)) if settled_id != *id => continue,
+            Ok(Announcement::Ready(_)) => continue,
+            Ok(Announcement::Settled(_) | Announcement::StateReplaced) | Err(RecvError::Lagged(_)) => {
+                if let Some(p) = settled_here() {
+                    return p;
+                }
+            }
+            Err(RecvError::Closed) => std::future::pending().await,
+        }
     }
 }
 
