@@ -137,7 +137,10 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
     let vowd = vowd.display().to_string();
     let cluster =
         DevCluster::up_env(3, &[], &[], &[("VOW_VOWD", vowd.as_str()), ("VOW_SABOTAGE", "wal-fsync-failpoint")])?;
-    let leader = cluster.leader().await?;
+    // Every write goes to one shard, led by the node whose disk fails: its appends are then in
+    // flight whenever the failure comes (with ids over all eight shards, most writes went to
+    // other leaders, and a failed fsync could hold none of this node's own entries).
+    let leader = cluster.leader_of("{f}").await?;
     let direct = Client::with_options(
         &[cluster.node(leader).grpc.as_str()],
         Options {
@@ -158,7 +161,7 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
                 let mut results = Vec::new();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let id = format!("f-{w:02}-{i:04}");
+                    let id = format!("{{f}}-{w:02}-{i:04}");
                     let r = c.create(create_req(&id, &format!("k-{id}"))).await.map(|_| ());
                     results.push((id, r));
                     i += 1;
