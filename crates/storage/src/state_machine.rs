@@ -283,7 +283,7 @@ fn merged_keys(
     let mut it = db.raw_iterator_cf_opt(state, opts);
     it.seek(prefix);
     let mut found = Vec::new();
-    while it.valid() && found.len() < limit + deleted.len() {
+    while it.valid() && found.len() < limit.saturating_add(deleted.len()) {
         let Some(key) = it.key() else { break };
         if !key.starts_with(prefix) {
             break;

@@ -190,10 +190,10 @@ fn arb_step() -> impl Strategy<Value = Step> {
             prop_oneof![1 => (0..IDS.len()).prop_map(Target::Any), 3 => any::<Index>().prop_map(Target::Existing)],
             0..IDS.len(),
             prop_oneof![1 => (0..IDS.len()).prop_map(Target::Any), 3 => any::<Index>().prop_map(Target::Pending)],
-            any::<bool>()
+            prop::bool::weighted(0.7)
         )
             .prop_map(|(cid, source, other, target, join)| Cmd::Register { cid, source, other, target, join }),
-        4 => (0..CIDS.len(), 0u32..2, prop::sample::select(vec![SettleAs::Resolve, SettleAs::Resolve, SettleAs::Reject]))
+        6 => (0..CIDS.len(), 0u32..2, prop::sample::select(vec![SettleAs::Resolve, SettleAs::Resolve, SettleAs::Reject]))
             .prop_map(|(cid, index, settle_as)| Cmd::Offer { cid, index, settle_as }),
         2 => (0..CIDS.len()).prop_map(|cid| Cmd::Complete { cid }),
     ];
@@ -774,11 +774,12 @@ fn command(reader: &ShardState, base: &MemState, stamp_ms: i64, cmd: &Cmd) -> Re
 /// coverage of all cases can be checked at the end.
 #[test]
 fn the_rocksdb_state_machine_agrees_with_vow_core() {
-    // Every case opens several RocksDB instances; a few dozen cases keep the test to seconds.
+    // Every case opens several RocksDB instances; ~100 cases keep the test to seconds and reach
+    // every path in MUST_COVER in 30 runs of 30 (the pipeline commands made the mix wider).
     // A failure is shrunk to a minimal sequence, printed, and its seed persisted under
     // proptest-regressions/ so that the next run replays it first.
     let config = ProptestConfig {
-        cases: 32,
+        cases: 96,
         max_shrink_iters: 4_000,
         source_file: Some(file!()),
         // Beside this file, where `proptest!` puts an integration test's, without its warning.
