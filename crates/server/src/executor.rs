@@ -108,7 +108,8 @@ impl Executor {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = still_leading => {}
-                _ = self.lead(&shard) => {}
+                // It returns only when the shard's announcements end: the shard is gone.
+                _ = self.lead(&shard) => return,
             }
             tracing::debug!(shard = %shard.id, term, "executor stops");
         }

@@ -305,25 +305,40 @@ impl Node {
     /// Moves every leadership this node holds to another voter, so that stopping it costs
     /// the cluster no election timeout.
     pub async fn hand_off_leadership(&self) {
-        for shard in self.shards() {
-            if !shard.is_leader() {
+        // Every shard at once: one after another, a handoff that waits out its timeout on each of
+        // eight shards would outlast an orchestrator's grace period.
+        futures::future::join_all(self.shards().iter().filter(|s| s.is_leader()).map(|s| self.hand_off(s))).await;
+    }
+
+    /// Moves `shard`'s leadership to its most caught-up voter, or to the next one if that one
+    /// does not take over in time (a transfer can be dropped, e.g. while the target is still
+    /// catching up or an election is under way).
+    async fn hand_off(&self, shard: &Shard) {
+        let metrics = shard.metrics();
+        let mut voters: Vec<(NodeId, u64)> = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.id())
+            .map(|v| {
+                let matched = metrics.replication.as_ref().and_then(|r| r.get(&v).cloned().flatten());
+                (v, matched.map_or(0, |log_id| log_id.index))
+            })
+            .collect();
+        voters.sort_by_key(|(_, matched)| std::cmp::Reverse(*matched));
+        for (to, _) in voters {
+            if shard.raft.trigger().transfer_leader(to).await.is_err() {
                 continue;
             }
-            let metrics = shard.metrics();
-            let voters: Vec<NodeId> =
-                metrics.membership_config.membership().voter_ids().filter(|v| *v != self.id()).collect();
-            // The most caught-up voter takes over.
-            let best = voters.iter().copied().max_by_key(|v| {
-                metrics.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map(|log_id| log_id.index)
-            });
-            let Some(to) = best else { continue };
-            if shard.raft.trigger().transfer_leader(to).await.is_ok() {
-                let moved = shard
-                    .raft
-                    .wait(Some(Duration::from_secs(3)))
-                    .metrics(|m| m.current_leader.is_some_and(|l| l != self.id()), "leadership handed off")
-                    .await;
-                tracing::info!(shard = %shard.id, to = %to, ok = moved.is_ok(), "leadership handed off for shutdown");
+            let moved = shard
+                .raft
+                .wait(Some(Duration::from_millis(1500)))
+                .metrics(|m| m.current_leader.is_some_and(|l| l != self.id()), "leadership handed off")
+                .await
+                .is_ok();
+            tracing::info!(shard = %shard.id, to = %to, ok = moved, "leadership handed off for shutdown");
+            if moved {
+                return;
             }
         }
     }
