@@ -57,47 +57,50 @@ struct Slot<V> {
     in_db: bool,
 }
 
-fn put<K: Eq + std::hash::Hash, V>(map: &mut Map<K, Slot<V>>, key: K, value: V, new: bool) {
-    match map.get_mut(&key) {
+/// The maps slots are kept in: hashed (records, timed index keys) or ordered (continuation
+/// keys, which are scanned by prefix).
+trait SlotMap<K, V> {
+    fn slot(&mut self, key: &K) -> Option<&mut Slot<V>>;
+    fn insert_slot(&mut self, key: K, slot: Slot<V>);
+    fn remove_slot(&mut self, key: &K);
+}
+
+impl<K: Eq + std::hash::Hash, V> SlotMap<K, V> for Map<K, Slot<V>> {
+    fn slot(&mut self, key: &K) -> Option<&mut Slot<V>> {
+        self.get_mut(key)
+    }
+    fn insert_slot(&mut self, key: K, slot: Slot<V>) {
+        self.insert(key, slot);
+    }
+    fn remove_slot(&mut self, key: &K) {
+        self.remove(key);
+    }
+}
+
+impl<K: Ord, V> SlotMap<K, V> for BTreeMap<K, Slot<V>> {
+    fn slot(&mut self, key: &K) -> Option<&mut Slot<V>> {
+        self.get_mut(key)
+    }
+    fn insert_slot(&mut self, key: K, slot: Slot<V>) {
+        self.insert(key, slot);
+    }
+    fn remove_slot(&mut self, key: &K) {
+        self.remove(key);
+    }
+}
+
+fn put<K, V>(map: &mut impl SlotMap<K, V>, key: K, value: V, new: bool) {
+    match map.slot(&key) {
         Some(slot) => slot.value = Some(value),
-        None => {
-            map.insert(key, Slot { value: Some(value), in_db: !new });
-        }
+        None => map.insert_slot(key, Slot { value: Some(value), in_db: !new }),
     }
 }
 
-/// [`put`] for the ordered key map.
-fn put_ordered(map: &mut BTreeMap<Vec<u8>, Slot<()>>, key: Vec<u8>, new: bool) {
-    match map.get_mut(&key) {
-        Some(slot) => slot.value = Some(()),
-        None => {
-            map.insert(key, Slot { value: Some(()), in_db: !new });
-        }
-    }
-}
-
-/// [`delete`] for the ordered key map.
-fn delete_ordered(map: &mut BTreeMap<Vec<u8>, Slot<()>>, key: Vec<u8>) {
-    match map.get_mut(&key) {
-        Some(slot) if !slot.in_db => {
-            map.remove(&key);
-        }
+fn delete<K, V>(map: &mut impl SlotMap<K, V>, key: K) {
+    match map.slot(&key) {
+        Some(slot) if !slot.in_db => map.remove_slot(&key),
         Some(slot) => slot.value = None,
-        None => {
-            map.insert(key, Slot { value: None, in_db: true });
-        }
-    }
-}
-
-fn delete<K: Eq + std::hash::Hash, V>(map: &mut Map<K, Slot<V>>, key: K) {
-    match map.get_mut(&key) {
-        Some(slot) if !slot.in_db => {
-            map.remove(&key);
-        }
-        Some(slot) => slot.value = None,
-        None => {
-            map.insert(key, Slot { value: None, in_db: true });
-        }
+        None => map.insert_slot(key, Slot { value: None, in_db: true }),
     }
 }
 
@@ -277,14 +280,14 @@ impl Layer {
         let Some(c) = record else { return };
         let ready_key = keys::named(shard, keys::STATE_READY, &c.id);
         if was_ready && !is_ready {
-            delete_ordered(keys, ready_key);
+            delete(keys, ready_key);
         } else if is_ready && !was_ready {
-            put_ordered(keys, ready_key, true);
+            put(keys, ready_key, (), true);
         }
         let anchor_key = keys::anchor(shard, c.anchor().as_str(), &c.id);
         match (&change.before, change.after) {
             (None, Some(after)) => {
-                put_ordered(keys, anchor_key, true);
+                put(keys, anchor_key, (), true);
                 *self.anchors.entry(after.continuation.anchor().clone()).or_default() += 1;
                 self.unflushed.bytes += 256 + after.continuation.sources.len() * 64;
                 put(&mut self.unflushed.continuations, after.continuation.id.clone(), after, true);
@@ -294,7 +297,7 @@ impl Layer {
                 put(&mut self.unflushed.continuations, after.continuation.id.clone(), after, false);
             }
             (Some(before), None) => {
-                delete_ordered(keys, anchor_key);
+                delete(keys, anchor_key);
                 let anchor = before.continuation.anchor();
                 if let Some(n) = self.anchors.get_mut(anchor) {
                     *n -= 1;
