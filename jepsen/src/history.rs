@@ -225,6 +225,20 @@ pub struct NemesisEvent {
     pub nodes: Vec<u64>,
 }
 
+/// What the pipeline workload ([`crate::pipelines`]) did and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineTally {
+    pub submitted: usize,
+    /// Submit and input resolve both acknowledged: must complete.
+    pub acknowledged: usize,
+    pub completed: usize,
+    pub stuck: usize,
+    pub wrong: usize,
+    /// The function calls the cluster made (transient failures and repeats after a leader
+    /// change included).
+    pub function_calls: u64,
+}
+
 /// One line of `history.jsonl`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -237,7 +251,7 @@ pub enum Entry {
     /// after the heal, a panic in a node's log): kept so a re-check reports it too.
     Anomaly(Anomaly),
     /// What the pipeline workload did and found (its anomalies are `Anomaly` lines).
-    Pipelines(crate::pipelines::PipelineTally),
+    Pipelines(PipelineTally),
 }
 
 /// The file a run's history goes to, in its output directory.
@@ -272,7 +286,7 @@ pub struct Stored {
     pub ops: Vec<Op>,
     pub events: Vec<NemesisEvent>,
     pub anomalies: Vec<Anomaly>,
-    pub pipelines: Option<crate::pipelines::PipelineTally>,
+    pub pipelines: Option<PipelineTally>,
     /// A last line cut short: the run was killed while writing it. It is left out.
     pub torn_tail: bool,
 }

@@ -23,10 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use vow_client::{Client, Error, pb};
 
-use crate::history::Anomaly;
+use crate::history::{Anomaly, PipelineTally};
 
 /// How often the pipeline client submits a chain.
 pub const CHAIN_EVERY: Duration = Duration::from_millis(300);
@@ -36,20 +35,6 @@ pub const SETTLE_AFTER_HEAL: Duration = Duration::from_secs(30);
 /// not acknowledged.
 const RETRY_FOR: Duration = Duration::from_secs(8);
 const STEPS: usize = 4;
-
-/// What the pipeline workload did and found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PipelineTally {
-    pub submitted: usize,
-    /// Submit and input resolve both acknowledged: must complete.
-    pub acknowledged: usize,
-    pub completed: usize,
-    pub stuck: usize,
-    pub wrong: usize,
-    /// The function calls the cluster made (transient failures and repeats after a leader
-    /// change included).
-    pub function_calls: u64,
-}
 
 /// One chain as the client left it.
 #[derive(Debug, Clone)]

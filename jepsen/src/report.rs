@@ -57,7 +57,7 @@ pub struct Results {
     pub final_reads: usize,
     pub anomalies: Vec<Anomaly>,
     /// The pipeline workload's chains, when the run had it.
-    pub pipelines: Option<crate::pipelines::PipelineTally>,
+    pub pipelines: Option<crate::history::PipelineTally>,
     pub nemesis: Vec<NemesisEvent>,
     /// Flattened: `seed`, `nodes`, `shards`, ... are top-level fields of `results.json`.
     #[serde(flatten)]
@@ -102,7 +102,7 @@ impl Results {
     }
 
     /// With what the pipeline workload did.
-    pub fn with_pipelines(mut self, pipelines: Option<crate::pipelines::PipelineTally>) -> Results {
+    pub fn with_pipelines(mut self, pipelines: Option<crate::history::PipelineTally>) -> Results {
         self.pipelines = pipelines;
         self
     }

@@ -25,7 +25,7 @@ use tokio::sync::Barrier;
 use vow_client::{Client, Options, pb};
 
 use crate::etcd::{self, Etcd};
-use crate::results::BenchResult;
+use crate::results::{BenchResult, new_histogram};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -81,11 +81,6 @@ pub struct BenchArgs {
     /// chain: base URL of running `vow-functions`; default: start one beside this binary.
     #[arg(long)]
     functions: Option<String>,
-}
-
-pub fn new_histogram() -> Histogram<u64> {
-    // 1 µs to 60 s at 3 significant digits.
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
 }
 
 /// Summarises a latency histogram (microseconds) and an error count over `elapsed`.

@@ -27,27 +27,12 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use vow_client::{Client, Options, pb};
 
-use crate::bench::new_histogram;
 use crate::etcd::Etcd;
-
-/// One row of `results.json` for the chain workload.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChainResult {
-    pub variant: String,
-    pub rtt_ms: u64,
-    pub steps: usize,
-    pub iterations: usize,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub max_us: u64,
-    /// This variant's p50 over the pipelined p50 at the same delay.
-    pub p50_vs_pipelined: f64,
-}
+use crate::results::{ChainResult, new_histogram};
 
 /// What the chain run needs from `vow bench`'s arguments.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-use crate::results::BenchResult;
+use crate::results::{BenchResult, ChainResult};
 
 fn color(i: usize) -> RGBColor {
     const PALETTE: [RGBColor; 6] = [
@@ -100,7 +100,7 @@ pub fn latency_cdf(path: &Path, runs: &[(BenchResult, Histogram<u64>)]) -> anyho
 
 /// The chain benchmark: p50 end-to-end latency against the added round trip, one line per
 /// variant (a variant measured at one delay only is a single point).
-pub fn chain(path: &Path, results: &[crate::chain::ChainResult]) -> anyhow::Result<()> {
+pub fn chain(path: &Path, results: &[ChainResult]) -> anyhow::Result<()> {
     let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for r in results {
         series.entry(r.variant.clone()).or_default().push((r.rtt_ms as f64, r.p50_us as f64 / 1000.0));

@@ -1,6 +1,7 @@
-//! One row of `vow bench` results, shared by the bench that measures it and the plots that
-//! draw it (`results.json` is a list of these).
+//! Rows of `vow bench` results, shared by the bench that measures them and the plots that
+//! draw them (`results.json` is a list of these).
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// One row of results: a target, a workload and a client count.
@@ -20,4 +21,23 @@ pub struct BenchResult {
     pub p999_us: u64,
     pub max_us: u64,
     pub errors: u64,
+}
+
+/// One row of `results.json` for the chain workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainResult {
+    pub variant: String,
+    pub rtt_ms: u64,
+    pub steps: usize,
+    pub iterations: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// This variant's p50 over the pipelined p50 at the same delay.
+    pub p50_vs_pipelined: f64,
+}
+
+/// The latency histogram every run records into: 1 µs to 60 s at 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
 }
