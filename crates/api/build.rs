@@ -18,9 +18,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
+    let descriptors = out.join("vow_descriptor.bin");
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("vow_descriptor.bin"))
+        .file_descriptor_set_path(&descriptors)
         .bytes(".vow.raft.v1")
         .compile_protos(&files, &[root])?;
+    // The public API's messages also get serde impls in the protobuf JSON mapping
+    // (lowerCamelCase names, bytes as base64, enums by name) for the HTTP gateway. Every field
+    // is written, defaults included, so a record has the same shape whatever it holds.
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptors)?)?
+        .emit_fields()
+        .build(&[".vow.v1"])?;
     Ok(())
 }

@@ -466,6 +466,7 @@ async fn write(ctx: &Ctx, client: &Client, kind: OpKind, key: String, n: u64, rn
                 deadline_ms: deadline.map_or(0, |d| d.ms),
                 tags: tags.clone().into_iter().collect(),
                 idempotency_key: format!("c-{tag}"),
+                ..Default::default()
             };
             let r = client.create(req).await.map(|r| (r.promise, r.deduplicated));
             let mut op = ctx.op(kind, key, invoked, classify(kind, r));

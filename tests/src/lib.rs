@@ -419,6 +419,7 @@ pub fn create_req(id: &str, key: &str) -> pb::CreateRequest {
         deadline_ms: 0,
         tags: Default::default(),
         idempotency_key: key.into(),
+        ..Default::default()
     }
 }
 

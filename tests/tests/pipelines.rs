@@ -16,6 +16,7 @@ fn create(id: &str) -> pb::CreateRequest {
         deadline_ms: 0,
         tags: Default::default(),
         idempotency_key: String::new(),
+        ..Default::default()
     }
 }
 

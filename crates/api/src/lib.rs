@@ -3,13 +3,17 @@
 //! [`v1`] is the public API (`proto/vow/v1/vow.proto`): the `Promises` and `Cluster` services that
 //! functions, the CLI and the Rust SDK speak. [`raft`] is the internal node-to-node transport
 //! (`proto/vow/raft/v1/raft.proto`), [`route`] the internal request routing between nodes
-//! (`proto/vow/route/v1/route.proto`). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+//! (`proto/vow/route/v1/route.proto`). [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection and
+//! the HTTP gateway's OpenAPI document. The [`v1`] messages also implement serde's traits in the
+//! protobuf JSON mapping (pbjson), which is what the HTTP gateway speaks.
 //! Clients and servers both depend on this crate; it has no logic of its own.
 
 #![allow(missing_debug_implementations)] // generated code; the messages derive Debug themselves
 
 pub mod v1 {
     tonic::include_proto!("vow.v1");
+    // serde in the protobuf JSON mapping, for the HTTP gateway.
+    include!(concat!(env!("OUT_DIR"), "/vow.v1.serde.rs"));
 }
 
 pub mod raft {

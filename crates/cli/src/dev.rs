@@ -119,6 +119,10 @@ fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, extra: &[String
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("vowd.log"))?;
     let vowd = vowd_path();
     let mut cmd = Command::new(&vowd);
+    // Every node verifies the completion tokens any node issued: they share one key file.
+    if !extra.iter().any(|a| a.starts_with("--completion-keys-file")) {
+        cmd.arg("--completion-keys-file").arg(completion_keys(dir)?);
+    }
     cmd.arg("--node-id")
         .arg(node.node_id.to_string())
         .arg("--data-dir")
@@ -139,6 +143,26 @@ fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, extra: &[String
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let child = cmd.spawn().with_context(|| format!("starting {} (set VOW_VOWD to its path)", vowd.display()))?;
     Ok(child.id())
+}
+
+/// The cluster's completion-token key file in `dir`, made with one random key (readable by its
+/// owner only) the first time.
+fn completion_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("completion-keys");
+    if !path.exists() {
+        let key: [u8; 32] = rand::random();
+        let line: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(path)
 }
 
 async fn up(

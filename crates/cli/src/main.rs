@@ -6,7 +6,7 @@
 //! removed.
 //!
 //! Exit codes: 0 success, 1 other errors, 2 bad usage or input, 3 not found, 4 already
-//! exists / already settled, 5 cluster unavailable.
+//! exists / already settled, 5 cluster unavailable, 6 permission denied.
 
 mod bench;
 mod chain;
@@ -25,7 +25,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use output::{Output, state_name};
 use serde_json::json;
-use vow_client::{Client, Error, Options, pb};
+use vow_client::{Client, Error, Options, Settle, pb};
 
 /// The bench spends much of its time allocating (request and response messages, HTTP/2 frames);
 /// glibc's malloc and free were ~9% of its CPU profile.
@@ -66,6 +66,13 @@ enum Command {
         deadline_in: Option<Duration>,
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Also issue a completion token valid this long (e.g. 1h): whoever holds it may settle
+        /// this promise, and nothing else (printed as `completion_token`).
+        #[arg(long, value_parser = parse_duration)]
+        token_ttl: Option<Duration>,
+        /// What the token allows (repeatable): resolve, reject, cancel. Default: resolve, reject.
+        #[arg(long = "token-allows", requires = "token_ttl", value_parser = ["resolve", "reject", "cancel"])]
+        token_allows: Vec<String>,
     },
     /// Read a promise (linearizable unless --stale).
     Get {
@@ -187,6 +194,10 @@ struct SettleArgs {
     value: ValueArgs,
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// A completion token for this promise (from `vow create --token-ttl`); also read from
+    /// `VOW_COMPLETION_TOKEN`.
+    #[arg(long, env = "VOW_COMPLETION_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -274,6 +285,9 @@ fn response_json(r: &pb::PromiseResponse) -> serde_json::Value {
     if r.deduplicated {
         v["deduplicated"] = json!(true);
     }
+    if !r.completion_token.is_empty() {
+        v["completion_token"] = json!(r.completion_token);
+    }
     v
 }
 
@@ -312,7 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(Client::with_options(&endpoints, options)?)
     };
     match cli.command {
-        Command::Create { id, value, tags, deadline_ms, deadline_in, idempotency_key } => {
+        Command::Create { id, value, tags, deadline_ms, deadline_in, idempotency_key, token_ttl, token_allows } => {
             let deadline_ms = match (deadline_ms, deadline_in) {
                 (Some(ms), _) => ms,
                 (None, Some(d)) => now_ms().saturating_add(d.as_millis() as i64),
@@ -324,6 +338,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 deadline_ms,
                 tags: tags.into_iter().collect::<HashMap<_, _>>(),
                 idempotency_key: idempotency_key.unwrap_or_default(),
+                completion_token_ttl_ms: match token_ttl {
+                    None => 0,
+                    Some(d) => u32::try_from(d.as_millis()).map_err(|_| {
+                        anyhow::Error::new(Error::InvalidArgument("--token-ttl is over 49 days".into()))
+                    })?,
+                },
+                completion_token_operations: token_allows
+                    .iter()
+                    .map(|op| match op.as_str() {
+                        "resolve" => pb::Operation::Resolve as i32,
+                        "reject" => pb::Operation::Reject as i32,
+                        _ => pb::Operation::Cancel as i32,
+                    })
+                    .collect(),
             };
             print_response(output, &client()?.create(req).await?);
         }
@@ -333,15 +361,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Resolve(a) => {
             let v = a.value.into_value()?;
-            print_response(output, &client()?.resolve(&a.id, v, a.idempotency_key).await?);
+            let r =
+                client()?.settle_with_token(Settle::Resolve, &a.id, v, a.idempotency_key, a.token.as_deref()).await?;
+            print_response(output, &r);
         }
         Command::Reject(a) => {
             let v = a.value.into_value()?;
-            print_response(output, &client()?.reject(&a.id, v, a.idempotency_key).await?);
+            let r =
+                client()?.settle_with_token(Settle::Reject, &a.id, v, a.idempotency_key, a.token.as_deref()).await?;
+            print_response(output, &r);
         }
         Command::Cancel(a) => {
             let v = a.value.into_value()?;
-            print_response(output, &client()?.cancel(&a.id, v, a.idempotency_key).await?);
+            let r =
+                client()?.settle_with_token(Settle::Cancel, &a.id, v, a.idempotency_key, a.token.as_deref()).await?;
+            print_response(output, &r);
         }
         Command::Await { id, wait } => print_promise(output, &client()?.await_settled(&id, wait).await?),
         Command::Search { prefix, state, tags, limit, page_token } => {
@@ -422,6 +456,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::NotFound(_)) => 3,
         Some(Error::AlreadyExists { .. } | Error::AlreadySettled { .. }) => 4,
         Some(Error::Unavailable { .. }) => 5,
+        Some(Error::PermissionDenied(_)) => 6,
         Some(Error::InvalidArgument(_) | Error::Client(_)) => 2,
         _ => 1,
     }

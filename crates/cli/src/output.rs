@@ -175,7 +175,8 @@ pub fn promise_table(p: &pb::Promise, deduplicated: bool) -> String {
 /// A reply to create, resolve, reject or cancel.
 pub fn response_table(r: &pb::PromiseResponse) -> String {
     match &r.promise {
-        Some(p) => promise_table(p, r.deduplicated),
+        Some(p) if r.completion_token.is_empty() => promise_table(p, r.deduplicated),
+        Some(p) => format!("{}completion token: {}\n", promise_table(p, r.deduplicated), r.completion_token),
         None => "no record in the reply\n".to_owned(),
     }
 }

@@ -126,6 +126,7 @@ impl PipelineFile {
                 deadline_ms,
                 tags: p.tags.clone().into_iter().collect(),
                 idempotency_key: p.idempotency_key.clone(),
+                ..Default::default()
             });
         }
         let mut continuations = Vec::new();

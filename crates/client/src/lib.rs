@@ -49,6 +49,10 @@ pub enum Error {
     /// The request breaks a limit (named in the message) or is malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A completion token (or, with the authorisation layer, a credential) does not allow the
+    /// call; nothing was done.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The cluster could not serve the call before its deadline. When `outcome_unknown` is set,
     /// a write may have taken effect: retry it with the same idempotency key to find out.
     #[error("unavailable{}: {message}", if *outcome_unknown { " (outcome unknown)" } else { "" })]
@@ -76,6 +80,7 @@ impl Error {
             Code::FailedPrecondition => Error::AlreadySettled { message, current: current() },
             Code::NotFound => Error::NotFound(message),
             Code::InvalidArgument => Error::InvalidArgument(message),
+            Code::PermissionDenied | Code::Unauthenticated => Error::PermissionDenied(message),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
                 Error::Unavailable { message: format!("{}: {message}", s.code()), outcome_unknown }
             }
@@ -403,6 +408,28 @@ impl Client {
         value: pb::Value,
         key: Option<String>,
     ) -> Result<pb::PromiseResponse> {
+        self.settle_with_token(how, id, value, key, None).await
+    }
+
+    /// Settles `id` as `how`, presenting `token` (a completion token from the promise's
+    /// Create) when given: the cluster refuses with [`Error::PermissionDenied`], settling
+    /// nothing, unless the token allows this operation on this promise now.
+    pub async fn settle_with_token(
+        &self,
+        how: Settle,
+        id: &str,
+        value: pb::Value,
+        key: Option<String>,
+        token: Option<&str>,
+    ) -> Result<pb::PromiseResponse> {
+        let authorization = match token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                    .map_err(|_| Error::InvalidArgument("a completion token is ASCII text".into()))?,
+            ),
+        };
         let generated = key.as_deref().is_none_or(str::is_empty);
         let req = pb::SettleRequest {
             id: id.to_owned(),
@@ -411,7 +438,10 @@ impl Client {
         };
         let result = self
             .call(Effect::Write, Patience::Default, Route::Promise(id), |c, t| {
-                let req = Self::request(req.clone(), t);
+                let mut req = Self::request(req.clone(), t);
+                if let Some(a) = &authorization {
+                    req.metadata_mut().insert("authorization", a.clone());
+                }
                 async move {
                     let mut client = promises(c);
                     match how {
@@ -624,8 +654,9 @@ enum Effect {
     Write,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Settle {
+/// How a settle settles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
     Resolve,
     Reject,
     Cancel,

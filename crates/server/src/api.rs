@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,12 @@ use crate::pipelines::Pipelines;
 use crate::raft_service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
+use crate::tokens::{self, CompletionKeys, TokenError};
 use vow_storage::state_machine::SearchFilter;
 
 /// Default and largest server-side wait of an Await.
-const AWAIT_DEFAULT: Duration = Duration::from_secs(30);
-const AWAIT_MAX: Duration = Duration::from_secs(300);
+pub const AWAIT_DEFAULT: Duration = Duration::from_secs(30);
+pub const AWAIT_MAX: Duration = Duration::from_secs(300);
 /// Search page size: default and cap.
 const SEARCH_DEFAULT_LIMIT: usize = 100;
 const SEARCH_MAX_LIMIT: usize = 1000;
@@ -45,7 +47,7 @@ const PENDING_RESET_STREAMS: usize = 1024;
 /// Serves every gRPC service on `listener` until `shutdown` completes.
 pub async fn serve(
     router: Router,
-    functions: Functions,
+    promises_api: Arc<PromisesApi>,
     data_dir: PathBuf,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -91,12 +93,9 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
-            PromisesServer::new(PromisesApi {
-                promises: service::Promises::new(router.clone()),
-                pipelines: Pipelines::new(router.clone(), functions),
-            })
-            .max_decoding_message_size(max_request)
-            .max_encoding_message_size(usize::MAX),
+            PromisesServer::from_arc(promises_api)
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(usize::MAX),
         )
         .add_service(
             ClusterServer::new(ClusterApi { router: router.clone() }).max_decoding_message_size(REQUEST_SLACK_BYTES),
@@ -169,13 +168,24 @@ impl Connected for ScalarWrites {
 const REQUEST_SLACK_BYTES: usize = 64 << 10;
 
 /// The public `Promises` service: decodes and validates, calls [`service::Promises`], encodes.
+/// The HTTP gateway ([`crate::gateway`]) calls the same methods, so both protocols share one
+/// behaviour.
 #[derive(Debug)]
 pub struct PromisesApi {
     promises: service::Promises,
     pipelines: Pipelines,
+    keys: CompletionKeys,
 }
 
 impl PromisesApi {
+    pub fn new(router: Router, functions: Functions, keys: CompletionKeys) -> PromisesApi {
+        PromisesApi {
+            promises: service::Promises::new(router.clone()),
+            pipelines: Pipelines::new(router, functions),
+            keys,
+        }
+    }
+
     fn node(&self) -> &Node {
         self.promises.router().node()
     }
@@ -217,13 +227,72 @@ impl PromisesApi {
         settle_as: SettleAs,
     ) -> Result<Response<pb::PromiseResponse>, Status> {
         let command = convert::settle_command(self.node().limits(), req.get_ref().clone(), settle_as)?;
+        if let vow_core::Command::Settle { id, .. } = &command {
+            self.check_completion_token(&req, id, settle_as)?;
+        }
         self.write(method, &req, command).await
+    }
+
+    /// A settle that presents a completion token (`authorization: Bearer ...`) goes ahead only
+    /// if the token allows this operation on this promise now; one presenting none is not
+    /// checked here (who may write at all is the authorisation layer's business).
+    fn check_completion_token<T>(&self, req: &Request<T>, id: &PromiseId, settle_as: SettleAs) -> Result<(), Status> {
+        let Some(auth) = req.metadata().get("authorization") else { return Ok(()) };
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <completion token>`"))?;
+        self.keys.verify(token.trim(), id, settle_as.into(), self.node().wall_ms()).map_err(|e| match e {
+            TokenError::NoKeys => Status::permission_denied(format!("{e}: the token cannot be checked")),
+            e => Status::permission_denied(format!("{e}; nothing was settled")),
+        })
+    }
+
+    /// What a Create asks its completion token to allow, checked before anything is written.
+    fn token_request(&self, r: &pb::CreateRequest) -> Result<Option<(Vec<tokens::Operation>, Duration)>, Status> {
+        if r.completion_token_ttl_ms == 0 {
+            if !r.completion_token_operations.is_empty() {
+                return Err(Status::invalid_argument(
+                    "completion_token_operations needs completion_token_ttl_ms (the token's lifetime)",
+                ));
+            }
+            return Ok(None);
+        }
+        let ttl = Duration::from_millis(u64::from(r.completion_token_ttl_ms));
+        if ttl > tokens::MAX_TTL {
+            return Err(Status::invalid_argument(format!(
+                "completion_token_ttl_ms is over the {} s a token may live",
+                tokens::MAX_TTL.as_secs()
+            )));
+        }
+        if !self.keys.configured() {
+            return Err(Status::failed_precondition(
+                "this cluster has no completion-token keys: start every node with --completion-keys-file",
+            ));
+        }
+        let mut ops = Vec::new();
+        for op in &r.completion_token_operations {
+            let op = match pb::Operation::try_from(*op) {
+                Ok(pb::Operation::Resolve) => tokens::Operation::Resolve,
+                Ok(pb::Operation::Reject) => tokens::Operation::Reject,
+                Ok(pb::Operation::Cancel) => tokens::Operation::Cancel,
+                _ => return Err(Status::invalid_argument(format!("unknown completion token operation {op}"))),
+            };
+            if !ops.contains(&op) {
+                ops.push(op);
+            }
+        }
+        if ops.is_empty() {
+            ops = vec![tokens::Operation::Resolve, tokens::Operation::Reject];
+        }
+        Ok(Some((ops, ttl)))
     }
 }
 
 fn record_reply(id: &PromiseId, record: Option<vow_core::Promise>) -> Result<pb::PromiseResponse, Status> {
     match record {
-        Some(p) => Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), deduplicated: false }),
+        Some(p) => Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), ..Default::default() }),
         None => Err(Status::not_found(format!("no promise {id}"))),
     }
 }
@@ -247,8 +316,19 @@ fn decode_token(token: &str) -> Result<String, Status> {
 #[tonic::async_trait]
 impl Promises for PromisesApi {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
+        let token = self.token_request(req.get_ref())?;
         let command = convert::create_command(self.node().limits(), req.get_ref().clone(), self.node().wall_ms())?;
-        self.write("create", &req, command).await
+        let mut reply = self.write("create", &req, command).await?;
+        if let Some((ops, ttl)) = token {
+            let id = self.node().limits().check_id(&req.get_ref().id).map_err(|e| Status::invalid_argument(e.0))?;
+            let expires_ms = self.node().wall_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+            // The promise exists now; a token that cannot be made is the only thing missing, and
+            // a retry with the same idempotency key asks again.
+            reply.get_mut().completion_token = self.keys.issue(&id, &ops, expires_ms).map_err(|e| {
+                Status::unavailable(format!("the promise was created but {e}; retry with the same idempotency key"))
+            })?;
+        }
+        Ok(reply)
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::PromiseResponse>, Status> {

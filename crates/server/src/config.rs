@@ -77,6 +77,11 @@ pub struct Args {
     /// Deadline given to creates without one, in seconds from now (default 1 day).
     #[arg(long, env = "VOW_DEFAULT_DEADLINE_SECS")]
     pub default_deadline_secs: Option<u64>,
+    /// File of completion-token keys, one per line, the first signing (see README "Completion
+    /// tokens"). Every node of a cluster needs the same file. Default: a single-node cluster
+    /// generates one in its data directory; a larger one issues no tokens.
+    #[arg(long, env = "VOW_COMPLETION_KEYS_FILE")]
+    pub completion_keys_file: Option<PathBuf>,
     /// Log filter, e.g. `info` or `vow_server=debug` (RUST_LOG works too).
     #[arg(long, env = "VOW_LOG")]
     pub log: Option<String>,
@@ -103,6 +108,7 @@ pub struct FileConfig {
     pub election_timeout_ms: Option<u64>,
     pub snapshot_logs: Option<u64>,
     pub retention_secs: Option<u64>,
+    pub completion_keys_file: Option<PathBuf>,
     pub log: Option<String>,
     #[serde(default)]
     pub limits: FileLimits,
@@ -139,9 +145,36 @@ pub struct Config {
     pub raft: RaftOptions,
     pub retention: Duration,
     pub limits: Limits,
+    /// Where completion-token keys come from.
+    pub completion_keys: KeySource,
     pub log: String,
     /// See [`Args::test_clock_offset_ms`].
     pub test_clock_offset_ms: i64,
+}
+
+/// Where a node's completion-token keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `--completion-keys-file`: shared by every node, watched for rotations.
+    File(PathBuf),
+    /// `VOW_COMPLETION_KEYS`: comma-separated keys.
+    Inline(String),
+    /// A single-node cluster's own key, generated at this path on first start.
+    Generated(PathBuf),
+    /// None configured in a cluster of several nodes: no tokens.
+    None,
+}
+
+impl KeySource {
+    pub fn load(&self) -> anyhow::Result<crate::tokens::CompletionKeys> {
+        use crate::tokens::CompletionKeys;
+        match self {
+            KeySource::File(p) => CompletionKeys::from_file(p),
+            KeySource::Inline(list) => CompletionKeys::from_list(list),
+            KeySource::Generated(p) => CompletionKeys::generated_at(p),
+            KeySource::None => Ok(CompletionKeys::none()),
+        }
+    }
 }
 
 pub const MAX_SHARDS: u32 = 256;
@@ -157,6 +190,12 @@ pub const MIN_RETENTION: Duration = Duration::from_secs(60);
 
 impl Config {
     pub fn from_args(args: Args) -> anyhow::Result<Config> {
+        Config::from_args_and_keys(args, std::env::var("VOW_COMPLETION_KEYS").ok().filter(|k| !k.is_empty()))
+    }
+
+    /// [`Config::from_args`] with the value of `VOW_COMPLETION_KEYS` given (keys are not a
+    /// flag: a command line is visible to every user of the machine).
+    pub fn from_args_and_keys(args: Args, inline_keys: Option<String>) -> anyhow::Result<Config> {
         let file = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -232,9 +271,17 @@ impl Config {
                 MIN_RETENTION.as_secs()
             );
         }
+        let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("vow-data"));
+        let single_node = join.is_empty() && initial_members.len() == 1;
+        let completion_keys = match (args.completion_keys_file.or(file.completion_keys_file), inline_keys) {
+            (Some(path), _) => KeySource::File(path),
+            (None, Some(list)) => KeySource::Inline(list),
+            (None, None) if single_node => KeySource::Generated(data_dir.join("completion-keys")),
+            (None, None) => KeySource::None,
+        };
         Ok(Config {
             node_id: node,
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("vow-data")),
+            data_dir,
             grpc_addr,
             advertise_addr,
             http_addr,
@@ -246,6 +293,7 @@ impl Config {
             raft,
             retention,
             limits,
+            completion_keys,
             // openraft logs every election step at INFO; its warnings are what operators need.
             log: args.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into()),
             test_clock_offset_ms: args.test_clock_offset_ms.unwrap_or(0),

@@ -110,7 +110,7 @@ fn with_current(mut status: Status, current: Promise) -> Status {
 pub fn outcome_reply(outcome: Outcome) -> Result<pb::PromiseResponse, Status> {
     match outcome {
         Outcome::Created { promise, deduplicated } | Outcome::Settled { promise, deduplicated } => {
-            Ok(pb::PromiseResponse { promise: Some(promise_to_pb(promise)), deduplicated })
+            Ok(pb::PromiseResponse { promise: Some(promise_to_pb(promise)), deduplicated, ..Default::default() })
         }
         Outcome::CreateConflict { current } => Err(with_current(
             Status::already_exists(format!(

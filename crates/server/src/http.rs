@@ -1,7 +1,9 @@
-//! The HTTP endpoints for operators: `/livez`, `/readyz` and `/metrics` (Prometheus text).
+//! The node's HTTP port: the endpoints for operators (`/livez`, `/readyz`, `/metrics` in
+//! Prometheus text) and the public HTTP/JSON gateway under `/v1/` ([`crate::gateway`]).
 
 use std::fmt::Write;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
@@ -11,18 +13,23 @@ use axum::routing::get;
 use openraft::ServerState;
 use tokio::net::TcpListener;
 
+use crate::api::PromisesApi;
 use crate::node::Node;
 
 pub async fn serve(
     node: Node,
+    api: Arc<PromisesApi>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // A JSON body carries data as base64 (4/3 of the bytes) and field names around it.
+    let max_body = node.limits().max_command_bytes().saturating_mul(3) / 2 + (64 << 10);
     let app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(node);
+        .with_state(node)
+        .merge(crate::gateway::router(api, max_body));
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

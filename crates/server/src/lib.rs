@@ -3,7 +3,8 @@
 //! A node opens one RocksDB through `vow-storage` (the log store and state machine of every
 //! shard) and one openraft instance per shard ([`shard`], [`raft`]); serves the public gRPC
 //! API, the internal Raft and Route transports, health and reflection on one port ([`api`]) and
-//! operator endpoints on another ([`http`]); carries every request to its shard's leader
+//! operator endpoints and the HTTP/JSON gateway on another ([`http`], [`gateway`], with its
+//! generated [`openapi`] document); checks completion tokens ([`tokens`]); carries every request to its shard's leader
 //! ([`router`]) behind protocol-neutral promise operations ([`service`]) and pipeline
 //! operations ([`pipelines`]); runs each shard's ready continuations while it leads the shard
 //! ([`executor`], calling users' HTTP functions through [`functions`]); and runs the leader's
@@ -11,8 +12,8 @@
 //! [`server::run`] is the entry point; the `vowd` binary only parses [`config::Config`] and
 //! calls it.
 //!
-//! Module dependencies run one way: `server` → `executor`, `api` → `pipelines`, `http` →
-//! `service` → `router` → `node` →
+//! Module dependencies run one way: `server` → `executor`, `http` → `gateway` → `openapi`,
+//! `gateway` → `api` → `pipelines`, `api` → `tokens`, `api` → `service` → `router` → `node` →
 //! `shard` → `raft`, storage (and `api` → `raft_service` → `shard`); nothing below imports
 //! anything above it.
 //!
@@ -26,9 +27,11 @@ pub mod config;
 pub mod convert;
 pub mod executor;
 pub mod functions;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod openapi;
 pub mod peers;
 pub mod pipelines;
 pub mod raft;
@@ -39,3 +42,4 @@ pub mod server;
 pub mod service;
 pub mod shard;
 pub mod sweeper;
+pub mod tokens;

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use vow_core::{NodeId, ShardId};
 
+use crate::api::PromisesApi;
 use crate::clock::{PeerClocks, WallClock};
 use crate::config::Config;
 use crate::executor::Executor;
@@ -87,16 +88,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     // A function's answer becomes a promise value: no bigger than the limits allow.
     let functions = Functions::new(config.limits.max_data_bytes);
     let executor = Executor::new(router.clone(), functions.clone());
+    let keys = config.completion_keys.load().context("loading the completion-token keys")?;
+    let promises_api = Arc::new(PromisesApi::new(router.clone(), functions, keys));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = tokio::spawn(crate::api::serve(
         router,
-        functions,
+        promises_api.clone(),
         config.data_dir.clone(),
         listeners.grpc,
         wait_stop(stop_rx.clone()),
     ));
-    let http = tokio::spawn(crate::http::serve(node.clone(), listeners.http, wait_stop(stop_rx.clone())));
+    let http = tokio::spawn(crate::http::serve(node.clone(), promises_api, listeners.http, wait_stop(stop_rx.clone())));
 
     if !config.initial_members.is_empty() {
         let members: Vec<(NodeId, String)> = config.initial_members.iter().map(|(k, v)| (*k, v.clone())).collect();
