@@ -463,6 +463,15 @@ impl Functions {
         let body = text.split("\r\n\r\n").nth(1).context("no body in /calls answer")?;
         Ok(serde_json::from_str(body)?)
     }
+
+    /// The deliveries webhook receiver `name` (`/hooks/{name}/{n}`) got, refused ones included:
+    /// `[{"body", "signature", "idempotencyKey"}]`.
+    pub fn hooks(&self, name: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let addr = self.base.trim_start_matches("http://");
+        let text = http_get(addr, &format!("/hooks/{name}"))?;
+        let body = text.split("\r\n\r\n").nth(1).context("no body in /hooks answer")?;
+        Ok(serde_json::from_str(body)?)
+    }
 }
 
 impl Drop for Functions {

@@ -242,6 +242,18 @@ async fn every_route_answers_as_its_openapi_document_says() -> anyhow::Result<()
         ensure!(r.status == 200 && state(&r) == want, "{r:?}");
     }
 
+    // Subscriptions: registered (the same twice is one), a bad URL, a missing promise.
+    let hook = json!({"url": "http://127.0.0.1:9/hook", "headers": {"x-team": "a"}});
+    let subs = "/v1/promises/{id}/subscriptions";
+    let r = gw.call("POST", subs, "/v1/promises/order%2F1/subscriptions", Some(hook.clone()), &[])?;
+    ensure!(r.status == 200 && r.body["subscriptionId"].as_str().is_some_and(|s| s.starts_with("sub-")), "{r:?}");
+    let again = gw.call("POST", subs, "/v1/promises/order%2F1/subscriptions", Some(hook), &[])?;
+    ensure!(again.body == r.body, "{again:?}");
+    let r = gw.call("POST", subs, "/v1/promises/order%2F1/subscriptions", Some(json!({"url": "ftp://x"})), &[])?;
+    ensure!(r.status == 400, "{r:?}");
+    let r = gw.call("POST", subs, "/v1/promises/nope/subscriptions", Some(json!({"url": "http://h/x"})), &[])?;
+    ensure!(r.status == 404, "{r:?}");
+
     // Search across shards, filtered, paged.
     for n in 0..5 {
         let r = gw.call("POST", "/v1/promises", "/v1/promises", Some(json!({"id": format!("batch-{n}")})), &[])?;

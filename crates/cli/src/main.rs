@@ -73,6 +73,25 @@ enum Command {
         /// What the token allows (repeatable): resolve, reject, cancel. Default: resolve, reject.
         #[arg(long = "token-allows", requires = "token_ttl", value_parser = ["resolve", "reject", "cancel"])]
         token_allows: Vec<String>,
+        /// POST the record to this URL once the promise settles (repeatable; see `vow subscribe`).
+        #[arg(long = "webhook")]
+        webhooks: Vec<String>,
+    },
+    /// Register a webhook: once the promise settles, its record is POSTed to URL, signed with
+    /// the cluster's webhook secret (`vow webhook-secret`). Prints the subscription id.
+    Subscribe {
+        id: String,
+        url: String,
+        /// Header sent with every delivery, key=value (repeatable).
+        #[arg(long = "header", value_parser = parse_kv)]
+        headers: Vec<(String, String)>,
+    },
+    /// Print the secret webhook receivers check `Vow-Signature` with, derived from the
+    /// cluster's signing key (the first key of the file every node is started with).
+    WebhookSecret {
+        /// The cluster's completion-keys file (`vowd --completion-keys-file`).
+        #[arg(long, env = "VOW_COMPLETION_KEYS_FILE")]
+        keys_file: std::path::PathBuf,
     },
     /// Read a promise (linearizable unless --stale).
     Get {
@@ -326,7 +345,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(Client::with_options(&endpoints, options)?)
     };
     match cli.command {
-        Command::Create { id, value, tags, deadline_ms, deadline_in, idempotency_key, token_ttl, token_allows } => {
+        Command::Create {
+            id,
+            value,
+            tags,
+            deadline_ms,
+            deadline_in,
+            idempotency_key,
+            token_ttl,
+            token_allows,
+            webhooks,
+        } => {
             let deadline_ms = match (deadline_ms, deadline_in) {
                 (Some(ms), _) => ms,
                 (None, Some(d)) => now_ms().saturating_add(d.as_millis() as i64),
@@ -352,6 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         _ => pb::Operation::Cancel as i32,
                     })
                     .collect(),
+                webhooks: webhooks.into_iter().map(|url| pb::Webhook { url, headers: HashMap::new() }).collect(),
             };
             print_response(output, &client()?.create(req).await?);
         }
@@ -376,6 +406,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r =
                 client()?.settle_with_token(Settle::Cancel, &a.id, v, a.idempotency_key, a.token.as_deref()).await?;
             print_response(output, &r);
+        }
+        Command::Subscribe { id, url, headers } => {
+            let sub = client()?.subscribe(&id, &url, headers.into_iter().collect()).await?;
+            print!("{}", output.render(|| json!({ "subscription_id": sub }), || format!("{sub}\n")));
+        }
+        Command::WebhookSecret { keys_file } => {
+            let text =
+                std::fs::read_to_string(&keys_file).with_context(|| format!("reading {}", keys_file.display()))?;
+            let key = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .ok_or_else(|| anyhow::anyhow!("{} holds no key", keys_file.display()))?;
+            println!("{}", vow_client::webhook::secret_of(key.as_bytes()));
         }
         Command::Await { id, wait } => print_promise(output, &client()?.await_settled(&id, wait).await?),
         Command::Search { prefix, state, tags, limit, page_token } => {

@@ -34,6 +34,7 @@ use crate::routing::{Choice, Endpoints, MapFetch};
 
 mod routing;
 pub mod transport;
+pub mod webhook;
 
 /// What went wrong, in the terms a caller acts on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -505,6 +506,25 @@ impl Client {
     }
 
     /// Where a continuation stands (waiting, ready with its attempts, or done).
+    /// Registers a webhook: once `id` settles, its record is POSTed to `url`, signed (see the
+    /// proto). Subscribing the same URL and headers again is the same subscription. Returns
+    /// the subscription id (its deliveries: [`Client::get_continuation`]).
+    pub async fn subscribe(
+        &self,
+        id: &str,
+        url: &str,
+        headers: std::collections::HashMap<String, String>,
+    ) -> Result<String> {
+        let req = pb::SubscribeRequest { id: id.to_owned(), url: url.to_owned(), headers };
+        let reply = self
+            .call(Effect::Write, Patience::Default, Route::Promise(id), |c, t| {
+                let req = Self::request(req.clone(), t);
+                async move { promises(c).subscribe(req).await }
+            })
+            .await?;
+        Ok(reply.subscription_id)
+    }
+
     pub async fn get_continuation(&self, id: &str) -> Result<pb::ContinuationStatus> {
         let req = pb::GetContinuationRequest { id: id.to_owned() };
         self.call(Effect::Read, Patience::Default, Route::Any, |c, t| {

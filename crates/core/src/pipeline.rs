@@ -78,6 +78,9 @@ pub enum Action {
     /// Internal, never submitted: offer the source's outcome to join `join` (on the target's
     /// shard) as input `index`. The server registers one per source of a join.
     Deliver { join: String, index: u32 },
+    /// A webhook (`Subscribe`): POST the source's record to `url`. Settles nothing: its
+    /// target is its source, and it runs on any settlement.
+    Notify { url: String, headers: BTreeMap<String, String> },
 }
 
 /// One step of a pipeline: when `sources` settle, run `action` (if `on` matches) and settle
@@ -108,6 +111,8 @@ pub enum Next {
     Invoke,
     /// Offer the outcome to the join the continuation delivers to.
     Deliver,
+    /// Send the source's record to the webhook.
+    Notify,
 }
 
 /// The settle that passes `outcome` on unchanged. A timeout cannot be written by a settle, so
@@ -129,8 +134,10 @@ pub fn pass_on(outcome: &Settlement) -> (SettleAs, Value) {
 /// What the target of a continuation with filter `on` and `action` gets once the outcome it
 /// runs on (its source's, or its join's) is `outcome`.
 pub fn step(on: On, action: &Action, outcome: &Settlement) -> Next {
-    if let Action::Deliver { .. } = action {
-        return Next::Deliver;
+    match action {
+        Action::Deliver { .. } => return Next::Deliver,
+        Action::Notify { .. } => return Next::Notify,
+        _ => {}
     }
     if !on.matches(outcome.state) {
         let (settle_as, value) = pass_on(outcome);
@@ -146,6 +153,7 @@ pub fn step(on: On, action: &Action, outcome: &Settlement) -> Next {
         }
         Action::Invoke { .. } => Next::Invoke,
         Action::Deliver { .. } => Next::Deliver,
+        Action::Notify { .. } => Next::Notify,
     }
 }
 
@@ -284,6 +292,9 @@ impl Continuation {
             Action::Deliver { join, index } => {
                 e.u8(3).str(join).u64(u64::from(*index));
             }
+            Action::Notify { url, headers } => {
+                e.u8(4).str(url).map(headers);
+            }
         }
     }
 
@@ -328,6 +339,7 @@ impl Continuation {
                 prewarm: d.bool("prewarm")?,
             },
             3 => Action::Deliver { join: d.string("join id")?, index: d.u32("join input")? },
+            4 => Action::Notify { url: d.string("webhook url")?, headers: d.map("webhook headers")? },
             _ => return Err(DecodeError::Invalid("action")),
         };
         Ok(Continuation { id, sources, target, combinator, on, action })
@@ -567,8 +579,10 @@ fn check_one(c: &Continuation) -> Result<(), GraphError> {
     if c.id.contains(DELIVERY_SEPARATOR) || c.id.contains('\0') {
         return invalid(format!("the id may not contain {DELIVERY_SEPARATOR:?} or NUL"));
     }
-    if let Action::Deliver { .. } = c.action {
-        return invalid("deliveries are registered by the server, not submitted".into());
+    match c.action {
+        Action::Deliver { .. } => return invalid("deliveries are registered by the server, not submitted".into()),
+        Action::Notify { .. } => return invalid("webhooks are registered with Subscribe, not submitted".into()),
+        _ => {}
     }
     match (c.combinator, c.sources.len()) {
         (_, 0) => return invalid("it names no source".into()),
@@ -730,6 +744,8 @@ mod tests {
             any::<bool>().prop_map(|recover| Action::Forward { recover }),
             (".{0,20}", proptest::collection::btree_map(".{0,5}", ".{0,5}", 0..3), any::<u32>(), any::<bool>())
                 .prop_map(|(url, headers, timeout_ms, prewarm)| Action::Invoke { url, headers, timeout_ms, prewarm }),
+            (".{0,20}", proptest::collection::btree_map(".{0,5}", ".{0,5}", 0..3))
+                .prop_map(|(url, headers)| Action::Notify { url, headers }),
         ];
         let combinator = prop_oneof![
             Just(None),

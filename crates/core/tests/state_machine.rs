@@ -307,6 +307,7 @@ fn arb_continuation() -> impl Strategy<Value = Continuation> {
         (arb_text(), arb_map(), any::<u32>(), any::<bool>())
             .prop_map(|(url, headers, timeout_ms, prewarm)| Action::Invoke { url, headers, timeout_ms, prewarm }),
         (arb_text(), any::<u32>()).prop_map(|(join, index)| Action::Deliver { join, index }),
+        (arb_text(), arb_map()).prop_map(|(url, headers)| Action::Notify { url, headers }),
     ];
     let combinator =
         prop::sample::select(vec![None, Some(Combinator::All), Some(Combinator::Any), Some(Combinator::Race)]);
@@ -444,6 +445,9 @@ fn continuation_layout(l: &mut Layout, c: &Continuation) {
         }
         Action::Deliver { join, index } => {
             l.bytes(join.as_bytes()).varint(u64::from(*index));
+        }
+        Action::Notify { url, headers } => {
+            l.bytes(url.as_bytes()).map(headers);
         }
     }
 }

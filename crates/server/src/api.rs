@@ -27,6 +27,12 @@ use crate::raft_service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
 use crate::tokens::{self, CompletionKeys, TokenError};
+use crate::webhooks;
+
+/// Webhooks one Create may register.
+const MAX_WEBHOOKS: usize = 16;
+const NO_KEYS_FOR_WEBHOOKS: &str =
+    "this cluster has no keys to sign webhook deliveries with: start every node with --completion-keys-file";
 use vow_storage::state_machine::SearchFilter;
 
 /// Default and largest server-side wait of an Await.
@@ -213,7 +219,9 @@ impl PromisesApi {
         let shard = self.promises.router().shard_of_command(&command).map_err(|e| shard_status(&e))?;
         let budget = router::deadline_of(req).map(router::write_budget);
         let result = match self.promises.write(command, budget).await {
-            Ok(outcome) => convert::outcome_reply(outcome).map(|r| self.hinted(Response::new(r), shard)),
+            Ok(outcome) => {
+                unbatch(outcome).and_then(convert::outcome_reply).map(|r| self.hinted(Response::new(r), shard))
+            }
             Err(e) => Err(shard_status(&e)),
         };
         self.node().metrics().record(method, &result, started.elapsed());
@@ -247,6 +255,29 @@ impl PromisesApi {
             TokenError::NoKeys => Status::permission_denied(format!("{e}: the token cannot be checked")),
             e => Status::permission_denied(format!("{e}; nothing was settled")),
         })
+    }
+
+    /// The webhooks a Create registers with its promise, checked before anything is written.
+    fn subscriptions(&self, r: &pb::CreateRequest) -> Result<Vec<vow_core::pipeline::Continuation>, Status> {
+        if r.webhooks.is_empty() {
+            return Ok(Vec::new());
+        }
+        if r.webhooks.len() > MAX_WEBHOOKS {
+            return Err(Status::invalid_argument(format!("at most {MAX_WEBHOOKS} webhooks per create")));
+        }
+        if !self.keys.configured() {
+            return Err(Status::failed_precondition(NO_KEYS_FOR_WEBHOOKS));
+        }
+        let id = self.node().limits().check_id(&r.id).map_err(|e| Status::invalid_argument(e.0))?;
+        let mut out: Vec<vow_core::pipeline::Continuation> = Vec::new();
+        for w in &r.webhooks {
+            let c = webhooks::subscription(self.node().limits(), &id, &w.url, w.headers.clone().into_iter().collect())
+                .map_err(Status::invalid_argument)?;
+            if !out.iter().any(|o| o.id == c.id) {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 
     /// What a Create asks its completion token to allow, checked before anything is written.
@@ -290,6 +321,21 @@ impl PromisesApi {
     }
 }
 
+/// A Create sent with its webhooks is a batch of the create and their registrations, applied
+/// whole or not at all; its answer is the create's.
+fn unbatch(outcome: vow_core::Outcome) -> Result<vow_core::Outcome, Status> {
+    let vow_core::Outcome::Batch { mut outcomes, applied } = outcome else { return Ok(outcome) };
+    if outcomes.is_empty() {
+        return Err(Status::internal("an empty batch"));
+    }
+    let first = outcomes.remove(0);
+    if !applied && !first.is_failure() {
+        let why = outcomes.iter().find(|o| o.is_failure());
+        return Err(Status::aborted(format!("a webhook could not be registered ({why:?}); nothing was written")));
+    }
+    Ok(first)
+}
+
 fn record_reply(id: &PromiseId, record: Option<vow_core::Promise>) -> Result<pb::PromiseResponse, Status> {
     match record {
         Some(p) => Ok(pb::PromiseResponse { promise: Some(convert::promise_to_pb(p)), ..Default::default() }),
@@ -318,7 +364,18 @@ impl Promises for PromisesApi {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
         let token = self.token_request(req.get_ref())?;
         let command = convert::create_command(self.node().limits(), req.get_ref().clone(), self.node().wall_ms())?;
+        let subscriptions = self.subscriptions(req.get_ref())?;
+        let subscription_ids: Vec<String> = subscriptions.iter().map(|c| c.id.clone()).collect();
+        let command = if subscriptions.is_empty() {
+            command
+        } else {
+            let registers = subscriptions
+                .into_iter()
+                .map(|continuation| vow_core::Command::Register { continuation, target_deadline_ms: i64::MAX });
+            vow_core::Command::Batch { commands: std::iter::once(command).chain(registers).collect() }
+        };
         let mut reply = self.write("create", &req, command).await?;
+        reply.get_mut().subscription_ids = subscription_ids;
         if let Some((ops, ttl)) = token {
             let id = self.node().limits().check_id(&req.get_ref().id).map_err(|e| Status::invalid_argument(e.0))?;
             let expires_ms = self.node().wall_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
@@ -425,6 +482,29 @@ impl Promises for PromisesApi {
             Ok(None) => Err(Status::not_found(format!("no continuation {id}"))),
             Err(e) => Err(shard_status(&e)),
         }
+    }
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<pb::SubscribeResponse>, Status> {
+        let started = Instant::now();
+        let budget = router::deadline_of(&req).map(router::write_budget);
+        let r = req.into_inner();
+        let id = self.node().limits().check_id(&r.id).map_err(|e| Status::invalid_argument(e.0))?;
+        if !self.keys.configured() {
+            return Err(Status::failed_precondition(NO_KEYS_FOR_WEBHOOKS));
+        }
+        let continuation = webhooks::subscription(self.node().limits(), &id, &r.url, r.headers.into_iter().collect())
+            .map_err(Status::invalid_argument)?;
+        let subscription_id = continuation.id.clone();
+        // A subscription's retries are bounded from its promise's settlement, not a deadline.
+        let command = vow_core::Command::Register { continuation, target_deadline_ms: i64::MAX };
+        let result = match self.promises.write(command, budget).await {
+            Ok(vow_core::Outcome::Registered { .. }) => Ok(Response::new(pb::SubscribeResponse { subscription_id })),
+            Ok(vow_core::Outcome::NotFound) => Err(Status::not_found(format!("no promise {id}"))),
+            Ok(other) => Err(Status::internal(format!("unexpected answer to a subscription: {other:?}"))),
+            Err(e) => Err(shard_status(&e)),
+        };
+        self.node().metrics().record("subscribe", &result, started.elapsed());
+        result
     }
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {

@@ -211,6 +211,9 @@ pub fn continuation_from_pb(limits: &Limits, c: pb::Continuation) -> Result<Cont
             limits.check_tags(&headers).map_err(|e| bad(format!("headers: {}", e.0)))?;
             Action::Invoke { url: i.url, headers, timeout_ms: i.timeout_ms, prewarm: i.prewarm }
         }
+        Some(pb::continuation::Action::Webhook(_)) => {
+            return Err(bad("a webhook is registered with Subscribe (or a Create's webhooks), not submitted".into()));
+        }
         None => return Err(bad("no action: give invoke or forward".into())),
     };
     // The target is settled by one continuation, so it names one: the default id.
@@ -240,6 +243,9 @@ pub fn continuation_to_pb(c: Continuation) -> pb::Continuation {
         })),
         // A join's delivery: shown as forwarding its source's outcome to the join's target.
         Action::Deliver { .. } => Some(pb::continuation::Action::Forward(pb::Forward { recover: false })),
+        Action::Notify { url, headers } => {
+            Some(pb::continuation::Action::Webhook(pb::Webhook { url, headers: headers.into_iter().collect() }))
+        }
     };
     pb::Continuation {
         id: c.id,

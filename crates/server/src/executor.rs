@@ -21,6 +21,11 @@
 //! shard answers "deduplicated" (or, if a function answered differently the second time, "already
 //! settled"), never a second settlement. Functions are called at least once: every attempt of a
 //! continuation carries the same `Idempotency-Key`.
+//!
+//! A webhook subscription is a continuation too (`Action::Notify`, see [`crate::webhooks`]):
+//! it settles nothing; its worker POSTs the settled record, signed, until the receiver takes it,
+//! then it is proposed done like any other. A new leader redoes a delivery whose `Complete` was
+//! not applied, so a receiver may get a delivery more than once, never none.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,9 +40,12 @@ use tokio::task::JoinSet;
 use vow_core::pipeline::{self, Action, Completion, ContinuationRecord, Next, On, Settlement, Status};
 use vow_core::{Command, Outcome, PromiseId, SettleAs, Value};
 
-use crate::functions::{Answer, Call, DEFAULT_TIMEOUT, Functions};
+use crate::convert;
+use crate::functions::{Answer, Call, DEFAULT_TIMEOUT, Delivery, Functions};
 use crate::router::Router;
 use crate::shard::{Shard, ShardError};
+use crate::tokens::CompletionKeys;
+use crate::webhooks;
 use vow_storage::state_machine::Announcement;
 
 /// Ready continuations one scan picks up; the next scan takes the rest.
@@ -55,18 +63,22 @@ const COMPLETE_BATCH: usize = 1000;
 /// Retry backoff: the first wait, and the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A webhook receiver that is down is tried less often: its deliveries wait for it for a day.
+const WEBHOOK_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The node's executor state, shared by its shards' tasks. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Executor {
     router: Router,
     functions: Functions,
+    /// Signs webhook deliveries.
+    keys: CompletionKeys,
     running: Arc<Semaphore>,
 }
 
 impl Executor {
-    pub fn new(router: Router, functions: Functions) -> Executor {
-        Executor { router, functions, running: Arc::new(Semaphore::new(MAX_RUNNING)) }
+    pub fn new(router: Router, functions: Functions, keys: CompletionKeys) -> Executor {
+        Executor { router, functions, keys, running: Arc::new(Semaphore::new(MAX_RUNNING)) }
     }
 
     pub fn functions(&self) -> &Functions {
@@ -214,6 +226,7 @@ impl Executor {
         };
         let note = match self.outcome(shard, &record) {
             Err(note) => note,
+            Ok(_) if matches!(record.continuation.action, Action::Notify { .. }) => self.notify(shard, &record).await,
             Ok(outcome) => self.step(&record, &outcome).await,
         };
         tracing::debug!(shard = %shard.id, continuation = id, note, "continuation ran");
@@ -241,6 +254,8 @@ impl Executor {
         match pipeline::step(c.on, &c.action, outcome) {
             Next::Settle { settle_as, value } => self.settle(record, settle_as, value).await,
             Next::Deliver => self.deliver(record, outcome).await,
+            // Run by `execute`, which has the shard to read the record from.
+            Next::Notify => "a webhook is not a step".into(),
             Next::Invoke => match self.invoke(record, source, outcome).await {
                 Answer::Resolve(value) => self.settle(record, SettleAs::Resolve, value).await,
                 Answer::Reject(value) => self.settle(record, SettleAs::Reject, value).await,
@@ -368,6 +383,46 @@ impl Executor {
         }
     }
 
+    /// Delivers the settled record to the webhook until the receiver takes it (2xx), says it
+    /// is gone (410), or [`webhooks::RETRY_WINDOW`] after the settlement has passed.
+    async fn notify(&self, shard: &Shard, record: &ContinuationRecord) -> String {
+        let c = &record.continuation;
+        let Action::Notify { url, headers } = &c.action else { return "not a webhook".into() };
+        let source = &c.sources[0];
+        let promise = match shard.state.get(source) {
+            Ok(Some(p)) if p.state.is_settled() => p,
+            Ok(_) => return format!("{source} is not settled; nothing to deliver"),
+            Err(e) => return format!("reading {source}: {e}"),
+        };
+        let until = promise.settled_at_ms.saturating_add(webhooks::RETRY_WINDOW.as_millis() as i64);
+        let body = webhooks::body(&c.id, convert::promise_to_pb(promise));
+        let mut backoff = Backoff { cap: WEBHOOK_BACKOFF_MAX, ..Backoff::default() };
+        loop {
+            let now = self.router.node().wall_ms();
+            let why = match self.keys.sign_webhook(now, &body) {
+                None => "this node has no keys to sign deliveries with (--completion-keys-file)".to_owned(),
+                Some(signature) => match self.functions.deliver(url, headers, &c.id, &signature, body.clone()).await {
+                    Delivery::Delivered => {
+                        self.note_attempt(&c.id, None, None);
+                        return format!("delivered to {url}");
+                    }
+                    Delivery::Gone(why) => return format!("given up: {why}"),
+                    Delivery::Retry(why) => why,
+                },
+            };
+            let left = Duration::from_millis(until.saturating_sub(self.router.node().wall_ms()).max(0) as u64);
+            let Some(wait) = backoff.next(left) else {
+                return format!(
+                    "gave up {} h after the settlement; last error: {why}",
+                    webhooks::RETRY_WINDOW.as_secs() / 3600
+                );
+            };
+            tracing::debug!(subscription = %c.id, error = %why, ?wait, "webhook delivery failed; retrying");
+            self.note_attempt(&c.id, Some(&why), Some(wait));
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// The function handed its result over to `promise`: the target settles as it does, by a
     /// forwarding continuation stored with that promise.
     async fn adopt(&self, record: &ContinuationRecord, promise: PromiseId) -> String {
@@ -409,9 +464,16 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 }
 
 /// Capped exponential backoff with full jitter.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Backoff {
     attempt: u32,
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { attempt: 0, cap: BACKOFF_MAX }
+    }
 }
 
 impl Backoff {
@@ -420,7 +482,7 @@ impl Backoff {
         if left.is_zero() {
             return None;
         }
-        let cap = BACKOFF_FIRST.saturating_mul(1 << self.attempt.min(10)).min(BACKOFF_MAX);
+        let cap = BACKOFF_FIRST.saturating_mul(1 << self.attempt.min(12)).min(self.cap);
         self.attempt += 1;
         let wait = Duration::from_millis(rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64));
         Some(wait.min(left))

@@ -1,5 +1,5 @@
-//! Calling users' HTTP functions: one attempt of an `Invoke` continuation, classified, and the
-//! best-effort prewarm request. The retry policy is the executor's; this module only says what
+//! Calling users' HTTP endpoints: one attempt of an `Invoke` continuation, classified, the
+//! best-effort prewarm request, and one attempt of a webhook delivery. The retry policy is the executor's; this module only says what
 //! one answer means (issue #15's rules: 2xx resolves, `202` + `Vow-Promise` adopts a promise,
 //! 4xx other than 408/429 rejects for good, everything else is transient).
 //!
@@ -20,6 +20,27 @@ use vow_core::{PromiseId, State, Value};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest prewarm request: it only has to reach the platform.
 const PREWARM_TIMEOUT: Duration = Duration::from_secs(2);
+/// A webhook attempt's timeout.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most of a webhook receiver's answer that is read (and kept for the last error).
+const WEBHOOK_ANSWER_BYTES: usize = 4096;
+
+/// What one webhook delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// 2xx.
+    Delivered,
+    /// 410 Gone: the receiver wants no more; why.
+    Gone(String),
+    /// Anything else: worth another attempt; why.
+    Retry(String),
+}
+
+/// Why reading an answer failed.
+enum ReadError {
+    TooLarge,
+    Other(String),
+}
 
 /// What one call of a function came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,28 +102,73 @@ impl Functions {
             Ok(r) => r,
             Err(e) => return Answer::Reject(text(format!("cannot build the request to {}: {e}", call.url))),
         };
-        let attempt = async {
-            let response = self.client.request(request).await.map_err(|e| format!("calling {}: {e}", call.url))?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, self.max_body_bytes)
-                .collect()
-                .await
-                .map_err(|e| format!("reading the answer of {}: {e}", call.url))?
-                .to_bytes();
-            Ok::<_, String>((parts, body))
-        };
-        let (parts, body) = match tokio::time::timeout(call.timeout, attempt).await {
+        let (parts, body) = match tokio::time::timeout(call.timeout, self.send(request, self.max_body_bytes)).await {
             Err(_) => return Answer::Transient(format!("{} did not answer within {:?}", call.url, call.timeout)),
-            Ok(Err(e)) if e.contains("length limit exceeded") => {
+            Ok(Err(ReadError::TooLarge)) => {
                 return Answer::Reject(text(format!(
                     "the answer of {} is larger than {} bytes, the largest value a promise holds",
                     call.url, self.max_body_bytes
                 )));
             }
-            Ok(Err(e)) => return Answer::Transient(e),
+            Ok(Err(ReadError::Other(e))) => return Answer::Transient(format!("calling {}: {e}", call.url)),
             Ok(Ok(answer)) => answer,
         };
         classify(parts.status, &parts.headers, body.to_vec())
+    }
+
+    /// Sends `request` and reads its answer, at most `limit` bytes of body.
+    async fn send(
+        &self,
+        request: hyper::Request<Full<Bytes>>,
+        limit: usize,
+    ) -> Result<(hyper::http::response::Parts, Bytes), ReadError> {
+        let response = self.client.request(request).await.map_err(|e| ReadError::Other(e.to_string()))?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, limit).collect().await.map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ReadError::TooLarge
+            } else {
+                ReadError::Other(format!("reading the answer: {e}"))
+            }
+        })?;
+        Ok((parts, body.to_bytes()))
+    }
+
+    /// One attempt of a webhook delivery: POST `body` (JSON) with the signature and
+    /// `Idempotency-Key: <subscription>`.
+    pub async fn deliver(
+        &self,
+        url: &str,
+        headers: &BTreeMap<String, String>,
+        subscription: &str,
+        signature: &str,
+        body: Vec<u8>,
+    ) -> Delivery {
+        let mut request = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", subscription)
+            .header("vow-signature", signature);
+        for (k, v) in headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        let request = match request.body(Full::new(Bytes::from(body))) {
+            Ok(r) => r,
+            Err(e) => return Delivery::Gone(format!("cannot build the request to {url}: {e}")),
+        };
+        match tokio::time::timeout(WEBHOOK_TIMEOUT, self.send(request, WEBHOOK_ANSWER_BYTES)).await {
+            Err(_) => Delivery::Retry(format!("{url} did not answer within {WEBHOOK_TIMEOUT:?}")),
+            Ok(Err(ReadError::TooLarge)) => Delivery::Retry(format!("{url} answered with an oversized body")),
+            Ok(Err(ReadError::Other(e))) => Delivery::Retry(format!("delivering to {url}: {e}")),
+            Ok(Ok((parts, _))) if parts.status.is_success() => Delivery::Delivered,
+            Ok(Ok((parts, _))) if parts.status == hyper::StatusCode::GONE => {
+                Delivery::Gone(format!("{url} answered 410 Gone"))
+            }
+            Ok(Ok((parts, body))) => Delivery::Retry(format!(
+                "{url} answered {}: {}",
+                parts.status,
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            )),
+        }
     }
 
     /// Tells the function a call is coming: an empty POST with `Vow-Prewarm: 1`. Best effort:

@@ -174,6 +174,19 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: Method::POST,
+        path: "/v1/promises/{id}/subscriptions",
+        operation_id: "subscribePromise",
+        summary: "Register a webhook (gRPC Subscribe): once the promise settles, its record is POSTed to \
+                  `url`, signed in `Vow-Signature`. The answer names the subscription; \
+                  `/v1/continuations/{subscriptionId}` shows its deliveries.",
+        request: Some("SubscribeRequest"),
+        response: "SubscribeResponse",
+        params: &[ID],
+        ok: &[200],
+        errors: &[400, 404, 412, 413, 500, 503],
+    },
+    Route {
+        method: Method::POST,
         path: "/v1/pipelines",
         operation_id: "submitPipeline",
         summary: "Create a pipeline's promises and register its continuations (gRPC Submit). The \
@@ -235,6 +248,7 @@ fn handler(operation_id: &str) -> MethodRouter<Gateway> {
         "cancelPromise" => post(|g, p, h, b| settle(g, p, h, b, Settle::Cancel)),
         "awaitPromise" => get(await_promise),
         "submitPipeline" => post(submit),
+        "subscribePromise" => post(subscribe),
         "getContinuation" => get(get_continuation),
         other => unreachable!("route {other} has no handler"),
     }
@@ -560,6 +574,21 @@ async fn submit(
     };
     let limit = if req.wait_for.is_empty() { CALL_TIMEOUT } else { CALL_TIMEOUT + wait };
     let reply = bounded(limit, g.api.submit(grpc_request(req, &headers))).await?;
+    Ok(reply_json(StatusCode::OK, reply.get_ref()))
+}
+
+async fn subscribe(
+    State(g): State<Gateway>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut req: pb::SubscribeRequest = body(raw, &[])?;
+    if !req.id.is_empty() && req.id != id {
+        return Err(bad_request("the body's id differs from the id in the path"));
+    }
+    req.id = id;
+    let reply = bounded(CALL_TIMEOUT, g.api.subscribe(grpc_request(req, &headers))).await?;
     Ok(reply_json(StatusCode::OK, reply.get_ref()))
 }
 

@@ -7,7 +7,8 @@
 //! generated [`openapi`] document); checks completion tokens ([`tokens`]); carries every request to its shard's leader
 //! ([`router`]) behind protocol-neutral promise operations ([`service`]) and pipeline
 //! operations ([`pipelines`]); runs each shard's ready continuations while it leads the shard
-//! ([`executor`], calling users' HTTP functions through [`functions`]); and runs the leader's
+//! ([`executor`], calling users' HTTP functions and delivering webhooks through [`functions`],
+//! [`webhooks`]); and runs the leader's
 //! timeout and retention sweeps ([`sweeper`]) and leader balancing ([`balance`]).
 //! [`server::run`] is the entry point; the `vowd` binary only parses [`config::Config`] and
 //! calls it.
@@ -43,3 +44,4 @@ pub mod service;
 pub mod shard;
 pub mod sweeper;
 pub mod tokens;
+pub mod webhooks;

@@ -87,8 +87,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let router = Router::new(node.clone());
     // A function's answer becomes a promise value: no bigger than the limits allow.
     let functions = Functions::new(config.limits.max_data_bytes);
-    let executor = Executor::new(router.clone(), functions.clone());
     let keys = config.completion_keys.load().context("loading the completion-token keys")?;
+    let executor = Executor::new(router.clone(), functions.clone(), keys.clone());
     let promises_api = Arc::new(PromisesApi::new(router.clone(), functions, keys));
 
     let (stop_tx, stop_rx) = watch::channel(false);

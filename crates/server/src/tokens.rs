@@ -136,7 +136,7 @@ impl CompletionKeys {
     pub fn generated_at(path: &Path) -> anyhow::Result<CompletionKeys> {
         if !path.exists() {
             let key: [u8; 32] = rand::random();
-            let line: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            let line = hex(&key);
             write_private(path, &format!("{line}\n"))
                 .with_context(|| format!("writing a completion key to {}", path.display()))?;
         }
@@ -186,6 +186,20 @@ impl CompletionKeys {
         Ok(format!("{signed}.{}", B64.encode(mac)))
     }
 
+    /// The secret webhook receivers verify deliveries with: derived from the signing key
+    /// (HMAC-SHA256 of a fixed label, hex), so handing it out does not hand out the power to
+    /// make completion tokens. `None` without keys.
+    pub fn webhook_secret(&self) -> Option<String> {
+        self.current().first().map(|key| vow_client::webhook::secret_of(key))
+    }
+
+    /// The `Vow-Signature` header of a delivery of `body` at `t_ms`: `t=<t_ms>,v1=<hex>`, the
+    /// HMAC-SHA256 of `"<t_ms>.<body>"` under [`CompletionKeys::webhook_secret`].
+    pub fn sign_webhook(&self, t_ms: i64, body: &[u8]) -> Option<String> {
+        let secret = self.webhook_secret()?;
+        Some(format!("t={t_ms},v1={}", vow_client::webhook::sign(&secret, t_ms, body)))
+    }
+
     /// Checks that `token` allows `op` on `id` at `now_ms`.
     pub fn verify(&self, token: &str, id: &PromiseId, op: Operation, now_ms: i64) -> Result<(), TokenError> {
         let keys = self.current();
@@ -212,6 +226,10 @@ impl CompletionKeys {
         }
         Ok(())
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn mac(key: &[u8], data: &[u8]) -> Hmac<Sha256> {
@@ -328,6 +346,20 @@ mod tests {
             keys(only_new.path(), &format!("{KEY_B}\n")).verify(&by_new, &id("p"), Operation::Resolve, 0),
             Ok(())
         );
+    }
+
+    #[test]
+    fn webhook_signatures_verify_with_the_derived_secret_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = keys(dir.path(), &format!("{KEY_A}\n"));
+        let secret = k.webhook_secret().expect("keys");
+        assert_eq!(secret, vow_client::webhook::secret_of(KEY_A.as_bytes()));
+        assert_ne!(secret.as_bytes(), KEY_A.as_bytes(), "the secret is not the key");
+        let header = k.sign_webhook(1_700, b"{}").expect("keys");
+        assert_eq!(vow_client::webhook::verify(&secret, &header, b"{}", 1_700, 0), Ok(()));
+        assert_ne!(header, k.sign_webhook(1_700, b"{ }").expect("keys"), "the body is signed");
+        assert_ne!(header, k.sign_webhook(1_701, b"{}").expect("keys"), "the time is signed");
+        assert_eq!(CompletionKeys::none().sign_webhook(1, b""), None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! | `POST /cold/{ms}/{text}` | as `/append/{text}`, but its instance (one per `text`), idle for over a second, first takes `ms` to start; a request with `Vow-Prewarm: 1` starts it without a call |
 //! | `POST /delay/{ms}/{text}` | as `/append/{text}` after `ms` |
 //! | `GET /calls` | how many calls each `Idempotency-Key` made, as JSON |
+//! | `POST /hooks/{name}/{n}` | a webhook receiver: records each delivery (body and headers) under `name`, answering 503 to the first `n` |
+//! | `GET /hooks/{name}` | the deliveries `name` received, as JSON `[{"body", "signature", "idempotencyKey"}]` |
 //!
 //! `vow-functions --listen 127.0.0.1:0` prints `listening on ADDR` once it serves.
 
@@ -44,6 +46,8 @@ struct Functions {
     /// last used.
     instances: Mutex<BTreeMap<String, (Instant, Instant)>>,
     idle: Duration,
+    /// `/hooks`: every delivery each receiver got, refused ones included.
+    hooks: Mutex<BTreeMap<String, Vec<serde_json::Value>>>,
 }
 
 type Shared = Arc<Functions>;
@@ -161,6 +165,32 @@ async fn delay(
     appended(&body, &text)
 }
 
+async fn hook(
+    State(f): State<Shared>,
+    Path((name, failures)): Path<(String, usize)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let delivery = serde_json::json!({
+        "body": String::from_utf8_lossy(&body),
+        "signature": header("vow-signature"),
+        "idempotencyKey": header("idempotency-key"),
+    });
+    let mut hooks = f.hooks.lock().unwrap_or_else(|p| p.into_inner());
+    let received = hooks.entry(name).or_default();
+    received.push(delivery);
+    if received.len() <= failures {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn hooks(State(f): State<Shared>, Path(name): Path<String>) -> Response {
+    let hooks = f.hooks.lock().unwrap_or_else(|p| p.into_inner());
+    axum::Json(serde_json::json!(hooks.get(&name).cloned().unwrap_or_default())).into_response()
+}
+
 async fn calls(State(f): State<Shared>) -> Response {
     let calls = f.calls.lock().unwrap_or_else(|p| p.into_inner()).clone();
     axum::Json(serde_json::json!(calls)).into_response()
@@ -179,6 +209,8 @@ async fn main() -> std::io::Result<()> {
         .route("/cold/{start_ms}/{text}", post(cold))
         .route("/delay/{ms}/{text}", post(delay))
         .route("/calls", get(calls))
+        .route("/hooks/{name}/{failures}", post(hook))
+        .route("/hooks/{name}", get(hooks))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
