@@ -35,8 +35,8 @@ if [ "${1:-}" = "--with-python" ]; then
     echo "setup: creating $venv" >&2
     python3 -m venv "$venv"
   fi
-  if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_reflection' >/dev/null 2>&1; then
-    echo "setup: installing grpcio, grpcio-tools and grpcio-reflection" >&2
-    "$venv/bin/pip" install -q 'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcio-reflection>=1.60'
+  if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_reflection, yaml' >/dev/null 2>&1; then
+    echo "setup: installing grpcio, grpcio-tools, grpcio-reflection and PyYAML" >&2
+    "$venv/bin/pip" install -q 'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcio-reflection>=1.60' 'PyYAML>=6'
   fi
 fi

@@ -22,6 +22,9 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 "${VOW_CACHE:-$HOME/.cache/vow}/venv/bin/python" tests/python/external_client.py --bin-dir "$CARGO_TARGET_DIR/debug"
+# The Python example and the seed's integrations (task marketplace, Fission function and
+# workflow) against a live cluster.
+"${VOW_CACHE:-$HOME/.cache/vow}/venv/bin/python" tests/python/integrations.py --bin-dir "$CARGO_TARGET_DIR/debug"
 # A short fault-injection run against the real server with every nemesis — membership, clock
 # skew (libfaketime), power loss and disk faults (FUSE) included — (the long one is in the README).
 "$CARGO_TARGET_DIR/debug/vow-jepsen" cleanup

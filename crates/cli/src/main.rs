@@ -86,6 +86,22 @@ enum Command {
         #[arg(long = "header", value_parser = parse_kv)]
         headers: Vec<(String, String)>,
     },
+    /// Print settlements as they happen, one per line (JSON lines with -o json, each with the
+    /// `resume_token` to pass to --from after a restart). Runs until interrupted or --count.
+    Watch {
+        /// Only promises with this id prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Only these promises (repeatable); those already settled come first.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Resume after this token (from an earlier line) instead of starting now.
+        #[arg(long)]
+        from: Option<String>,
+        /// Stop after this many settlements.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Print the secret webhook receivers check `Vow-Signature` with, derived from the
     /// cluster's signing key (the first key of the file every node is started with).
     WebhookSecret {
@@ -410,6 +426,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Subscribe { id, url, headers } => {
             let sub = client()?.subscribe(&id, &url, headers.into_iter().collect()).await?;
             print!("{}", output.render(|| json!({ "subscription_id": sub }), || format!("{sub}\n")));
+        }
+        Command::Watch { prefix, ids, from, count } => {
+            let client = client()?;
+            let mut watch = client.watch(ids, &prefix, from);
+            let mut seen = 0u64;
+            while count.is_none_or(|c| seen < c) {
+                let event = watch.next().await?;
+                let Some(p) = event.promise else { continue };
+                seen += 1;
+                let line = output.render(
+                    || {
+                        let mut v = promise_json(&p);
+                        v["resume_token"] = json!(event.resume_token);
+                        v
+                    },
+                    || {
+                        format!(
+                            "{}\t{}\t{}\n",
+                            p.id,
+                            state_name(p.state),
+                            String::from_utf8_lossy(&p.value.clone().unwrap_or_default().data)
+                        )
+                    },
+                );
+                // One line per settlement, whatever the renderer does with whitespace.
+                println!("{}", line.trim_end().replace('\n', " "));
+            }
         }
         Command::WebhookSecret { keys_file } => {
             let text =

@@ -34,7 +34,10 @@ use crate::routing::{Choice, Endpoints, MapFetch};
 
 mod routing;
 pub mod transport;
+mod watch;
 pub mod webhook;
+
+pub use watch::Watch;
 
 /// What went wrong, in the terms a caller acts on.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -506,6 +509,15 @@ impl Client {
     }
 
     /// Where a continuation stands (waiting, ready with its attempts, or done).
+    /// Settlements as they happen: those of `ids`, or with `id_prefix` (neither: all), from
+    /// `resume_token` (a [`Watch::resume_token`] of an earlier watch) or from now. Resumes by
+    /// itself after a node is lost, and drops the repeats a resume brings.
+    pub fn watch(&self, ids: Vec<String>, id_prefix: &str, resume_token: Option<String>) -> Watch {
+        let request =
+            pb::WatchRequest { ids, id_prefix: id_prefix.to_owned(), resume_token: resume_token.unwrap_or_default() };
+        Watch::new(self.clone(), request)
+    }
+
     /// Registers a webhook: once `id` settles, its record is POSTed to `url`, signed (see the
     /// proto). Subscribing the same URL and headers again is the same subscription. Returns
     /// the subscription id (its deliveries: [`Client::get_continuation`]).

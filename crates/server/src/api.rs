@@ -27,6 +27,7 @@ use crate::raft_service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
 use crate::tokens::{self, CompletionKeys, TokenError};
+use crate::watch;
 use crate::webhooks;
 
 /// Webhooks one Create may register.
@@ -181,14 +182,17 @@ pub struct PromisesApi {
     promises: service::Promises,
     pipelines: Pipelines,
     keys: CompletionKeys,
+    /// How long settled promises are kept: a watch cannot resume from before it.
+    retention: Duration,
 }
 
 impl PromisesApi {
-    pub fn new(router: Router, functions: Functions, keys: CompletionKeys) -> PromisesApi {
+    pub fn new(router: Router, functions: Functions, keys: CompletionKeys, retention: Duration) -> PromisesApi {
         PromisesApi {
             promises: service::Promises::new(router.clone()),
             pipelines: Pipelines::new(router, functions),
             keys,
+            retention,
         }
     }
 
@@ -321,6 +325,14 @@ impl PromisesApi {
     }
 }
 
+fn watch_status(e: &watch::WatchError) -> Status {
+    match e {
+        watch::WatchError::Invalid(m) => Status::invalid_argument(m.clone()),
+        watch::WatchError::TooOld => Status::failed_precondition(e.to_string()),
+        watch::WatchError::Storage { .. } => Status::unavailable(e.to_string()),
+    }
+}
+
 /// A Create sent with its webhooks is a batch of the create and their registrations, applied
 /// whole or not at all; its answer is the create's.
 fn unbatch(outcome: vow_core::Outcome) -> Result<vow_core::Outcome, Status> {
@@ -359,8 +371,50 @@ fn decode_token(token: &str) -> Result<String, Status> {
     String::from_utf8(bytes).map_err(|_| bad())
 }
 
+type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WatchEvent, Status>>;
+
 #[tonic::async_trait]
 impl Promises for PromisesApi {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.into_inner();
+        let limits = self.node().limits();
+        if r.ids.len() > watch::MAX_IDS {
+            return Err(Status::invalid_argument(format!("at most {} ids per watch", watch::MAX_IDS)));
+        }
+        let ids = r
+            .ids
+            .iter()
+            .map(|id| limits.check_id(id).map_err(|e| Status::invalid_argument(e.0)))
+            .collect::<Result<_, _>>()?;
+        limits.check_id_prefix(&r.id_prefix).map_err(|e| Status::invalid_argument(e.0))?;
+        let shards = self.promises.router().shard_count();
+        let from = match r.resume_token.as_str() {
+            "" => None,
+            t => Some(watch::ResumeToken::decode(t, shards).map_err(Status::invalid_argument)?),
+        };
+        let filter = watch::Filter { ids, prefix: r.id_prefix };
+        let mut events = watch::start(self.node().shards().into(), filter, from, self.retention)
+            .await
+            .map_err(|e| watch_status(&e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let event = event
+                    .map(|e| pb::WatchEvent {
+                        promise: e.promise.map(convert::promise_to_pb),
+                        resume_token: e.resume_token,
+                    })
+                    .map_err(|e| watch_status(&e));
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn create(&self, req: Request<pb::CreateRequest>) -> Result<Response<pb::PromiseResponse>, Status> {
         let token = self.token_request(req.get_ref())?;
         let command = convert::create_command(self.node().limits(), req.get_ref().clone(), self.node().wall_ms())?;

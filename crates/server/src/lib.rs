@@ -44,4 +44,5 @@ pub mod service;
 pub mod shard;
 pub mod sweeper;
 pub mod tokens;
+pub mod watch;
 pub mod webhooks;

@@ -187,6 +187,12 @@ pub mod keys {
     pub fn timed_id(key: &[u8]) -> Option<&str> {
         std::str::from_utf8(key.get(13..)?).ok()
     }
+
+    /// The milliseconds of a `timed` key.
+    pub fn timed_ms(key: &[u8]) -> Option<i64> {
+        let bytes: [u8; 8] = key.get(5..13)?.try_into().ok()?;
+        Some((u64::from_be_bytes(bytes) ^ (1 << 63)) as i64)
+    }
 }
 
 /// Opens (or creates) the node's database with vow's column families.

@@ -113,6 +113,69 @@ impl ShardState {
         self.scan_timed(keys::STATE_BY_SETTLED, settled_before_ms, limit)
     }
 
+    /// Where this replica's settlements stand: its last applied log index and its cluster time.
+    /// Every settlement applied after this has a revision above the index and a settle time at
+    /// or after the time (cluster time never goes back), which is what a watch from now needs.
+    pub fn watch_position(&self) -> io::Result<(u64, i64)> {
+        self.flush()?;
+        let state = cf(&self.db, CF_STATE)?;
+        let get = |kind| self.db.get_cf(state, keys::sm_meta(self.shard, kind)).map_err(io_err);
+        let applied = match get(keys::SM_APPLIED)? {
+            Some(b) => codec::read_opt_log_id(&mut Decoder::new(&b)).map_err(corrupt)?.map_or(0, |l| l.index),
+            None => 0,
+        };
+        let time = match get(keys::SM_CLUSTER_TIME)? {
+            Some(b) => Decoder::new(&b).i64("cluster time").map_err(corrupt)?,
+            None => 0,
+        };
+        Ok((applied, time))
+    }
+
+    /// Settled promises with a revision above `after_revision`, found among those settled at or
+    /// after `from_ms`, in revision order (then id); at least `limit` of them if there are,
+    /// always ending with every settlement of the last millisecond read, and the settle time
+    /// to resume from (the next one after the last read) when more may follow.
+    ///
+    /// Settle times never go back along the log, so a settlement with a higher revision than
+    /// one read here is never at an earlier time: reading whole milliseconds, a page ends on a
+    /// revision boundary and misses nothing before it.
+    pub fn settled_since(
+        &self,
+        after_revision: u64,
+        from_ms: i64,
+        limit: usize,
+    ) -> io::Result<(Vec<Promise>, Option<i64>)> {
+        // A scan in key order is the database's job: let it see everything applied.
+        self.flush()?;
+        let state = cf(&self.db, CF_STATE)?;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::state_kind(self.shard, keys::STATE_BY_SETTLED + 1).to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(state, opts);
+        it.seek(keys::timed(self.shard, keys::STATE_BY_SETTLED, from_ms, ""));
+        let mut found = Vec::new();
+        let mut last_ms = None;
+        let mut next = None;
+        while it.valid() {
+            let Some(key) = it.key() else { break };
+            let (Some(id), Some(ms)) = (keys::timed_id(key), keys::timed_ms(key)) else { break };
+            if found.len() >= limit && last_ms != Some(ms) {
+                next = Some(ms);
+                break;
+            }
+            last_ms = Some(ms);
+            if let Some(p) = self.get(&PromiseId::new_unchecked(id))?
+                && p.state.is_settled()
+                && p.revision > after_revision
+            {
+                found.push(p);
+            }
+            it.next();
+        }
+        it.status().map_err(io_err)?;
+        found.sort_unstable_by(|a, b| (a.revision, a.id.as_str()).cmp(&(b.revision, b.id.as_str())));
+        Ok((found, next))
+    }
+
     /// The database's index keys merged with the unflushed ones. The unflushed keys are copied
     /// under the layer's lock and the database is scanned after it is released, so apply and
     /// reads do not wait for the scan. A flush in between only makes the database newer than the
