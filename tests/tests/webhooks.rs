@@ -157,3 +157,60 @@ async fn subscriptions_at_create_after_settlement_and_refused() -> anyhow::Resul
     ensure!(matches!(client.get("bad-hook").await, Err(Error::NotFound(_))), "a refused create writes nothing");
     Ok(())
 }
+
+/// Receivers that are down hold no share of the node's executor while their deliveries wait to
+/// be retried: with more failing webhooks than the node runs calls at once (256), a pipeline
+/// step still runs at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_receivers_do_not_starve_pipelines() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(1, &[])?;
+    cluster.leader().await?;
+    let functions = Functions::start(&[])?;
+    let client = cluster.client();
+    let dead = functions.url("/hooks/dead/1000000000");
+    let creates = (0..300).map(|n| {
+        let client = client.clone();
+        let dead = dead.clone();
+        async move {
+            let id = format!("noisy-{n}");
+            let webhooks = vec![pb::Webhook { url: dead, headers: HashMap::new() }];
+            client.create(pb::CreateRequest { id: id.clone(), webhooks, ..Default::default() }).await?;
+            client.resolve(&id, value("x"), None).await?;
+            anyhow::Ok(())
+        }
+    });
+    futures::future::try_join_all(creates).await?;
+    // Every delivery has been tried and is waiting to be tried again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while functions.hooks("dead")?.len() < 300 {
+        ensure!(Instant::now() < deadline, "only {} first attempts", functions.hooks("dead")?.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let step = pb::Continuation {
+        id: "quiet-step".into(),
+        sources: vec!["quiet-a".into()],
+        target: "quiet-b".into(),
+        action: Some(pb::continuation::Action::Invoke(pb::Invoke {
+            url: functions.url("/append/!"),
+            timeout_ms: 5_000,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    client
+        .submit(pb::SubmitRequest {
+            promises: vec![
+                pb::CreateRequest { id: "quiet-a".into(), ..Default::default() },
+                pb::CreateRequest { id: "quiet-b".into(), ..Default::default() },
+            ],
+            continuations: vec![step],
+            ..Default::default()
+        })
+        .await?;
+    client.resolve("quiet-a", value("hi"), None).await?;
+    let b = client.await_settled("quiet-b", Duration::from_secs(20)).await?;
+    ensure!(b.value.map(|v| v.data) == Some(b"hi!".to_vec()), "the step ran");
+    ensure!(started.elapsed() < Duration::from_secs(5), "the step took {:?}", started.elapsed());
+    Ok(())
+}

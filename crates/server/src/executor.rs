@@ -52,7 +52,8 @@ use vow_storage::state_machine::Announcement;
 const SCAN_LIMIT: usize = 1000;
 /// How often a leader scans the ready index anyway: picks up what a full scan left behind.
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
-/// Continuations a node runs at once, over all its shards.
+/// Function calls and webhook deliveries a node has in flight at once, over all its shards
+/// (continuations waiting out a retry's backoff hold none).
 pub const MAX_RUNNING: usize = 256;
 /// How long a leader gathers finished continuations before proposing them done in one
 /// `Complete` entry (or sooner, at [`COMPLETE_BATCH`] of them): one entry for many, and none
@@ -189,7 +190,6 @@ impl Executor {
                 if active.insert(id.clone()) {
                     let (this, shard) = (self.clone(), shard.clone());
                     workers.spawn(async move {
-                        let _permit = this.running.clone().acquire_owned().await;
                         let done = this.execute(&shard, &id).await;
                         (id, done)
                     });
@@ -284,7 +284,13 @@ impl Executor {
         };
         let mut backoff = Backoff::default();
         loop {
-            match self.functions.call(&call).await {
+            let answer = {
+                // A permit per attempt, not per continuation: one waiting out its backoff (for a
+                // function that is down, or a webhook receiver, for up to a day) holds none.
+                let _permit = self.running.acquire().await;
+                self.functions.call(&call).await
+            };
+            match answer {
                 Answer::Transient(why) => {
                     let Some(wait) = backoff.next(self.left(record)) else {
                         self.note_attempt(&c.id, Some(&why), None);
@@ -401,7 +407,10 @@ impl Executor {
             let now = self.router.node().wall_ms();
             let why = match self.keys.sign_webhook(now, &body) {
                 None => "this node has no keys to sign deliveries with (--completion-keys-file)".to_owned(),
-                Some(signature) => match self.functions.deliver(url, headers, &c.id, &signature, body.clone()).await {
+                Some(signature) => match {
+                    let _permit = self.running.acquire().await;
+                    self.functions.deliver(url, headers, &c.id, &signature, body.clone()).await
+                } {
                     Delivery::Delivered => {
                         self.note_attempt(&c.id, None, None);
                         return format!("delivered to {url}");

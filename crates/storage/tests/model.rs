@@ -403,6 +403,7 @@ const MUST_COVER: &[&str] = &[
     "crash lost applied entries",
     "crash kept flushed entries",
     "snapshot moved records",
+    "watch reads",
     "registered",
     "registered ready",
     "register deduplicated",
@@ -479,7 +480,42 @@ impl Harness {
             }
             self.check_now().await?;
         }
+        // Last, as it flushes (checking it after every op would flush before every crash).
+        self.check_watch_reads()?;
         Ok(self.coverage)
+    }
+
+    /// Watch's catch-up reads (`settled_since`): read page by page from the start, they give
+    /// every settled record once, in (revision, id) order; resumed from any record's position,
+    /// exactly those of later entries.
+    fn check_watch_reads(&mut self) -> Result<(), TestCaseError> {
+        let reader = self.replica.sm.reader();
+        let mut want: Vec<&Promise> = self.model.mem.promises.values().filter(|p| p.state.is_settled()).collect();
+        want.sort_by(|a, b| (a.revision, a.id.as_str()).cmp(&(b.revision, b.id.as_str())));
+        let ids = |ps: &[&Promise]| ps.iter().map(|p| p.id.to_string()).collect::<Vec<_>>();
+        let mut got: Vec<Promise> = Vec::new();
+        let (mut after, mut from) = (0, i64::MIN);
+        loop {
+            let (page, next) = reader.settled_since(after, from, 2).map_err(fail)?;
+            if let Some(last) = page.last() {
+                (after, from) = (last.revision, next.unwrap_or(last.settled_at_ms));
+            }
+            got.extend(page);
+            if next.is_none() {
+                break;
+            }
+        }
+        prop_assert_eq!(ids(&got.iter().collect::<Vec<_>>()), ids(&want), "settlements read page by page");
+        for p in &want {
+            let (page, next) = reader.settled_since(p.revision, p.settled_at_ms, SCAN_ALL).map_err(fail)?;
+            let later: Vec<&Promise> = want.iter().copied().filter(|q| q.revision > p.revision).collect();
+            prop_assert_eq!(next, None);
+            prop_assert_eq!(ids(&page.iter().collect::<Vec<_>>()), ids(&later), "settlements after {}", p.id);
+        }
+        if !want.is_empty() {
+            self.hit("watch reads");
+        }
+        Ok(())
     }
 
     /// Turns the steps into proposals, as a leader would at their stamps, appends them to the
