@@ -407,10 +407,7 @@ impl Executor {
             let now = self.router.node().wall_ms();
             let why = match self.keys.sign_webhook(now, &body) {
                 None => "this node has no keys to sign deliveries with (--completion-keys-file)".to_owned(),
-                Some(signature) => match {
-                    let _permit = self.running.acquire().await;
-                    self.functions.deliver(url, headers, &c.id, &signature, body.clone()).await
-                } {
+                Some(signature) => match self.deliver_once(url, headers, &c.id, &signature, &body).await {
                     Delivery::Delivered => {
                         self.note_attempt(&c.id, None, None);
                         return format!("delivered to {url}");
@@ -430,6 +427,19 @@ impl Executor {
             self.note_attempt(&c.id, Some(&why), Some(wait));
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// One delivery attempt, under a permit.
+    async fn deliver_once(
+        &self,
+        url: &str,
+        headers: &std::collections::BTreeMap<String, String>,
+        subscription: &str,
+        signature: &str,
+        body: &[u8],
+    ) -> Delivery {
+        let _permit = self.running.acquire().await;
+        self.functions.deliver(url, headers, subscription, signature, body.to_vec()).await
     }
 
     /// The function handed its result over to `promise`: the target settles as it does, by a
