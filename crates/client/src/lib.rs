@@ -11,10 +11,15 @@
 //! placement hash, and corrects the cache from leader hints (`routing.rs` has the rules). Without
 //! a map (an older server, no node reachable yet) it goes round its endpoints as before.
 //!
+//! [`Client::watch`] gives a [`Watch`] stream of settlements that resumes by itself on another
+//! node after a loss; [`webhook`] checks the signature of a webhook delivery (the one definition
+//! of the scheme, which the server signs with); [`Client::settle_with_token`] presents a
+//! completion token.
+//!
 //! The message types are the generated ones of `proto/vow/v1/vow.proto`, re-exported as [`pb`].
 //! Calls travel over [`transport::H2Channel`], one HTTP/2 connection per endpoint driven by the
-//! `h2` crate. This crate depends on the API definitions, tonic and h2 only; it never pulls in
-//! RocksDB or server code.
+//! `h2` crate. This crate depends on the API definitions, tonic, h2 and HMAC only; it never pulls
+//! in RocksDB or server code.
 
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -626,12 +626,21 @@ impl ClusterApi {
                 count - 1
             )));
         }
-        let changes =
-            node::shard_ids(self.node(), shard_ids).into_iter().map(|shard| self.router.change(shard, change()));
-        futures::future::try_join_all(changes).await.map_err(|e| match e {
-            ChangeError::Shard(e) => shard_status(&e),
-            ChangeError::Refused(m) => Status::failed_precondition(m),
-        })?;
+        // Each shard's change runs to its end in a task of its own: dropped halfway (by the
+        // first other shard's error, or a caller gone away), a change between openraft's two
+        // membership steps would leave its shard in a joint configuration.
+        let changes = node::shard_ids(self.node(), shard_ids).into_iter().map(|shard| {
+            let (router, change) = (self.router.clone(), change());
+            tokio::spawn(async move { router.change(shard, change).await })
+        });
+        for done in futures::future::join_all(changes).await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(ChangeError::Shard(e))) => return Err(shard_status(&e)),
+                Ok(Err(ChangeError::Refused(m))) => return Err(Status::failed_precondition(m)),
+                Err(e) => return Err(Status::internal(format!("a membership change failed: {e}"))),
+            }
+        }
         Ok(Response::new(self.status().await))
     }
 

@@ -44,6 +44,21 @@ const ID: Param = Param {
 /// internal error.
 const SETTLE_ERRORS: &[u16] = &[400, 401, 403, 404, 412, 413, 500, 503];
 
+/// A settle route: they differ only in what they do.
+const fn settle_route(path: &'static str, operation_id: &'static str, summary: &'static str) -> Route {
+    Route {
+        method: Method::POST,
+        path,
+        operation_id,
+        summary,
+        request: Some("SettleRequest"),
+        response: "PromiseResponse",
+        params: &[ID],
+        ok: &[200],
+        errors: SETTLE_ERRORS,
+    }
+}
+
 pub const ROUTES: &[Route] = &[
     Route {
         method: Method::POST,
@@ -119,39 +134,21 @@ pub const ROUTES: &[Route] = &[
         ok: &[200],
         errors: &[400, 404, 500, 503],
     },
-    Route {
-        method: Method::POST,
-        path: "/v1/promises/{id}/resolve",
-        operation_id: "resolvePromise",
-        summary: "Resolve the promise. A completion token goes in `Authorization: Bearer`.",
-        request: Some("SettleRequest"),
-        response: "PromiseResponse",
-        params: &[ID],
-        ok: &[200],
-        errors: SETTLE_ERRORS,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/promises/{id}/reject",
-        operation_id: "rejectPromise",
-        summary: "Reject the promise. A completion token goes in `Authorization: Bearer`.",
-        request: Some("SettleRequest"),
-        response: "PromiseResponse",
-        params: &[ID],
-        ok: &[200],
-        errors: SETTLE_ERRORS,
-    },
-    Route {
-        method: Method::POST,
-        path: "/v1/promises/{id}/cancel",
-        operation_id: "cancelPromise",
-        summary: "Cancel the promise. A completion token goes in `Authorization: Bearer`.",
-        request: Some("SettleRequest"),
-        response: "PromiseResponse",
-        params: &[ID],
-        ok: &[200],
-        errors: SETTLE_ERRORS,
-    },
+    settle_route(
+        "/v1/promises/{id}/resolve",
+        "resolvePromise",
+        "Resolve the promise. A completion token goes in `Authorization: Bearer`.",
+    ),
+    settle_route(
+        "/v1/promises/{id}/reject",
+        "rejectPromise",
+        "Reject the promise. A completion token goes in `Authorization: Bearer`.",
+    ),
+    settle_route(
+        "/v1/promises/{id}/cancel",
+        "cancelPromise",
+        "Cancel the promise. A completion token goes in `Authorization: Bearer`.",
+    ),
     Route {
         method: Method::GET,
         path: "/v1/promises/{id}/await",

@@ -223,6 +223,7 @@ impl Node {
                     continue;
                 }
             }
+            finish_joint(shard).await?;
             let (voters, _) = shard.voters_and_learners();
             if voters.contains(&id) {
                 continue;
@@ -254,6 +255,7 @@ impl Node {
                     continue;
                 }
             }
+            finish_joint(shard).await?;
             let (voters, learners) = shard.voters_and_learners();
             if voters.contains(&id) {
                 if voters.len() == 1 {
@@ -363,4 +365,23 @@ pub fn members(node: &Node) -> BTreeMap<NodeId, String> {
         }
     }
     out
+}
+
+/// Finishes a membership change a leader started and did not complete. openraft changes
+/// voters in two entries — a joint configuration (old and new voter sets), then the new set
+/// alone — and writes the second only inside the call that wrote the first: a call dropped
+/// between them, or a leadership lost there, leaves the shard joint. Its voters are then the
+/// union of both sets, so "is node N a voter" says yes for a node halfway out; re-adding it
+/// did nothing, and the next removal of another node dropped it for good (vow-jepsen seed
+/// 25589: a replica left behind for ever). A no-op change is openraft's own second step: it
+/// flattens the configuration to its last set before anything is decided from it.
+async fn finish_joint(shard: &Shard) -> anyhow::Result<()> {
+    let joint = shard.metrics().membership_config.membership().get_joint_config().len() > 1;
+    if joint {
+        shard.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::new()), false).await.map_err(|e| {
+            membership_error(shard.id, format!("finishing a half-done change of shard {}", shard.id), e)
+        })?;
+        tracing::warn!(shard = %shard.id, "finished a membership change an earlier leader left half done");
+    }
+    Ok(())
 }
