@@ -73,6 +73,7 @@ impl Watch {
             if since.elapsed() > self.client.options.call_timeout {
                 return Err(failure);
             }
+            // A node just lost is not back at once: pause before trying the next endpoint.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -145,6 +145,9 @@ impl ShardState {
         from_ms: i64,
         limit: usize,
     ) -> io::Result<(Vec<Promise>, Option<i64>)> {
+        // Never a half-installed snapshot: a page read from one could miss records of lower
+        // revisions than those it holds, and the position would move past them for good.
+        let _no_install = self.views.lock().map_err(|_| io::Error::other("snapshot view lock poisoned"))?;
         // A scan in key order is the database's job: let it see everything applied.
         self.flush()?;
         let state = cf(&self.db, CF_STATE)?;
