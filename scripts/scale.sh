@@ -42,9 +42,10 @@ done
 # A new node joins and catches up by snapshot.
 mkdir -p "$dir/n4"
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
-g4="127.0.0.1:$(port)"; h4="127.0.0.1:$(port)"
+g4="127.0.0.1:$(port)"; h4="127.0.0.1:$(port)"; p4="127.0.0.1:$(port)"
+peers=$(json "','.join(x['peer'] for x in d['nodes'])")
 start=$(now_ms)
-"$bin/vowd" --node-id 4 --data-dir "$dir/n4" --grpc-addr "$g4" --http-addr "$h4" --join "$eps" >"$dir/n4/vowd.log" 2>&1 &
+"$bin/vowd" --node-id 4 --data-dir "$dir/n4" --grpc-addr "$g4" --http-addr "$h4" --peer-addr "$p4" --join "$peers" >"$dir/n4/vowd.log" 2>&1 &
 n4=$!
 until vow -o json --endpoints "$eps" cluster status 2>/dev/null | python3 -c "import json,sys; s=json.load(sys.stdin)['shards'][0]; sys.exit(0 if 4 in s['voters'] else 1)"; do sleep 0.2; done
 until curl -sf "http://$h4/readyz" >/dev/null; do sleep 0.1; done

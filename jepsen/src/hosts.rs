@@ -5,6 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
+use vow_client::tls::{ClientTls, ClientTlsFiles, Token};
 use vow_client::{Client, Options, pb};
 
 use crate::clocks::FakeClock;
@@ -37,6 +38,16 @@ pub struct Hosts {
     pub shards: u32,
     /// Extra environment for every vowd (the sabotage switch in tests).
     pub env: Vec<(String, String)>,
+    /// TLS and the API token clients use, when the run is secured ([`Hosts::with_tls`]).
+    pub security: Option<Secured>,
+}
+
+/// A secured run's material: node certificates in `dir/tls`, API tokens in `dir/api-tokens`.
+#[derive(Debug, Clone)]
+pub struct Secured {
+    pub dir: PathBuf,
+    pub tls: ClientTls,
+    pub token: Token,
 }
 
 pub fn grpc(id: u64) -> String {
@@ -51,6 +62,49 @@ impl Hosts {
             nodes: (1..=n).map(|id| Node { id, child: None, paused: false, clock: None, disk: None }).collect(),
             shards,
             env,
+            security: None,
+        }
+    }
+
+    /// Secures the run: a cluster CA and a certificate for every node (its namespace address
+    /// and node id) made by the `vow` binary beside vowd, and an admin token every client
+    /// presents. Call before the nodes start.
+    pub fn with_tls(mut self) -> anyhow::Result<Hosts> {
+        let vow = self.vowd.with_file_name("vow");
+        let tls = self.dir.join("tls");
+        let run = |args: &[String]| -> anyhow::Result<()> {
+            let out = Command::new(&vow).args(args).output().with_context(|| format!("running {}", vow.display()))?;
+            anyhow::ensure!(out.status.success(), "vow {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        run(&["tls".into(), "ca".into(), "--dir".into(), tls.display().to_string()])?;
+        for id in self.ids() {
+            run(&[
+                "tls".into(),
+                "cert".into(),
+                "--ca-dir".into(),
+                tls.display().to_string(),
+                "--out".into(),
+                tls.join(format!("node-{id}.pem")).display().to_string(),
+                "--node-id".into(),
+                id.to_string(),
+                "--ip".into(),
+                net::addr(id).to_string(),
+            ])?;
+        }
+        let token = format!("{:032x}", rand::random::<u128>());
+        std::fs::write(self.dir.join("api-tokens"), format!("admin jepsen {token}\n"))?;
+        let files = ClientTlsFiles { ca: tls.join("ca.pem"), cert_and_key: None };
+        let client_tls = ClientTls::from_files(&files, &[b"h2"]).map_err(anyhow::Error::msg)?;
+        self.security = Some(Secured { dir: self.dir.clone(), tls: client_tls, token: Token::new(token) });
+        Ok(self)
+    }
+
+    /// Client options for this run: plain, or its CA and token.
+    pub fn options(&self) -> Options {
+        match &self.security {
+            None => Options::default(),
+            Some(s) => Options { tls: Some(s.tls.clone()), token: Some(s.token.clone()), ..Options::default() },
         }
     }
 
@@ -169,6 +223,19 @@ impl Hosts {
                 &peers,
             ])
             .args(["--shards", &self.shards.to_string()])
+            .args(self.security.iter().flat_map(|s| {
+                let t = s.dir.join("tls");
+                [
+                    "--tls-cert".into(),
+                    t.join(format!("node-{id}.pem")).into_os_string(),
+                    "--tls-key".into(),
+                    t.join(format!("node-{id}-key.pem")).into_os_string(),
+                    "--tls-ca".into(),
+                    t.join("ca.pem").into_os_string(),
+                    "--auth-file".into(),
+                    s.dir.join("api-tokens").into_os_string(),
+                ]
+            }))
             .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500"])
             // Snapshots every 2,000 entries unless the run asks for its own interval
             // (`--vowd-env VOW_SNAPSHOT_LOGS=100`: snapshot-heavy runs, installs under faults).
@@ -288,7 +355,7 @@ impl Hosts {
     pub fn client(&self, call_timeout: Duration) -> anyhow::Result<Client> {
         Ok(Client::with_options(
             &self.endpoints(),
-            Options { call_timeout, attempt_timeout: call_timeout.min(Duration::from_secs(1)), ..Default::default() },
+            Options { call_timeout, attempt_timeout: call_timeout.min(Duration::from_secs(1)), ..self.options() },
         )?)
     }
 
@@ -298,6 +365,7 @@ impl Hosts {
             call_timeout: Duration::from_secs(2),
             attempt_timeout: Duration::from_secs(1),
             follow_leader_hints: false,
+            ..self.options()
         };
         Ok(Client::with_options(&[grpc(id)], options)?)
     }

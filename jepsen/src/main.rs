@@ -43,6 +43,10 @@ enum Command {
         /// Extra environment for every vowd as KEY=VALUE (repeatable).
         #[arg(long = "vowd-env")]
         vowd_env: Vec<String>,
+        /// Run the cluster secured: TLS on every port, mutual TLS between nodes, API tokens
+        /// (certificates made with the `vow` binary beside vowd).
+        #[arg(long)]
+        tls: bool,
     },
     /// Re-check the history a run stored in DIR (also of a run that was aborted): print the
     /// summary, say whether it agrees with DIR/results.json when there is one, and exit as
@@ -115,7 +119,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Test { nodes, shards, time_limit, nemesis, seed, out, vowd, clients, vowd_env } => {
+        Command::Test { nodes, shards, time_limit, nemesis, seed, out, vowd, clients, vowd_env, tls } => {
             // Held to the end, the cleanup below included.
             let _lock = match net::exclusive() {
                 Ok(lock) => lock,
@@ -147,6 +151,7 @@ fn main() -> ExitCode {
                 vowd,
                 clients,
                 vowd_env,
+                tls,
             };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

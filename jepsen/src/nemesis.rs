@@ -214,8 +214,9 @@ fn led_note(node: u64, leaders: &BTreeMap<u32, shards::Leader>) -> String {
 
 /// Moves the leadership of `shard_ids` to node `to`, asking their leader `from` directly (the
 /// SDK's `transfer_leader` moves every shard). Returns what happened, in words.
-async fn transfer(from: u64, to: u64, shard_ids: &[u32]) -> String {
-    let channel = match H2Channel::new(&crate::hosts::grpc(from)) {
+async fn transfer(from: u64, to: u64, shard_ids: &[u32], options: vow_client::Options) -> String {
+    let security = vow_client::transport::Security { tls: options.tls, token: options.token };
+    let channel = match H2Channel::with_security(&crate::hosts::grpc(from), security) {
         Ok(c) => c,
         Err(e) => return e,
     };
@@ -478,7 +479,7 @@ impl Nemesis {
                 // Every shard the heaviest leader holds moves to one other node (seeded).
                 Some((from, led)) if n > 1 => {
                     let to = ids.iter().copied().find(|i| *i != from).unwrap_or(from);
-                    let outcome = transfer(from, to, &led).await;
+                    let outcome = transfer(from, to, &led, hosts.options()).await;
                     self.record(at_ns, "transfer", format!("shards {led:?} from node {from} to node {to}: {outcome}"));
                 }
                 _ => self.record(
@@ -527,7 +528,7 @@ impl Nemesis {
             let c = hosts.client(Duration::from_secs(30))?;
             let mut outcome = String::from("not attempted");
             for _ in 0..10 {
-                match c.add_node(id, &crate::hosts::grpc(id)).await {
+                match c.add_node(id, &crate::hosts::grpc(id), "").await {
                     Ok(_) => {
                         outcome = "ok".into();
                         break;

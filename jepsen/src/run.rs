@@ -31,6 +31,8 @@ pub struct Opts {
     pub clients: u64,
     /// Extra environment for every vowd (e.g. the sabotage switch of a test build).
     pub vowd_env: Vec<(String, String)>,
+    /// TLS everywhere and API tokens.
+    pub tls: bool,
 }
 
 /// Removes our namespaces when dropped, whatever happened.
@@ -110,13 +112,13 @@ async fn final_reads(
         let addr = hosts::grpc(node);
         for key in keys {
             let invoke_ns = ns();
-            let mut answer = Client::get_local(&addr, key).await;
+            let mut answer = Client::get_local_with(&addr, key, hosts.options()).await;
             for _ in 1..FINAL_READ_TRIES {
                 if matches!(answer, Ok(_) | Err(Error::NotFound(_))) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await; // a retry after a transient error
-                answer = Client::get_local(&addr, key).await;
+                answer = Client::get_local_with(&addr, key, hosts.options()).await;
             }
             let (outcome, observed, detail) = match answer {
                 Ok(p) => (Outcome::Ok, Some(workload::register_of(&p)), String::new()),
@@ -269,6 +271,9 @@ pub async fn test(opts: &Opts) -> anyhow::Result<Results> {
     }
     if opts.nemeses.iter().any(|n| nemesis::ON_LAZY_DISKS.contains(&n.as_str())) {
         hosts = hosts.with_lazy_disks()?;
+    }
+    if opts.tls {
+        hosts = hosts.with_tls()?;
     }
     for id in hosts.ids() {
         hosts.start(id)?;

@@ -16,12 +16,16 @@ pub struct NodeEntry {
     pub node_id: u64,
     pub grpc: String,
     pub http: String,
+    /// Its peer port (Raft, routing, joining).
+    pub peer: String,
     pub pid: u32,
 }
 
 #[derive(Debug, Deserialize)]
 struct ClusterFile {
     nodes: Vec<NodeEntry>,
+    #[serde(default)]
+    tls: bool,
 }
 
 /// The directory holding the workspace binaries (`vow`, `vowd`).
@@ -69,6 +73,8 @@ pub fn sabotaged_vowd() -> PathBuf {
 pub struct DevCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeEntry>,
+    /// Started with `--tls`: TLS everywhere, API tokens required.
+    pub tls: bool,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -96,7 +102,7 @@ impl DevCluster {
         }
         args.extend(up_args.iter().map(|a| a.to_string()));
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut c = DevCluster { dir, nodes: vec![], args, env };
+        let mut c = DevCluster { dir, nodes: vec![], tls: false, args, env };
         c.reup()?;
         Ok(c)
     }
@@ -114,8 +120,55 @@ impl DevCluster {
             bail!("vow dev up failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
         }
         let text = std::fs::read_to_string(self.dir.path().join("cluster.json"))?;
-        self.nodes = serde_json::from_str::<ClusterFile>(&text)?.nodes;
+        let file = serde_json::from_str::<ClusterFile>(&text)?;
+        self.nodes = file.nodes;
+        self.tls = file.tls;
         Ok(())
+    }
+
+    /// The cluster CA (`--tls` clusters).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
+    }
+
+    /// The API token of `role` (admin, writer, reader) of a `--tls` cluster.
+    pub fn token(&self, role: &str) -> anyhow::Result<String> {
+        let path = self.dir.path().join("api-tokens");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        text.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 3 && f[0] == role)
+            .map(|f| f[2].to_owned())
+            .with_context(|| format!("no {role} token in {}", path.display()))
+    }
+
+    /// Client options reaching this cluster: its CA and the admin token when it runs TLS.
+    pub fn options(&self) -> Options {
+        self.options_as("admin")
+    }
+
+    /// Client options with the token of `role`.
+    pub fn options_as(&self, role: &str) -> Options {
+        if !self.tls {
+            return Options::default();
+        }
+        let files = vow_client::tls::ClientTlsFiles { ca: self.ca(), cert_and_key: None };
+        Options {
+            tls: Some(vow_client::tls::ClientTls::from_files(&files, &[b"h2"]).expect("the cluster CA loads")),
+            token: Some(vow_client::tls::Token::new(self.token(role).expect("token"))),
+            ..Options::default()
+        }
+    }
+
+    /// Environment for the `vow` command line to reach this cluster.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        if !self.tls {
+            return Vec::new();
+        }
+        vec![
+            ("VOW_TLS_CA".into(), self.ca().display().to_string()),
+            ("VOW_TOKEN".into(), self.token("admin").expect("admin token")),
+        ]
     }
 
     pub fn down(&self) -> anyhow::Result<()> {
@@ -135,12 +188,12 @@ impl DevCluster {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect(&self.endpoints()).expect("client")
+        Client::with_options(&self.endpoints(), self.options()).expect("client")
     }
 
     /// A client that only knows one node (it still follows leader hints it is given).
     pub fn client_of(&self, id: u64) -> Client {
-        Client::with_options(&[self.node(id).grpc.as_str()], Options::default()).expect("client")
+        Client::with_options(&[self.node(id).grpc.as_str()], self.options()).expect("client")
     }
 
     pub async fn status(&self) -> anyhow::Result<pb::StatusResponse> {
@@ -192,11 +245,7 @@ impl DevCluster {
     pub async fn status_of(&self, id: u64) -> anyhow::Result<pb::StatusResponse> {
         let c = Client::with_options(
             &[self.node(id).grpc.as_str()],
-            Options {
-                call_timeout: Duration::from_secs(2),
-                attempt_timeout: Duration::from_secs(1),
-                ..Default::default()
-            },
+            Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1), ..self.options() },
         )?;
         Ok(c.status().await?)
     }
@@ -323,6 +372,9 @@ pub struct Joiner {
     pub id: u64,
     pub grpc: String,
     pub http: String,
+    pub peer: String,
+    /// TLS arguments (certificate, key, CA, API tokens) when the cluster runs TLS.
+    tls_args: Vec<String>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -335,17 +387,46 @@ impl DevCluster {
         let addr = || -> anyhow::Result<String> {
             Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
         };
-        Ok(Joiner { id, grpc: addr()?, http: addr()?, dir, child: None })
+        let mut tls_args = Vec::new();
+        if self.tls {
+            let t = self.dir.path().join("tls");
+            let cert = t.join(format!("node-{id}.pem"));
+            let out = vow(&[
+                "tls",
+                "cert",
+                "--ca-dir",
+                &t.display().to_string(),
+                "--out",
+                &cert.display().to_string(),
+                "--node-id",
+                &id.to_string(),
+                "--ip",
+                "127.0.0.1",
+            ]);
+            if !out.status.success() {
+                bail!("vow tls cert failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            for (flag, path) in [
+                ("--tls-cert", cert.clone()),
+                ("--tls-key", t.join(format!("node-{id}-key.pem"))),
+                ("--tls-ca", t.join("ca.pem")),
+                ("--auth-file", self.dir.path().join("api-tokens")),
+            ] {
+                tls_args.extend([flag.to_owned(), path.display().to_string()]);
+            }
+        }
+        Ok(Joiner { id, grpc: addr()?, http: addr()?, peer: addr()?, tls_args, dir, child: None })
     }
 }
 
 impl Joiner {
-    /// Starts the node with `--join` through the node at `via` (a gRPC address).
+    /// Starts the node with `--join` through the node whose peer port is `via`.
     pub fn start(&mut self, via: &str) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join("vowd.log"))?;
         let child = Command::new(bin_dir().join("vowd"))
             .args(["--node-id", &self.id.to_string(), "--data-dir", &self.dir.display().to_string()])
-            .args(["--grpc-addr", &self.grpc, "--http-addr", &self.http, "--join", via])
+            .args(["--grpc-addr", &self.grpc, "--http-addr", &self.http, "--peer-addr", &self.peer, "--join", via])
+            .args(&self.tls_args)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;

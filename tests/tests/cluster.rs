@@ -307,7 +307,7 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
     c.create(create_req("m-1", "")).await?;
     // A fourth vowd that joins through node 1.
     let mut joiner = cluster.joiner(4)?;
-    joiner.start(&cluster.node(1).grpc)?;
+    joiner.start(&cluster.node(1).peer)?;
     let grpc = joiner.grpc.clone();
     let joined = cluster
         .wait_for("node 4 as a voter of every shard", Duration::from_secs(30), |s| {
@@ -446,7 +446,7 @@ async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()>
     // The minute an attempt may spend waiting for a new node to catch up does not stretch the
     // retrying (it once did: this call took 66 s).
     let started = Instant::now();
-    match c.add_node(4, "127.0.0.1:1").await {
+    match c.add_node(4, "127.0.0.1:1", "").await {
         Err(Error::Unavailable { .. }) => {}
         other => panic!("expected UNAVAILABLE (retry elsewhere), got {other:?}"),
     }
@@ -597,6 +597,7 @@ async fn a_write_refused_after_a_lost_attempt_is_reported_unknown() -> anyhow::R
             call_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_millis(500),
             follow_leader_hints: false,
+            ..Default::default()
         },
     )?;
     match c.resolve("late-1", value("late"), Some("late-key".into())).await {

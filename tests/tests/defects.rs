@@ -147,6 +147,7 @@ async fn writes_in_flight_when_the_leader_disk_fails_are_reported_unknown() -> a
             call_timeout: Duration::from_secs(3),
             attempt_timeout: Duration::from_secs(1),
             follow_leader_hints: false,
+            ..Default::default()
         },
     )?;
     let proposed_before = cluster.metric(leader, "vow_shard_proposals_total")?;
@@ -262,11 +263,13 @@ async fn a_node_with_another_shard_count_cannot_join() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let peer = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut joiner = Command::new(vow_tests::bin_dir().join("vowd"))
         .args(["--node-id", "2", "--data-dir"])
         .arg(dir.path())
         .args(["--grpc-addr", &format!("127.0.0.1:{port}"), "--http-addr", &format!("127.0.0.1:{http}")])
-        .args(["--shards", "3", "--join", &cluster.node(1).grpc])
+        .args(["--peer-addr", &format!("127.0.0.1:{peer}")])
+        .args(["--shards", "3", "--join", &cluster.node(1).peer])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.path().join("log"))?)
         .stderr(Stdio::null())

@@ -295,7 +295,7 @@ async fn a_node_added_and_an_old_one_removed_under_load_lose_nothing() -> anyhow
     let load = start_load(&endpoints, 4, Duration::from_secs(25));
     tokio::time::sleep(Duration::from_secs(2)).await; // load first, then the change
 
-    joiner.start(&cluster.node(2).grpc)?;
+    joiner.start(&cluster.node(2).peer)?;
     let result = async {
         cluster
             .wait_for("node 4 a voter of every shard", Duration::from_secs(60), |s| {

@@ -244,21 +244,40 @@ async fn one_client(job: Job, conn: Conn, waiter: Option<Client>) -> Recorder {
     rec
 }
 
+/// A vow cluster and how its clients are secured.
+#[derive(Debug, Clone, Default)]
+pub struct VowTarget {
+    pub endpoints: Vec<String>,
+    pub tls: Option<vow_client::tls::ClientTls>,
+    pub token: Option<vow_client::tls::Token>,
+}
+
 /// Where each target is reached.
 struct Endpoints {
-    vow: Vec<String>,
+    vow: VowTarget,
+    /// `vow-tls`: a spawned cluster running `vow dev up --tls`.
+    vow_tls: VowTarget,
     etcd: Vec<String>,
 }
 
-fn vow_client(endpoints: &[String], c: usize) -> anyhow::Result<Client> {
+impl Endpoints {
+    fn vow(&self, target: &str) -> &VowTarget {
+        if target == "vow-tls" { &self.vow_tls } else { &self.vow }
+    }
+}
+
+fn vow_client(target: &VowTarget, c: usize) -> anyhow::Result<Client> {
     // Start each client at a different node; the client then follows leader hints.
-    let mut rotated = endpoints.to_vec();
-    rotated.rotate_left(c % endpoints.len().max(1));
+    let mut rotated = target.endpoints.clone();
+    let n = rotated.len().max(1);
+    rotated.rotate_left(c % n);
     Ok(Client::with_options(
         &rotated,
         Options {
             call_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
+            tls: target.tls.clone(),
+            token: target.token.clone(),
             ..Default::default()
         },
     )?)
@@ -266,7 +285,7 @@ fn vow_client(endpoints: &[String], c: usize) -> anyhow::Result<Client> {
 
 fn conn(target: &str, ep: &Endpoints, c: usize) -> anyhow::Result<Conn> {
     Ok(match target {
-        "vow" => Conn::Vow(vow_client(&ep.vow, c)?),
+        "vow" | "vow-tls" => Conn::Vow(vow_client(ep.vow(target), c)?),
         _ => Conn::Etcd(Etcd::connect(&ep.etcd[c % ep.etcd.len()])?),
     })
 }
@@ -304,7 +323,7 @@ async fn run_one(
     let mut tasks = Vec::new();
     for c in 0..clients {
         let connection = conn(target, ep, c)?;
-        let waiter = if workload == "await-latency" { Some(vow_client(&ep.vow, c + 1)?) } else { None };
+        let waiter = if workload == "await-latency" { Some(vow_client(ep.vow(target), c + 1)?) } else { None };
         let job = Job {
             workload: workload.to_owned(),
             tag: format!("{run_id}-{target}-{workload}-{clients}-{c}"),
@@ -402,13 +421,13 @@ fn etcd_peer<'a>(results: &'a [BenchResult], r: &BenchResult) -> Option<&'a Benc
     results.iter().find(|p| p.target == "etcd" && p.workload == r.workload && p.step == r.step)
 }
 
-pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<()> {
+pub async fn run(args: BenchArgs, vow: VowTarget) -> anyhow::Result<()> {
     let workloads: Vec<String> = args.workload.split(',').map(|s| s.trim().to_owned()).collect();
     if workloads.iter().any(|w| w == "chain") {
         if workloads.len() > 1 {
             bail!("the chain workload runs alone");
         }
-        return run_chain(&args, vow_endpoints).await;
+        return run_chain(&args, vow.endpoints).await;
     }
     for w in &workloads {
         if !["create-settle", "get", "await-latency"].contains(&w.as_str()) {
@@ -417,8 +436,11 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
     }
     let targets: Vec<String> = args.compare.split(',').map(|s| s.trim().to_owned()).collect();
     for t in &targets {
-        if !["vow", "etcd"].contains(&t.as_str()) {
-            bail!("unknown target {t:?} (vow, etcd)");
+        if !["vow", "vow-tls", "etcd"].contains(&t.as_str()) {
+            bail!("unknown target {t:?} (vow, vow-tls, etcd)");
+        }
+        if t == "vow-tls" && args.spawn.is_none() {
+            bail!("the vow-tls target is a spawned cluster: give --spawn N (for your own TLS cluster, use target vow with --tls-ca and --token)");
         }
     }
     let counts: Vec<usize> = args
@@ -430,7 +452,11 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
         bail!("client counts must be between 1 and 4096");
     }
     let vow_cluster = match (args.spawn, targets.iter().any(|t| t == "vow")) {
-        (Some(n), true) => Some(crate::dev::Spawned::start(n, args.shards).await?),
+        (Some(n), true) => Some(crate::dev::Spawned::start(n, args.shards, false).await?),
+        _ => None,
+    };
+    let vow_tls_cluster = match (args.spawn, targets.iter().any(|t| t == "vow-tls")) {
+        (Some(n), true) => Some(crate::dev::Spawned::start(n, args.shards, true).await?),
         _ => None,
     };
     let etcd_cluster = match (args.spawn, targets.iter().any(|t| t == "etcd")) {
@@ -438,7 +464,8 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
         _ => None,
     };
     let ep = Endpoints {
-        vow: vow_cluster.as_ref().map_or(vow_endpoints, |s| s.endpoints()),
+        vow: vow_cluster.as_ref().map_or(Ok(vow), |s| s.target())?,
+        vow_tls: vow_tls_cluster.as_ref().map_or(Ok(VowTarget::default()), |s| s.target())?,
         etcd: etcd_cluster.as_ref().map_or_else(
             || args.etcd_endpoints.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
             |s| s.endpoints(),
@@ -473,7 +500,7 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
         crate::plot::latency_cdf(&dir.join("latency.svg"), &histograms)?;
         eprintln!("wrote results.json, throughput.svg and latency.svg to {}", dir.display());
     }
-    if let Some(s) = vow_cluster {
+    for s in [vow_cluster, vow_tls_cluster].into_iter().flatten() {
         s.stop().await?;
     }
     if let Some(s) = etcd_cluster {
@@ -489,7 +516,7 @@ pub async fn run(args: BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<
 async fn run_chain(args: &BenchArgs, vow_endpoints: Vec<String>) -> anyhow::Result<()> {
     let compare_etcd = args.compare.split(',').any(|t| t.trim() == "etcd");
     let vow_cluster = match args.spawn {
-        Some(n) => Some(crate::dev::Spawned::start(n, args.shards).await?),
+        Some(n) => Some(crate::dev::Spawned::start(n, args.shards, false).await?),
         None => None,
     };
     let etcd_cluster = match (args.spawn, compare_etcd) {

@@ -33,6 +33,11 @@ pub enum DevCommand {
         /// How long to wait for the cluster to elect leaders.
         #[arg(long, default_value = "60s", value_parser = crate::parse_duration)]
         wait: Duration,
+        /// Run the cluster over TLS with API tokens: a CA and node certificates in DIR/tls
+        /// (mutual TLS between nodes), admin, writer and reader tokens in DIR/api-tokens.
+        /// Prints the environment a client needs.
+        #[arg(long)]
+        tls: bool,
     },
     /// Stop the cluster's processes (SIGTERM, then SIGKILL after 10 s). Data stays.
     Down {
@@ -52,6 +57,9 @@ pub struct ClusterFile {
     /// Arguments for single nodes, as (node id, argument).
     #[serde(default)]
     pub node_args: Vec<(u64, String)>,
+    /// TLS and API tokens (`up --tls`).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 fn parse_node_arg(s: &str) -> Result<(u64, String), String> {
@@ -65,14 +73,23 @@ pub struct NodeEntry {
     pub node_id: u64,
     pub grpc: String,
     pub http: String,
+    /// The peer port (Raft and routing between nodes); given one on the next `up` if missing.
+    #[serde(default)]
+    pub peer: String,
     pub pid: u32,
 }
 
 pub async fn run(cmd: DevCommand, output: crate::Output) -> anyhow::Result<()> {
     match cmd {
-        DevCommand::Up { nodes, dir, shards, vowd_args, node_args, wait } => {
-            let status = up(nodes, &dir, shards, vowd_args, node_args, wait).await?;
+        DevCommand::Up { nodes, dir, shards, vowd_args, node_args, wait, tls } => {
+            let status = up(nodes, &dir, shards, vowd_args, node_args, wait, tls).await?;
             crate::print_status(output, &status);
+            if tls {
+                let dir = std::path::absolute(&dir)?;
+                eprintln!("# a client of this cluster needs (admin; DIR/api-tokens has writer and reader tokens too):");
+                eprintln!("export VOW_TLS_CA={}", dir.join("tls/ca.pem").display());
+                eprintln!("export VOW_TOKEN={}", api_token(&dir, "admin")?);
+            }
             Ok(())
         }
         DevCommand::Down { dir } => down(&dir).await,
@@ -113,7 +130,7 @@ pub fn is_vowd_alive(pid: u32) -> bool {
     }
 }
 
-fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, extra: &[String]) -> anyhow::Result<u32> {
+fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, tls: bool, extra: &[String]) -> anyhow::Result<u32> {
     let data = dir.join(format!("n{}", node.node_id));
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data.join("vowd.log"))?;
@@ -123,12 +140,25 @@ fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, extra: &[String
     if !extra.iter().any(|a| a.starts_with("--completion-keys-file")) {
         cmd.arg("--completion-keys-file").arg(completion_keys(dir)?);
     }
+    if tls {
+        let t = dir.join("tls");
+        cmd.arg("--tls-cert")
+            .arg(t.join(format!("node-{}.pem", node.node_id)))
+            .arg("--tls-key")
+            .arg(t.join(format!("node-{}-key.pem", node.node_id)))
+            .arg("--tls-ca")
+            .arg(t.join("ca.pem"))
+            .arg("--auth-file")
+            .arg(dir.join("api-tokens"));
+    }
     cmd.arg("--node-id")
         .arg(node.node_id.to_string())
         .arg("--data-dir")
         .arg(&data)
         .arg("--grpc-addr")
         .arg(&node.grpc)
+        .arg("--peer-addr")
+        .arg(&node.peer)
         .arg("--http-addr")
         .arg(&node.http)
         .arg("--peers")
@@ -165,6 +195,75 @@ fn completion_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// A cluster CA, a certificate for every node (loopback names, its node URI) and a client
+/// certificate in `dir/tls`, made once.
+fn dev_certificates(dir: &Path, nodes: &[NodeEntry]) -> anyhow::Result<()> {
+    let t = dir.join("tls");
+    if !t.join("ca.pem").exists() {
+        crate::certs::make_ca(&t, 3650)?;
+    }
+    let loopback = crate::certs::Subject {
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse()?, "::1".parse()?],
+        ..Default::default()
+    };
+    for node in nodes {
+        let cert = t.join(format!("node-{}.pem", node.node_id));
+        if !cert.exists() {
+            let subject = crate::certs::Subject { node_id: Some(node.node_id), ..loopback.clone() };
+            crate::certs::make_cert(&t, &cert, &subject, 365)?;
+        }
+    }
+    // A client certificate names no host: a client is never dialled, and a host name on it
+    // would let it pass for a node reached on that host.
+    if !t.join("client.pem").exists() {
+        crate::certs::make_cert(&t, &t.join("client.pem"), &crate::certs::Subject::default(), 365)?;
+    }
+    Ok(())
+}
+
+/// `dir/api-tokens` with one random token per role, made once (readable by its owner only).
+fn dev_tokens(dir: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("api-tokens");
+    if path.exists() {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "# role name token (vowd --auth-file; re-read when it changes)")?;
+    for role in ["admin", "writer", "reader"] {
+        writeln!(f, "{role} dev-{role} {:032x}", rand::random::<u128>())?;
+    }
+    Ok(())
+}
+
+/// The token of `role` in a dev cluster's `api-tokens`.
+pub fn api_token(dir: &Path, role: &str) -> anyhow::Result<String> {
+    let path = dir.join("api-tokens");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 3 && f[0] == role)
+        .map(|f| f[2].to_owned())
+        .with_context(|| format!("{} has no {role} token", path.display()))
+}
+
+/// Client options for a dev cluster in `dir`: its CA and admin token when it runs TLS.
+pub fn client_security(dir: &Path, tls: bool) -> anyhow::Result<(Option<vow_client::tls::ClientTls>, Option<vow_client::tls::Token>)> {
+    if !tls {
+        return Ok((None, None));
+    }
+    let files = vow_client::tls::ClientTlsFiles { ca: dir.join("tls/ca.pem"), cert_and_key: None };
+    let tls = vow_client::tls::ClientTls::from_files(&files, &[b"h2"]).map_err(anyhow::Error::msg)?;
+    Ok((Some(tls), Some(vow_client::tls::Token::new(api_token(dir, "admin")?))))
+}
+
 async fn up(
     n: u64,
     dir: &Path,
@@ -172,6 +271,7 @@ async fn up(
     vowd_args: Vec<String>,
     node_args: Vec<(u64, String)>,
     wait: Duration,
+    tls: bool,
 ) -> anyhow::Result<vow_client::pb::StatusResponse> {
     if n == 0 || n > 9 {
         bail!("--nodes must be between 1 and 9");
@@ -181,6 +281,14 @@ async fn up(
     let mut cluster = if file.exists() {
         let text = std::fs::read_to_string(&file)?;
         let c: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        if c.tls != tls {
+            bail!(
+                "{} holds a cluster {} TLS; run `vow dev up` {} --tls, or use another --dir",
+                dir.display(),
+                if c.tls { "with" } else { "without" },
+                if c.tls { "with" } else { "without" }
+            );
+        }
         if c.nodes.len() as u64 != n {
             bail!(
                 "{} holds a {}-node cluster; use --nodes {} or another --dir",
@@ -197,20 +305,29 @@ async fn up(
                 node_id: id,
                 grpc: format!("127.0.0.1:{}", free_port()?),
                 http: format!("127.0.0.1:{}", free_port()?),
+                peer: format!("127.0.0.1:{}", free_port()?),
                 pid: 0,
             });
         }
-        ClusterFile { nodes, shards, vowd_args, node_args }
+        ClusterFile { nodes, shards, vowd_args, node_args, tls }
     };
+    for node in cluster.nodes.iter_mut().filter(|n| n.peer.is_empty()) {
+        node.peer = format!("127.0.0.1:{}", free_port()?);
+    }
+    if tls {
+        dev_certificates(dir, &cluster.nodes)?;
+        dev_tokens(dir)?;
+    }
     let shards = if cluster.shards == 0 { shards } else { cluster.shards };
-    let peers = cluster.nodes.iter().map(|e| format!("{}={}", e.node_id, e.grpc)).collect::<Vec<_>>().join(",");
+    let peers =
+        cluster.nodes.iter().map(|e| format!("{}={}@{}", e.node_id, e.grpc, e.peer)).collect::<Vec<_>>().join(",");
     for node in cluster.nodes.iter_mut() {
         if node.pid != 0 && is_vowd_alive(node.pid) {
             continue;
         }
         let mut args = cluster.vowd_args.clone();
         args.extend(cluster.node_args.iter().filter(|(id, _)| *id == node.node_id).map(|(_, a)| a.clone()));
-        node.pid = spawn(dir, node, &peers, shards, &args)?;
+        node.pid = spawn(dir, node, &peers, shards, tls, &args)?;
         eprintln!("started node {} (pid {}) on {}", node.node_id, node.pid, node.grpc);
     }
     cluster.shards = shards;
@@ -219,9 +336,16 @@ async fn up(
     std::fs::rename(&tmp, &file)?;
 
     let endpoints: Vec<&str> = cluster.nodes.iter().map(|e| e.grpc.as_str()).collect();
+    let (client_tls, token) = client_security(dir, tls)?;
     let client = Client::with_options(
         &endpoints,
-        Options { call_timeout: Duration::from_secs(2), attempt_timeout: Duration::from_secs(1), ..Default::default() },
+        Options {
+            call_timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(1),
+            tls: client_tls,
+            token,
+            ..Default::default()
+        },
     )?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -293,21 +417,29 @@ async fn down(dir: &Path) -> anyhow::Result<()> {
 pub struct Spawned {
     dir: PathBuf,
     endpoints: Vec<String>,
+    tls: bool,
 }
 
 impl Spawned {
-    pub async fn start(nodes: u64, shards: u32) -> anyhow::Result<Spawned> {
+    /// Starts `nodes` nodes, secured as `vow dev up --tls` when `tls`.
+    pub async fn start(nodes: u64, shards: u32, tls: bool) -> anyhow::Result<Spawned> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
         let dir = std::env::temp_dir().join(format!("vow-bench-{}-{stamp:x}", std::process::id()));
-        up(nodes, &dir, shards, vec![], vec![], Duration::from_secs(60)).await?;
+        up(nodes, &dir, shards, vec![], vec![], Duration::from_secs(60), tls).await?;
         let text = std::fs::read_to_string(dir.join("cluster.json"))?;
         let cluster: ClusterFile = serde_json::from_str(&text)?;
         let endpoints = cluster.nodes.iter().map(|n| n.grpc.clone()).collect();
-        Ok(Spawned { dir, endpoints })
+        Ok(Spawned { dir, endpoints, tls })
     }
 
     pub fn endpoints(&self) -> Vec<String> {
         self.endpoints.clone()
+    }
+
+    /// The cluster as a bench target: endpoints, and its CA and admin token when secured.
+    pub fn target(&self) -> anyhow::Result<crate::bench::VowTarget> {
+        let (tls, token) = client_security(&self.dir, self.tls)?;
+        Ok(crate::bench::VowTarget { endpoints: self.endpoints(), tls, token })
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {

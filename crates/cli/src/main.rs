@@ -10,6 +10,7 @@
 
 mod bench;
 mod chain;
+mod certs;
 mod dev;
 mod etcd;
 mod output;
@@ -41,6 +42,18 @@ struct Cli {
     /// Give up after this long, retries included (e.g. 500ms, 15s, 2m).
     #[arg(long, default_value = "15s", global = true, value_parser = parse_duration)]
     timeout: Duration,
+    /// CA certificate (PEM) the nodes' certificates chain to: connect over TLS.
+    #[arg(long, env = "VOW_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --tls-key.
+    #[arg(long, env = "VOW_TLS_CERT", global = true, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "VOW_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// API token sent with every call (prefer the environment variable: a command line is
+    /// visible to every user of the machine).
+    #[arg(long, env = "VOW_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     /// How records are printed: `table` for reading, `json` for scripts (stable keys).
     #[arg(short = 'o', long, env = "VOW_OUTPUT", value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -151,6 +164,9 @@ enum Command {
     /// A local development cluster of vowd processes.
     #[command(subcommand)]
     Dev(dev::DevCommand),
+    /// Certificates: a cluster CA and the node and client certificates it signs.
+    #[command(subcommand)]
+    Tls(certs::TlsCommand),
     /// Measure throughput and latency against a cluster.
     Bench(bench::BenchArgs),
 }
@@ -193,9 +209,12 @@ enum ClusterCommand {
     AddNode {
         #[arg(long)]
         node_id: u64,
-        /// The node's gRPC address as other nodes reach it.
+        /// The node's gRPC address as clients reach it.
         #[arg(long)]
         addr: String,
+        /// The node's peer address as other nodes reach it (default: --addr's port + 100).
+        #[arg(long, default_value = "")]
+        peer_addr: String,
     },
     /// Remove a node from every shard.
     RemoveNode {
@@ -345,6 +364,22 @@ pub fn print_status(output: Output, s: &pb::StatusResponse) {
     print!("{}", output.render(|| status_json(s), || output::status_table(s)));
 }
 
+/// TLS and the API token from the global flags.
+fn security(cli: &Cli) -> anyhow::Result<(Option<vow_client::tls::ClientTls>, Option<vow_client::tls::Token>)> {
+    let tls = match &cli.tls_ca {
+        Some(ca) => {
+            let files = vow_client::tls::ClientTlsFiles {
+                ca: ca.clone(),
+                cert_and_key: cli.tls_cert.clone().zip(cli.tls_key.clone()),
+            };
+            Some(vow_client::tls::ClientTls::from_files(&files, &[b"h2"]).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let token = cli.token.as_deref().filter(|t| !t.trim().is_empty()).map(vow_client::tls::Token::new);
+    Ok((tls, token))
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -352,10 +387,13 @@ fn now_ms() -> i64 {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let output = cli.output;
     let endpoints: Vec<&str> = cli.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let security = security(&cli)?;
     let client = || -> anyhow::Result<Client> {
         let options = Options {
             call_timeout: cli.timeout,
             attempt_timeout: cli.timeout.min(Duration::from_secs(5)),
+            tls: security.0.clone(),
+            token: security.1.clone(),
             ..Default::default()
         };
         Ok(Client::with_options(&endpoints, options)?)
@@ -511,14 +549,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = client()?;
             let status = match c {
                 ClusterCommand::Status => client.status().await?,
-                ClusterCommand::AddNode { node_id, addr } => client.add_node(node_id, &addr).await?,
+                ClusterCommand::AddNode { node_id, addr, peer_addr } => {
+                    client.add_node(node_id, &addr, &peer_addr).await?
+                }
                 ClusterCommand::RemoveNode { node_id } => client.remove_node(node_id).await?,
                 ClusterCommand::TransferLeader { to } => client.transfer_leader(to).await?,
             };
             print_status(output, &status);
         }
         Command::Dev(d) => dev::run(d, output).await?,
-        Command::Bench(b) => bench::run(b, endpoints.iter().map(|s| s.to_string()).collect()).await?,
+        Command::Tls(t) => certs::run(t)?,
+        Command::Bench(b) => {
+            let target = bench::VowTarget {
+                endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+                tls: security.0.clone(),
+                token: security.1.clone(),
+            };
+            bench::run(b, target).await?
+        }
     }
     Ok(())
 }
@@ -527,8 +575,8 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
     json!({
         "answered_by": s.node_id,
         "nodes": s.nodes.iter().map(|n| json!({
-            "node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable,
-            "leads": output::leads(s, n.node_id),
+            "node_id": n.node_id, "grpc_addr": n.grpc_addr, "peer_addr": n.peer_addr,
+            "reachable": n.reachable, "leads": output::leads(s, n.node_id),
         })).collect::<Vec<_>>(),
         "shards": s.shards.iter().map(|sh| json!({
             "shard_id": sh.shard_id, "leader_id": sh.leader_id, "term": sh.term,
@@ -543,7 +591,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::NotFound(_)) => 3,
         Some(Error::AlreadyExists { .. } | Error::AlreadySettled { .. }) => 4,
         Some(Error::Unavailable { .. }) => 5,
-        Some(Error::PermissionDenied(_)) => 6,
+        Some(Error::PermissionDenied(_) | Error::Unauthenticated(_)) => 6,
         Some(Error::InvalidArgument(_) | Error::Client(_)) => 2,
         _ => 1,
     }
@@ -594,12 +642,20 @@ mod tests {
     fn status_json_keeps_its_keys_and_counts_what_each_node_leads() {
         let shard =
             |shard_id, leader_id| pb::ShardStatus { shard_id, leader_id, voters: vec![1, 2], ..Default::default() };
-        let node = |node_id| pb::NodeStatus { node_id, grpc_addr: format!("h:{node_id}"), reachable: true };
+        let node = |node_id| pb::NodeStatus {
+            node_id,
+            grpc_addr: format!("h:{node_id}"),
+            reachable: true,
+            peer_addr: format!("h:1{node_id}"),
+        };
         let s =
             pb::StatusResponse { nodes: vec![node(1), node(2)], shards: vec![shard(0, 2), shard(1, 2)], node_id: 1 };
         let v = status_json(&s);
         assert_eq!(v["answered_by"], 1);
-        assert_eq!(v["nodes"][0], json!({"node_id": 1, "grpc_addr": "h:1", "reachable": true, "leads": 0}));
+        assert_eq!(
+            v["nodes"][0],
+            json!({"node_id": 1, "grpc_addr": "h:1", "peer_addr": "h:11", "reachable": true, "leads": 0})
+        );
         assert_eq!(v["nodes"][1]["leads"], 2);
         assert_eq!(
             v["shards"][0],

@@ -219,12 +219,13 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
             ids_cell(&sh.learners),
         ]);
     }
-    let mut nodes = vec![["NODE", "ADDRESS", "REACHABLE", "LEADS"].map(str::to_owned).to_vec()];
+    let mut nodes = vec![["NODE", "ADDRESS", "PEER", "REACHABLE", "LEADS"].map(str::to_owned).to_vec()];
     for n in &s.nodes {
         let mark = if n.node_id == s.node_id { "*" } else { "" };
         nodes.push(vec![
             format!("{}{mark}", n.node_id),
             n.grpc_addr.clone(),
+            n.peer_addr.clone(),
             if n.reachable { "yes" } else { "no" }.to_owned(),
             leads(s, n.node_id).to_string(),
         ]);
@@ -349,7 +350,12 @@ next page: --page-token 6f2d31
             learners: vec![],
         };
         let node =
-            |node_id, reachable| pb::NodeStatus { node_id, grpc_addr: format!("127.0.0.1:700{node_id}"), reachable };
+            |node_id, reachable| pb::NodeStatus {
+            node_id,
+            grpc_addr: format!("127.0.0.1:700{node_id}"),
+            reachable,
+            peer_addr: format!("127.0.0.1:710{node_id}"),
+        };
         pb::StatusResponse {
             nodes: vec![node(1, true), node(2, true), node(3, false)],
             shards: vec![shard(0, 2), shard(1, 2), shard(2, 1), shard(3, 0)],
@@ -376,10 +382,10 @@ SHARD  LEADER  TERM  COMMIT  APPLIED  VOTERS  LEARNERS
 2      1       3     120     118      1,2,3   -
 3      -       3     120     118      1,2,3   -
 
-NODE  ADDRESS         REACHABLE  LEADS
-1*    127.0.0.1:7001  yes        1
-2     127.0.0.1:7002  yes        2
-3     127.0.0.1:7003  no         0
+NODE  ADDRESS         PEER            REACHABLE  LEADS
+1*    127.0.0.1:7001  127.0.0.1:7101  yes        1
+2     127.0.0.1:7002  127.0.0.1:7102  yes        2
+3     127.0.0.1:7003  127.0.0.1:7103  no         0
 "
         );
     }

@@ -38,6 +38,7 @@ use vow_core::ShardId;
 use crate::routing::{Choice, Endpoints, MapFetch};
 
 mod routing;
+pub mod tls;
 pub mod transport;
 mod watch;
 pub mod webhook;
@@ -58,10 +59,13 @@ pub enum Error {
     /// The request breaks a limit (named in the message) or is malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A completion token (or, with the authorisation layer, a credential) does not allow the
+    /// The caller's credential (an API token's role, a completion token) does not allow the
     /// call; nothing was done.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The cluster needs an API token and got none it knows (`Options::token`); nothing was done.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// The cluster could not serve the call before its deadline. When `outcome_unknown` is set,
     /// a write may have taken effect: retry it with the same idempotency key to find out.
     #[error("unavailable{}: {message}", if *outcome_unknown { " (outcome unknown)" } else { "" })]
@@ -89,7 +93,8 @@ impl Error {
             Code::FailedPrecondition => Error::AlreadySettled { message, current: current() },
             Code::NotFound => Error::NotFound(message),
             Code::InvalidArgument => Error::InvalidArgument(message),
-            Code::PermissionDenied | Code::Unauthenticated => Error::PermissionDenied(message),
+            Code::PermissionDenied => Error::PermissionDenied(message),
+            Code::Unauthenticated => Error::Unauthenticated(message),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
                 Error::Unavailable { message: format!("{}: {message}", s.code()), outcome_unknown }
             }
@@ -113,6 +118,11 @@ pub struct Options {
     /// and send calls about a promise to its shard's leader by the cached shard map. Off for a
     /// client that must talk only to the endpoints it was given.
     pub follow_leader_hints: bool,
+    /// TLS to the nodes (`None`: plain text, as `vowd --dev` and `vow dev up` serve).
+    pub tls: Option<tls::ClientTls>,
+    /// The API token sent with every call (README "Security"); a settle with a completion
+    /// token sends that one instead.
+    pub token: Option<tls::Token>,
 }
 
 impl Default for Options {
@@ -121,6 +131,8 @@ impl Default for Options {
             call_timeout: Duration::from_secs(15),
             attempt_timeout: Duration::from_secs(5),
             follow_leader_hints: true,
+            tls: None,
+            token: None,
         }
     }
 }
@@ -182,7 +194,8 @@ impl Client {
         if addrs.is_empty() {
             return Err(Error::Client("no endpoints given".into()));
         }
-        let endpoints = Endpoints::new(addrs).map_err(Error::Client)?;
+        let security = transport::Security { tls: options.tls.clone(), token: options.token.clone() };
+        let endpoints = Endpoints::new(addrs, security).map_err(Error::Client)?;
         Ok(Client { endpoints: Arc::new(Mutex::new(endpoints)), options })
     }
 
@@ -372,7 +385,12 @@ impl Client {
     /// Reads a promise from one node's own replica only, with no retries elsewhere: what that
     /// node has applied, which may lag the leader.
     pub async fn get_local(endpoint: &str, id: &str) -> Result<pb::Promise> {
-        let c = Client::connect(&[endpoint])?;
+        Self::get_local_with(endpoint, id, Options::default()).await
+    }
+
+    /// [`Client::get_local`] with `options`' TLS and token.
+    pub async fn get_local_with(endpoint: &str, id: &str, options: Options) -> Result<pb::Promise> {
+        let c = Client::with_options(&[endpoint], options)?;
         let channel = c.lock().channel(0);
         let req = pb::GetRequest { id: id.to_owned(), consistency: pb::Consistency::Stale as i32 };
         let resp = promises(channel)
@@ -595,8 +613,16 @@ impl Client {
 
     /// Adds a node to every shard (learner, caught up, then voter). Can take a while for a
     /// node that has much to catch up.
-    pub async fn add_node(&self, node_id: u64, grpc_addr: &str) -> Result<pb::StatusResponse> {
-        let req = pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), shard_ids: vec![], shard_count: 0 };
+    /// Adds node `node_id`, reachable by clients at `grpc_addr` and by other nodes at
+    /// `peer_addr` (empty: `grpc_addr`'s host with its port + 100, vowd's default).
+    pub async fn add_node(&self, node_id: u64, grpc_addr: &str, peer_addr: &str) -> Result<pb::StatusResponse> {
+        let req = pb::AddNodeRequest {
+            node_id,
+            grpc_addr: grpc_addr.to_owned(),
+            shard_ids: vec![],
+            shard_count: 0,
+            peer_addr: peer_addr.to_owned(),
+        };
         self.call(Effect::Write, Patience::LongAttempt(Duration::from_secs(60)), Route::Any, |c, t| {
             let req = Self::request(req.clone(), t);
             async move { cluster(c).add_node(req).await }
@@ -770,6 +796,7 @@ mod tests {
             call_timeout: Duration::from_secs(3),
             attempt_timeout: Duration::from_millis(200),
             follow_leader_hints: false,
+            ..Default::default()
         };
         for (code, unknown) in [
             (Code::Internal, true),

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use vow_core::{PromiseId, ShardId};
 
 use crate::pb;
-use crate::transport::H2Channel;
+use crate::transport::{H2Channel, Security};
 
 /// The shard map is fetched at most this often: lazily on first need, again when it looks stale.
 pub(crate) const MAP_REFRESH_EVERY: Duration = Duration::from_secs(1);
@@ -39,6 +39,8 @@ pub(crate) struct Endpoints {
     pub(crate) preferred: usize,
     map: Option<ShardMap>,
     refresh: Refresh,
+    /// How channels to endpoints learned later (leader hints) are secured.
+    security: Security,
 }
 
 /// The leader of each shard, as far as the client knows; `leaders.len()` is the shard count.
@@ -82,9 +84,11 @@ pub(crate) struct Choice {
 
 impl Endpoints {
     /// Endpoints for `addrs` (already normalised, at least one); fails for a malformed address.
-    pub(crate) fn new(addrs: Vec<String>) -> Result<Endpoints, String> {
-        let channels = addrs.iter().map(|a| H2Channel::new(a)).collect::<Result<Vec<_>, _>>()?;
+    pub(crate) fn new(addrs: Vec<String>, security: Security) -> Result<Endpoints, String> {
+        let channels =
+            addrs.iter().map(|a| H2Channel::with_security(a, security.clone())).collect::<Result<Vec<_>, _>>()?;
         Ok(Endpoints {
+            security,
             failed_at: vec![None; addrs.len()],
             addrs,
             channels,
@@ -104,7 +108,7 @@ impl Endpoints {
         if let Some(i) = self.addrs.iter().position(|a| a == addr) {
             return Some(i);
         }
-        let channel = H2Channel::new(addr).ok()?;
+        let channel = H2Channel::with_security(addr, self.security.clone()).ok()?;
         self.addrs.push(addr.to_owned());
         self.channels.push(channel);
         self.failed_at.push(None);
@@ -251,7 +255,7 @@ mod tests {
     use super::*;
 
     fn endpoints(addrs: &[&str]) -> Endpoints {
-        Endpoints::new(addrs.iter().map(|a| a.to_string()).collect()).expect("valid addresses")
+        Endpoints::new(addrs.iter().map(|a| a.to_string()).collect(), Security::default()).expect("valid addresses")
     }
 
     fn map(shards: u32, leaders: &[(u32, &str)]) -> pb::ShardMapResponse {

@@ -26,6 +26,8 @@ use http::uri::{Authority, Scheme, Uri};
 use http_body::{Body, Frame};
 use tonic::Status;
 
+use crate::tls::{ClientTls, MaybeTls, Token};
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long making a connection (TCP and the HTTP/2 handshake) may take.
@@ -47,6 +49,7 @@ pub struct H2Channel {
 struct Shared {
     addr: String,
     authority: Authority,
+    security: Security,
     /// The live connection's handle, if there is one.
     sender: Mutex<Option<h2::client::SendRequest<Bytes>>>,
     /// Serialises connecting, so that calls arriving together make one connection.
@@ -59,9 +62,22 @@ impl std::fmt::Debug for H2Channel {
     }
 }
 
+/// How a channel secures its calls: TLS for the connection, a bearer token on every request
+/// that does not carry its own `authorization` (a settle with a completion token does).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub tls: Option<ClientTls>,
+    pub token: Option<Token>,
+}
+
 impl H2Channel {
-    /// A channel to `addr` (`host:port`); fails only for an address that is not one.
+    /// A plain-text channel to `addr` (`host:port`); fails only for an address that is not one.
     pub fn new(addr: &str) -> Result<H2Channel, String> {
+        Self::with_security(addr, Security::default())
+    }
+
+    /// A channel to `addr` secured by `security`.
+    pub fn with_security(addr: &str, security: Security) -> Result<H2Channel, String> {
         let authority: Authority = addr.parse().map_err(|e| format!("bad endpoint {addr:?}: {e}"))?;
         if authority.port_u16().is_none() {
             return Err(format!("bad endpoint {addr:?}: no port"));
@@ -70,6 +86,7 @@ impl H2Channel {
             shared: Arc::new(Shared {
                 addr: addr.to_owned(),
                 authority,
+                security,
                 sender: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             }),
@@ -105,7 +122,11 @@ impl H2Channel {
     async fn connect(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
         let tcp = tokio::net::TcpStream::connect(&self.shared.addr).await?;
         tcp.set_nodelay(true)?;
-        let (sender, mut connection) = h2::client::handshake(tcp).await?;
+        let io = match &self.shared.security.tls {
+            Some(tls) => tls.connect(self.shared.authority.host(), tcp).await?,
+            None => MaybeTls::Plain(tcp),
+        };
+        let (sender, mut connection) = h2::client::handshake(io).await?;
         let addr = self.shared.addr.clone();
         let pings = connection.ping_pong();
         tokio::spawn(async move {
@@ -128,9 +149,17 @@ impl H2Channel {
         let (mut parts, body) = req.into_parts();
         let message = collect(body).await?;
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(if self.shared.security.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP });
         uri.authority = Some(self.shared.authority.clone());
         parts.uri = Uri::from_parts(uri).map_err(|e| Status::internal(format!("request uri: {e}")))?;
+        if let Some(token) = &self.shared.security.token
+            && !parts.headers.contains_key(http::header::AUTHORIZATION)
+        {
+            let mut value = http::HeaderValue::try_from(format!("Bearer {}", token.expose()))
+                .map_err(|_| Status::invalid_argument("the API token is not a valid header value"))?;
+            value.set_sensitive(true);
+            parts.headers.insert(http::header::AUTHORIZATION, value);
+        }
 
         let mut sender = self.ready_sender().await?;
         let (reply, mut stream) =

@@ -10,15 +10,17 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use vow_api::metadata as md;
 use vow_api::v1 as pb;
 use vow_api::v1::cluster_server::{Cluster, ClusterServer};
 use vow_api::v1::promises_server::{Promises, PromisesServer};
 use vow_core::{NodeId, PromiseId, SettleAs, ShardId};
+use vow_storage::types::VowNode;
 
+use crate::auth::{ApiGate, ApiTokens, Denial, Gate, GateLayer, Protocol};
+use crate::conn::{self, ConnInfo};
 use crate::convert::{self, shard_status};
 use crate::functions::Functions;
 use crate::node::{self, Node};
@@ -26,6 +28,7 @@ use crate::pipelines::Pipelines;
 use crate::raft_service::RaftService;
 use crate::router::{self, Change, ChangeError, RouteService, Router};
 use crate::service::{self, Consistency};
+use crate::tls::NodeTls;
 use crate::tokens::{self, CompletionKeys, TokenError};
 use crate::watch;
 use crate::webhooks;
@@ -51,12 +54,13 @@ pub const SEARCH_PAGE_BYTES: usize = 1 << 20;
 /// shard for every connection's peer, which carries all of them.
 const PENDING_RESET_STREAMS: usize = 1024;
 
-/// Serves every gRPC service on `listener` until `shutdown` completes.
-pub async fn serve(
+/// Serves the public gRPC services — `Promises`, `Cluster`, health, reflection — on
+/// `listener` until `shutdown` completes, every call through the API gate.
+pub async fn serve_public(
     router: Router,
     promises_api: Arc<PromisesApi>,
-    data_dir: PathBuf,
     listener: TcpListener,
+    security: &Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let node = router.node().clone();
@@ -71,6 +75,45 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(vow_api::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let tls = security.tls.as_ref().map(|t| t.grpc_server.clone());
+    let incoming = conn::incoming(conn::accept(listener, conn::Listener::Grpc, tls));
+    // A public request is at most the largest command the configured limits allow; anything
+    // larger is refused before it is buffered whole. Replies are bounded by the same limits (a
+    // record) or by SEARCH_PAGE_BYTES (a page).
+    let max_request = node.limits().max_command_bytes() + REQUEST_SLACK_BYTES;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(GateLayer::new(ApiGate { tokens: security.tokens.clone(), protocol: Protocol::Grpc }))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(
+            PromisesServer::from_arc(promises_api)
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            ClusterServer::new(ClusterApi { router: router.clone() }).max_decoding_message_size(REQUEST_SLACK_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves what nodes call on each other — Raft, routed requests (`Route`), and `AddNode` for a
+/// node joining — on the peer listener until `shutdown` completes. With TLS only a certificate
+/// of the cluster CA gets a connection, and the peer gate lets Raft and routing through only
+/// for a member's certificate.
+pub async fn serve_peer(
+    router: Router,
+    data_dir: PathBuf,
+    listener: TcpListener,
+    security: &Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let node = router.node().clone();
     let raft = RaftService {
         node_id: node.id(),
         cluster_name: node.cluster_name().into(),
@@ -78,15 +121,10 @@ pub async fn serve(
         data_dir,
         clock: node.wall(),
     };
-    // The builder's tcp_nodelay only applies to listeners it binds itself; ours is bound by the
-    // caller, so set it here. Without it, Nagle's algorithm and delayed ACKs add ~40 ms to replies.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(|conn| conn.map(ScalarWrites));
-    // A public request is at most the largest command the configured limits allow; anything
-    // larger is refused before it is buffered whole. Replies are bounded by the same limits (a
-    // record) or by SEARCH_PAGE_BYTES (a page). A routed command is no larger than the request
-    // it came from.
+    let tls = security.tls.as_ref().map(|t| t.peer_server.clone());
+    let gate = PeerGate { node: node.clone(), tls: tls.is_some() };
+    let incoming = conn::incoming(conn::accept(listener, conn::Listener::Peer, tls));
+    // A routed command is no larger than the public request it came from.
     let max_request = node.limits().max_command_bytes() + REQUEST_SLACK_BYTES;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -96,14 +134,7 @@ pub async fn serve(
         // RESOURCE_EXHAUSTED, failing every shard's traffic with that peer (seen in vow-jepsen
         // runs with 8 shards).
         .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(
-            PromisesServer::from_arc(promises_api)
-                .max_decoding_message_size(max_request)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .layer(GateLayer::new(gate))
         .add_service(
             ClusterServer::new(ClusterApi { router: router.clone() }).max_decoding_message_size(REQUEST_SLACK_BYTES),
         )
@@ -122,53 +153,52 @@ pub async fn serve(
     Ok(())
 }
 
-/// A client connection that tells HTTP/2 it cannot write vectored. h2 then copies DATA payloads
-/// of up to 1 KiB into its write buffer instead of chaining every payload over 256 bytes, and a
-/// unary reply — headers, a message of a few hundred bytes, trailers — leaves in one write. With
-/// chaining the trailers could not be buffered behind the chained payload and went out in a
-/// second write (and a second read and wake-up at the client) for every reply with a 256-byte
-/// value; larger payloads are still chained.
-struct ScalarWrites(TcpStream);
+/// TLS and API tokens of a node's listeners (both optional: `vowd --dev` has neither).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub tls: Option<NodeTls>,
+    pub tokens: Option<ApiTokens>,
+}
 
-impl tokio::io::AsyncRead for ScalarWrites {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+/// The peer listener's gate: it serves Raft, routing and joining, nothing else, and with TLS
+/// only to a certificate that names a member — or, for a node not yet part of any cluster
+/// (it has shards no member set has reached), to any certificate of the cluster CA, since the
+/// leader adding it must reach it before it knows who the members are.
+struct PeerGate {
+    node: Node,
+    tls: bool,
+}
+
+const JOIN_PATH: &str = "/vow.v1.Cluster/AddNode";
+
+impl Gate for PeerGate {
+    fn check(&self, req: &http::request::Parts) -> Result<(), Denial> {
+        let path = req.uri.path();
+        let join = path == JOIN_PATH;
+        if !(join || path.starts_with("/vow.raft.v1.Raft/") || path.starts_with("/vow.route.v1.Route/")) {
+            return Err(Denial::PermissionDenied(format!(
+                "{path} is not served on the peer port: it serves only Raft, routing and joining"
+            )));
+        }
+        if !self.tls || join {
+            // Joining: the handler checks the certificate names the node being added.
+            return Ok(());
+        }
+        let identity = req.extensions.get::<ConnInfo>().and_then(|c| c.identity.clone());
+        let Some(identity) = identity else {
+            return Err(Denial::Unauthenticated("the peer port needs a certificate of the cluster CA".into()));
+        };
+        if node::knows_peer(&self.node, &identity) {
+            Ok(())
+        } else {
+            Err(Denial::PermissionDenied("the certificate does not name a member of this cluster".into()))
+        }
     }
 }
 
-impl tokio::io::AsyncWrite for ScalarWrites {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-}
-
-impl Connected for ScalarWrites {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.connect_info()
-    }
-}
+/// Streams one client connection may have open at once on the public port: enough for a client
+/// multiplexing many calls, few enough that one connection cannot hold unbounded server state.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Room beyond the largest command for the rest of a request (field tags, the id prefix of a
 /// search, a membership request).
@@ -245,16 +275,22 @@ impl PromisesApi {
         self.write(method, &req, command).await
     }
 
-    /// A settle that presents a completion token (`authorization: Bearer ...`) goes ahead only
-    /// if the token allows this operation on this promise now; one presenting none is not
-    /// checked here (who may write at all is the authorisation layer's business).
+    /// A settle that presents a completion token (`authorization: Bearer vct1...`) goes ahead
+    /// only if the token allows this operation on this promise now. Any other credential (an
+    /// API token, or none) is not checked here: who may write at all is the gate's business
+    /// (`auth.rs`), which let this request through.
     fn check_completion_token<T>(&self, req: &Request<T>, id: &PromiseId, settle_as: SettleAs) -> Result<(), Status> {
         let Some(auth) = req.metadata().get("authorization") else { return Ok(()) };
         let token = auth
             .to_str()
             .ok()
-            .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <completion token>`"))?;
+            .and_then(|a| a.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
+        if !crate::auth::is_completion_token(token) {
+            return Ok(());
+        }
         self.keys.verify(token.trim(), id, settle_as.into(), self.node().wall_ms()).map_err(|e| match e {
             TokenError::NoKeys => Status::permission_denied(format!("{e}: the token cannot be checked")),
             e => Status::permission_denied(format!("{e}; nothing was settled")),
@@ -603,9 +639,14 @@ impl ClusterApi {
         let node = self.node();
         let members = node::members(node);
         let mut nodes = Vec::new();
-        for (id, addr) in members {
-            let reachable = id == node.id() || reachable(&addr).await;
-            nodes.push(pb::NodeStatus { node_id: id.0, grpc_addr: addr, reachable });
+        for (id, member) in members {
+            let reachable = id == node.id() || reachable(&member.grpc_addr).await;
+            nodes.push(pb::NodeStatus {
+                node_id: id.0,
+                grpc_addr: member.grpc_addr,
+                reachable,
+                peer_addr: member.peer_addr,
+            });
         }
         let shards = node.shards().iter().map(convert::shard_to_pb).collect();
         pb::StatusResponse { nodes, shards, node_id: node.id().0 }
@@ -665,9 +706,26 @@ impl Cluster for ClusterApi {
     }
 
     async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        // A node joining over the peer port proves who it is with its certificate: it may add
+        // itself, no other node.
+        let joining = req.extensions().get::<ConnInfo>().filter(|c| c.listener == conn::Listener::Peer).cloned();
         let r = req.into_inner();
         if r.node_id == 0 || r.grpc_addr.is_empty() {
             return Err(Status::invalid_argument("add-node needs a positive node_id and a grpc_addr"));
+        }
+        let peer_addr = if r.peer_addr.is_empty() {
+            crate::config::default_peer_addr(&r.grpc_addr)
+                .map_err(|e| Status::invalid_argument(format!("add-node: {e}; give its peer_addr")))?
+        } else {
+            r.peer_addr.clone()
+        };
+        if let Some(identity) = joining.and_then(|c| c.identity)
+            && !identity.is(r.node_id, &peer_addr)
+        {
+            return Err(Status::permission_denied(format!(
+                "the certificate presented does not name node {} at {peer_addr}: a node may add only itself",
+                r.node_id
+            )));
         }
         let shards = self.router.shard_count();
         if r.shard_count != 0 && r.shard_count != shards {
@@ -676,8 +734,8 @@ impl Cluster for ClusterApi {
                 r.node_id, r.shard_count
             )));
         }
-        let (id, addr) = (NodeId(r.node_id), r.grpc_addr);
-        self.change(&r.shard_ids, || Change::AddNode { id, addr: addr.clone() }).await
+        let (id, member) = (NodeId(r.node_id), VowNode { grpc_addr: r.grpc_addr, peer_addr });
+        self.change(&r.shard_ids, || Change::AddNode { id, node: member.clone() }).await
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::StatusResponse>, Status> {

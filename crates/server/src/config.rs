@@ -13,6 +13,8 @@ use serde::Deserialize;
 use vow_core::{Limits, NodeId};
 
 use crate::shard::RaftOptions;
+use crate::tls::TlsFiles;
+use vow_storage::types::VowNode;
 
 /// Command-line flags. Every value is optional here so that the TOML file can fill the gaps.
 #[derive(Debug, Parser, Default)]
@@ -30,20 +32,29 @@ pub struct Args {
     /// Directory for RocksDB and snapshots.
     #[arg(long, env = "VOW_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on for gRPC (public API and node-to-node Raft).
+    /// Address to listen on for the public gRPC API.
     #[arg(long, env = "VOW_GRPC_ADDR")]
     pub grpc_addr: Option<String>,
-    /// Address other nodes and clients use to reach this node's gRPC port (default: --grpc-addr).
+    /// Address clients use to reach this node's gRPC port (default: --grpc-addr).
     #[arg(long, env = "VOW_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
+    /// Address to listen on for other nodes: Raft, routed requests, joining (default: the
+    /// gRPC host with its port + 100, e.g. 7101). Keep it off networks clients are on.
+    #[arg(long, env = "VOW_PEER_ADDR")]
+    pub peer_addr: Option<String>,
+    /// Address other nodes use to reach the peer port (default: --advertise-addr's host with
+    /// its port + 100 when --peer-addr is not given, else --peer-addr).
+    #[arg(long, env = "VOW_ADVERTISE_PEER_ADDR")]
+    pub advertise_peer_addr: Option<String>,
     /// Address to listen on for HTTP (/livez, /readyz, /metrics).
     #[arg(long, env = "VOW_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// Initial voters as `id=host:port,...` (this node included). Default: this node alone.
+    /// Initial voters as `id=grpc_host:port[@peer_host:port],...` (this node included); a
+    /// member without `@peer` has the gRPC port + 100 as its peer port. Default: this node alone.
     #[arg(long, env = "VOW_PEERS")]
     pub peers: Option<String>,
-    /// Join an existing cluster through any of these nodes (`host:port,...`) instead of
-    /// initialising one.
+    /// Join an existing cluster through any of these nodes' peer ports (`host:port,...`)
+    /// instead of initialising one.
     #[arg(long, env = "VOW_JOIN")]
     pub join: Option<String>,
     /// Cluster name; a node refuses data or messages of another cluster.
@@ -82,6 +93,23 @@ pub struct Args {
     /// generates one in its data directory; a larger one issues no tokens.
     #[arg(long, env = "VOW_COMPLETION_KEYS_FILE")]
     pub completion_keys_file: Option<PathBuf>,
+    /// This node's TLS certificate chain (PEM), presented on every listener and to peers.
+    /// With --tls-key and --tls-ca, every listener speaks TLS and peers use mutual TLS.
+    #[arg(long, env = "VOW_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "VOW_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): a peer must present a certificate it signed.
+    #[arg(long, env = "VOW_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// CA of client certificates on the public ports: clients may then present one (mutual TLS).
+    #[arg(long, env = "VOW_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// API tokens with roles, one `<role> <name> <token>` per line (README "Security"). With
+    /// it every public call needs a token; the file is re-read when it changes.
+    #[arg(long, env = "VOW_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
     /// Log filter, e.g. `info` or `vow_server=debug` (RUST_LOG works too).
     #[arg(long, env = "VOW_LOG")]
     pub log: Option<String>,
@@ -98,6 +126,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub grpc_addr: Option<String>,
     pub advertise_addr: Option<String>,
+    pub peer_addr: Option<String>,
+    pub advertise_peer_addr: Option<String>,
     pub http_addr: Option<String>,
     pub peers: Option<String>,
     pub join: Option<String>,
@@ -109,6 +139,11 @@ pub struct FileConfig {
     pub snapshot_logs: Option<u64>,
     pub retention_secs: Option<u64>,
     pub completion_keys_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub auth_file: Option<PathBuf>,
     pub log: Option<String>,
     #[serde(default)]
     pub limits: FileLimits,
@@ -134,9 +169,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub grpc_addr: SocketAddr,
     pub advertise_addr: String,
+    pub peer_addr: SocketAddr,
+    pub advertise_peer_addr: String,
     pub http_addr: SocketAddr,
     /// Initial voters (empty when joining).
-    pub initial_members: BTreeMap<NodeId, String>,
+    pub initial_members: BTreeMap<NodeId, VowNode>,
     pub join: Vec<String>,
     pub cluster_name: String,
     pub shards: u32,
@@ -147,6 +184,10 @@ pub struct Config {
     pub limits: Limits,
     /// Where completion-token keys come from.
     pub completion_keys: KeySource,
+    /// TLS on every listener and between peers, when configured.
+    pub tls: Option<TlsFiles>,
+    /// API tokens with roles, when configured.
+    pub auth_file: Option<PathBuf>,
     pub log: String,
     /// See [`Args::test_clock_offset_ms`].
     pub test_clock_offset_ms: i64,
@@ -210,6 +251,17 @@ impl Config {
         let grpc = args.grpc_addr.or(file.grpc_addr).unwrap_or_else(|| "127.0.0.1:7001".into());
         let grpc_addr: SocketAddr = grpc.parse().with_context(|| format!("--grpc-addr {grpc:?} is not host:port"))?;
         let advertise_addr = args.advertise_addr.or(file.advertise_addr).unwrap_or_else(|| grpc.clone());
+        let peer_listen = args.peer_addr.or(file.peer_addr);
+        let advertise_peer_addr = match (args.advertise_peer_addr.or(file.advertise_peer_addr), &peer_listen) {
+            (Some(a), _) => a,
+            (None, Some(listen)) => listen.clone(),
+            (None, None) => default_peer_addr(&advertise_addr).map_err(anyhow::Error::msg)?,
+        };
+        let peer = match peer_listen {
+            Some(p) => p,
+            None => default_peer_addr(&grpc).map_err(anyhow::Error::msg)?,
+        };
+        let peer_addr: SocketAddr = peer.parse().with_context(|| format!("--peer-addr {peer:?} is not host:port"))?;
         let http = args.http_addr.or(file.http_addr).unwrap_or_else(|| "127.0.0.1:7081".into());
         let http_addr: SocketAddr = http.parse().with_context(|| format!("--http-addr {http:?} is not host:port"))?;
         let join: Vec<String> = args
@@ -220,7 +272,10 @@ impl Config {
         let node = NodeId(node_id);
         let initial_members = match args.peers.or(file.peers) {
             Some(p) => parse_peers(&p)?,
-            None if join.is_empty() => BTreeMap::from([(node, advertise_addr.clone())]),
+            None if join.is_empty() => BTreeMap::from([(
+                node,
+                VowNode { grpc_addr: advertise_addr.clone(), peer_addr: advertise_peer_addr.clone() },
+            )]),
             None => BTreeMap::new(),
         };
         if !join.is_empty() && !initial_members.is_empty() {
@@ -279,11 +334,23 @@ impl Config {
             (None, None) if single_node => KeySource::Generated(data_dir.join("completion-keys")),
             (None, None) => KeySource::None,
         };
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_ca.or(file.tls_ca),
+            args.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (Some(cert), Some(key), Some(ca), client_ca) => Some(TlsFiles { cert, key, ca, client_ca }),
+            (None, None, None, None) => None,
+            _ => bail!("TLS needs --tls-cert, --tls-key and --tls-ca together (--tls-client-ca is optional)"),
+        };
         Ok(Config {
             node_id: node,
             data_dir,
             grpc_addr,
             advertise_addr,
+            peer_addr,
+            advertise_peer_addr,
             http_addr,
             initial_members,
             join,
@@ -294,6 +361,8 @@ impl Config {
             retention,
             limits,
             completion_keys,
+            tls,
+            auth_file: args.auth_file.or(file.auth_file),
             // openraft logs every election step at INFO; its warnings are what operators need.
             log: args.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into()),
             test_clock_offset_ms: args.test_clock_offset_ms.unwrap_or(0),
@@ -301,16 +370,37 @@ impl Config {
     }
 }
 
-/// Parses `1=host:port,2=host:port`.
-pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
+/// How much a peer port is above its gRPC port when not given.
+pub const PEER_PORT_OFFSET: u16 = 100;
+
+/// The peer address of a node given only its gRPC address: the same host, port + 100.
+pub fn default_peer_addr(grpc: &str) -> Result<String, String> {
+    let (host, port) = grpc.rsplit_once(':').ok_or_else(|| format!("{grpc:?} is not host:port"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{grpc:?} is not host:port"))?;
+    let peer = port
+        .checked_add(PEER_PORT_OFFSET)
+        .filter(|_| port != 0)
+        .ok_or_else(|| format!("{grpc:?} has no default peer port (port + {PEER_PORT_OFFSET})"))?;
+    Ok(format!("{host}:{peer}"))
+}
+
+/// Parses `1=host:port[@peer_host:port],2=...`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, VowNode>> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').with_context(|| format!("peer {part:?} is not id=host:port"))?;
+        let (id, addrs) = part.split_once('=').with_context(|| format!("peer {part:?} is not id=host:port"))?;
         let id: u64 = id.trim().parse().with_context(|| format!("peer id {id:?} is not a number"))?;
         if id == 0 {
             bail!("peer ids must be positive");
         }
-        if out.insert(NodeId(id), addr.trim().to_owned()).is_some() {
+        let node = match addrs.trim().split_once('@') {
+            Some((grpc, peer)) => VowNode { grpc_addr: grpc.trim().to_owned(), peer_addr: peer.trim().to_owned() },
+            None => VowNode {
+                grpc_addr: addrs.trim().to_owned(),
+                peer_addr: default_peer_addr(addrs.trim()).map_err(|e| anyhow::anyhow!("peer {id}: {e}"))?,
+            },
+        };
+        if out.insert(NodeId(id), node).is_some() {
             bail!("peer {id} is listed twice");
         }
     }
@@ -325,7 +415,10 @@ mod tests {
     fn no_arguments_is_a_single_node_dev_cluster() -> anyhow::Result<()> {
         let c = Config::from_args(Args::default())?;
         assert_eq!(c.node_id, NodeId(1));
-        assert_eq!(c.initial_members, BTreeMap::from([(NodeId(1), "127.0.0.1:7001".to_string())]));
+        let me = VowNode { grpc_addr: "127.0.0.1:7001".into(), peer_addr: "127.0.0.1:7101".into() };
+        assert_eq!(c.initial_members, BTreeMap::from([(NodeId(1), me)]));
+        assert_eq!(c.peer_addr.to_string(), "127.0.0.1:7101");
+        assert!(c.tls.is_none() && c.auth_file.is_none());
         assert_eq!(c.data_dir, PathBuf::from("vow-data"));
         Ok(())
     }
@@ -342,6 +435,14 @@ mod tests {
         assert!(format!("{err:#}").contains("nodeid"), "{err:#}");
         let err = Config::from_args(Args { peers: Some("1=a:1,x=b".into()), ..Args::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("not a number"));
+        let peers = parse_peers("1=a:7001,2=b:7002@b:9000")?;
+        assert_eq!(peers[&NodeId(1)].peer_addr, "a:7101");
+        assert_eq!(peers[&NodeId(2)], VowNode { grpc_addr: "b:7002".into(), peer_addr: "b:9000".into() });
+        let err = parse_peers("1=a:65500").unwrap_err();
+        assert!(format!("{err:#}").contains("no default peer port"), "{err:#}");
+        let err =
+            Config::from_args(Args { tls_cert: Some("c".into()), tls_key: Some("k".into()), ..Args::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("--tls-ca"), "{err:#}");
         let err = Config::from_args(Args { max_data_bytes: Some(1 << 30), ..Args::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("max_data_bytes"));
         for secs in [0, 59] {

@@ -142,8 +142,8 @@ pub fn outcome_reply(outcome: Outcome) -> Result<pb::PromiseResponse, Status> {
 /// may (a stopped shard stops on this node only).
 pub fn shard_status(e: &ShardError) -> Status {
     let mut status = Status::unavailable(e.to_string());
-    if let ShardError::NotLeader { leader: Some((id, addr)), .. } = e {
-        add_leader_hint(&mut status, *id, addr);
+    if let ShardError::NotLeader { leader: Some((id, node)), .. } = e {
+        add_leader_hint(&mut status, *id, &node.grpc_addr);
     }
     if matches!(e, ShardError::OutcomeUnknown { .. }) {
         mark_outcome_unknown(&mut status);

@@ -13,13 +13,16 @@ use axum::routing::get;
 use openraft::ServerState;
 use tokio::net::TcpListener;
 
-use crate::api::PromisesApi;
+use crate::api::{PromisesApi, Security};
+use crate::auth::{ApiGate, GateLayer, Protocol};
+use crate::conn::{self, AxumListener};
 use crate::node::Node;
 
 pub async fn serve(
     node: Node,
     api: Arc<PromisesApi>,
     listener: TcpListener,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // A JSON body carries data as base64 (4/3 of the bytes) and field names around it.
@@ -29,8 +32,12 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(node)
-        .merge(crate::gateway::router(api, max_body));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        .merge(crate::gateway::router(api, max_body))
+        .layer(GateLayer::new(ApiGate { tokens: security.tokens.clone(), protocol: Protocol::Http }));
+    let local = listener.local_addr()?;
+    let tls = security.tls.as_ref().map(|t| t.http_server.clone());
+    let connections = AxumListener::new(conn::accept(listener, conn::Listener::Http, tls), local);
+    axum::serve(connections, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
 

@@ -22,9 +22,11 @@
 //! in RocksDB or any of this.
 
 pub mod api;
+pub mod auth;
 pub mod balance;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod convert;
 pub mod executor;
 pub mod functions;
@@ -43,6 +45,7 @@ pub mod server;
 pub mod service;
 pub mod shard;
 pub mod sweeper;
+pub mod tls;
 pub mod tokens;
 pub mod watch;
 pub mod webhooks;

@@ -212,14 +212,14 @@ impl Node {
 
     /// Adds `node` to every shard in `shards` this node leads: as a learner first, caught up
     /// (blocking), then as a voter. Shards led elsewhere are returned for forwarding.
-    pub async fn add_node(&self, id: NodeId, addr: &str, shards: &[ShardId]) -> anyhow::Result<Vec<(ShardId, String)>> {
+    pub async fn add_node(&self, id: NodeId, node: &VowNode, shards: &[ShardId]) -> anyhow::Result<Vec<(ShardId, String)>> {
         let mut elsewhere = Vec::new();
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
-                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
+                let (_, leader) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
-                    elsewhere.push((sid, addr));
+                    elsewhere.push((sid, leader.grpc_addr));
                     continue;
                 }
             }
@@ -230,7 +230,7 @@ impl Node {
             }
             shard
                 .raft
-                .add_learner(id, VowNode { grpc_addr: addr.to_owned() }, true)
+                .add_learner(id, node.clone(), true)
                 .await
                 .map_err(|e| membership_error(sid, format!("adding node {id} as learner of shard {sid}"), e))?;
             shard
@@ -249,9 +249,9 @@ impl Node {
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;
             if !shard.is_leader() {
-                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
+                let (_, leader) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
-                    elsewhere.push((sid, addr));
+                    elsewhere.push((sid, leader.grpc_addr));
                     continue;
                 }
             }
@@ -295,9 +295,9 @@ impl Node {
                         .await;
                 }
             } else {
-                let (_, addr) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
+                let (_, leader) = shard.wait_for_leader(LEADER_WAIT).await.ok_or(NoLeader(sid))?;
                 if !shard.is_leader() {
-                    elsewhere.push((sid, addr));
+                    elsewhere.push((sid, leader.grpc_addr));
                 }
             }
         }
@@ -355,13 +355,26 @@ pub fn shard_ids(node: &Node, ids: &[u32]) -> Vec<ShardId> {
     }
 }
 
+/// Whether a verified peer certificate names a member of some shard, as this node sees the
+/// memberships. A node some shard of which has no member set yet (it is waiting to be added)
+/// accepts any certificate of the cluster CA: the leader adding it reaches it before it knows
+/// who the members are.
+pub fn knows_peer(node: &Node, identity: &crate::tls::Identity) -> bool {
+    node.shards().iter().any(|shard| {
+        let metrics = shard.raft.metrics();
+        let m = metrics.borrow_watched();
+        let mut members = m.membership_config.membership().nodes().peekable();
+        members.peek().is_none() || members.any(|(id, n)| identity.is(id.0, &n.peer_addr))
+    })
+}
+
 /// Members of every shard with their addresses, as this node sees them.
-pub fn members(node: &Node) -> BTreeMap<NodeId, String> {
+pub fn members(node: &Node) -> BTreeMap<NodeId, VowNode> {
     let mut out = BTreeMap::new();
     for shard in node.shards() {
         let m = shard.metrics().membership_config;
         for (id, n) in m.membership().nodes() {
-            out.insert(*id, n.grpc_addr.clone());
+            out.insert(*id, n.clone());
         }
     }
     out

@@ -28,6 +28,7 @@ use vow_core::{Command, NodeId, Outcome, Promise, PromiseId, ShardId, State};
 use crate::node::{self, Node};
 use crate::shard::{Shard, ShardError};
 use vow_storage::state_machine::{SearchFilter, SearchPage};
+use vow_storage::types::VowNode;
 
 /// Nodes a request is sent to before the router gives up with "not leader": one stale hop
 /// (the leader this node believed in has just lost its leadership) and one more for an
@@ -38,7 +39,10 @@ pub const MAX_HOPS: usize = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
     pub id: NodeId,
+    /// Its public gRPC address, for clients.
     pub addr: String,
+    /// Its peer address, where the Route RPC goes.
+    pub peer_addr: String,
     /// The term in which `id` leads: of two reports, the later term wins.
     pub term: u64,
 }
@@ -55,7 +59,7 @@ pub struct SearchQuery {
 /// A membership or leadership change of one shard, made by its leader.
 #[derive(Debug, Clone)]
 pub enum Change {
-    AddNode { id: NodeId, addr: String },
+    AddNode { id: NodeId, node: VowNode },
     RemoveNode(NodeId),
     TransferLeader(NodeId),
 }
@@ -201,8 +205,8 @@ impl Router {
         let local = self.inner.node.shard(shard).and_then(|s| {
             let m = s.metrics();
             let id = m.current_leader?;
-            let addr = m.membership_config.membership().get_node(&id)?.grpc_addr.clone();
-            Some(Leader { id, addr, term: m.current_term })
+            let node = m.membership_config.membership().get_node(&id)?;
+            Some(Leader { id, addr: node.grpc_addr.clone(), peer_addr: node.peer_addr.clone(), term: m.current_term })
         });
         let reported = self.lock_reported().get(shard.0 as usize).cloned().flatten();
         match (local, reported) {
@@ -253,17 +257,17 @@ impl Router {
             let Some(leader) = next.take() else {
                 match local().await {
                     // Another node leads: our replica knows it, so its term is ours.
-                    Err(ShardError::NotLeader { leader: Some((id, addr)), .. }) => {
+                    Err(ShardError::NotLeader { leader: Some((id, node)), .. }) => {
                         let term = self.shard(shard)?.metrics().current_term;
-                        next = Some(Leader { id, addr, term });
+                        next = Some(Leader { id, addr: node.grpc_addr, peer_addr: node.peer_addr, term });
                         continue;
                     }
                     other => return other,
                 }
             };
-            let channel = self.inner.node.peers().channel(&leader.addr).map_err(|e| ShardError::Unavailable {
+            let channel = self.inner.node.peers().channel(&leader.peer_addr).map_err(|e| ShardError::Unavailable {
                 shard,
-                reason: format!("bad leader address {}: {e}", leader.addr),
+                reason: format!("bad leader peer address {}: {e}", leader.peer_addr),
             })?;
             let client = RouteClient::new(channel).max_decoding_message_size(usize::MAX);
             let target = wire::Target {
@@ -287,7 +291,10 @@ impl Router {
                 Err(HopError::Failed(e)) => return Err(e),
             }
         }
-        Err(ShardError::NotLeader { shard, leader: self.leader(shard).map(|l| (l.id, l.addr)) })
+        Err(ShardError::NotLeader {
+            shard,
+            leader: self.leader(shard).map(|l| (l.id, VowNode { grpc_addr: l.addr, peer_addr: l.peer_addr })),
+        })
     }
 
     /// Proposes `command` at the leader of its shard and returns the replicated outcome.
@@ -443,9 +450,10 @@ impl Router {
                 || self.local_change(shard, change.clone()),
                 |mut client, target| {
                     let change = match &change {
-                        Change::AddNode { id, addr } => wire::membership_request::Change::Add(wire::AddNode {
+                        Change::AddNode { id, node } => wire::membership_request::Change::Add(wire::AddNode {
                             node_id: id.0,
-                            grpc_addr: addr.clone(),
+                            grpc_addr: node.grpc_addr.clone(),
+                            peer_addr: node.peer_addr.clone(),
                         }),
                         Change::RemoveNode(id) => wire::membership_request::Change::RemoveNodeId(id.0),
                         Change::TransferLeader(to) => wire::membership_request::Change::TransferToNodeId(to.0),
@@ -507,7 +515,7 @@ impl Router {
         let node = &self.inner.node;
         let shards = [shard];
         let result = match change {
-            Change::AddNode { id, addr } => node.add_node(id, &addr, &shards).await,
+            Change::AddNode { id, node: member } => node.add_node(id, &member, &shards).await,
             Change::RemoveNode(id) => node.remove_node(id, &shards).await,
             Change::TransferLeader(to) => node.transfer_leader(to, &shards).await,
         };
@@ -527,8 +535,13 @@ impl Router {
         let reason = match e {
             ShardError::NotLeader { shard, leader } => {
                 let term = self.inner.node.shard(shard).map_or(0, |s| s.metrics().current_term);
-                let (leader_id, leader_addr) = leader.map_or((0, String::new()), |(id, addr)| (id.0, addr));
-                Reason::NotLeader(wire::NotLeader { leader_id, leader_addr, term })
+                let (leader_id, node) = leader.map_or((0, VowNode::default()), |(id, node)| (id.0, node));
+                Reason::NotLeader(wire::NotLeader {
+                    leader_id,
+                    leader_addr: node.grpc_addr,
+                    term,
+                    leader_peer_addr: node.peer_addr,
+                })
             }
             ShardError::OutcomeUnknown { .. } => Reason::OutcomeUnknown(e.to_string()),
             ShardError::Unavailable { .. } | ShardError::Fatal { .. } => Reason::Unavailable(e.to_string()),
@@ -564,9 +577,10 @@ fn refused(shard: ShardId, effect: Effect, r: wire::Refusal) -> HopError {
     use wire::refusal::Reason;
     match r.reason {
         Some(Reason::NotLeader(n)) => {
-            HopError::NotLeader((n.leader_id != 0 && !n.leader_addr.is_empty()).then_some(Leader {
+            HopError::NotLeader((n.leader_id != 0 && !n.leader_peer_addr.is_empty()).then_some(Leader {
                 id: NodeId(n.leader_id),
                 addr: n.leader_addr,
+                peer_addr: n.leader_peer_addr,
                 term: n.term,
             }))
         }
@@ -827,7 +841,9 @@ impl wire::route_server::Route for RouteService {
             Err(refusal) => return refuse(refusal),
         };
         let change = match r.change {
-            Some(C::Add(a)) => Change::AddNode { id: NodeId(a.node_id), addr: a.grpc_addr },
+            Some(C::Add(a)) => {
+                Change::AddNode { id: NodeId(a.node_id), node: VowNode { grpc_addr: a.grpc_addr, peer_addr: a.peer_addr } }
+            }
             Some(C::RemoveNodeId(id)) => Change::RemoveNode(NodeId(id)),
             Some(C::TransferToNodeId(to)) => Change::TransferLeader(NodeId(to)),
             None => return refuse(invalid("a membership request without a change")),
@@ -868,10 +884,17 @@ mod tests {
         use wire::refusal::Reason;
         let shard = ShardId(3);
         let not_leader = |id, addr: &str| wire::Refusal {
-            reason: Some(Reason::NotLeader(wire::NotLeader { leader_id: id, leader_addr: addr.into(), term: 7 })),
+            reason: Some(Reason::NotLeader(wire::NotLeader {
+                leader_id: id,
+                leader_addr: addr.into(),
+                term: 7,
+                leader_peer_addr: format!("{addr}01"),
+            })),
         };
         match refused(shard, Effect::Write, not_leader(2, "b:1")) {
-            HopError::NotLeader(Some(l)) => assert_eq!(l, Leader { id: NodeId(2), addr: "b:1".into(), term: 7 }),
+            HopError::NotLeader(Some(l)) => {
+                assert_eq!(l, Leader { id: NodeId(2), addr: "b:1".into(), peer_addr: "b:101".into(), term: 7 })
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(refused(shard, Effect::Write, not_leader(0, "")), HopError::NotLeader(None)));

@@ -12,7 +12,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use vow_core::{NodeId, ShardId};
 
-use crate::api::PromisesApi;
+use crate::api::{PromisesApi, Security};
+use crate::auth::ApiTokens;
 use crate::clock::{PeerClocks, WallClock};
 use crate::config::Config;
 use crate::executor::Executor;
@@ -21,14 +22,20 @@ use crate::node::{Node, NodeParts};
 use crate::peers::Peers;
 use crate::router::Router;
 use crate::shard::{Shard, ShardContext};
+use crate::tls::NodeTls;
+use vow_storage::types::VowNode;
 use vow_storage::log_store::{Failpoints, WalFlusher};
 use vow_storage::{self as storage, NodeIdentity};
 
 /// Listeners the node serves on, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
+    /// The public gRPC API.
     pub grpc: TcpListener,
+    /// Probes, metrics and the HTTP/JSON gateway.
     pub http: TcpListener,
+    /// Other nodes: Raft, routed requests, joining.
+    pub peer: TcpListener,
 }
 
 /// Runs a node until `shutdown` completes, then stops gracefully: leaderships are handed off,
@@ -43,7 +50,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         &NodeIdentity { node_id: config.node_id.0, cluster_name: config.cluster_name.clone(), shards: config.shards },
     )?;
     let cluster_name: Arc<str> = config.cluster_name.clone().into();
-    let peers = Peers::default();
+    let security = Security {
+        tls: config.tls.as_ref().map(NodeTls::load).transpose().context("loading TLS certificates")?,
+        tokens: config.auth_file.as_deref().map(ApiTokens::from_file).transpose().context("loading API tokens")?,
+    };
+    let peers = Peers::new(security.tls.as_ref().map(|t| t.peer_client.clone()));
     let wall = WallClock::with_offset(config.test_clock_offset_ms);
     if config.test_clock_offset_ms != 0 {
         tracing::warn!(
@@ -92,22 +103,29 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let promises_api = Arc::new(PromisesApi::new(router.clone(), functions, keys, config.retention));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let grpc = tokio::spawn(crate::api::serve(
-        router,
-        promises_api.clone(),
-        config.data_dir.clone(),
-        listeners.grpc,
+    let grpc = {
+        let (router, api, security, stop) = (router.clone(), promises_api.clone(), security.clone(), stop_rx.clone());
+        tokio::spawn(async move { crate::api::serve_public(router, api, listeners.grpc, &security, wait_stop(stop)).await })
+    };
+    let peer = {
+        let (data_dir, security, stop) = (config.data_dir.clone(), security.clone(), stop_rx.clone());
+        tokio::spawn(async move { crate::api::serve_peer(router, data_dir, listeners.peer, &security, wait_stop(stop)).await })
+    };
+    let http = tokio::spawn(crate::http::serve(
+        node.clone(),
+        promises_api,
+        listeners.http,
+        security.clone(),
         wait_stop(stop_rx.clone()),
     ));
-    let http = tokio::spawn(crate::http::serve(node.clone(), promises_api, listeners.http, wait_stop(stop_rx.clone())));
 
     if !config.initial_members.is_empty() {
-        let members: Vec<(NodeId, String)> = config.initial_members.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let members: Vec<(NodeId, VowNode)> = config.initial_members.iter().map(|(k, v)| (*k, v.clone())).collect();
         for shard in shards.iter() {
             shard.initialize_if_new(&members).await.with_context(|| format!("initialising shard {}", shard.id))?;
         }
     } else if !config.join.is_empty() {
-        tokio::spawn(join_cluster(node.clone(), config.join.clone(), stop_rx.clone()));
+        tokio::spawn(join_cluster(node.clone(), config.join.clone(), config.advertise_peer_addr.clone(), stop_rx.clone()));
     }
     let mut background: Vec<_> = shards
         .iter()
@@ -118,7 +136,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     if config.balance_leaders {
         background.push(tokio::spawn(crate::balance::run(node.clone(), stop_rx.clone())));
     }
-    tracing::info!(node = %config.node_id, grpc = %config.grpc_addr, http = %config.http_addr, shards = config.shards, "vowd started");
+    tracing::info!(
+        node = %config.node_id,
+        grpc = %config.grpc_addr,
+        peer = %config.peer_addr,
+        http = %config.http_addr,
+        shards = config.shards,
+        tls = security.tls.is_some(),
+        api_tokens = security.tokens.is_some(),
+        "vowd started"
+    );
     for bug in [
         "stale-reads",
         "ack-before-commit",
@@ -158,6 +185,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), peer).await;
     for shard in shards.iter() {
         let _ = shard.raft.shutdown().await;
     }
@@ -193,14 +221,15 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Asks the seeds to add this node until one succeeds (the cluster may be electing or busy).
-async fn join_cluster(node: Node, seeds: Vec<String>, mut stop: watch::Receiver<bool>) {
+/// Asks the seeds (their peer ports) to add this node until one succeeds (the cluster may be electing or busy).
+async fn join_cluster(node: Node, seeds: Vec<String>, advertise_peer_addr: String, mut stop: watch::Receiver<bool>) {
     use vow_api::v1::cluster_client::ClusterClient;
     let req = vow_api::v1::AddNodeRequest {
         node_id: node.id().0,
         grpc_addr: node.advertise_addr().to_owned(),
         shard_ids: vec![],
         shard_count: node.shards().len() as u32,
+        peer_addr: advertise_peer_addr,
     };
     let mut delay = Duration::from_millis(200);
     loop {

@@ -143,7 +143,7 @@ async fn deliver(
 pub enum ShardError {
     /// This node does not lead the shard; retry at the leader, if one is known.
     #[error("node is not the leader of shard {shard}")]
-    NotLeader { shard: ShardId, leader: Option<(NodeId, String)> },
+    NotLeader { shard: ShardId, leader: Option<(NodeId, VowNode)> },
     /// Cannot serve now (no quorum, shutting down); retrying later may succeed. The request
     /// did not take effect.
     #[error("shard {shard} unavailable: {reason}")]
@@ -332,12 +332,12 @@ impl Shard {
     }
 
     /// Initialises the shard with `members` as voters if it has never been initialised.
-    pub async fn initialize_if_new(&self, members: &[(NodeId, String)]) -> anyhow::Result<()> {
+    pub async fn initialize_if_new(&self, members: &[(NodeId, VowNode)]) -> anyhow::Result<()> {
         if self.raft.is_initialized().await? {
             return Ok(());
         }
         let nodes: std::collections::BTreeMap<NodeId, VowNode> =
-            members.iter().map(|(id, addr)| (*id, VowNode { grpc_addr: addr.clone() })).collect();
+            members.iter().map(|(id, node)| (*id, node.clone())).collect();
         match self.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             // Another initial member initialised first and we already heard from it.
@@ -429,8 +429,8 @@ impl Shard {
 
     fn not_leader(&self, f: &ForwardToLeader<TypeConfig>) -> ShardError {
         let leader = match (&f.leader_id, &f.leader_node) {
-            (Some(id), Some(node)) => Some((*id, node.grpc_addr.clone())),
-            (Some(id), None) => self.node_addr(*id).map(|a| (*id, a)),
+            (Some(id), Some(node)) => Some((*id, node.clone())),
+            (Some(id), None) => self.member(*id).map(|n| (*id, n)),
             _ => None,
         };
         ShardError::NotLeader { shard: self.id, leader }
@@ -456,18 +456,18 @@ impl Shard {
         self.raft.metrics().borrow_watched().clone()
     }
 
-    /// The address of a member, from the current membership.
-    pub fn node_addr(&self, id: NodeId) -> Option<String> {
+    /// A member's addresses, from the current membership.
+    pub fn member(&self, id: NodeId) -> Option<VowNode> {
         let m = self.metrics().membership_config;
-        m.membership().get_node(&id).map(|n| n.grpc_addr.clone())
+        m.membership().get_node(&id).cloned()
     }
 
-    /// The current leader and its address, as this replica believes.
-    pub fn leader(&self) -> Option<(NodeId, String)> {
+    /// The current leader and its addresses, as this replica believes.
+    pub fn leader(&self) -> Option<(NodeId, VowNode)> {
         let m = self.metrics();
         let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.grpc_addr.clone();
-        Some((id, addr))
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
     }
 
     pub fn is_leader(&self) -> bool {
@@ -475,7 +475,7 @@ impl Shard {
     }
 
     /// Waits up to `timeout` for this replica to know a leader.
-    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<(NodeId, String)> {
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<(NodeId, VowNode)> {
         let _ = self.raft.wait(Some(timeout)).metrics(|m| m.current_leader.is_some(), "a known leader").await;
         self.leader()
     }

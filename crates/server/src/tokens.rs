@@ -15,8 +15,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use base64::Engine;
@@ -24,6 +24,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use vow_client::tls::Reloading;
 use vow_core::{PromiseId, SettleAs};
 
 const PREFIX: &str = "vct1.";
@@ -31,8 +32,6 @@ const PREFIX: &str = "vct1.";
 pub const MIN_KEY_BYTES: usize = 32;
 /// At most this many keys are in use at once (the signing key and the ones being retired).
 const MAX_KEYS: usize = 4;
-/// How often a node looks at the key file for a change.
-const RELOAD_EVERY: Duration = Duration::from_secs(1);
 /// Longest token lifetime a Create may ask for (the largest `uint32` of milliseconds is ~49 days).
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -94,41 +93,48 @@ pub enum TokenError {
 /// The node's completion keys. Cheap to clone.
 #[derive(Clone)]
 pub struct CompletionKeys {
-    inner: Arc<Mutex<Loaded>>,
+    keys: Arc<Keys>,
+}
+
+/// Where the keys in use come from.
+enum Keys {
+    /// Inline keys, or none (tokens are neither issued nor accepted).
+    Fixed(Arc<Vec<Vec<u8>>>),
+    /// A key file, followed as it changes.
+    File(PathBuf, Reloading<Vec<Vec<u8>>>),
 }
 
 impl fmt::Debug for CompletionKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the keys themselves.
-        let path = self.inner.lock().map(|l| l.path.clone()).unwrap_or_default();
+        let path = match &*self.keys {
+            Keys::File(path, _) => Some(path),
+            Keys::Fixed(_) => None,
+        };
         f.debug_struct("CompletionKeys").field("path", &path).finish_non_exhaustive()
     }
-}
-
-struct Loaded {
-    /// Empty: no key file, tokens are neither issued nor accepted.
-    path: Option<PathBuf>,
-    keys: Vec<Vec<u8>>,
-    modified: Option<SystemTime>,
-    checked: Instant,
 }
 
 impl CompletionKeys {
     /// No keys: a Create asking for a token and a settle presenting one are refused.
     pub fn none() -> CompletionKeys {
-        CompletionKeys::from_loaded(Loaded { path: None, keys: Vec::new(), modified: None, checked: Instant::now() })
+        CompletionKeys { keys: Arc::new(Keys::Fixed(Arc::default())) }
     }
 
-    /// Keys from `path`, which must exist and hold at least one valid key.
+    /// Keys from `path`, which must exist and hold at least one valid key. The file is read
+    /// again when it changes; a version that does not parse keeps the last good keys (and says
+    /// so in the log).
     pub fn from_file(path: &Path) -> anyhow::Result<CompletionKeys> {
-        let (keys, modified) = read_keys(path)?;
-        Ok(CompletionKeys::from_loaded(Loaded { path: Some(path.to_owned()), keys, modified, checked: Instant::now() }))
+        let p = path.to_owned();
+        let keys = Reloading::new("completion keys", vec![p.clone()], move || read_keys(&p).map_err(|e| format!("{e:#}")))
+            .map_err(anyhow::Error::msg)?;
+        Ok(CompletionKeys { keys: Arc::new(Keys::File(path.to_owned(), keys)) })
     }
 
     /// Keys given inline (`VOW_COMPLETION_KEYS`, comma-separated), the first signing.
     pub fn from_list(list: &str) -> anyhow::Result<CompletionKeys> {
         let keys = check_keys(list.split(',').map(str::trim).filter(|k| !k.is_empty()), "VOW_COMPLETION_KEYS")?;
-        Ok(CompletionKeys::from_loaded(Loaded { path: None, keys, modified: None, checked: Instant::now() }))
+        Ok(CompletionKeys { keys: Arc::new(Keys::Fixed(Arc::new(keys))) })
     }
 
     /// Keys from `path`, creating it with one random key (mode 0600) if it does not exist: for a
@@ -143,31 +149,12 @@ impl CompletionKeys {
         CompletionKeys::from_file(path)
     }
 
-    fn from_loaded(loaded: Loaded) -> CompletionKeys {
-        CompletionKeys { inner: Arc::new(Mutex::new(loaded)) }
-    }
-
-    /// The keys in use now, reading the file again if it changed. A file that became unreadable
-    /// or invalid keeps the last good keys (and says so in the log).
-    fn current(&self) -> Vec<Vec<u8>> {
-        let Ok(mut l) = self.inner.lock() else { return Vec::new() };
-        if let Some(path) = l.path.clone()
-            && l.checked.elapsed() >= RELOAD_EVERY
-        {
-            l.checked = Instant::now();
-            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            if modified != l.modified {
-                match read_keys(&path) {
-                    Ok((keys, modified)) => {
-                        tracing::info!(path = %path.display(), keys = keys.len(), "completion keys reloaded");
-                        l.keys = keys;
-                        l.modified = modified;
-                    }
-                    Err(e) => tracing::warn!(path = %path.display(), "keeping the previous completion keys: {e:#}"),
-                }
-            }
+    /// The keys in use now.
+    fn current(&self) -> Arc<Vec<Vec<u8>>> {
+        match &*self.keys {
+            Keys::Fixed(keys) => keys.clone(),
+            Keys::File(_, keys) => keys.get(),
         }
-        l.keys.clone()
     }
 
     /// Whether tokens can be issued at all.
@@ -241,12 +228,10 @@ fn mac(key: &[u8], data: &[u8]) -> Hmac<Sha256> {
 
 /// Reads a key file: one key per line (its bytes as written; blank lines and `#` comments
 /// skipped), the first signing.
-fn read_keys(path: &Path) -> anyhow::Result<(Vec<Vec<u8>>, Option<SystemTime>)> {
+fn read_keys(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
-    let keys = check_keys(lines, &path.display().to_string())?;
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((keys, modified))
+    check_keys(lines, &path.display().to_string())
 }
 
 fn check_keys<'a>(keys: impl Iterator<Item = &'a str>, source: &str) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -335,10 +320,8 @@ mod tests {
         let by_old = old.issue(&id("p"), &[Operation::Resolve], i64::MAX).expect("issue");
         // The file now lists the new key first and keeps the old one; the node notices.
         std::fs::write(dir.path().join("keys"), format!("# rotating\n{KEY_B}\n{KEY_A}\n")).expect("write");
-        let mut l = old.inner.lock().expect("lock");
-        l.checked = Instant::now() - RELOAD_EVERY;
-        l.modified = None;
-        drop(l);
+        let Keys::File(_, reloading) = &*old.keys else { panic!("a key file") };
+        reloading.look_now();
         assert_eq!(old.verify(&by_old, &id("p"), Operation::Resolve, 0), Ok(()), "old tokens still verify");
         let by_new = old.issue(&id("p"), &[Operation::Resolve], i64::MAX).expect("issue");
         let only_new = tempfile::tempdir().expect("tempdir");

@@ -18,7 +18,8 @@ use vow_core::{NodeId, Proposal};
 
 use crate::types::{Entry, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote, VowNode};
 
-const FORMAT: u8 = 1;
+/// Version 2 records each member's peer address beside its public one.
+const FORMAT: u8 = 2;
 
 pub fn log_id(e: &mut Encoder, id: &LogId) {
     e.u64(id.leader_id.term).u64(id.leader_id.node_id.0).u64(id.index);
@@ -74,7 +75,7 @@ pub fn membership(e: &mut Encoder, m: &Membership) {
     let nodes: Vec<_> = m.nodes().collect();
     e.u64(nodes.len() as u64);
     for (id, node) in nodes {
-        e.u64(id.0).str(&node.grpc_addr);
+        e.u64(id.0).str(&node.grpc_addr).str(&node.peer_addr);
     }
 }
 
@@ -93,7 +94,9 @@ pub fn read_membership(d: &mut Decoder<'_>) -> Result<Membership, DecodeError> {
     let mut nodes = BTreeMap::new();
     for _ in 0..n_nodes {
         let id = NodeId(d.u64("node id")?);
-        nodes.insert(id, VowNode { grpc_addr: d.string("node address")? });
+        let grpc_addr = d.string("node address")?;
+        let peer_addr = d.string("node peer address")?;
+        nodes.insert(id, VowNode { grpc_addr, peer_addr });
     }
     Membership::new(configs, nodes).map_err(|_| DecodeError::Invalid("membership"))
 }
@@ -383,9 +386,9 @@ mod tests {
         let members = Membership::new(
             vec![BTreeSet::from([NodeId(1), NodeId(2)])],
             BTreeMap::from([
-                (NodeId(1), VowNode { grpc_addr: "a:1".into() }),
-                (NodeId(2), VowNode { grpc_addr: "b:2".into() }),
-                (NodeId(3), VowNode { grpc_addr: "c:3".into() }),
+                (NodeId(1), VowNode { grpc_addr: "a:1".into(), peer_addr: "a:101".into() }),
+                (NodeId(2), VowNode { grpc_addr: "b:2".into(), peer_addr: "b:102".into() }),
+                (NodeId(3), VowNode { grpc_addr: "c:3".into(), peer_addr: "c:103".into() }),
             ]),
         )
         .expect("valid membership");

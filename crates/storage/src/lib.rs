@@ -295,8 +295,10 @@ pub struct NodeIdentity {
     pub shards: u32,
 }
 
-/// Identity format: version 1 had no shard count; version 2 adds it.
-const IDENTITY_FORMAT: u8 = 2;
+/// Identity format: version 1 had no shard count; version 2 adds it; version 3 marks a
+/// directory whose Raft records carry peer addresses (log and snapshot format 2), which earlier
+/// versions' directories do not.
+const IDENTITY_FORMAT: u8 = 3;
 
 /// Checks the directory's identity, writing it on first use. A mismatch is a configuration
 /// error the operator must fix: starting anyway could make two nodes vote with one id, or
@@ -316,6 +318,18 @@ pub fn check_identity(db: &DB, want: &NodeIdentity) -> io::Result<()> {
     if version == 0 || version > IDENTITY_FORMAT {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown node identity format {version}")));
     }
+    if version < 3 {
+        // Its log and snapshots record members without peer addresses, which this version
+        // cannot read. Refusing here, before anything is read or written, leaves it intact.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "data directory was written by an earlier vow (identity format {version}), whose Raft records \
+                 carry no peer addresses; this version cannot read it. Start this node with an empty data \
+                 directory and let it catch up from the cluster, or run the earlier version"
+            ),
+        ));
+    }
     let node_id = d.u64("node id").map_err(corrupt)?;
     let cluster_name = d.string("cluster name").map_err(corrupt)?;
     if node_id != want.node_id || cluster_name != want.cluster_name {
@@ -326,10 +340,6 @@ pub fn check_identity(db: &DB, want: &NodeIdentity) -> io::Result<()> {
                 want.node_id, want.cluster_name
             ),
         ));
-    }
-    if version == 1 {
-        // Written before the shard count was recorded: record the one in use now.
-        return write();
     }
     let shards = d.u64("shard count").map_err(corrupt)?;
     if shards != u64::from(want.shards) {
@@ -364,12 +374,14 @@ mod tests {
         let err = check_identity(&db, &NodeIdentity { node_id: 2, ..me.clone() }).unwrap_err();
         assert!(err.to_string().contains("belongs to node 1"), "{err}");
 
-        // A directory written before shard counts were recorded takes the current one.
+        // A directory of an earlier format (members without peer addresses) is refused, untouched.
         let mut e = vow_core::codec::Encoder::new();
-        e.u8(1).u64(1).str("c");
-        db.put_cf(cf(&db, CF_META)?, keys::NODE_IDENTITY, e.into_bytes()).map_err(io_err)?;
-        check_identity(&db, &NodeIdentity { shards: 2, ..me.clone() })?;
-        assert!(check_identity(&db, &me).is_err(), "from then on the count is fixed");
+        e.u8(2).u64(1).str("c").u64(4);
+        let old = e.into_bytes();
+        db.put_cf(cf(&db, CF_META)?, keys::NODE_IDENTITY, &old).map_err(io_err)?;
+        let err = check_identity(&db, &me).unwrap_err();
+        assert!(err.to_string().contains("earlier vow (identity format 2)"), "{err}");
+        assert_eq!(db.get_cf(cf(&db, CF_META)?, keys::NODE_IDENTITY).map_err(io_err)?, Some(old));
         Ok(())
     }
 }

@@ -27,22 +27,25 @@ pub fn entry_size_hint(entry: &Entry) -> usize {
         + match &entry.payload {
             openraft::EntryPayload::Normal(p) => p.size_hint(),
             openraft::EntryPayload::Membership(m) => {
-                m.nodes().map(|(_, n)| n.grpc_addr.len() + LOG_ID_BYTES).sum::<usize>() * 2 + LOG_ID_BYTES
+                m.nodes().map(|(_, n)| n.grpc_addr.len() + n.peer_addr.len() + LOG_ID_BYTES).sum::<usize>() * 2
+                    + LOG_ID_BYTES
             }
             openraft::EntryPayload::Blank => 0,
         }
 }
 
-/// What the Raft membership records about a node: where to reach it. One gRPC address serves
-/// the public API and the internal Raft service alike.
+/// What the Raft membership records about a node: where to reach it. Clients are sent to its
+/// public gRPC address (leader hints, the shard map); other nodes reach its Raft and routing
+/// services on its peer address, a listener of their own that accepts only peers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VowNode {
     pub grpc_addr: String,
+    pub peer_addr: String,
 }
 
 impl fmt::Display for VowNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.grpc_addr)
+        write!(f, "{} (peer {})", self.grpc_addr, self.peer_addr)
     }
 }
 
