@@ -406,7 +406,14 @@ async fn routing_markers_from_outside_are_ignored_and_the_route_service_checks_i
     };
     let owner = shard_of(&id);
     let leader = status.shards[owner as usize].leader_id;
-    let mut leader_route = wire::route_client::RouteClient::new(raw(&cluster.node(leader).grpc).await?);
+    // The public port does not serve it at all; it lives on the peer port.
+    let mut public_route = wire::route_client::RouteClient::new(raw(&cluster.node(leader).grpc).await?);
+    let err = public_route
+        .read(wire::ReadRequest { target: None, id: id.clone() })
+        .await
+        .expect_err("the Route service on the public port");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    let mut leader_route = wire::route_client::RouteClient::new(raw(&cluster.node(leader).peer).await?);
     let cluster_name = "vow";
     for (t, why) in [
         (target(owner, leader, "another-cluster"), "another cluster"),

@@ -4,12 +4,9 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 use vow_api::metadata as md;
@@ -214,15 +211,26 @@ pub struct PromisesApi {
     keys: CompletionKeys,
     /// How long settled promises are kept: a watch cannot resume from before it.
     retention: Duration,
+    /// The cluster checks API tokens (`--auth-file`): a bearer credential on a settle that is
+    /// not a completion token is an API token the gate already accepted. Without them, any
+    /// bearer credential on a settle is taken for a completion token and must verify as one.
+    api_tokens: bool,
 }
 
 impl PromisesApi {
-    pub fn new(router: Router, functions: Functions, keys: CompletionKeys, retention: Duration) -> PromisesApi {
+    pub fn new(
+        router: Router,
+        functions: Functions,
+        keys: CompletionKeys,
+        retention: Duration,
+        api_tokens: bool,
+    ) -> PromisesApi {
         PromisesApi {
             promises: service::Promises::new(router.clone()),
             pipelines: Pipelines::new(router, functions),
             keys,
             retention,
+            api_tokens,
         }
     }
 
@@ -276,8 +284,8 @@ impl PromisesApi {
     }
 
     /// A settle that presents a completion token (`authorization: Bearer vct1...`) goes ahead
-    /// only if the token allows this operation on this promise now. Any other credential (an
-    /// API token, or none) is not checked here: who may write at all is the gate's business
+    /// only if the token allows this operation on this promise now. An API token, or no
+    /// credential, is not checked here: who may write at all is the gate's business
     /// (`auth.rs`), which let this request through.
     fn check_completion_token<T>(&self, req: &Request<T>, id: &PromiseId, settle_as: SettleAs) -> Result<(), Status> {
         let Some(auth) = req.metadata().get("authorization") else { return Ok(()) };
@@ -288,7 +296,7 @@ impl PromisesApi {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim())
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        if !crate::auth::is_completion_token(token) {
+        if self.api_tokens && !crate::auth::is_completion_token(token) {
             return Ok(());
         }
         self.keys.verify(token.trim(), id, settle_as.into(), self.node().wall_ms()).map_err(|e| match e {

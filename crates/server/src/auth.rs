@@ -50,11 +50,12 @@ impl Role {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The name with its article, for messages.
+    fn a(self) -> &'static str {
         match self {
-            Role::Reader => "reader",
-            Role::Writer => "writer",
-            Role::Admin => "admin",
+            Role::Reader => "a reader",
+            Role::Writer => "a writer",
+            Role::Admin => "an admin",
         }
     }
 }
@@ -225,8 +226,8 @@ impl Gate for ApiGate {
         };
         let Some(token) = bearer(req) else {
             return Err(Denial::Unauthenticated(format!(
-                "{path} needs a {} API token (`authorization: Bearer <token>`)",
-                needed.name()
+                "{path} needs {} API token (`authorization: Bearer <token>`)",
+                needed.a()
             )));
         };
         let Some(grant) = tokens.grant(token) else {
@@ -234,10 +235,10 @@ impl Gate for ApiGate {
         };
         if grant.role < needed {
             return Err(Denial::PermissionDenied(format!(
-                "{:?} is a {}: {path} needs a {}",
+                "{:?} is {}: {path} needs {}",
                 grant.name,
-                grant.role.name(),
-                needed.name()
+                grant.role.a(),
+                needed.a()
             )));
         }
         Ok(())
@@ -321,7 +322,8 @@ impl<S, B, RB> tower_service::Service<http::Request<B>> for Gated<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
-    RB: Refusal,
+    S::Error: Send + 'static,
+    RB: Refusal + Send + 'static,
 {
     type Response = http::Response<RB>;
     type Error = S::Error;

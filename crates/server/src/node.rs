@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use openraft::ChangeMembers;
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
 use vow_core::{Limits, NodeId, ShardId};
 

@@ -888,7 +888,7 @@ mod tests {
                 leader_id: id,
                 leader_addr: addr.into(),
                 term: 7,
-                leader_peer_addr: format!("{addr}01"),
+                leader_peer_addr: if addr.is_empty() { String::new() } else { format!("{addr}01") },
             })),
         };
         match refused(shard, Effect::Write, not_leader(2, "b:1")) {

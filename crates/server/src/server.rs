@@ -100,7 +100,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let functions = Functions::new(config.limits.max_data_bytes);
     let keys = config.completion_keys.load().context("loading the completion-token keys")?;
     let executor = Executor::new(router.clone(), functions.clone(), keys.clone());
-    let promises_api = Arc::new(PromisesApi::new(router.clone(), functions, keys, config.retention));
+    let promises_api =
+        Arc::new(PromisesApi::new(router.clone(), functions, keys, config.retention, security.tokens.is_some()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = {

@@ -62,7 +62,6 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
     let meta = SnapshotMeta {
         last_log_id: Some(lid(3, 90)),
         last_membership: StoredMembership::new(Some(lid(1, 1)), membership()),
-        snapshot_id: "s".into(),
     };
     let append = AppendEntriesRequest::<TypeConfig> {
         vote,
@@ -156,7 +155,6 @@ fn snapshot_files_that_are_random_truncated_or_altered_are_refused() -> std::io:
     let meta = SnapshotMeta {
         last_log_id: Some(lid(3, 90)),
         last_membership: StoredMembership::new(Some(lid(1, 1)), membership()),
-        snapshot_id: "s".into(),
     };
     let mut w = snapshot::Writer::create(dir.path(), &meta)?;
     for i in 0..20u32 {

@@ -48,7 +48,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &VowNode) -> PeerClient {
         PeerClient {
-            channel: self.peers.channel(&node.grpc_addr).map_err(|e| e.to_string()),
+            channel: self.peers.channel(&node.peer_addr).map_err(|e| e.to_string()),
             target,
             shard: self.shard,
             cluster_name: self.cluster_name.clone(),
