@@ -18,10 +18,7 @@ use vow_client::{Client, Error, Options, Settle};
 use vow_tests::{DevCluster, value, vow, vow_with};
 
 fn tls_to(ca: &Path, cert: Option<(&Path, &Path)>) -> anyhow::Result<ClientTls> {
-    let files = ClientTlsFiles {
-        ca: ca.to_owned(),
-        cert_and_key: cert.map(|(c, k)| (c.to_owned(), k.to_owned())),
-    };
+    let files = ClientTlsFiles { ca: ca.to_owned(), cert_and_key: cert.map(|(c, k)| (c.to_owned(), k.to_owned())) };
     ClientTls::from_files(&files, &[b"h2"]).map_err(anyhow::Error::msg)
 }
 
@@ -133,7 +130,8 @@ async fn tokens_and_roles_decide_every_call_with_no_effect_when_refused() -> any
     assert_eq!(post(&reader)?.0, 403);
     assert!(matches!(admin.get("sec-http").await, Err(Error::NotFound(_))));
     assert_eq!(post(&writer)?.0, 201);
-    let (code, text) = curl(&ca, &["-H", &format!("authorization: Bearer {reader}"), &format!("{http}/v1/promises/sec-http")])?;
+    let (code, text) =
+        curl(&ca, &["-H", &format!("authorization: Bearer {reader}"), &format!("{http}/v1/promises/sec-http")])?;
     assert_eq!(code, 200, "{text}");
     Ok(())
 }
@@ -151,7 +149,8 @@ async fn the_peer_port_accepts_only_members() -> anyhow::Result<()> {
     let peer = cluster.node(1).peer.clone();
     let ca = cluster.ca();
     let raft_vote = |ch: H2Channel| async move {
-        let req = RaftRequest { shard_id: 0, target_node_id: 1, cluster_name: "vow".into(), payload: vec![0xff; 8].into() };
+        let req =
+            RaftRequest { shard_id: 0, target_node_id: 1, cluster_name: "vow".into(), payload: vec![0xff; 8].into() };
         RaftClient::new(ch).vote(req).await
     };
 
@@ -171,7 +170,8 @@ async fn the_peer_port_accepts_only_members() -> anyhow::Result<()> {
     // The cluster CA, but not a member: node 9, and a client certificate naming no node.
     let stranger = t.join("node-9.pem");
     make_cert(&t, &stranger, &["--node-id", "9", "--ip", "127.0.0.1"])?;
-    for (cert, key) in [(stranger.clone(), t.join("node-9-key.pem")), (t.join("client.pem"), t.join("client-key.pem"))] {
+    for (cert, key) in [(stranger.clone(), t.join("node-9-key.pem")), (t.join("client.pem"), t.join("client-key.pem"))]
+    {
         let tls = tls_to(&ca, Some((&cert, &key)))?;
         let err = raft_vote(channel(&peer, Some(tls.clone()), None)?).await.expect_err("non-member");
         assert_eq!(err.code(), Code::PermissionDenied, "{}: {err:?}", cert.display());
@@ -243,7 +243,11 @@ async fn a_node_joins_over_mtls_and_certificates_rotate_under_load() -> anyhow::
     let t = cluster.dir.path().join("tls");
     let before = served_cert(&cluster.ca(), &cluster.node(1).grpc).await?;
     for id in 1..=3u64 {
-        make_cert(&t, &t.join(format!("node-{id}.pem")), &["--node-id", &id.to_string(), "--ip", "127.0.0.1", "--dns", "localhost"])?;
+        make_cert(
+            &t,
+            &t.join(format!("node-{id}.pem")),
+            &["--node-id", &id.to_string(), "--ip", "127.0.0.1", "--dns", "localhost"],
+        )?;
     }
     // Reloads are looked for once a second; give new connections time to see them, under load.
     let deadline = Instant::now() + Duration::from_secs(10);

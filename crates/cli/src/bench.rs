@@ -440,7 +440,9 @@ pub async fn run(args: BenchArgs, vow: VowTarget) -> anyhow::Result<()> {
             bail!("unknown target {t:?} (vow, vow-tls, etcd)");
         }
         if t == "vow-tls" && args.spawn.is_none() {
-            bail!("the vow-tls target is a spawned cluster: give --spawn N (for your own TLS cluster, use target vow with --tls-ca and --token)");
+            bail!(
+                "the vow-tls target is a spawned cluster: give --spawn N (for your own TLS cluster, use target vow with --tls-ca and --token)"
+            );
         }
     }
     let counts: Vec<usize> = args

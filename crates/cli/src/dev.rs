@@ -255,7 +255,10 @@ pub fn api_token(dir: &Path, role: &str) -> anyhow::Result<String> {
 }
 
 /// Client options for a dev cluster in `dir`: its CA and admin token when it runs TLS.
-pub fn client_security(dir: &Path, tls: bool) -> anyhow::Result<(Option<vow_client::tls::ClientTls>, Option<vow_client::tls::Token>)> {
+pub fn client_security(
+    dir: &Path,
+    tls: bool,
+) -> anyhow::Result<(Option<vow_client::tls::ClientTls>, Option<vow_client::tls::Token>)> {
     if !tls {
         return Ok((None, None));
     }

@@ -9,8 +9,8 @@
 //! exists / already settled, 5 cluster unavailable, 6 permission denied.
 
 mod bench;
-mod chain;
 mod certs;
+mod chain;
 mod dev;
 mod etcd;
 mod output;

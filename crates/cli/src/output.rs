@@ -349,8 +349,7 @@ next page: --page-token 6f2d31
             voters: vec![1, 2, 3],
             learners: vec![],
         };
-        let node =
-            |node_id, reachable| pb::NodeStatus {
+        let node = |node_id, reachable| pb::NodeStatus {
             node_id,
             grpc_addr: format!("127.0.0.1:700{node_id}"),
             reachable,

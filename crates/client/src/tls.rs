@@ -62,7 +62,12 @@ impl<T> Reloading<T> {
     ) -> Result<Reloading<T>, String> {
         let stamps = stamps(&paths);
         let value = Arc::new(build().map_err(|e| format!("{what}: {e}"))?);
-        Ok(Reloading { what, paths, build: Box::new(build), state: Mutex::new(ReloadState { checked: Instant::now(), stamps, value }) })
+        Ok(Reloading {
+            what,
+            paths,
+            build: Box::new(build),
+            state: Mutex::new(ReloadState { checked: Instant::now(), stamps, value }),
+        })
     }
 
     /// Makes the next [`Reloading::get`] look at the files whatever the time since the last look.
@@ -85,7 +90,9 @@ impl<T> Reloading<T> {
                         state.value = Arc::new(v);
                         tracing::info!(what = self.what, "reloaded from its files");
                     }
-                    Err(e) => tracing::warn!(what = self.what, error = %e, "reloading failed; keeping the previous one"),
+                    Err(e) => {
+                        tracing::warn!(what = self.what, error = %e, "reloading failed; keeping the previous one")
+                    }
                 }
             }
         }

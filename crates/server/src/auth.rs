@@ -160,8 +160,9 @@ pub struct ApiTokens {
 impl ApiTokens {
     pub fn from_file(path: &Path) -> anyhow::Result<ApiTokens> {
         let p: PathBuf = path.to_owned();
-        let grants = Reloading::new("API tokens", vec![p.clone()], move || parse_grants(&p).map_err(|e| format!("{e:#}")))
-            .map_err(anyhow::Error::msg)?;
+        let grants =
+            Reloading::new("API tokens", vec![p.clone()], move || parse_grants(&p).map_err(|e| format!("{e:#}")))
+                .map_err(anyhow::Error::msg)?;
         Ok(ApiTokens { grants: Arc::new(grants) })
     }
 
@@ -269,9 +270,7 @@ impl Refusal for axum::body::Body {
         let body = serde_json::json!({ "code": code, "message": message }).to_string();
         let mut response = http::Response::new(axum::body::Body::from(body));
         *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
         if status == http::StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
         }
@@ -374,20 +373,32 @@ mod tests {
         let call = |path: &str, auth: Option<&str>| g.check(&parts("POST", path, auth));
         assert_eq!(call("/grpc.health.v1.Health/Check", None), Ok(()));
         assert!(matches!(call("/vow.v1.Promises/Get", None), Err(Denial::Unauthenticated(_))));
-        assert!(matches!(call("/vow.v1.Promises/Get", Some("Bearer nope-nope-nope-nope")), Err(Denial::Unauthenticated(_))));
+        assert!(matches!(
+            call("/vow.v1.Promises/Get", Some("Bearer nope-nope-nope-nope")),
+            Err(Denial::Unauthenticated(_))
+        ));
         assert_eq!(call("/vow.v1.Promises/Get", Some("Bearer rrrrrrrrrrrrrrrr1")), Ok(()));
         assert_eq!(call("/vow.v1.Cluster/ShardMap", Some("bearer rrrrrrrrrrrrrrrr1")), Ok(()));
         let refused = call("/vow.v1.Promises/Create", Some("Bearer rrrrrrrrrrrrrrrr1"));
         let Err(Denial::PermissionDenied(m)) = refused else { panic!("{refused:?}") };
         assert!(m.contains("\"dash\" is a reader") && !m.contains("rrrr"), "{m}");
         assert_eq!(call("/vow.v1.Promises/Create", Some("Bearer wwwwwwwwwwwwwwww1")), Ok(()));
-        assert!(matches!(call("/vow.v1.Cluster/AddNode", Some("Bearer wwwwwwwwwwwwwwww1")), Err(Denial::PermissionDenied(_))));
+        assert!(matches!(
+            call("/vow.v1.Cluster/AddNode", Some("Bearer wwwwwwwwwwwwwwww1")),
+            Err(Denial::PermissionDenied(_))
+        ));
         assert_eq!(call("/vow.v1.Cluster/AddNode", Some("Bearer aaaaaaaaaaaaaaaa1")), Ok(()));
         // A completion token goes on to the handler, for settles only.
         assert_eq!(call("/vow.v1.Promises/Resolve", Some("Bearer vct1.x.y")), Ok(()));
         assert!(matches!(call("/vow.v1.Promises/Create", Some("Bearer vct1.x.y")), Err(Denial::Unauthenticated(_))));
-        assert!(matches!(call("/vow.v1.Promises/Resolve", Some("Bearer rrrrrrrrrrrrrrrr1")), Err(Denial::PermissionDenied(_))));
-        assert!(matches!(call("/vow.v1.Promises/NewThing", Some("Bearer wwwwwwwwwwwwwwww1")), Err(Denial::PermissionDenied(_))));
+        assert!(matches!(
+            call("/vow.v1.Promises/Resolve", Some("Bearer rrrrrrrrrrrrrrrr1")),
+            Err(Denial::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            call("/vow.v1.Promises/NewThing", Some("Bearer wwwwwwwwwwwwwwww1")),
+            Err(Denial::PermissionDenied(_))
+        ));
 
         let h = gate(dir.path(), Protocol::Http);
         assert_eq!(h.check(&parts("GET", "/metrics", None)), Ok(()));

@@ -440,8 +440,8 @@ mod tests {
         assert_eq!(peers[&NodeId(2)], VowNode { grpc_addr: "b:7002".into(), peer_addr: "b:9000".into() });
         let err = parse_peers("1=a:65500").unwrap_err();
         assert!(format!("{err:#}").contains("no default peer port"), "{err:#}");
-        let err =
-            Config::from_args(Args { tls_cert: Some("c".into()), tls_key: Some("k".into()), ..Args::default() }).unwrap_err();
+        let err = Config::from_args(Args { tls_cert: Some("c".into()), tls_key: Some("k".into()), ..Args::default() })
+            .unwrap_err();
         assert!(format!("{err:#}").contains("--tls-ca"), "{err:#}");
         let err = Config::from_args(Args { max_data_bytes: Some(1 << 30), ..Args::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("max_data_bytes"));

@@ -111,7 +111,8 @@ async fn accept_loop(
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let io = MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Server(stream)));
-                            let identity = io.peer_certificates().and_then(|c| c.first()).map(|leaf| Arc::new(Identity::of(leaf)));
+                            let identity =
+                                io.peer_certificates().and_then(|c| c.first()).map(|leaf| Arc::new(Identity::of(leaf)));
                             (io, identity)
                         }
                         Ok(Err(e)) => {

@@ -36,8 +36,9 @@ async fn run() -> anyhow::Result<()> {
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding gRPC on {}", config.grpc_addr))?;
     let http =
         TcpListener::bind(config.http_addr).await.with_context(|| format!("binding HTTP on {}", config.http_addr))?;
-    let peer =
-        TcpListener::bind(config.peer_addr).await.with_context(|| format!("binding the peer port on {}", config.peer_addr))?;
+    let peer = TcpListener::bind(config.peer_addr)
+        .await
+        .with_context(|| format!("binding the peer port on {}", config.peer_addr))?;
     server::run(config, Listeners { grpc, http, peer }, shutdown_signal()).await
 }
 

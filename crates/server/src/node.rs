@@ -213,7 +213,12 @@ impl Node {
 
     /// Adds `node` to every shard in `shards` this node leads: as a learner first, caught up
     /// (blocking), then as a voter. Shards led elsewhere are returned for forwarding.
-    pub async fn add_node(&self, id: NodeId, node: &VowNode, shards: &[ShardId]) -> anyhow::Result<Vec<(ShardId, String)>> {
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        node: &VowNode,
+        shards: &[ShardId],
+    ) -> anyhow::Result<Vec<(ShardId, String)>> {
         let mut elsewhere = Vec::new();
         for &sid in shards {
             let shard = self.shard(sid).with_context(|| format!("no shard {sid}"))?;

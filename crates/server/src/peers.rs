@@ -71,7 +71,8 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let host = uri.host().ok_or("peer address without a host")?.to_owned();
             let port = uri.port_u16().ok_or("peer address without a port")?;
-            let tcp = tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+            let tcp =
+                tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
             tcp.set_nodelay(true)?;
             let io = match tls {
                 Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(&host, tcp))

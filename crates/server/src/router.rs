@@ -841,9 +841,10 @@ impl wire::route_server::Route for RouteService {
             Err(refusal) => return refuse(refusal),
         };
         let change = match r.change {
-            Some(C::Add(a)) => {
-                Change::AddNode { id: NodeId(a.node_id), node: VowNode { grpc_addr: a.grpc_addr, peer_addr: a.peer_addr } }
-            }
+            Some(C::Add(a)) => Change::AddNode {
+                id: NodeId(a.node_id),
+                node: VowNode { grpc_addr: a.grpc_addr, peer_addr: a.peer_addr },
+            },
             Some(C::RemoveNodeId(id)) => Change::RemoveNode(NodeId(id)),
             Some(C::TransferToNodeId(to)) => Change::TransferLeader(NodeId(to)),
             None => return refuse(invalid("a membership request without a change")),

@@ -23,8 +23,8 @@ use crate::peers::Peers;
 use crate::router::Router;
 use crate::shard::{Shard, ShardContext};
 use crate::tls::NodeTls;
-use vow_storage::types::VowNode;
 use vow_storage::log_store::{Failpoints, WalFlusher};
+use vow_storage::types::VowNode;
 use vow_storage::{self as storage, NodeIdentity};
 
 /// Listeners the node serves on, bound by the caller.
@@ -106,11 +106,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let (stop_tx, stop_rx) = watch::channel(false);
     let grpc = {
         let (router, api, security, stop) = (router.clone(), promises_api.clone(), security.clone(), stop_rx.clone());
-        tokio::spawn(async move { crate::api::serve_public(router, api, listeners.grpc, &security, wait_stop(stop)).await })
+        tokio::spawn(
+            async move { crate::api::serve_public(router, api, listeners.grpc, &security, wait_stop(stop)).await },
+        )
     };
     let peer = {
         let (data_dir, security, stop) = (config.data_dir.clone(), security.clone(), stop_rx.clone());
-        tokio::spawn(async move { crate::api::serve_peer(router, data_dir, listeners.peer, &security, wait_stop(stop)).await })
+        tokio::spawn(async move {
+            crate::api::serve_peer(router, data_dir, listeners.peer, &security, wait_stop(stop)).await
+        })
     };
     let http = tokio::spawn(crate::http::serve(
         node.clone(),
@@ -126,7 +130,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             shard.initialize_if_new(&members).await.with_context(|| format!("initialising shard {}", shard.id))?;
         }
     } else if !config.join.is_empty() {
-        tokio::spawn(join_cluster(node.clone(), config.join.clone(), config.advertise_peer_addr.clone(), stop_rx.clone()));
+        tokio::spawn(join_cluster(
+            node.clone(),
+            config.join.clone(),
+            config.advertise_peer_addr.clone(),
+            stop_rx.clone(),
+        ));
     }
     let mut background: Vec<_> = shards
         .iter()

@@ -55,8 +55,8 @@ impl NodeTls {
             }
             Reloading::new(what, paths, move || server_config(&f, alpn, client_ca.as_ref())).map(Arc::new)
         };
-        let peer_server = server("peer listener TLS", &[b"h2"], Some((files.ca.clone(), true)))
-            .map_err(anyhow::Error::msg)?;
+        let peer_server =
+            server("peer listener TLS", &[b"h2"], Some((files.ca.clone(), true))).map_err(anyhow::Error::msg)?;
         let public_ca = files.client_ca.clone().map(|ca| (ca, false));
         let grpc_server = server("gRPC listener TLS", &[b"h2"], public_ca.clone()).map_err(anyhow::Error::msg)?;
         let http_server = server("HTTP listener TLS", &[b"http/1.1"], public_ca).map_err(anyhow::Error::msg)?;
@@ -75,8 +75,9 @@ fn server_config(
     alpn: &[&[u8]],
     client_ca: Option<&(PathBuf, bool)>,
 ) -> Result<rustls::ServerConfig, String> {
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| e.to_string())?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some((ca, required)) => {

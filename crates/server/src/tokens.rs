@@ -126,8 +126,9 @@ impl CompletionKeys {
     /// so in the log).
     pub fn from_file(path: &Path) -> anyhow::Result<CompletionKeys> {
         let p = path.to_owned();
-        let keys = Reloading::new("completion keys", vec![p.clone()], move || read_keys(&p).map_err(|e| format!("{e:#}")))
-            .map_err(anyhow::Error::msg)?;
+        let keys =
+            Reloading::new("completion keys", vec![p.clone()], move || read_keys(&p).map_err(|e| format!("{e:#}")))
+                .map_err(anyhow::Error::msg)?;
         Ok(CompletionKeys { keys: Arc::new(Keys::File(path.to_owned(), keys)) })
     }
 

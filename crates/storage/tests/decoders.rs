@@ -12,16 +12,16 @@ use std::io::Write;
 use std::sync::Arc;
 
 use openraft::EntryPayload;
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest, VoteResponse};
 use openraft::vote::RaftLeaderId;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vow_core::{Command, NodeId, PromiseId, Proposal, SettleAs, Value};
 use vow_storage::codec;
 use vow_storage::snapshot;
-use vow_storage::types::{Entry, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote, VowNode};
+use vow_storage::types::{
+    Entry, LeaderId, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig, Vote, VowNode,
+};
 
 fn cases() -> u32 {
     std::env::var("VOW_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
@@ -34,7 +34,9 @@ fn lid(term: u64, index: u64) -> LogId {
 fn membership() -> Membership {
     Membership::new(
         vec![BTreeSet::from([NodeId(1), NodeId(2), NodeId(3)])],
-        (1..=3).map(|i| (NodeId(i), VowNode { grpc_addr: format!("n{i}:7001"), peer_addr: format!("n{i}:7101") })).collect::<BTreeMap<_, _>>(),
+        (1..=3)
+            .map(|i| (NodeId(i), VowNode { grpc_addr: format!("n{i}:7001"), peer_addr: format!("n{i}:7101") }))
+            .collect::<BTreeMap<_, _>>(),
     )
     .expect("membership")
 }
@@ -75,7 +77,10 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         ("append request", codec::encode_append_request(&append)),
         ("append response", codec::encode_append_response(&AppendEntriesResponse::HigherVote(vote))),
         ("stream append result", codec::encode_stream_append_result(&Ok(Some(lid(2, 7))))),
-        ("transfer request", codec::encode_transfer_request(&TransferLeaderRequest::new(vote, NodeId(3), Some(lid(2, 7))))),
+        (
+            "transfer request",
+            codec::encode_transfer_request(&TransferLeaderRequest::new(vote, NodeId(3), Some(lid(2, 7)))),
+        ),
         ("snapshot header", codec::encode_snapshot_header(&vote, &meta)),
     ];
     for e in entries() {
@@ -137,15 +142,18 @@ fn valid_messages_cut_short_are_errors_and_mutations_never_panic() {
     let samples = samples();
     let mut runner = TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
     runner
-        .run(&(0..samples.len(), proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)), |(i, edits)| {
-            let mut bytes = samples[i].1.clone();
-            for (at, b) in edits {
-                let at = at.index(bytes.len());
-                bytes[at] = b;
-            }
-            decode_all(&bytes);
-            Ok(())
-        })
+        .run(
+            &(0..samples.len(), proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)),
+            |(i, edits)| {
+                let mut bytes = samples[i].1.clone();
+                for (at, b) in edits {
+                    let at = at.index(bytes.len());
+                    bytes[at] = b;
+                }
+                decode_all(&bytes);
+                Ok(())
+            },
+        )
         .expect("no decoder panics on a mutated message");
 }
 
