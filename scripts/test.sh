@@ -26,8 +26,10 @@ fi
 # workflow) against a live cluster.
 "${VOW_CACHE:-$HOME/.cache/vow}/venv/bin/python" tests/python/integrations.py --bin-dir "$CARGO_TARGET_DIR/debug"
 # A short fault-injection run against the real server with every nemesis — membership, clock
-# skew (libfaketime), power loss and disk faults (FUSE) included — (the long one is in the README).
+# skew (libfaketime), power loss and disk faults (FUSE) included — (the long one is in the README),
+# secured: TLS on every port, mutual TLS between nodes, API tokens (every other multi-process
+# test runs plain text, tests/tests/security.rs secured).
 "$CARGO_TARGET_DIR/debug/vow-jepsen" cleanup
-"$CARGO_TARGET_DIR/debug/vow-jepsen" test --nodes 5 --time-limit 100 --nemesis all \
+"$CARGO_TARGET_DIR/debug/vow-jepsen" test --nodes 5 --time-limit 100 --nemesis all --tls \
   --seed "${VOW_JEPSEN_SEED:-$RANDOM}" --out "${VOW_JEPSEN_OUT:-$(mktemp -d /tmp/vow-jepsen-ci.XXXXXX)}"
 echo "all tests passed"

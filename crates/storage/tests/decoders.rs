@@ -166,7 +166,7 @@ fn snapshot_files_that_are_random_truncated_or_altered_are_refused() -> std::io:
     };
     let mut w = snapshot::Writer::create(dir.path(), &meta)?;
     for i in 0..20u32 {
-        w.record(format!("key-{i}").as_bytes(), &vec![i as u8; 30])?;
+        w.record(format!("key-{i}").as_bytes(), &[i as u8; 30])?;
     }
     let file = w.finish(&dir.path().join("good.snap"))?;
     let good = std::fs::read(&file.path)?;
