@@ -15,15 +15,22 @@ fn bin_dir() -> PathBuf {
 
 /// Runs the harness against the sabotaged build and returns (exit code, results.json).
 fn run(bug: &str, nemesis: &str, seed: u64) -> (Option<i32>, serde_json::Value) {
+    run_with(bug, &[], nemesis, seed)
+}
+
+/// [`run`] with more environment for every vowd.
+fn run_with(bug: &str, env: &[&str], nemesis: &str, seed: u64) -> (Option<i32>, serde_json::Value) {
     let sabotaged = bin_dir().join("vowd-sabotage");
     assert!(sabotaged.exists(), "{} missing: build it with scripts/test.sh", sabotaged.display());
-    run_against(bug, &sabotaged, &format!("VOW_SABOTAGE={bug}"), nemesis, seed)
+    let mut all = vec![format!("VOW_SABOTAGE={bug}")];
+    all.extend(env.iter().map(|e| e.to_string()));
+    run_against(bug, &sabotaged, &all, nemesis, seed)
 }
 
 /// Runs the harness against `vowd` with `env` added for every node, re-checks the stored history
 /// with `vow-jepsen check` (which must agree with the run and exit the same way), and returns
 /// (exit code, results.json).
-fn run_against(label: &str, vowd: &Path, env: &str, nemesis: &str, seed: u64) -> (Option<i32>, serde_json::Value) {
+fn run_against(label: &str, vowd: &Path, env: &[String], nemesis: &str, seed: u64) -> (Option<i32>, serde_json::Value) {
     let bin = bin_dir();
     let out = tempfile::Builder::new().prefix(&format!("vow-jepsen-{label}-")).tempdir().expect("tempdir");
     let status = Command::new(bin.join("vow-jepsen"))
@@ -32,7 +39,7 @@ fn run_against(label: &str, vowd: &Path, env: &str, nemesis: &str, seed: u64) ->
         .arg(out.path())
         .arg("--vowd")
         .arg(vowd)
-        .arg(format!("--vowd-env={env}"))
+        .args(env.iter().map(|e| format!("--vowd-env={e}")))
         .status()
         .expect("running vow-jepsen");
     let text = std::fs::read_to_string(out.path().join("results.json"))
@@ -109,10 +116,17 @@ fn every_sabotaged_build_is_caught() {
 /// round before a read is right as long as it is still the leader (a kill leaves no stale leader
 /// behind; a pause would). So what catches them above is
 /// the power loss and the partition, not something else in the run.
+///
+/// Leader balancing stays off for the second: a balancing transfer hands a shard to another node
+/// while the old leader still serves reads until it hears of the new term — a stale leader
+/// without any fault, which this bug turns into a stale read (seen in one CI run in several).
 #[test]
 fn the_bugs_only_faults_reveal_pass_without_them() {
-    for (bug, nemesis) in [("ack-before-fsync", "kill,pause"), ("read-index-without-heartbeat", "kill")] {
-        let (code, results) = run(bug, nemesis, 7);
+    for (bug, env, nemesis) in [
+        ("ack-before-fsync", &[][..], "kill,pause"),
+        ("read-index-without-heartbeat", &["VOW_NO_LEADER_BALANCE=true"][..], "kill"),
+    ] {
+        let (code, results) = run_with(bug, env, nemesis, 7);
         println!("{bug} under {nemesis}: exit {code:?}, anomalies {:?}", kinds(&results));
         assert_eq!(results["valid"], true, "{bug} under {nemesis} was reported invalid: {:?}", kinds(&results));
         assert_eq!(code, Some(0));
@@ -129,7 +143,7 @@ fn a_cluster_that_refuses_every_write_is_invalid() {
     let vowd = bin_dir().join("vowd");
     let env = format!("VOW_CONFIG={}", config.path().display());
     // And the sabotaged build whose every write path refuses (UNAVAILABLE, a definite refusal).
-    let configured = run_against("refuse-writes-config", &vowd, &env, "none", 7);
+    let configured = run_against("refuse-writes-config", &vowd, &[env], "none", 7);
     let sabotaged = run("refuse-writes", "none", 7);
     for (label, (code, results)) in [("config", configured), ("sabotage", sabotaged)] {
         let found = kinds(&results);

@@ -260,6 +260,13 @@ struct Endpoints {
     etcd: Vec<String>,
 }
 
+impl VowTarget {
+    fn spawned(s: &crate::dev::Spawned) -> anyhow::Result<VowTarget> {
+        let (tls, token) = s.security()?;
+        Ok(VowTarget { endpoints: s.endpoints(), tls, token })
+    }
+}
+
 impl Endpoints {
     fn vow(&self, target: &str) -> &VowTarget {
         if target == "vow-tls" { &self.vow_tls } else { &self.vow }
@@ -466,8 +473,8 @@ pub async fn run(args: BenchArgs, vow: VowTarget) -> anyhow::Result<()> {
         _ => None,
     };
     let ep = Endpoints {
-        vow: vow_cluster.as_ref().map_or(Ok(vow), |s| s.target())?,
-        vow_tls: vow_tls_cluster.as_ref().map_or(Ok(VowTarget::default()), |s| s.target())?,
+        vow: vow_cluster.as_ref().map_or(Ok(vow), VowTarget::spawned)?,
+        vow_tls: vow_tls_cluster.as_ref().map_or(Ok(VowTarget::default()), VowTarget::spawned)?,
         etcd: etcd_cluster.as_ref().map_or_else(
             || args.etcd_endpoints.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
             |s| s.endpoints(),

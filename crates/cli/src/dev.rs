@@ -178,19 +178,11 @@ fn spawn(dir: &Path, node: &NodeEntry, peers: &str, shards: u32, tls: bool, extr
 /// The cluster's completion-token key file in `dir`, made with one random key (readable by its
 /// owner only) the first time.
 fn completion_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("completion-keys");
     if !path.exists() {
         let key: [u8; 32] = rand::random();
         let line: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        writeln!(f, "{line}")?;
+        create_private(&path, &format!("{line}\n"))?;
     }
     Ok(path)
 }
@@ -224,23 +216,28 @@ fn dev_certificates(dir: &Path, nodes: &[NodeEntry]) -> anyhow::Result<()> {
 
 /// `dir/api-tokens` with one random token per role, made once (readable by its owner only).
 fn dev_tokens(dir: &Path) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("api-tokens");
     if path.exists() {
         return Ok(());
     }
+    let mut text = String::from("# role name token (vowd --auth-file; re-read when it changes)\n");
+    for role in ["admin", "writer", "reader"] {
+        text.push_str(&format!("{role} dev-{role} {:032x}\n", rand::random::<u128>()));
+    }
+    create_private(&path, &text)
+}
+
+/// Creates `path` holding `text`, readable by its owner only; fails if it exists.
+fn create_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(f, "# role name token (vowd --auth-file; re-read when it changes)")?;
-    for role in ["admin", "writer", "reader"] {
-        writeln!(f, "{role} dev-{role} {:032x}", rand::random::<u128>())?;
-    }
-    Ok(())
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The token of `role` in a dev cluster's `api-tokens`.
@@ -439,10 +436,9 @@ impl Spawned {
         self.endpoints.clone()
     }
 
-    /// The cluster as a bench target: endpoints, and its CA and admin token when secured.
-    pub fn target(&self) -> anyhow::Result<crate::bench::VowTarget> {
-        let (tls, token) = client_security(&self.dir, self.tls)?;
-        Ok(crate::bench::VowTarget { endpoints: self.endpoints(), tls, token })
+    /// What a client of this cluster presents: its CA and admin token when secured.
+    pub fn security(&self) -> anyhow::Result<(Option<vow_client::tls::ClientTls>, Option<vow_client::tls::Token>)> {
+        client_security(&self.dir, self.tls)
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
