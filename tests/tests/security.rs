@@ -222,24 +222,39 @@ async fn a_node_joins_over_mtls_and_certificates_rotate_under_load() -> anyhow::
         .with_context(|| joiner.log_tail(30))?;
 
     // Load: creates and resolves through every node until told to stop.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let pairs = std::sync::Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for w in 0..4 {
         let client = cluster.client();
-        let stop = stop.clone();
+        let (stop, pairs) = (stop.clone(), pairs.clone());
         load.push(tokio::spawn(async move {
             let mut done = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let id = format!("rot-{w}-{done}");
                 let req = pb::CreateRequest { id: id.clone(), param: Some(value("x")), ..Default::default() };
                 client.create(req).await.with_context(|| format!("create {id}"))?;
                 client.resolve(&id, value("y"), None).await.with_context(|| format!("resolve {id}"))?;
                 done += 1;
+                pairs.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(done)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await; // load before the rotation
+    // Some load before the rotation, and as much again after it is seen.
+    let load_reaches = |n: u64| {
+        let pairs = pairs.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while pairs.load(Ordering::Relaxed) < n {
+                ensure!(Instant::now() < deadline, "the load stopped short of {n} create-resolve pairs");
+                tokio::time::sleep(Duration::from_millis(20)).await; // poll the load's progress
+            }
+            anyhow::Ok(())
+        }
+    };
+    load_reaches(20).await?;
     let t = cluster.dir.path().join("tls");
     let before = served_cert(&cluster.ca(), &cluster.node(1).grpc).await?;
     for id in 1..=3u64 {
@@ -263,14 +278,14 @@ async fn a_node_joins_over_mtls_and_certificates_rotate_under_load() -> anyhow::
         }
         tokio::time::sleep(Duration::from_millis(200)).await; // poll for the reload
     }
-    tokio::time::sleep(Duration::from_secs(2)).await; // more load after the rotation
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load_reaches(pairs.load(Ordering::Relaxed) + 20).await?;
+    stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for l in load {
         total += l.await??;
     }
     ensure!(total > 20, "only {total} create-resolve pairs under load");
-    // The joined node, restarted, still talks to everyone with the rotated certificates.
+    // Every shard still has a leader: the nodes talk to each other with the rotated certificates.
     let status = cluster.status().await?;
     assert!(status.shards.iter().all(|s| s.leader_id != 0), "{status:?}");
     Ok(())

@@ -244,7 +244,7 @@ impl PromisesApi {
         let router = self.promises.router();
         if !router.leads(shard)
             && let Some(leader) = router.leader(shard).filter(|l| l.id != self.node().id())
-            && let Ok(v) = leader.addr.parse()
+            && let Ok(v) = leader.node.grpc_addr.parse()
         {
             reply.metadata_mut().insert(md::LEADER_ADDR, v);
         }
@@ -292,14 +292,12 @@ impl PromisesApi {
         let token = auth
             .to_str()
             .ok()
-            .and_then(|a| a.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
+            .and_then(crate::auth::bearer_token)
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
         if self.api_tokens && !crate::auth::is_completion_token(token) {
             return Ok(());
         }
-        self.keys.verify(token.trim(), id, settle_as.into(), self.node().wall_ms()).map_err(|e| match e {
+        self.keys.verify(token, id, settle_as.into(), self.node().wall_ms()).map_err(|e| match e {
             TokenError::NoKeys => Status::permission_denied(format!("{e}: the token cannot be checked")),
             e => Status::permission_denied(format!("{e}; nothing was settled")),
         })
@@ -698,7 +696,7 @@ impl ClusterApi {
         pb::ShardLeader {
             shard_id: shard.0,
             leader_id: leader.as_ref().map_or(0, |l| l.id.0),
-            leader_grpc_addr: leader.map(|l| l.addr).unwrap_or_default(),
+            leader_grpc_addr: leader.map(|l| l.node.grpc_addr).unwrap_or_default(),
         }
     }
 }

@@ -201,7 +201,11 @@ pub struct ApiGate {
 
 /// The bearer credential of a request, if it has one.
 fn bearer(req: &http::request::Parts) -> Option<&str> {
-    let value = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    bearer_token(req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token of an `authorization` value `Bearer <token>` (the scheme in any case).
+pub fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

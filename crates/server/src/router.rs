@@ -39,10 +39,8 @@ pub const MAX_HOPS: usize = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
     pub id: NodeId,
-    /// Its public gRPC address, for clients.
-    pub addr: String,
-    /// Its peer address, where the Route RPC goes.
-    pub peer_addr: String,
+    /// Its addresses: the public one for clients, the peer one for the Route RPC.
+    pub node: VowNode,
     /// The term in which `id` leads: of two reports, the later term wins.
     pub term: u64,
 }
@@ -206,7 +204,7 @@ impl Router {
             let m = s.metrics();
             let id = m.current_leader?;
             let node = m.membership_config.membership().get_node(&id)?;
-            Some(Leader { id, addr: node.grpc_addr.clone(), peer_addr: node.peer_addr.clone(), term: m.current_term })
+            Some(Leader { id, node: node.clone(), term: m.current_term })
         });
         let reported = self.lock_reported().get(shard.0 as usize).cloned().flatten();
         match (local, reported) {
@@ -259,16 +257,17 @@ impl Router {
                     // Another node leads: our replica knows it, so its term is ours.
                     Err(ShardError::NotLeader { leader: Some((id, node)), .. }) => {
                         let term = self.shard(shard)?.metrics().current_term;
-                        next = Some(Leader { id, addr: node.grpc_addr, peer_addr: node.peer_addr, term });
+                        next = Some(Leader { id, node, term });
                         continue;
                     }
                     other => return other,
                 }
             };
-            let channel = self.inner.node.peers().channel(&leader.peer_addr).map_err(|e| ShardError::Unavailable {
-                shard,
-                reason: format!("bad leader peer address {}: {e}", leader.peer_addr),
-            })?;
+            let channel =
+                self.inner.node.peers().channel(&leader.node.peer_addr).map_err(|e| ShardError::Unavailable {
+                    shard,
+                    reason: format!("bad leader peer address {}: {e}", leader.node.peer_addr),
+                })?;
             let client = RouteClient::new(channel).max_decoding_message_size(usize::MAX);
             let target = wire::Target {
                 shard_id: shard.0,
@@ -291,10 +290,7 @@ impl Router {
                 Err(HopError::Failed(e)) => return Err(e),
             }
         }
-        Err(ShardError::NotLeader {
-            shard,
-            leader: self.leader(shard).map(|l| (l.id, VowNode { grpc_addr: l.addr, peer_addr: l.peer_addr })),
-        })
+        Err(ShardError::NotLeader { shard, leader: self.leader(shard).map(|l| (l.id, l.node)) })
     }
 
     /// Proposes `command` at the leader of its shard and returns the replicated outcome.
@@ -579,8 +575,7 @@ fn refused(shard: ShardId, effect: Effect, r: wire::Refusal) -> HopError {
         Some(Reason::NotLeader(n)) => {
             HopError::NotLeader((n.leader_id != 0 && !n.leader_peer_addr.is_empty()).then_some(Leader {
                 id: NodeId(n.leader_id),
-                addr: n.leader_addr,
-                peer_addr: n.leader_peer_addr,
+                node: VowNode { grpc_addr: n.leader_addr, peer_addr: n.leader_peer_addr },
                 term: n.term,
             }))
         }
@@ -894,7 +889,8 @@ mod tests {
         };
         match refused(shard, Effect::Write, not_leader(2, "b:1")) {
             HopError::NotLeader(Some(l)) => {
-                assert_eq!(l, Leader { id: NodeId(2), addr: "b:1".into(), peer_addr: "b:101".into(), term: 7 })
+                let node = VowNode { grpc_addr: "b:1".into(), peer_addr: "b:101".into() };
+                assert_eq!(l, Leader { id: NodeId(2), node, term: 7 })
             }
             other => panic!("{other:?}"),
         }

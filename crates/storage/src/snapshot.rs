@@ -1,7 +1,7 @@
 //! Snapshot files: one shard's state, streamed to and from disk, never held in memory whole.
 //!
-//! Format (version 1): the magic `VOWSNAP1`; a u32 length and the snapshot meta
-//! ([`crate::codec::snapshot_meta`]); then records `u32 key length, key, u32 value
+//! Format (version 2, whose meta records members' peer addresses): the magic `VOWSNAP1`; a u32
+//! length, the version byte and the snapshot meta ([`crate::codec::snapshot_meta`]); then records `u32 key length, key, u32 value
 //! length, value` where the key is the state key without its shard prefix; then a record with
 //! key length `u32::MAX` followed by the record count (u64) and the FNV-1a-64 checksum of
 //! every record byte. All integers are big-endian. A file that does not end in a matching
@@ -28,6 +28,9 @@ const TRAILER: u32 = u32::MAX;
 /// record of at most a few tens of MiB).
 const MAX_FIELD_BYTES: u32 = 64 << 20;
 
+/// Version of the meta in a file's header: 2 since members carry peer addresses (version 1
+/// files are refused, as their data directories are).
+const META_FORMAT: u8 = 2;
 /// Snapshot data as openraft moves it around: an open file plus where it lives.
 #[derive(Debug)]
 pub struct SnapshotFile {
@@ -72,7 +75,7 @@ impl Writer {
         let tmp = dir.join(format!("build-{:016x}.tmp", rand::random::<u64>()));
         let mut out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         let mut e = Encoder::new();
-        e.u8(1);
+        e.u8(META_FORMAT);
         codec::snapshot_meta(&mut e, meta);
         let header = e.into_bytes();
         out.write_all(MAGIC)?;
@@ -135,7 +138,7 @@ impl Reader {
         let mut header = vec![0u8; len as usize];
         input.read_exact(&mut header)?;
         let mut d = Decoder::new(&header);
-        d.version("snapshot meta", 1).map_err(corrupt)?;
+        d.version("snapshot meta", META_FORMAT).map_err(corrupt)?;
         let meta = codec::read_snapshot_meta(&mut d).map_err(corrupt)?;
         d.finish().map_err(corrupt)?;
         Ok((meta, Reader { input, count: 0, sum: Fnv::new(), done: false }))
