@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing vow needs beyond the Rust toolchain, once per machine:
-# libclang (RocksDB's bindgen) from Debian, and a Python venv with grpcio for the external-client test.
+# libclang (RocksDB's bindgen) from Debian; with --with-python (what `make test` asks for) also a
+# Python venv with grpcio for the external-client test and cargo-deny for the supply-chain check.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 
@@ -38,5 +39,15 @@ if [ "${1:-}" = "--with-python" ]; then
   if ! "$venv/bin/python" -c 'import grpc, grpc_tools, grpc_reflection, yaml' >/dev/null 2>&1; then
     echo "setup: installing grpcio, grpcio-tools, grpcio-reflection and PyYAML" >&2
     "$venv/bin/pip" install -q 'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcio-reflection>=1.60' 'PyYAML>=6'
+  fi
+fi
+
+# cargo-deny, pinned, into the cache (not ~/.cargo/bin): `make test` runs its licence, ban and
+# source checks (deny.toml). Built from crates.io once per machine (a few minutes).
+if [ "${1:-}" = "--with-python" ]; then
+  deny_version="0.20.2"
+  if ! "$cache/bin/cargo-deny" --version 2>/dev/null | grep -q " $deny_version"; then
+    echo "setup: installing cargo-deny $deny_version into $cache" >&2
+    cargo install --quiet --locked --root "$cache" cargo-deny --version "$deny_version"
   fi
 fi

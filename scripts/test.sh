@@ -7,6 +7,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}"
 scripts/setup.sh --with-python
 
 cargo fmt --all --check
+# Supply chain: licences, banned crates, registries (deny.toml; advisories need GitHub, see
+# docs/security.md).
+"${VOW_CACHE:-$HOME/.cache/vow}/bin/cargo-deny" check --hide-inclusion-graph licenses bans sources
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The multi-process tests run the real binaries, so build them first. The sabotaged vowd (test-only
 # deliberate bugs, for the jepsen checker's proof tests) is built first and set aside under its own

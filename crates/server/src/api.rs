@@ -82,6 +82,10 @@ pub async fn serve_public(
         .tcp_nodelay(true)
         .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .timeout(CALL_TIMEOUT)
         .layer(GateLayer::new(ApiGate { tokens: security.tokens.clone(), protocol: Protocol::Grpc }))
         .add_service(health_service)
         .add_service(reflection)
@@ -131,6 +135,10 @@ pub async fn serve_peer(
         // RESOURCE_EXHAUSTED, failing every shard's traffic with that peer (seen in vow-jepsen
         // runs with 8 shards).
         .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .timeout(CALL_TIMEOUT)
         .layer(GateLayer::new(gate))
         .add_service(
             ClusterServer::new(ClusterApi { router: router.clone() }).max_decoding_message_size(REQUEST_SLACK_BYTES),
@@ -196,6 +204,21 @@ impl Gate for PeerGate {
 /// Streams one client connection may have open at once on the public port: enough for a client
 /// multiplexing many calls, few enough that one connection cannot hold unbounded server state.
 const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// How often a node pings an HTTP/2 client (or peer) that has been quiet, and how long it waits
+/// for the answer before closing the connection: a client that is gone, or one that holds a
+/// connection open without speaking HTTP/2, is dropped within a minute.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The largest header block (gRPC metadata) a request may carry: tokens and tracing headers
+/// fit many times over; h2's default (16 MiB per stream) would let a connection pin gigabytes.
+const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
+
+/// The longest any call may take on the gRPC and peer ports: the longest Await, plus slack for
+/// a routed one. A client that opens a stream and sends its request a byte at a time holds the
+/// stream that long at most. (Watch streams run on: the limit ends at the reply's headers.)
+const CALL_TIMEOUT: Duration = Duration::from_secs(AWAIT_MAX.as_secs() + 30);
 
 /// Room beyond the largest command for the rest of a request (field tags, the id prefix of a
 /// search, a membership request).

@@ -3,8 +3,12 @@
 //!
 //! Each accepted socket gets its own task for the handshake, bounded by [`HANDSHAKE_TIMEOUT`],
 //! so a client that connects and sends nothing (or a byte a minute) holds one task and one
-//! connection slot for that long, never the accept loop. A listener holds at most
-//! [`MAX_CONNECTIONS`]; past that, new sockets are closed at once until one ends. What comes out
+//! connection slot for that long, never the accept loop. After the handshake the protocol must
+//! start within [`FIRST_BYTES_TIMEOUT`] (the HTTP/2 preface, an HTTP/1 request line): a client
+//! that sends nothing is closed. From then on the protocols keep the time: HTTP/2 keepalive
+//! pings and a call timeout on the gRPC and peer ports, a header-read timeout on the HTTP port
+//! (see `api.rs` and `http.rs`). A listener holds at most [`MAX_CONNECTIONS`]; past that, new
+//! sockets are closed at once until one ends. What comes out
 //! is a stream of [`Conn`]s that tonic and axum serve, each carrying a [`ConnInfo`] for the
 //! request extensions: the remote address, which listener, and the verified certificate's
 //! [`Identity`].
@@ -26,6 +30,8 @@ use crate::tls::Identity;
 pub const MAX_CONNECTIONS: usize = 4096;
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after accepting (and the TLS handshake) a client may wait before its first bytes.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +58,8 @@ pub struct ConnInfo {
 pub struct Conn {
     io: MaybeTls,
     info: ConnInfo,
+    /// Runs until the client's first bytes arrive; reads fail with `TimedOut` once it fires.
+    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -126,7 +134,12 @@ async fn accept_loop(
                     }
                 }
             };
-            let conn = Conn { io, info: ConnInfo { remote: Some(remote), listener: kind, identity }, _slot: slot };
+            let conn = Conn {
+                io,
+                info: ConnInfo { remote: Some(remote), listener: kind, identity },
+                first_bytes: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
+                _slot: slot,
+            };
             let _ = tx.send(conn).await;
         });
     }
@@ -134,7 +147,22 @@ async fn accept_loop(
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Some(deadline) = self.first_bytes.as_mut() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    tracing::debug!(listener = ?self.info.listener, remote = ?self.info.remote, "no bytes from the client in time; closing");
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent nothing after connecting",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
@@ -173,37 +201,4 @@ impl tonic::transport::server::Connected for Conn {
 /// The accepted connections as a stream tonic serves.
 pub fn incoming(rx: mpsc::Receiver<Conn>) -> impl futures::Stream<Item = std::io::Result<Conn>> {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) })
-}
-
-/// The accepted connections as a listener axum serves.
-#[derive(Debug)]
-pub struct AxumListener {
-    rx: mpsc::Receiver<Conn>,
-    local: SocketAddr,
-}
-
-impl AxumListener {
-    pub fn new(rx: mpsc::Receiver<Conn>, local: SocketAddr) -> AxumListener {
-        AxumListener { rx, local }
-    }
-}
-
-impl axum::serve::Listener for AxumListener {
-    type Io = Conn;
-    type Addr = ConnInfo;
-
-    async fn accept(&mut self) -> (Conn, ConnInfo) {
-        match self.rx.recv().await {
-            Some(c) => {
-                let info = c.info.clone();
-                (c, info)
-            }
-            // The accept loop ends only when this receiver is dropped; until then, wait.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<ConnInfo> {
-        Ok(ConnInfo { remote: Some(self.local), listener: Listener::Http, identity: None })
-    }
 }

@@ -232,7 +232,47 @@ pub fn router(api: Arc<PromisesApi>, max_body: usize) -> axum::Router {
         .route("/v1/openapi.json", get(|State(g): State<Gateway>| async move { axum::Json((*g.openapi).clone()) }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route; see /v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(max_body, read_body_in_time))
         .with_state(gateway)
+}
+
+/// How long a request's body may take to arrive once its head has.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads the whole body within [`BODY_READ_TIMEOUT`] before any handler runs: a client sending
+/// a body a byte at a time holds its connection that long at most, and a body over `max_body`
+/// is refused (413) once that many bytes have come, never buffered whole.
+async fn read_body_in_time(
+    State(max_body): State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, max_body)).await {
+        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(Err(e)) if is_length_limit(&e) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "OUT_OF_RANGE",
+            format!("the request body is larger than {max_body} bytes"),
+        ),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", format!("reading the request body: {e}")),
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            "DEADLINE_EXCEEDED",
+            format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
+        ),
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn handler(operation_id: &str) -> MethodRouter<Gateway> {

@@ -5,18 +5,27 @@ use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use openraft::ServerState;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
 use crate::api::{PromisesApi, Security};
 use crate::auth::{ApiGate, GateLayer, Protocol};
-use crate::conn::{self, AxumListener};
+use crate::conn::{self, Conn};
 use crate::node::Node;
+
+/// How long a client may take to send a request's head, counted from when the server starts
+/// waiting for it — so also how long a kept-alive connection may sit idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connections may take to finish their requests once the node shuts down.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(
     node: Node,
@@ -34,11 +43,54 @@ pub async fn serve(
         .with_state(node)
         .merge(crate::gateway::router(api, max_body))
         .layer(GateLayer::new(ApiGate { tokens: security.tokens.clone(), protocol: Protocol::Http }));
-    let local = listener.local_addr()?;
     let tls = security.tls.as_ref().map(|t| t.http_server.clone());
-    let connections = AxumListener::new(conn::accept(listener, conn::Listener::Http, tls), local);
-    axum::serve(connections, app).with_graceful_shutdown(shutdown).await?;
+    serve_connections(conn::accept(listener, conn::Listener::Http, tls), app, shutdown).await;
     Ok(())
+}
+
+/// Serves HTTP/1.1 on each accepted connection until `shutdown`, then lets the open requests
+/// finish for up to [`DRAIN_TIMEOUT`]. Each connection has [`HEADER_READ_TIMEOUT`] to send a
+/// request's head (hyper enforces it only with a timer, which `axum::serve` does not give it:
+/// that is why this loop is ours).
+async fn serve_connections(mut conns: mpsc::Receiver<Conn>, app: Router, shutdown: impl Future<Output = ()>) {
+    // Each connection's task holds a receiver; the sender sees them all dropped once they end.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            c = conns.recv() => match c { Some(c) => c, None => break },
+            () = &mut shutdown => break,
+        };
+        tokio::spawn(serve_connection(conn, app.clone(), stop_rx.clone()));
+    }
+    drop(conns);
+    drop(stop_rx);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, stop_tx.closed()).await;
+}
+
+async fn serve_connection(conn: Conn, app: Router, mut stop: watch::Receiver<bool>) {
+    let info = conn.info().clone();
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        // As tonic does on the gRPC ports: the auth gate reads the connection from here.
+        request.extensions_mut().insert(info.clone());
+        tower_service::Service::call(&mut app.clone(), request)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(conn), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
 }
 
 /// Ready when this node is a member of every shard, every shard has a leader, and this
