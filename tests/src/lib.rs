@@ -179,6 +179,11 @@ impl DevCluster {
         Ok(())
     }
 
+    /// The `--peers` value naming this cluster's nodes (`id=grpc@peer,...`).
+    pub fn peers_arg(&self) -> String {
+        self.nodes.iter().map(|n| format!("{}={}@{}", n.node_id, n.grpc, n.peer)).collect::<Vec<_>>().join(",")
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.grpc.clone()).collect()
     }
@@ -422,10 +427,21 @@ impl DevCluster {
 impl Joiner {
     /// Starts the node with `--join` through the node whose peer port is `via`.
     pub fn start(&mut self, via: &str) -> anyhow::Result<()> {
+        self.start_with(&["--join", via])
+    }
+
+    /// Starts the node as a StatefulSet's pod past the initial voters starts: with the same
+    /// `--peers` as they have (`peers`, see [`DevCluster::peers_arg`]), which it is not among.
+    pub fn start_as_pod(&mut self, peers: &str) -> anyhow::Result<()> {
+        self.start_with(&["--peers", peers])
+    }
+
+    fn start_with(&mut self, how: &[&str]) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join("vowd.log"))?;
         let child = Command::new(bin_dir().join("vowd"))
             .args(["--node-id", &self.id.to_string(), "--data-dir", &self.dir.display().to_string()])
-            .args(["--grpc-addr", &self.grpc, "--http-addr", &self.http, "--peer-addr", &self.peer, "--join", via])
+            .args(["--grpc-addr", &self.grpc, "--http-addr", &self.http, "--peer-addr", &self.peer])
+            .args(how)
             .args(&self.tls_args)
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -305,9 +305,10 @@ async fn membership_add_and_remove_a_node() -> anyhow::Result<()> {
     let cluster = DevCluster::up(3, &[])?;
     let c = cluster.client();
     c.create(create_req("m-1", "")).await?;
-    // A fourth vowd that joins through node 1.
+    // A fourth vowd started as a StatefulSet's fourth pod: with the same --peers as the three
+    // initial voters, which it is not among, so it joins through them.
     let mut joiner = cluster.joiner(4)?;
-    joiner.start(&cluster.node(1).peer)?;
+    joiner.start_as_pod(&cluster.peers_arg())?;
     let grpc = joiner.grpc.clone();
     let joined = cluster
         .wait_for("node 4 as a voter of every shard", Duration::from_secs(30), |s| {

@@ -29,13 +29,18 @@ pub struct Args {
     /// This node's id (a positive integer, unique in the cluster).
     #[arg(long, env = "VOW_NODE_ID")]
     pub node_id: Option<u64>,
+    /// Take the node id from the host name's trailing number, as a StatefulSet names its pods
+    /// (`vow-2` is node 2; give the StatefulSet `ordinals: {start: 1}`, ids start at 1).
+    #[arg(long, env = "VOW_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
+    pub node_id_from_hostname: bool,
     /// Directory for RocksDB and snapshots.
     #[arg(long, env = "VOW_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address to listen on for the public gRPC API.
     #[arg(long, env = "VOW_GRPC_ADDR")]
     pub grpc_addr: Option<String>,
-    /// Address clients use to reach this node's gRPC port (default: --grpc-addr).
+    /// Address clients use to reach this node's gRPC port (default: --grpc-addr, or this
+    /// host's name with its port when --grpc-addr listens on every interface, e.g. 0.0.0.0).
     #[arg(long, env = "VOW_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
     /// Address to listen on for other nodes: Raft, routed requests, joining (default: the
@@ -43,18 +48,21 @@ pub struct Args {
     #[arg(long, env = "VOW_PEER_ADDR")]
     pub peer_addr: Option<String>,
     /// Address other nodes use to reach the peer port (default: --advertise-addr's host with
-    /// its port + 100 when --peer-addr is not given, else --peer-addr).
+    /// the peer port — --peer-addr's, or the gRPC port + 100 — unless --peer-addr names a
+    /// host of its own).
     #[arg(long, env = "VOW_ADVERTISE_PEER_ADDR")]
     pub advertise_peer_addr: Option<String>,
     /// Address to listen on for HTTP (/livez, /readyz, /metrics).
     #[arg(long, env = "VOW_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// Initial voters as `id=grpc_host:port[@peer_host:port],...` (this node included); a
-    /// member without `@peer` has the gRPC port + 100 as its peer port. Default: this node alone.
+    /// Initial voters as `id=grpc_host:port[@peer_host:port],...`; a member without `@peer`
+    /// has the gRPC port + 100 as its peer port. Each of them initialises the cluster with this
+    /// same set (idempotently); a node not in the list joins it instead, through --join or,
+    /// without it, through the listed nodes. Default: this node alone.
     #[arg(long, env = "VOW_PEERS")]
     pub peers: Option<String>,
     /// Join an existing cluster through any of these nodes' peer ports (`host:port,...`)
-    /// instead of initialising one.
+    /// instead of initialising one (as a learner of every shard, then a voter).
     #[arg(long, env = "VOW_JOIN")]
     pub join: Option<String>,
     /// Cluster name; a node refuses data or messages of another cluster.
@@ -123,6 +131,7 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub node_id: Option<u64>,
+    pub node_id_from_hostname: Option<bool>,
     pub data_dir: Option<PathBuf>,
     pub grpc_addr: Option<String>,
     pub advertise_addr: Option<String>,
@@ -172,8 +181,10 @@ pub struct Config {
     pub peer_addr: SocketAddr,
     pub advertise_peer_addr: String,
     pub http_addr: SocketAddr,
-    /// Initial voters (empty when joining).
+    /// The initial voters, when this node is one of them (it initialises the cluster with
+    /// them); empty when it joins.
     pub initial_members: BTreeMap<NodeId, VowNode>,
+    /// Peer addresses to join through, when this node is not an initial voter.
     pub join: Vec<String>,
     pub cluster_name: String,
     pub shards: u32,
@@ -244,24 +255,43 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        let node_id = args.node_id.or(file.node_id).unwrap_or(1);
+        let node_id = if args.node_id_from_hostname || file.node_id_from_hostname.unwrap_or(false) {
+            let host = hostname().context("reading this host's name for --node-id-from-hostname")?;
+            node_id_from_hostname(&host).map_err(anyhow::Error::msg)?
+        } else {
+            args.node_id.or(file.node_id).unwrap_or(1)
+        };
         if node_id == 0 {
             bail!("--node-id must be a positive integer");
         }
         let grpc = args.grpc_addr.or(file.grpc_addr).unwrap_or_else(|| "127.0.0.1:7001".into());
         let grpc_addr: SocketAddr = grpc.parse().with_context(|| format!("--grpc-addr {grpc:?} is not host:port"))?;
-        let advertise_addr = args.advertise_addr.or(file.advertise_addr).unwrap_or_else(|| grpc.clone());
-        let peer_listen = args.peer_addr.or(file.peer_addr);
-        let advertise_peer_addr = match (args.advertise_peer_addr.or(file.advertise_peer_addr), &peer_listen) {
-            (Some(a), _) => a,
-            (None, Some(listen)) => listen.clone(),
-            (None, None) => default_peer_addr(&advertise_addr).map_err(anyhow::Error::msg)?,
+        // Listening on every interface says nothing about how others reach this node: its host
+        // name does (a container's name, a pod's), where 0.0.0.0 would send them to themselves.
+        let advertise_addr = match args.advertise_addr.or(file.advertise_addr) {
+            Some(a) => a,
+            None if grpc_addr.ip().is_unspecified() => {
+                let host = hostname().context("reading this host's name to advertise (or give --advertise-addr)")?;
+                format!("{host}:{}", grpc_addr.port())
+            }
+            None => grpc.clone(),
         };
-        let peer = match peer_listen {
+        let peer = match args.peer_addr.or(file.peer_addr) {
             Some(p) => p,
             None => default_peer_addr(&grpc).map_err(anyhow::Error::msg)?,
         };
         let peer_addr: SocketAddr = peer.parse().with_context(|| format!("--peer-addr {peer:?} is not host:port"))?;
+        let advertise_peer_addr = match args.advertise_peer_addr.or(file.advertise_peer_addr) {
+            Some(a) => a,
+            // A peer port on a host of its own (another interface) is advertised as it is.
+            None if peer_addr.ip() != grpc_addr.ip() && !peer_addr.ip().is_unspecified() => peer.clone(),
+            None => {
+                let (host, _) = advertise_addr
+                    .rsplit_once(':')
+                    .with_context(|| format!("--advertise-addr {advertise_addr:?} is not host:port"))?;
+                format!("{host}:{}", peer_addr.port())
+            }
+        };
         let http = args.http_addr.or(file.http_addr).unwrap_or_else(|| "127.0.0.1:7081".into());
         let http_addr: SocketAddr = http.parse().with_context(|| format!("--http-addr {http:?} is not host:port"))?;
         let join: Vec<String> = args
@@ -270,20 +300,30 @@ impl Config {
             .map(|j| j.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
             .unwrap_or_default();
         let node = NodeId(node_id);
-        let initial_members = match args.peers.or(file.peers) {
-            Some(p) => parse_peers(&p)?,
-            None if join.is_empty() => BTreeMap::from([(
-                node,
-                VowNode { grpc_addr: advertise_addr.clone(), peer_addr: advertise_peer_addr.clone() },
-            )]),
-            None => BTreeMap::new(),
+        let (initial_members, join) = match args.peers.or(file.peers) {
+            Some(p) => {
+                let voters = parse_peers(&p)?;
+                if voters.contains_key(&node) {
+                    if !join.is_empty() {
+                        bail!("node {node_id} is an initial voter (--peers): it initialises, it does not --join");
+                    }
+                    (voters, join)
+                } else if join.is_empty() {
+                    // Not an initial voter (a StatefulSet scaled past them): join through them.
+                    (BTreeMap::new(), voters.values().map(|v| v.peer_addr.clone()).collect())
+                } else {
+                    (BTreeMap::new(), join)
+                }
+            }
+            None if join.is_empty() => (
+                BTreeMap::from([(
+                    node,
+                    VowNode { grpc_addr: advertise_addr.clone(), peer_addr: advertise_peer_addr.clone() },
+                )]),
+                join,
+            ),
+            None => (BTreeMap::new(), join),
         };
-        if !join.is_empty() && !initial_members.is_empty() {
-            bail!("give either --peers (initial voters) or --join (an existing cluster), not both");
-        }
-        if !initial_members.is_empty() && !initial_members.contains_key(&node) {
-            bail!("--peers does not include this node ({node_id})");
-        }
         let shards = args.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
         if shards == 0 || shards > MAX_SHARDS {
             bail!("--shards must be between 1 and {MAX_SHARDS}");
@@ -370,6 +410,31 @@ impl Config {
     }
 }
 
+/// This host's name (a container's or pod's): the kernel's, as `hostname` prints it.
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    let name = name.trim();
+    anyhow::ensure!(!name.is_empty(), "the host name is empty");
+    Ok(name.to_owned())
+}
+
+/// The node id in a StatefulSet pod's name: the number after the last `-` (`vow-2` → 2; a
+/// fully qualified name counts by its first label).
+pub fn node_id_from_hostname(host: &str) -> Result<u64, String> {
+    let label = host.split('.').next().unwrap_or(host);
+    let ordinal = label
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .ok_or_else(|| format!("host name {host:?} does not end in -<number> (as a StatefulSet's pods do)"))?;
+    if ordinal == 0 {
+        return Err(format!(
+            "host name {host:?} gives node id 0, which is not a node id: start the StatefulSet's \
+             ordinals at 1 (spec.ordinals.start: 1)"
+        ));
+    }
+    Ok(ordinal)
+}
+
 /// How much a peer port is above its gRPC port when not given.
 pub const PEER_PORT_OFFSET: u16 = 100;
 
@@ -450,6 +515,65 @@ mod tests {
             assert!(format!("{err:#}").contains("below the minimum 60"), "{err:#}");
         }
         assert!(Config::from_args(Args { retention_secs: Some(60), ..Args::default() }).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn statefulset_pods_take_their_id_from_the_host_name_and_join_past_the_initial_voters() -> anyhow::Result<()> {
+        assert_eq!(node_id_from_hostname("vow-2"), Ok(2));
+        assert_eq!(node_id_from_hostname("vow-12.vow-peer.default.svc.cluster.local"), Ok(12));
+        assert!(node_id_from_hostname("vow-0").unwrap_err().contains("ordinals"));
+        assert!(node_id_from_hostname("vow").is_err());
+        assert!(node_id_from_hostname("vow-x").is_err());
+        // Every pod gets the same arguments.
+        let peers = "1=vow-1.vow-peer:7001,2=vow-2.vow-peer:7001,3=vow-3.vow-peer:7001";
+        let pod = |id: u64, join: Option<&str>| {
+            Config::from_args(Args {
+                node_id: Some(id),
+                peers: Some(peers.into()),
+                join: join.map(String::from),
+                ..Args::default()
+            })
+        };
+        // An initial voter initialises with all of them...
+        let c = pod(2, None)?;
+        assert_eq!(c.initial_members.keys().copied().collect::<Vec<_>>(), [NodeId(1), NodeId(2), NodeId(3)]);
+        assert!(c.join.is_empty());
+        // ...a fourth pod joins through their peer ports, or through --join when given...
+        let c = pod(4, None)?;
+        assert!(c.initial_members.is_empty());
+        assert_eq!(c.join, ["vow-1.vow-peer:7101", "vow-2.vow-peer:7101", "vow-3.vow-peer:7101"]);
+        assert_eq!(pod(4, Some("seed:7101"))?.join, ["seed:7101"]);
+        // ...and an initial voter told to join is a mistake.
+        let err = pod(1, Some("seed:7101")).unwrap_err();
+        assert!(format!("{err:#}").contains("initial voter"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_node_listening_on_every_interface_advertises_its_host_name() -> anyhow::Result<()> {
+        let host = hostname()?;
+        let c = Config::from_args(Args { grpc_addr: Some("0.0.0.0:7001".into()), ..Args::default() })?;
+        assert_eq!(
+            (c.advertise_addr.as_str(), c.peer_addr.to_string()),
+            (format!("{host}:7001").as_str(), "0.0.0.0:7101".into())
+        );
+        assert_eq!(c.advertise_peer_addr, format!("{host}:7101"));
+        // The advertised peer address is the advertised host with the peer port...
+        let c = Config::from_args(Args {
+            grpc_addr: Some("0.0.0.0:7001".into()),
+            advertise_addr: Some("vow-1.vow-peer:7001".into()),
+            peer_addr: Some("0.0.0.0:9000".into()),
+            ..Args::default()
+        })?;
+        assert_eq!(c.advertise_peer_addr, "vow-1.vow-peer:9000");
+        // ...unless the peer port listens on an address of its own.
+        let c = Config::from_args(Args {
+            grpc_addr: Some("127.0.0.1:7001".into()),
+            peer_addr: Some("127.0.0.2:7101".into()),
+            ..Args::default()
+        })?;
+        assert_eq!(c.advertise_peer_addr, "127.0.0.2:7101");
         Ok(())
     }
 }

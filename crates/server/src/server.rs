@@ -193,9 +193,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     for s in background {
         let _ = s.await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), peer).await;
+    // The three servers drain together: the grace period an orchestrator gives covers one
+    // drain, not three in a row.
+    let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join3(grpc, http, peer)).await;
     for shard in shards.iter() {
         let _ = shard.raft.shutdown().await;
     }
