@@ -233,7 +233,7 @@ impl Client {
         let Some(addr) = metadata.get(md::LEADER_ADDR).and_then(|v| v.to_str().ok()).map(normalize) else {
             return false;
         };
-        self.lock().follow_hint(&addr, shard)
+        self.lock().follow_hint(&addr, shard, Instant::now())
     }
 
     /// Runs `op` with retries until it succeeds, fails for good, or the call deadline passes.
@@ -271,6 +271,8 @@ impl Client {
                     // A node that forwarded the call to the leader says so: go there next time.
                     if !(self.options.follow_leader_hints && self.follow_hint(v.metadata(), shard)) {
                         self.lock().answered(index);
+                    } else {
+                        self.lock().reached(index);
                     }
                     return Ok(v.into_inner());
                 }

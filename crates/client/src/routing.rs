@@ -25,6 +25,11 @@ pub(crate) const MAP_UNSUPPORTED_RETRY: Duration = Duration::from_secs(30);
 /// not believed for that shard: the answering node's view may predate the failure, and a call
 /// routed there would pay for the same failure again (up to a connect timeout).
 pub(crate) const SUSPECT_FOR: Duration = Duration::from_secs(2);
+/// The same for an address that has never answered this client: most likely one it cannot
+/// reach at all — a name that only resolves inside the cluster's network (a pod's DNS name, a
+/// container's), handed out in maps and hints. Calls keep going through the endpoints the
+/// client was given (which forward), and try that address again only this rarely.
+pub(crate) const SUSPECT_NEVER_REACHED_FOR: Duration = Duration::from_secs(30);
 
 /// The endpoints (given by the caller or learned from hints and the map), the rotation among
 /// them, and the shard map.
@@ -34,6 +39,8 @@ pub(crate) struct Endpoints {
     channels: Vec<H2Channel>,
     /// When each endpoint last failed an attempt without naming a leader.
     failed_at: Vec<Option<Instant>>,
+    /// Whether each endpoint has ever answered an attempt.
+    reached: Vec<bool>,
     /// Index of the endpoint to try first when the map does not decide: the last one that
     /// answered or the last leader hint.
     pub(crate) preferred: usize,
@@ -90,6 +97,7 @@ impl Endpoints {
         Ok(Endpoints {
             security,
             failed_at: vec![None; addrs.len()],
+            reached: vec![false; addrs.len()],
             addrs,
             channels,
             preferred: 0,
@@ -112,6 +120,7 @@ impl Endpoints {
         self.addrs.push(addr.to_owned());
         self.channels.push(channel);
         self.failed_at.push(None);
+        self.reached.push(false);
         Some(self.addrs.len() - 1)
     }
 
@@ -149,12 +158,23 @@ impl Endpoints {
     pub(crate) fn answered(&mut self, index: usize) {
         self.preferred = index;
         self.failed_at[index] = None;
+        self.reached[index] = true;
+    }
+
+    /// An attempt at `index` succeeded and named another node as the leader to prefer.
+    pub(crate) fn reached(&mut self, index: usize) {
+        self.failed_at[index] = None;
+        self.reached[index] = true;
     }
 
     /// A node named the leader at `addr` (normalised): try it first from now on and, for a call
-    /// about `shard`, record it as that shard's leader. False when `addr` is not an address.
-    pub(crate) fn follow_hint(&mut self, addr: &str, shard: Option<ShardId>) -> bool {
+    /// about `shard`, record it as that shard's leader. False when `addr` is not an address, or
+    /// one that failed lately (see [`SUSPECT_FOR`]): following it would fail the next call.
+    pub(crate) fn follow_hint(&mut self, addr: &str, shard: Option<ShardId>, now: Instant) -> bool {
         let Some(index) = self.index_of(addr) else { return false };
+        if self.suspect(index, now) {
+            return false;
+        }
         self.preferred = index;
         if let Some(s) = shard {
             self.set_leader(s, Some(index));
@@ -239,7 +259,8 @@ impl Endpoints {
     }
 
     fn suspect(&self, index: usize, now: Instant) -> bool {
-        self.failed_at[index].is_some_and(|t| now.saturating_duration_since(t) < SUSPECT_FOR)
+        let window = if self.reached[index] { SUSPECT_FOR } else { SUSPECT_NEVER_REACHED_FOR };
+        self.failed_at[index].is_some_and(|t| now.saturating_duration_since(t) < window)
     }
 
     /// The cached leader address of each shard, for tests and diagnostics.
@@ -294,7 +315,7 @@ mod tests {
         assert_eq!(order, [1, 2, 0, 1]);
         assert!((0..4).all(|r| !e.choose(None, r).routed));
         // A hint without a map moves the rotation, as it always did.
-        assert!(e.follow_hint(C, None));
+        assert!(e.follow_hint(C, None, Instant::now()));
         assert_eq!(e.choose(e.shard_of("p"), 0), Choice { index: 2, routed: false });
     }
 
@@ -342,20 +363,21 @@ mod tests {
         e.install(&map(3, &[(0, A), (1, A), (2, A)]), 0, Instant::now());
         let id = id_on(1, 3);
         let shard = e.shard_of(&id);
-        assert!(e.follow_hint(B, shard));
+        assert!(e.follow_hint(B, shard, Instant::now()));
         assert_eq!(e.leader_addrs(), Some(vec![Some(A), Some(B), Some(A)]));
         assert_eq!(e.addrs[e.choose(shard, 0).index], B);
         assert_eq!(e.addrs[e.preferred], B, "the hint also moves the rotation, as before");
         // A hint naming an address never seen before adds it.
-        assert!(e.follow_hint("127.0.0.1:9", shard));
+        assert!(e.follow_hint("127.0.0.1:9", shard, Instant::now()));
         assert_eq!(e.leader_addrs(), Some(vec![Some(A), Some("127.0.0.1:9"), Some(A)]));
-        assert!(!e.follow_hint("not an address", shard));
+        assert!(!e.follow_hint("not an address", shard, Instant::now()));
     }
 
     #[test]
     fn a_failed_leader_is_dropped_and_a_fetched_map_does_not_bring_it_straight_back() {
         let t0 = Instant::now();
         let mut e = endpoints(&[A, B, C]);
+        e.answered(1); // B has answered before: a failure makes it suspect only briefly
         e.install(&map(2, &[(0, B), (1, B)]), 0, t0);
         let s0 = e.shard_of(&id_on(0, 2));
         let first = e.choose(s0, 0);
@@ -382,13 +404,33 @@ mod tests {
     }
 
     #[test]
+    fn an_address_never_reached_is_not_followed_again_for_a_long_while() {
+        // The map and the hints name a leader by a name only the cluster's own network resolves.
+        const POD: &str = "vow-2.vow-peer.vow.svc.cluster.local:7001";
+        let t0 = Instant::now();
+        let mut e = endpoints(&[A, B]);
+        e.install(&map(2, &[(0, POD), (1, POD)]), 0, t0);
+        let s0 = e.shard_of(&id_on(0, 2));
+        let first = e.choose(s0, 0);
+        assert_eq!(e.addrs[first.index], POD);
+        e.failed(first.index, s0, t0);
+        // The node that forwarded the retry names it again: not followed, in maps or hints.
+        assert!(!e.follow_hint(POD, s0, t0 + Duration::from_secs(1)));
+        e.install(&map(2, &[(0, POD), (1, POD)]), e.changes(), t0 + SUSPECT_FOR + Duration::from_secs(1));
+        assert_eq!(e.leader_addrs(), Some(vec![None, None]), "calls keep going through A and B");
+        assert!(!e.follow_hint(POD, s0, t0 + SUSPECT_NEVER_REACHED_FOR - Duration::from_millis(1)));
+        // Tried again after the longer while.
+        assert!(e.follow_hint(POD, s0, t0 + SUSPECT_NEVER_REACHED_FOR));
+    }
+
+    #[test]
     fn a_fetch_does_not_overwrite_what_calls_learned_while_it_ran() {
         let now = Instant::now();
         let mut e = endpoints(&[A, B, C]);
         e.install(&map(2, &[(0, A), (1, A)]), 0, now);
         let fetch = e.start_refresh(now).expect("no fetch yet");
         let s1 = e.shard_of(&id_on(1, 2));
-        assert!(e.follow_hint(C, s1)); // learned while the fetch runs
+        assert!(e.follow_hint(C, s1, Instant::now())); // learned while the fetch runs
         e.install(&map(2, &[(0, B), (1, B)]), fetch.since, now); // the fetched view is older
         e.end_refresh(now, false);
         assert_eq!(e.leader_addrs(), Some(vec![Some(B), Some(C)]));
