@@ -7,6 +7,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}"
 scripts/setup.sh --with-python
 
 cargo fmt --all --check
+# The Kubernetes manifests render (kustomize) and validate against the API versions we claim.
+deploy/k8s/validate.sh
 # Supply chain: licences, banned crates, registries (deny.toml; advisories need GitHub, see
 # docs/security.md).
 "${VOW_CACHE:-$HOME/.cache/vow}/bin/cargo-deny" check --hide-inclusion-graph licenses bans sources
@@ -19,6 +21,9 @@ cargo build -p vow-server --features sabotage --bin vowd --locked
 rm -f "$CARGO_TARGET_DIR/debug/vowd-sabotage"
 cp "$CARGO_TARGET_DIR/debug/vowd" "$CARGO_TARGET_DIR/debug/vowd-sabotage"
 cargo build --workspace --bins --locked
+# The container image the compose tests run, from the binaries just built (its base image is
+# assembled from Debian packages when no registry is reachable).
+deploy/build-image.sh --local-base
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
