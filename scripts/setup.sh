@@ -22,6 +22,8 @@ command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 # Its clock faults run each vowd under libfaketime.
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || need_apt+=(libfaketime)
+# promtool (Debian's prometheus package) checks /metrics in the tests.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian" >&2
   sudo_cmd=""

@@ -391,7 +391,7 @@ fn cli_round_trip_and_clear_errors() -> anyhow::Result<()> {
         let body = http_get(&http, path)?;
         assert!(body.starts_with("HTTP/1.1 200") && body.contains(expect), "{path}: {body}");
     }
-    assert!(http_get(&http, "/metrics")?.contains(r#"vow_requests_total{method="create",outcome="ok"} 1"#));
+    assert!(http_get(&http, "/metrics")?.contains(r#"vow_requests_total{node="1",method="create",outcome="ok"} 1"#));
     Ok(())
 }
 
@@ -628,5 +628,75 @@ async fn a_write_refused_after_a_lost_attempt_is_reported_unknown() -> anyhow::R
         Err(Error::AlreadySettled { current: Some(c), .. }) => assert_eq!(c.revision, p.revision),
         other => panic!("expected FAILED_PRECONDITION with the settled record, got {other:?}"),
     }
+    Ok(())
+}
+
+/// `/metrics` is valid Prometheus text by `promtool check metrics` (HELP and TYPE on every
+/// family, names and units by the conventions), and what it reports moves with the work done:
+/// request latency histograms per method, WAL fsyncs and their group commit, leader changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text_and_follow_the_work() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    cluster.leader().await?;
+    let c = cluster.client();
+    for i in 0..20 {
+        let id = format!("metrics-{i}");
+        c.create(create_req(&id, &id)).await?;
+        c.resolve(&id, value("v"), Some(id.clone())).await?;
+        c.get(&id).await?;
+    }
+    // A leadership moved on purpose is a leader change every node sees.
+    let before = cluster.metric(1, "vow_shard_leader_changes_total")?;
+    c.transfer_leader_of(2, &[0]).await?;
+    c.transfer_leader_of(3, &[0]).await?;
+    let mut after = before;
+    for _ in 0..50 {
+        after = cluster.metric(1, "vow_shard_leader_changes_total")?;
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll the scrape
+    }
+    assert!(after > before, "leader changes {before} -> {after}");
+    for n in &cluster.nodes {
+        let text = cluster.metrics_of(n.node_id)?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!("running promtool (Debian's prometheus package; scripts/setup.sh installs it): {e}")
+            })?;
+        use std::io::Write;
+        promtool.stdin.take().expect("stdin").write_all(body.as_bytes())?;
+        let out = promtool.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "promtool on node {}: {}{}",
+            n.node_id,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for family in
+            ["vow_request_duration_seconds", "vow_wal_sync_seconds", "vow_wal_sync_appends", "vow_shard_apply_lag"]
+        {
+            anyhow::ensure!(body.contains(&format!("# HELP {family} ")), "node {}: no HELP for {family}", n.node_id);
+        }
+    }
+    // Every node's WAL synced, and the creates were timed where they were served.
+    let mut creates = 0.0;
+    for n in &cluster.nodes {
+        assert!(cluster.metric(n.node_id, "vow_wal_sync_seconds_count")? > 0.0);
+        let text = cluster.metrics_of(n.node_id)?;
+        creates += text
+            .lines()
+            .filter(|l| l.starts_with("vow_request_duration_seconds_count{") && l.contains("method=\"create\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert_eq!(creates, 20.0, "20 creates timed across the nodes");
     Ok(())
 }

@@ -73,7 +73,7 @@ async fn lead_as(cluster: &DevCluster, client: &Client, want: &[u64]) -> anyhow:
 
 /// A node's request counter for `method`, over all outcomes.
 fn requests(cluster: &DevCluster, node: u64, method: &str) -> anyhow::Result<u64> {
-    let prefix = format!("vow_requests_total{{method=\"{method}\",");
+    let prefix = format!("vow_requests_total{{node=\"{node}\",method=\"{method}\",");
     let text = cluster.metrics_of(node)?;
     let values: Vec<u64> = text
         .lines()

@@ -58,7 +58,7 @@ async fn spread(cluster: &DevCluster, most: usize, within: Duration) -> anyhow::
 
 /// Requests node `id`'s router sent to another node (`sent`) or served for one (`served`).
 fn routed(cluster: &DevCluster, id: u64, direction: &str) -> anyhow::Result<u64> {
-    let prefix = format!("vow_routed_requests_total{{direction=\"{direction}\"}} ");
+    let prefix = format!("vow_routed_requests_total{{node=\"{id}\",direction=\"{direction}\"}} ");
     let text = cluster.metrics_of(id)?;
     let line = text.lines().find_map(|l| l.strip_prefix(&prefix)).ok_or_else(|| anyhow::anyhow!("no {prefix}"))?;
     Ok(line.trim().parse()?)

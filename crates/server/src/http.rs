@@ -13,12 +13,14 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use openraft::ServerState;
+use openraft::async_runtime::watch::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::api::{PromisesApi, Security};
 use crate::auth::{ApiGate, GateLayer, Protocol};
 use crate::conn::{self, Conn};
+use crate::metrics::ShardGauges;
 use crate::node::Node;
 
 /// How long a client may take to send a request's head, counted from when the server starts
@@ -114,30 +116,64 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
     if problems.is_empty() { (StatusCode::OK, "ready\n".into()) } else { (StatusCode::SERVICE_UNAVAILABLE, problems) }
 }
 
-async fn metrics(State(node): State<Node>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# TYPE vow_shard_is_leader gauge");
+async fn metrics(State(node): State<Node>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let shards: Vec<(u32, ShardGauges)> = node
+        .shards()
+        .iter()
+        .map(|shard| {
+            let m = shard.metrics();
+            let gauges = ShardGauges {
+                is_leader: m.state == ServerState::Leader,
+                term: m.current_term,
+                leader_id: m.current_leader.map_or(0, |l| l.0),
+                last_log_index: m.last_log_index.unwrap_or(0),
+                commit_index: m.local_committed.map_or(0, |c| c.index),
+                applied_index: m.last_applied.map_or(0, |a| a.index),
+                snapshot_index: m.snapshot.map_or(0, |s| s.index),
+                purged_index: m.purged.map_or(0, |p| p.index),
+                proposals: shard.batching.proposals.load(Ordering::Relaxed),
+                proposal_batches: shard.batching.batches.load(Ordering::Relaxed),
+            };
+            (shard.id.0, gauges)
+        })
+        .collect();
+    let flusher = node.flusher();
+    let text = node.metrics().render(&shards, flusher.syncs(), flusher.appends_synced());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+}
+
+/// Keeps the metrics that are recorded between scrapes: counts every shard's leader changes
+/// as openraft reports them, and drains the histograms' sample buffers every few seconds
+/// (unscraped, they would grow).
+pub async fn keep_metrics(node: Node, mut stop: watch::Receiver<bool>) {
+    let mut watchers = Vec::new();
     for shard in node.shards() {
-        let m = shard.metrics();
-        let labels = format!("node=\"{}\",shard=\"{}\"", node.id(), shard.id);
-        let _ = writeln!(out, "vow_shard_is_leader{{{labels}}} {}", u8::from(m.state == ServerState::Leader));
-        let _ = writeln!(out, "vow_shard_term{{{labels}}} {}", m.current_term);
-        let _ = writeln!(out, "vow_shard_leader_id{{{labels}}} {}", m.current_leader.map_or(0, |l| l.0));
-        let _ = writeln!(out, "vow_shard_last_log_index{{{labels}}} {}", m.last_log_index.unwrap_or(0));
-        let _ = writeln!(out, "vow_shard_commit_index{{{labels}}} {}", m.local_committed.map_or(0, |c| c.index));
-        let _ = writeln!(out, "vow_shard_applied_index{{{labels}}} {}", m.last_applied.map_or(0, |a| a.index));
-        let _ = writeln!(out, "vow_shard_snapshot_index{{{labels}}} {}", m.snapshot.map_or(0, |s| s.index));
-        let _ = writeln!(out, "vow_shard_purged_index{{{labels}}} {}", m.purged.map_or(0, |p| p.index));
-        let proposals = shard.batching.proposals.load(Ordering::Relaxed);
-        let _ = writeln!(out, "vow_shard_proposals_total{{{labels}}} {proposals}");
-        let batches = shard.batching.batches.load(Ordering::Relaxed);
-        let _ = writeln!(out, "vow_shard_proposal_batches_total{{{labels}}} {batches}");
+        let changes = node.metrics().leader_changes(shard.id.0);
+        let mut rx = shard.raft.metrics();
+        let mut stop = stop.clone();
+        watchers.push(tokio::spawn(async move {
+            let mut leader = rx.borrow_watched().current_leader;
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let now = rx.borrow_and_update().current_leader;
+                if now != leader {
+                    leader = now;
+                    changes.increment(1);
+                }
+            }
+        }));
     }
-    // One WAL and one flusher for all shards: syncs grow slower than appends when shards share them.
-    let _ = writeln!(out, "# TYPE vow_wal_appends_synced_total counter");
-    let _ = writeln!(out, "vow_wal_appends_synced_total{{node=\"{}\"}} {}", node.id(), node.flusher().appends_synced());
-    let _ = writeln!(out, "# TYPE vow_wal_syncs_total counter");
-    let _ = writeln!(out, "vow_wal_syncs_total{{node=\"{}\"}} {}", node.id(), node.flusher().syncs());
-    node.metrics().render(&mut out);
-    out
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => node.metrics().upkeep(),
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    for w in watchers {
+        let _ = w.await;
+    }
 }

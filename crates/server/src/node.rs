@@ -102,7 +102,7 @@ impl Node {
                 shards,
                 peers,
                 limits,
-                metrics: Metrics::default(),
+                metrics: Metrics::new(id.0),
                 wall,
                 flusher,
                 shutting_down: AtomicBool::new(false),

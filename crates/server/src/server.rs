@@ -95,6 +95,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         wall,
         flusher,
     });
+    node.flusher().observe_syncs(node.metrics().wal_synced());
     let router = Router::new(node.clone());
     // A function's answer becomes a promise value: no bigger than the limits allow.
     let functions = Functions::new(config.limits.max_data_bytes);
@@ -146,6 +147,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     if config.balance_leaders {
         background.push(tokio::spawn(crate::balance::run(node.clone(), stop_rx.clone())));
     }
+    background.push(tokio::spawn(crate::http::keep_metrics(node.clone(), stop_rx.clone())));
     tracing::info!(
         node = %config.node_id,
         grpc = %config.grpc_addr,

@@ -51,10 +51,21 @@ pub struct WalFlusher {
 
 /// What the flusher thread has done since it started: `appends_synced / syncs` is how many
 /// appends shared each fsync, that is how well group commit groups.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct SyncCounters {
     appends_synced: AtomicU64,
     syncs: AtomicU64,
+    /// Told each successful fsync's duration and appends (the node's metrics).
+    observer: std::sync::OnceLock<Box<dyn Fn(std::time::Duration, usize) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for SyncCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncCounters")
+            .field("appends_synced", &self.appends_synced)
+            .field("syncs", &self.syncs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WalFlusher {
@@ -93,6 +104,7 @@ impl WalFlusher {
                         Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 let synced = match db.upgrade() {
                     _ if failpoint.as_ref().is_some_and(|f| f.exists()) => {
                         Err(io::Error::other("WAL fsync failed (failpoint)"))
@@ -110,6 +122,9 @@ impl WalFlusher {
                     Ok(()) => {
                         counted.syncs.fetch_add(1, Ordering::Relaxed);
                         counted.appends_synced.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+                        if let Some(observe) = counted.observer.get() {
+                            observe(started.elapsed(), waiting.len());
+                        }
                     }
                     // Fatal: openraft stops the shard when told its log is not durable.
                     Err(e) => tracing::error!(error = %e, "WAL fsync failed"),
@@ -134,6 +149,12 @@ impl WalFlusher {
     /// failing fsync are not counted.
     pub fn appends_synced(&self) -> u64 {
         self.counters.appends_synced.load(Ordering::Relaxed)
+    }
+
+    /// Calls `observe` after every successful fsync from now on with its duration and the
+    /// appends it made durable (once per flusher; a second observer is ignored).
+    pub fn observe_syncs(&self, observe: impl Fn(std::time::Duration, usize) + Send + Sync + 'static) {
+        let _ = self.counters.observer.set(Box::new(observe));
     }
 
     /// Successful WAL fsyncs (`flush_wal(true)` calls) this flusher has made since it started.
