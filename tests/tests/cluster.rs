@@ -700,3 +700,88 @@ async fn metrics_are_valid_prometheus_text_and_follow_the_work() -> anyhow::Resu
     assert_eq!(creates, 20.0, "20 creates timed across the nodes");
     Ok(())
 }
+
+/// A member that comes back with an empty data directory (a lost disk) must not vote or
+/// acknowledge as if it were new: the others refuse it, it learns it lost its state and says
+/// so on `/readyz`, the cluster keeps serving on the other two — until an operator replaces
+/// it (remove, restart, add), when it catches up as a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_with_an_empty_data_directory_is_refused_until_replaced() -> anyhow::Result<()> {
+    let mut cluster = DevCluster::up(3, &[])?;
+    cluster.leader().await?;
+    let c = cluster.client();
+    for i in 0..10 {
+        let id = format!("wiped-{i}");
+        c.create(create_req(&id, &id)).await?;
+        c.resolve(&id, value("before"), Some(id.clone())).await?;
+    }
+    // Node 3's disk is lost: killed, its data directory emptied, started with the same arguments.
+    cluster.kill9(3)?;
+    let dir = cluster.data_dir(3);
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else if path.extension().is_none_or(|e| e != "log") {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    cluster.reup()?;
+    let http3 = cluster.node(3).http.clone();
+    let start = Instant::now();
+    loop {
+        let r = http_get(&http3, "/readyz").unwrap_or_default();
+        if r.contains("lost its state") {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "node 3 never learned it lost its state: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll /readyz
+    }
+    assert!(cluster.log_of(3).contains("node 3 lost its state"), "node 3 says why in its log");
+    // The other two keep serving, and lead every shard.
+    for i in 0..10 {
+        let id = format!("meanwhile-{i}");
+        c.create(create_req(&id, &id)).await?;
+        c.resolve(&id, value("meanwhile"), Some(id.clone())).await?;
+    }
+    cluster
+        .wait_for("every shard led by node 1 or 2", Duration::from_secs(20), |s| {
+            s.shards.iter().all(|sh| sh.leader_id == 1 || sh.leader_id == 2).then_some(())
+        })
+        .await?;
+
+    // The replacement: remove it, restart it, add it again.
+    c.remove_node(3).await?;
+    cluster
+        .wait_for("node 3 removed", Duration::from_secs(20), |s| {
+            s.shards.iter().all(|sh| !sh.voters.contains(&3) && !sh.learners.contains(&3)).then_some(())
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the others forget its old incarnation (checked twice a second)
+    cluster.kill9(3)?;
+    cluster.reup()?;
+    let (grpc3, peer3) = (cluster.node(3).grpc.clone(), cluster.node(3).peer.clone());
+    c.add_node(3, &grpc3, &peer3).await?;
+    cluster
+        .wait_for("node 3 a voter of every shard again", Duration::from_secs(60), |s| {
+            s.shards.iter().all(|sh| sh.voters.contains(&3)).then_some(())
+        })
+        .await?;
+    let start = Instant::now();
+    while !http_get(&http3, "/readyz").unwrap_or_default().starts_with("HTTP/1.1 200") {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "node 3 not ready after being replaced");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll /readyz
+    }
+    // It caught up: what was written before and during its absence is on its disk.
+    for id in ["wiped-0", "meanwhile-9"] {
+        let start = Instant::now();
+        loop {
+            match Client::get_local(&grpc3, id).await {
+                Ok(p) if p.state == pb::State::Resolved as i32 => break,
+                other => anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "node 3 has {id} as {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await; // poll replication
+        }
+    }
+    Ok(())
+}

@@ -149,8 +149,13 @@ async fn the_peer_port_accepts_only_members() -> anyhow::Result<()> {
     let peer = cluster.node(1).peer.clone();
     let ca = cluster.ca();
     let raft_vote = |ch: H2Channel| async move {
-        let req =
-            RaftRequest { shard_id: 0, target_node_id: 1, cluster_name: "vow".into(), payload: vec![0xff; 8].into() };
+        let req = RaftRequest {
+            shard_id: 0,
+            target_node_id: 1,
+            cluster_name: "vow".into(),
+            payload: vec![0xff; 8].into(),
+            ..Default::default()
+        };
         RaftClient::new(ch).vote(req).await
     };
 

@@ -121,6 +121,7 @@ pub async fn serve_peer(
         shards: node.shards().into(),
         data_dir,
         clock: node.wall(),
+        incarnations: node.incarnations().clone(),
     };
     let tls = security.tls.as_ref().map(|t| t.peer_server.clone());
     let gate = PeerGate { node: node.clone(), tls: tls.is_some() };

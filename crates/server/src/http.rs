@@ -101,6 +101,9 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
     if node.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
     }
+    if let Err(lost) = node.incarnations().may_send() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{lost}\n"));
+    }
     let mut problems = String::new();
     for shard in node.shards() {
         let m = shard.metrics();

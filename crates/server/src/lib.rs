@@ -32,6 +32,7 @@ pub mod executor;
 pub mod functions;
 pub mod gateway;
 pub mod http;
+pub mod incarnation;
 pub mod metrics;
 pub mod node;
 pub mod openapi;

@@ -16,6 +16,7 @@ use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
 use vow_core::{Limits, NodeId, ShardId};
 
 use crate::clock::WallClock;
+use crate::incarnation::Incarnations;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::shard::{Shard, ShardError};
@@ -74,6 +75,7 @@ struct Inner {
     metrics: Metrics,
     wall: WallClock,
     flusher: WalFlusher,
+    incarnations: Incarnations,
     shutting_down: AtomicBool,
 }
 
@@ -89,11 +91,13 @@ pub struct NodeParts {
     pub wall: WallClock,
     /// The WAL flusher every shard's log shares.
     pub flusher: WalFlusher,
+    /// This node's and its peers' incarnations (see [`crate::incarnation`]).
+    pub incarnations: Incarnations,
 }
 
 impl Node {
     pub fn new(parts: NodeParts) -> Node {
-        let NodeParts { id, cluster_name, advertise_addr, shards, peers, limits, wall, flusher } = parts;
+        let NodeParts { id, cluster_name, advertise_addr, shards, peers, limits, wall, flusher, incarnations } = parts;
         Node {
             inner: Arc::new(Inner {
                 id,
@@ -105,6 +109,7 @@ impl Node {
                 metrics: Metrics::new(id.0),
                 wall,
                 flusher,
+                incarnations,
                 shutting_down: AtomicBool::new(false),
             }),
         }
@@ -152,6 +157,10 @@ impl Node {
     /// The WAL flusher all shards of this node share (its counters show group commit at work).
     pub fn flusher(&self) -> &WalFlusher {
         &self.inner.flusher
+    }
+
+    pub fn incarnations(&self) -> &Incarnations {
+        &self.inner.incarnations
     }
 
     pub fn metrics(&self) -> &Metrics {

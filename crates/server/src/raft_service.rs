@@ -25,6 +25,8 @@ pub struct RaftService {
     pub data_dir: std::path::PathBuf,
     /// Every reply carries this node's clock reading (see [`crate::clock`]).
     pub clock: WallClock,
+    /// Every request is checked against, and every reply carries, incarnations.
+    pub incarnations: crate::incarnation::Incarnations,
 }
 
 fn malformed(e: vow_core::DecodeError) -> Status {
@@ -37,7 +39,11 @@ fn stopped(e: impl std::fmt::Display) -> Status {
 
 impl RaftService {
     fn reply(&self, payload: Vec<u8>) -> Result<Response<RaftReply>, Status> {
-        Ok(Response::new(RaftReply { payload: payload.into(), sender_time_ms: self.clock.now_ms() }))
+        Ok(Response::new(RaftReply {
+            payload: payload.into(),
+            sender_time_ms: self.clock.now_ms(),
+            sender_incarnation: self.incarnations.mine(),
+        }))
     }
 
     /// The shard a message is for, after checking it was meant for this node and cluster.
@@ -54,6 +60,12 @@ impl RaftService {
                 req.cluster_name, self.cluster_name
             )));
         }
+        self.incarnations.check_request(
+            req.sender_node_id,
+            req.sender_incarnation,
+            req.target_incarnation,
+            &req.known_incarnations,
+        )?;
         self.shards.get(req.shard_id as usize).ok_or_else(|| Status::not_found(format!("no shard {}", req.shard_id)))
     }
 }
@@ -91,11 +103,12 @@ impl RaftService {
                 };
                 std::future::ready(rpc)
             });
-            let clock = service.clock;
+            let (clock, incarnations) = (service.clock, service.incarnations.clone());
             let results = shard.raft.stream_append(requests).map(move |r| match r {
                 Ok(result) => Ok(RaftReply {
                     payload: codec::encode_stream_append_result(&result).into(),
                     sender_time_ms: clock.now_ms(),
+                    sender_incarnation: incarnations.mine(),
                 }),
                 Err(fatal) => Err(stopped(fatal)),
             });

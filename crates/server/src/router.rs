@@ -591,6 +591,11 @@ fn refused(shard: ShardId, effect: Effect, r: wire::Refusal) -> HopError {
 pub fn deadline_of<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The gRPC spec allows at most 8 digits. More is not a deadline: passed on as one, it made
+    // tonic panic re-encoding it for the forwarded call (found by tests/tests/hostile).
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -868,6 +873,9 @@ mod tests {
         assert_eq!(with("2S"), Some(Duration::from_secs(2)));
         assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(with("x"), None);
+        assert_eq!(with("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        assert_eq!(with("99999999999H"), None, "more than 8 digits");
+        assert_eq!(with("S"), None);
         assert_eq!(with("5q"), None);
         assert_eq!(deadline_of(&Request::new(())), None);
         assert_eq!(write_budget(Duration::from_secs(5)), Duration::from_millis(4900));

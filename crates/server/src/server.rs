@@ -18,6 +18,7 @@ use crate::clock::{PeerClocks, WallClock};
 use crate::config::Config;
 use crate::executor::Executor;
 use crate::functions::Functions;
+use crate::incarnation::Incarnations;
 use crate::node::{Node, NodeParts};
 use crate::peers::Peers;
 use crate::router::Router;
@@ -55,6 +56,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         tokens: config.auth_file.as_deref().map(ApiTokens::from_file).transpose().context("loading API tokens")?,
     };
     let peers = Peers::new(security.tls.as_ref().map(|t| t.peer_client.clone()));
+    let incarnations = Incarnations::open(config.node_id, db.clone()).context("reading this node's incarnation")?;
     let wall = WallClock::with_offset(config.test_clock_offset_ms);
     if config.test_clock_offset_ms != 0 {
         tracing::warn!(
@@ -76,6 +78,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         flusher: flusher.clone(),
         peers: peers.clone(),
         clocks: PeerClocks::new(wall),
+        incarnations: incarnations.clone(),
         queue_bytes: Arc::new(tokio::sync::Semaphore::new(crate::shard::PROPOSAL_QUEUE_BYTES)),
         data_dir: config.data_dir.clone(),
         raft: config.raft.clone(),
@@ -94,6 +97,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         limits: config.limits.clone(),
         wall,
         flusher,
+        incarnations,
     });
     node.flusher().observe_syncs(node.metrics().wal_synced());
     let router = Router::new(node.clone());
@@ -148,6 +152,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         background.push(tokio::spawn(crate::balance::run(node.clone(), stop_rx.clone())));
     }
     background.push(tokio::spawn(crate::http::keep_metrics(node.clone(), stop_rx.clone())));
+    background.push(tokio::spawn(forget_removed_members(node.clone(), stop_rx.clone())));
     tracing::info!(
         node = %config.node_id,
         grpc = %config.grpc_addr,
@@ -227,6 +232,30 @@ pub struct StorageFailed {
 impl StorageFailed {
     /// `EX_IOERR` from sysexits.h.
     pub const EXIT_CODE: u8 = 74;
+}
+
+/// Twice a second, forgets the incarnations of nodes that are no longer a member of any
+/// shard, so that a replaced node can be added again (see [`crate::incarnation`]). Not before
+/// every shard knows its membership: a node still starting must not forget everyone.
+async fn forget_removed_members(node: Node, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let mut members = std::collections::BTreeSet::new();
+        let mut every_shard_knows = true;
+        for shard in node.shards() {
+            let m = shard.metrics();
+            let before = members.len();
+            members.extend(m.membership_config.membership().nodes().map(|(id, _)| id.0));
+            every_shard_knows &= members.len() > before || m.membership_config.membership().nodes().next().is_some();
+        }
+        if every_shard_knows && !members.is_empty() {
+            node.incarnations().retain(&members);
+        }
+    }
 }
 
 async fn wait_stop(mut rx: watch::Receiver<bool>) {

@@ -190,6 +190,8 @@ pub struct ShardContext {
     pub peers: Peers,
     /// This node's clock and its peers' readings, for bounded proposal stamps.
     pub clocks: PeerClocks,
+    /// This node's and its peers' incarnations, checked on every Raft message.
+    pub incarnations: crate::incarnation::Incarnations,
     /// [`PROPOSAL_QUEUE_BYTES`], shared by the node's shards.
     pub queue_bytes: Arc<Semaphore>,
     pub data_dir: PathBuf,
@@ -271,6 +273,7 @@ impl Shard {
             shard: id,
             cluster_name: ctx.cluster_name.clone(),
             clocks: ctx.clocks.clone(),
+            incarnations: ctx.incarnations.clone(),
         };
         let raft = Raft::new(ctx.node_id, Arc::new(config), network, log, sm).await?;
         let (proposals, queue) = mpsc::channel(PROPOSAL_QUEUE);

@@ -80,6 +80,10 @@ pub mod keys {
     pub const META_LAST_PURGED: u8 = 0x02;
     pub const META_COMMITTED: u8 = 0x03;
     pub const NODE_IDENTITY: &[u8] = b"node-identity";
+    /// This data directory's incarnation (a random u64, drawn when the directory is created).
+    pub const INCARNATION: &[u8] = b"incarnation";
+    /// Other nodes' incarnations as this node learned them.
+    pub const PEER_INCARNATIONS: &[u8] = b"peer-incarnations";
 
     pub const STATE_META: u8 = 0x00;
     pub const STATE_PROMISE: u8 = 0x01;
@@ -299,6 +303,52 @@ pub struct NodeIdentity {
 /// directory whose Raft records carry peer addresses (log and snapshot format 2), which earlier
 /// versions' directories do not.
 const IDENTITY_FORMAT: u8 = 3;
+
+/// This data directory's incarnation: drawn (non-zero) and written, synced, on first use.
+/// See `vow_server::incarnation` for what it protects.
+pub fn incarnation(db: &DB) -> io::Result<u64> {
+    let meta = cf(db, CF_META)?;
+    if let Some(bytes) = db.get_cf(meta, keys::INCARNATION).map_err(io_err)? {
+        let raw: [u8; 8] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "the stored incarnation is not 8 bytes"))?;
+        return Ok(u64::from_be_bytes(raw));
+    }
+    let drawn = rand::random::<u64>().max(1);
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    db.put_cf_opt(meta, keys::INCARNATION, drawn.to_be_bytes(), &wo).map_err(io_err)?;
+    Ok(drawn)
+}
+
+/// Other nodes' incarnations as this node recorded them (node id, incarnation).
+pub fn peer_incarnations(db: &DB) -> io::Result<std::collections::BTreeMap<u64, u64>> {
+    let meta = cf(db, CF_META)?;
+    let Some(bytes) = db.get_cf(meta, keys::PEER_INCARNATIONS).map_err(io_err)? else { return Ok(Default::default()) };
+    let mut d = vow_core::codec::Decoder::new(&bytes);
+    let mut out = std::collections::BTreeMap::new();
+    let n = d.u64("peer incarnations").map_err(corrupt)?;
+    for _ in 0..n {
+        let node = d.u64("peer incarnation node").map_err(corrupt)?;
+        let incarnation = d.u64("peer incarnation").map_err(corrupt)?;
+        out.insert(node, incarnation);
+    }
+    d.finish().map_err(corrupt)?;
+    Ok(out)
+}
+
+/// Records other nodes' incarnations, synced (rare: a node seen for the first time).
+pub fn save_peer_incarnations(db: &DB, known: &std::collections::BTreeMap<u64, u64>) -> io::Result<()> {
+    let mut e = vow_core::codec::Encoder::new();
+    e.u64(known.len() as u64);
+    for (node, incarnation) in known {
+        e.u64(*node).u64(*incarnation);
+    }
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    db.put_cf_opt(cf(db, CF_META)?, keys::PEER_INCARNATIONS, e.into_bytes(), &wo).map_err(io_err)
+}
 
 /// Checks the directory's identity, writing it on first use. A mismatch is a configuration
 /// error the operator must fix: starting anyway could make two nodes vote with one id, or

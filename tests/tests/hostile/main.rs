@@ -359,6 +359,11 @@ fn peer_seeds() -> Vec<(&'static str, Vec<u8>)> {
         target_node_id: 1,
         cluster_name: "fuzz-other-cluster".into(),
         payload: vec![2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1].into(),
+        // A sender that says who it is: the fuzzer edits these too.
+        sender_node_id: 7,
+        sender_incarnation: 0x1234,
+        target_incarnation: 0x5678,
+        known_incarnations: [(7, 0x1234), (1, 0x5678)].into(),
     };
     let target = Some(vow_api::route::Target { shard_id: 0, node_id: 1, cluster_name: "fuzz-other-cluster".into() });
     vec![

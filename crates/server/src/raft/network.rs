@@ -21,6 +21,7 @@ use vow_api::raft::{RaftReply, RaftRequest, SnapshotChunk};
 use vow_core::{NodeId, ShardId};
 
 use crate::clock::PeerClocks;
+use crate::incarnation::Incarnations;
 use crate::peers::Peers;
 use vow_storage::codec;
 use vow_storage::snapshot::SnapshotFile;
@@ -41,6 +42,7 @@ pub struct NetworkFactory {
     pub shard: ShardId,
     pub cluster_name: Arc<str>,
     pub clocks: PeerClocks,
+    pub incarnations: Incarnations,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -53,6 +55,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             shard: self.shard,
             cluster_name: self.cluster_name.clone(),
             clocks: self.clocks.clone(),
+            incarnations: self.incarnations.clone(),
         }
     }
 }
@@ -65,6 +68,7 @@ pub struct PeerClient {
     shard: ShardId,
     cluster_name: Arc<str>,
     clocks: PeerClocks,
+    incarnations: Incarnations,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,28 +95,58 @@ fn decode_error(e: vow_core::DecodeError) -> RPCError<TypeConfig> {
 
 impl PeerClient {
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        // A node that learned it lost its state sends nothing (see crate::incarnation).
+        self.incarnations.may_send().map_err(unreachable)?;
         match &self.channel {
             Ok(c) => Ok(RaftClient::new(c.clone()).max_decoding_message_size(usize::MAX)),
             Err(e) => Err(unreachable(e.clone())),
         }
     }
 
-    /// A reply's message, after noting the peer's clock reading it carries.
-    fn heard(&self, reply: tonic::Response<RaftReply>) -> RaftReply {
+    /// A reply's message, after checking the peer's incarnation and noting its clock reading.
+    /// A peer back under another incarnation is unreachable: its answer must not count.
+    fn heard(&self, reply: tonic::Response<RaftReply>) -> Result<RaftReply, RPCError<TypeConfig>> {
         let reply = reply.into_inner();
+        self.incarnations.check_reply(self.target, reply.sender_incarnation).map_err(unreachable)?;
         self.clocks.observe(self.target, reply.sender_time_ms);
-        reply
+        Ok(reply)
     }
 
     fn request(&self, payload: Vec<u8>, option: &RPCOption) -> tonic::Request<RaftRequest> {
-        let mut req = tonic::Request::new(RaftRequest {
-            shard_id: self.shard.0,
-            target_node_id: self.target.0,
-            cluster_name: self.cluster_name.to_string(),
-            payload: payload.into(),
-        });
+        let mut req = tonic::Request::new(header(&self.header(), payload));
         req.set_timeout(option.hard_ttl());
         req
+    }
+
+    fn header(&self) -> Header {
+        Header {
+            shard: self.shard,
+            target: self.target,
+            cluster_name: self.cluster_name.clone(),
+            incarnations: self.incarnations.clone(),
+        }
+    }
+}
+
+/// What the first (or only) request to a peer says about where it goes and who sends it.
+#[derive(Debug, Clone)]
+struct Header {
+    shard: ShardId,
+    target: NodeId,
+    cluster_name: Arc<str>,
+    incarnations: Incarnations,
+}
+
+fn header(h: &Header, payload: Vec<u8>) -> RaftRequest {
+    RaftRequest {
+        shard_id: h.shard.0,
+        target_node_id: h.target.0,
+        cluster_name: h.cluster_name.to_string(),
+        payload: payload.into(),
+        sender_node_id: h.incarnations.me().0,
+        sender_incarnation: h.incarnations.mine(),
+        target_incarnation: h.incarnations.of(h.target),
+        known_incarnations: h.incarnations.gossip(),
     }
 }
 
@@ -168,21 +202,18 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         let setup = option.soft_ttl().max(MIN_STREAM_STALL);
-        let (clocks, target) = (self.clocks.clone(), self.target);
+        let (clocks, target, incarnations) = (self.clocks.clone(), self.target, self.incarnations.clone());
         let stall = option.hard_ttl().max(MIN_STREAM_STALL);
-        let mut header = Some((self.shard, self.target, self.cluster_name.clone()));
+        let mut first_header = Some(self.header());
         let sent: InFlight = Arc::new(Mutex::new(Flight { waiting: VecDeque::new(), last_reply: Instant::now() }));
         let sent_in = sent.clone();
         let encode = move |rpc: AppendEntriesRequest<TypeConfig>| {
             let payload = codec::encode_append_request(&rpc);
             in_flight(&sent_in).waiting.push_back((Instant::now(), payload.len()));
-            let mut req = RaftRequest { payload: payload.into(), ..Default::default() };
-            if let Some((shard, target, cluster)) = header.take() {
-                req.shard_id = shard.0;
-                req.target_node_id = target.0;
-                req.cluster_name = cluster.to_string();
+            match first_header.take() {
+                Some(h) => header(&h, payload),
+                None => RaftRequest { payload: payload.into(), ..Default::default() },
             }
-            req
         };
         Box::pin(async move {
             // openraft waits out its retry backoff while it produces a request, so take the
@@ -203,35 +234,43 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             };
             let mut check = tokio::time::interval(stall / 2);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let results = futures::stream::unfold(Some((replies, sent, check, clocks)), move |state| async move {
-                let (mut replies, sent, mut check, clocks) = state?;
-                loop {
-                    tokio::select! {
-                        reply = replies.message() => {
-                            let item = match reply {
-                                Ok(Some(reply)) => {
-                                    {
-                                        let mut flight = in_flight(&sent);
-                                        flight.waiting.pop_front();
-                                        flight.last_reply = Instant::now();
+            let results = futures::stream::unfold(
+                Some((replies, sent, check, clocks, incarnations)),
+                move |state| async move {
+                    let (mut replies, sent, mut check, clocks, incarnations) = state?;
+                    loop {
+                        tokio::select! {
+                            reply = replies.message() => {
+                                let item = match reply {
+                                    Ok(Some(reply)) => {
+                                        {
+                                            let mut flight = in_flight(&sent);
+                                            flight.waiting.pop_front();
+                                            flight.last_reply = Instant::now();
+                                        }
+                                        match incarnations.check_reply(target, reply.sender_incarnation) {
+                                            Err(e) => Err(unreachable(e)),
+                                            Ok(()) => {
+                                                clocks.observe(target, reply.sender_time_ms);
+                                                codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+                                            }
+                                        }
                                     }
-                                    clocks.observe(target, reply.sender_time_ms);
-                                    codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+                                    Ok(None) => return None,
+                                    Err(status) => Err(status_error(status)),
+                                };
+                                let next = item.is_ok().then_some((replies, sent, check, clocks, incarnations));
+                                return Some((item, next));
+                            }
+                            _ = check.tick() => {
+                                if in_flight(&sent).stalled(stall) {
+                                    return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
                                 }
-                                Ok(None) => return None,
-                                Err(status) => Err(status_error(status)),
-                            };
-                            let next = item.is_ok().then_some((replies, sent, check, clocks));
-                            return Some((item, next));
-                        }
-                        _ = check.tick() => {
-                            if in_flight(&sent).stalled(stall) {
-                                return Some((Err(unreachable(format!("no reply to a streamed append in {stall:?}"))), None));
                             }
                         }
                     }
-                }
-            });
+                },
+            );
             Ok(results.boxed())
         })
     }
@@ -243,7 +282,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_append_request(&rpc), &option);
         let reply = self.client()?.append_entries(req).await.map_err(status_error)?;
-        codec::decode_append_response(&self.heard(reply).payload).map_err(decode_error)
+        codec::decode_append_response(&self.heard(reply)?.payload).map_err(decode_error)
     }
 
     async fn vote(
@@ -253,7 +292,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_vote_request(&rpc), &option);
         let reply = self.client()?.vote(req).await.map_err(status_error)?;
-        codec::decode_vote_response(&self.heard(reply).payload).map_err(decode_error)
+        codec::decode_vote_response(&self.heard(reply)?.payload).map_err(decode_error)
     }
 
     async fn pre_vote(
@@ -263,7 +302,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_vote_request(&rpc), &option);
         let reply = self.client()?.pre_vote(req).await.map_err(status_error)?;
-        codec::decode_vote_response(&self.heard(reply).payload).map_err(decode_error)
+        codec::decode_vote_response(&self.heard(reply)?.payload).map_err(decode_error)
     }
 
     async fn transfer_leader(
@@ -273,7 +312,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let req = self.request(codec::encode_transfer_request(&rpc), &option);
         let reply = self.client()?.transfer_leader(req).await.map_err(status_error)?;
-        codec::decode_transfer_response(&self.heard(reply).payload).map_err(decode_error)
+        codec::decode_transfer_response(&self.heard(reply)?.payload).map_err(decode_error)
     }
 
     async fn full_snapshot(
@@ -313,7 +352,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             Err(e) => return Err(unreachable(format!("snapshot reader failed: {e}")).into()),
         }
         let reply = reply.map_err(status_error)?;
-        codec::decode_snapshot_response(&self.heard(reply).payload).map_err(|e| decode_error(e).into())
+        codec::decode_snapshot_response(&self.heard(reply)?.payload).map_err(|e| decode_error(e).into())
     }
 }
 
