@@ -785,3 +785,39 @@ async fn a_member_back_with_an_empty_data_directory_is_refused_until_replaced() 
     }
     Ok(())
 }
+
+/// `/readyz` sees a lost quorum: with the two other nodes stopped, the survivor — which still
+/// believes in the leaders it last knew, and still leads some shards — is not ready within a
+/// few seconds, and is ready again once they are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_quorum_is_not_ready() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &[])?;
+    cluster.leader().await?;
+    let http = cluster.node(1).http.clone();
+    let ready = || http_get(&http, "/readyz").unwrap_or_default();
+    let wait = |want_ready: bool, within: Duration| {
+        let ready = &ready;
+        async move {
+            let start = Instant::now();
+            loop {
+                let r = ready();
+                if r.starts_with("HTTP/1.1 200") == want_ready {
+                    return Ok::<_, anyhow::Error>((start.elapsed(), r));
+                }
+                anyhow::ensure!(start.elapsed() < within, "node 1 ready={} after {within:?}: {r}", !want_ready);
+                tokio::time::sleep(Duration::from_millis(100)).await; // poll /readyz
+            }
+        }
+    };
+    wait(true, Duration::from_secs(20)).await?;
+    cluster.pause(2)?;
+    cluster.pause(3)?;
+    let (took, body) = wait(false, Duration::from_secs(15)).await?;
+    println!("node 1 not ready {took:?} after losing its quorum: {}", body.lines().last().unwrap_or_default());
+    assert!(body.contains("no contact between its leader and a quorum") || body.contains("no leader"), "{body}");
+    cluster.resume(2)?;
+    cluster.resume(3)?;
+    let (took, _) = wait(true, Duration::from_secs(30)).await?;
+    println!("ready again {took:?} after the others came back");
+    Ok(())
+}

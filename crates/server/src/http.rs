@@ -95,8 +95,15 @@ async fn serve_connection(conn: Conn, app: Router, mut stop: watch::Receiver<boo
     }
 }
 
-/// Ready when this node is a member of every shard, every shard has a leader, and this
-/// replica has applied everything it knows to be committed.
+/// How long a leader may go without a quorum's acknowledgement, or a follower without word
+/// from its leader, before this node stops calling itself ready: many heartbeats (100 ms) and
+/// a few election timeouts, so an election does not make it flap.
+const LEADER_SILENCE: Duration = Duration::from_secs(3);
+
+/// Ready when this node is a member of every shard, every shard has a leader that is in
+/// touch — this node leads it and a quorum acknowledged it lately, or its leader's appends
+/// reach this node — and this replica has applied everything it knows to be committed. A node
+/// cut off from the quorum is not ready, though it may still believe in a leader.
 async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
     if node.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
@@ -112,6 +119,21 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
             let _ = writeln!(problems, "shard {}: not a member yet", shard.id);
         } else if m.current_leader.is_none() {
             let _ = writeln!(problems, "shard {}: no leader", shard.id);
+        } else if m.membership_config.membership().voter_ids().count() > 1
+            && let Some(silence) = match m.state {
+                ServerState::Leader => {
+                    Some(m.last_quorum_acked.as_ref().map_or(Duration::MAX, |t| openraft::Instant::elapsed(&**t)))
+                }
+                _ => Some(shard.since_leader_heard()),
+            }
+            .filter(|s| *s > LEADER_SILENCE)
+        {
+            let _ = writeln!(
+                problems,
+                "shard {}: no contact between its leader and a quorum for {} ms",
+                shard.id,
+                silence.as_millis().min(u128::from(u64::MAX))
+            );
         } else if m.last_applied.map(|l| l.index) < m.local_committed.map(|c| c.index) {
             let _ = writeln!(problems, "shard {}: catching up", shard.id);
         }

@@ -92,7 +92,9 @@ impl RaftService {
             let invalid: Arc<Mutex<Option<Status>>> = Arc::default();
             let invalid_in = invalid.clone();
             // A transport error ends the input quietly: the connection is gone, nobody to tell.
+            let heard = shard.clone();
             let requests = stream::iter([Ok(first)]).chain(input).scan((), move |_, msg| {
+                heard.leader_heard();
                 let rpc = match msg.map(|m| codec::decode_append_request(&m.payload)) {
                     Ok(Ok(rpc)) => Some(rpc),
                     Ok(Err(e)) => {
@@ -152,6 +154,7 @@ impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let req = request.into_inner();
         let shard = self.shard(&req)?;
+        shard.leader_heard();
         let rpc = codec::decode_append_request(&req.payload).map_err(malformed)?;
         let resp = shard.raft.append_entries(rpc).await.map_err(stopped)?;
         self.reply(codec::encode_append_response(&resp))
@@ -173,6 +176,7 @@ impl RaftRpc for RaftService {
         let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let header = first.header.ok_or_else(|| Status::invalid_argument("first snapshot chunk has no header"))?;
         let shard = self.shard(&header)?.clone();
+        shard.leader_heard();
         let (vote, meta) = codec::decode_snapshot_header(&header.payload).map_err(malformed)?;
 
         // Spool to a temporary file beside the shard's snapshots; the state machine renames it

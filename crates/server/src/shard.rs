@@ -212,6 +212,14 @@ pub struct Shard {
     queue_bytes: Arc<Semaphore>,
     snapshot_logs: u64,
     snapshot_records: Arc<AtomicU64>,
+    /// When a leader's append or snapshot last reached this replica ([`Shard::leader_heard`]).
+    leader_contact: Arc<AtomicU64>,
+}
+
+/// Milliseconds since this process started: a monotonic clock an atomic can hold.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 impl std::fmt::Debug for Shard {
@@ -291,7 +299,18 @@ impl Shard {
             queue_bytes: ctx.queue_bytes.clone(),
             snapshot_logs: ctx.raft.snapshot_logs,
             snapshot_records,
+            leader_contact: Arc::new(AtomicU64::new(monotonic_ms())),
         })
+    }
+
+    /// Notes that a leader's append or snapshot reached this replica just now.
+    pub fn leader_heard(&self) {
+        self.leader_contact.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// How long since a leader's append or snapshot last reached this replica (or since start).
+    pub fn since_leader_heard(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(monotonic_ms().saturating_sub(self.leader_contact.load(Ordering::Relaxed)))
     }
 
     /// Builds a snapshot (after which openraft purges the log behind it) whenever the entries
