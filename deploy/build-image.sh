@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     -t | --tag) [ $# -ge 2 ] || { echo "build-image: $1 needs a value" >&2; exit 2; }; tag="$2"; shift ;;
     --tag=*) tag="${1#--tag=}" ;;
     --local-base) pull=0 ;;
-    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-image: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
