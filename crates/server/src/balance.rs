@@ -82,7 +82,11 @@ fn views(node: &Node) -> Vec<ShardView> {
                 .map(|r| {
                     r.iter()
                         .filter(|(id, matched)| {
-                            voters.contains(id) && matched.as_ref().is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
+                            voters.contains(id)
+                                && matched.as_ref().is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
+                                // A member back with an empty disk is refused (crate::incarnation):
+                                // its old match index is no reason to hand it a shard.
+                                && !node.incarnations().refused(**id)
                         })
                         .map(|(id, _)| *id)
                         .collect()

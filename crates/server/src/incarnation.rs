@@ -43,6 +43,8 @@ struct Inner {
     mine: u64,
     db: Arc<DB>,
     known: Mutex<BTreeMap<u64, u64>>,
+    /// Peers this node refused for coming back under another incarnation, until replaced.
+    refused: Mutex<BTreeSet<u64>>,
     /// Set once a peer knows this node by another incarnation: this node lost its state.
     lost: AtomicBool,
 }
@@ -63,7 +65,14 @@ impl Incarnations {
         let mine = vow_storage::incarnation(&db)?;
         let known = vow_storage::peer_incarnations(&db)?;
         Ok(Incarnations {
-            inner: Arc::new(Inner { me, mine, db, known: Mutex::new(known), lost: AtomicBool::new(false) }),
+            inner: Arc::new(Inner {
+                me,
+                mine,
+                db,
+                known: Mutex::new(known),
+                refused: Mutex::default(),
+                lost: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -82,6 +91,12 @@ impl Incarnations {
 
     fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
         self.inner.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this node refused `node` for coming back under another incarnation (until it is
+    /// replaced): no leadership should go to it.
+    pub fn refused(&self, node: NodeId) -> bool {
+        self.inner.refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&node.0)
     }
 
     /// The incarnation this node knows `node` by; 0 when none yet.
@@ -140,6 +155,7 @@ impl Incarnations {
     /// Drops the records of nodes that are no longer members of any shard (`members`), so
     /// that a replaced node can be added again under its new incarnation.
     pub fn retain(&self, members: &BTreeSet<u64>) {
+        self.inner.refused.lock().unwrap_or_else(|p| p.into_inner()).retain(|node| members.contains(node));
         let snapshot = {
             let mut known = self.known();
             let before = known.len();
@@ -160,6 +176,7 @@ impl Incarnations {
         }
         match self.known().get(&node).copied() {
             Some(recorded) if recorded != incarnation => {
+                self.inner.refused.lock().unwrap_or_else(|p| p.into_inner()).insert(node);
                 return Err(format!(
                     "node {node} came back with an empty data directory (incarnation {incarnation:x}, was \
                      {recorded:x}): its votes and acknowledgements do not count until it is replaced — \
@@ -238,6 +255,7 @@ mod tests {
         let err = n1.check_request(2, wiped.mine(), 0, &wiped.gossip()).unwrap_err();
         assert!(err.message().contains("node 2 came back with an empty data directory"), "{err:?}");
         assert!(n1.check_reply(NodeId(2), wiped.mine()).is_err());
+        assert!(n1.refused(NodeId(2)) && !n1.refused(NodeId(3)), "no leadership goes to node 2");
         assert!(!n1.lost(), "n1 is fine");
         // The wiped node hears from n1, which knows it by its old incarnation: it is lost.
         let err = wiped.check_request(1, n1.mine(), n1.of(NodeId(2)), &n1.gossip()).unwrap_err();
@@ -254,6 +272,7 @@ mod tests {
         // Once node 2 is no longer a member anywhere, it is forgotten and may come back new.
         n1.retain(&BTreeSet::from([1, 3]));
         assert_eq!(n1.of(NodeId(2)), 0);
+        assert!(!n1.refused(NodeId(2)));
         let (_d2c, replacement) = open(2);
         n1.check_request(2, replacement.mine(), 0, &replacement.gossip()).expect("the replacement");
     }

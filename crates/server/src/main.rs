@@ -25,8 +25,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let config = Config::from_args(Args::parse())?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log));
+    let args = Args::parse();
+    // As everywhere else, the flag (or VOW_LOG) wins; then RUST_LOG; then the file or default.
+    let explicit_log = args.log.clone();
+    let config = Config::from_args(args)?;
+    let filter = match explicit_log {
+        Some(log) => EnvFilter::new(log),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log)),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
