@@ -198,7 +198,7 @@ pub fn classify(kind: OpKind, r: Result<(Option<pb::Promise>, bool), Error>) -> 
             recorded(Outcome::Fail, current.as_deref().and_then(observed_of), message)
         }
         Err(Error::NotFound(m)) => recorded(Outcome::Fail, Some(Register::Absent), m),
-        Err(Error::InvalidArgument(m)) => recorded(Outcome::Fail, None, m),
+        Err(Error::InvalidArgument(m) | Error::FailedPrecondition(m)) => recorded(Outcome::Fail, None, m),
         // A read that failed changed nothing; a write that failed in an unknown way may have happened.
         Err(e) if write => recorded(Outcome::Info, None, e.to_string()),
         Err(e) => recorded(Outcome::Fail, None, e.to_string()),

@@ -54,6 +54,10 @@ pub enum Error {
     /// Settle on a promise that is already settled another way; `current` is the record.
     #[error("already settled: {message}")]
     AlreadySettled { message: String, current: Option<Box<pb::Promise>> },
+    /// The cluster cannot do this as it is set up (no keys to sign completion tokens or webhooks
+    /// with, another shard count, a node refused for losing its state); nothing was done.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     #[error("not found: {0}")]
     NotFound(String),
     /// The request breaks a limit (named in the message) or is malformed.
@@ -90,7 +94,11 @@ impl Error {
         let message = s.message().to_owned();
         match s.code() {
             Code::AlreadyExists => Error::AlreadyExists { message, current: current() },
-            Code::FailedPrecondition => Error::AlreadySettled { message, current: current() },
+            // A settle conflict carries the settled record; any other refusal is about the cluster.
+            Code::FailedPrecondition => match current() {
+                Some(current) => Error::AlreadySettled { message, current: Some(current) },
+                None => Error::FailedPrecondition(message),
+            },
             Code::NotFound => Error::NotFound(message),
             Code::InvalidArgument => Error::InvalidArgument(message),
             Code::PermissionDenied => Error::PermissionDenied(message),
@@ -288,7 +296,10 @@ impl Client {
                 // See `Effect`: after an attempt that may have happened, only these refusals are
                 // final; any other (not found, a server error, a message over a limit) could be
                 // contradicted by that attempt.
-                let final_refusal = matches!(status.code(), Code::AlreadyExists | Code::FailedPrecondition);
+                // A conflict carries the current record, which says what the lost attempt did;
+                // a FAILED_PRECONDITION without one (the cluster cannot do this now) does not.
+                let final_refusal = matches!(status.code(), Code::AlreadyExists | Code::FailedPrecondition)
+                    && status.metadata().contains_key(md::CURRENT_BIN);
                 if effect == Effect::Write && outcome_unknown && !final_refusal {
                     return Err(Error::Unavailable {
                         message: format!(
@@ -764,8 +775,9 @@ mod tests {
     }
 
     /// A server that lets the first attempt of a call time out and refuses the next with
-    /// `code` (trailers only), counting the attempts.
-    async fn lose_then_refuse(code: Code) -> (String, tokio::task::JoinHandle<usize>) {
+    /// `code` (trailers only, with a current record in `vow-current-bin` if `current`),
+    /// counting the attempts.
+    async fn lose_then_refuse(code: Code, current: bool) -> (String, tokio::task::JoinHandle<usize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let server = tokio::spawn(async move {
@@ -779,13 +791,18 @@ mod tests {
                     held.push(respond); // never answered: the client's attempt times out
                     continue;
                 }
-                let reply = http::Response::builder()
+                let mut reply = http::Response::builder()
                     .header("content-type", "application/grpc")
                     .header("grpc-status", (code as i32).to_string())
-                    .header("grpc-message", "refused")
-                    .body(())
-                    .expect("response");
-                let _ = respond.send_response(reply, true);
+                    .header("grpc-message", "refused");
+                if current {
+                    use base64::Engine;
+                    let record =
+                        pb::Promise { id: "p".into(), state: pb::State::Resolved as i32, ..Default::default() };
+                    let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(record.encode_to_vec());
+                    reply = reply.header(md::CURRENT_BIN, encoded);
+                }
+                let _ = respond.send_response(reply.body(()).expect("response"), true);
             }
             attempts
         });
@@ -800,18 +817,29 @@ mod tests {
             follow_leader_hints: false,
             ..Default::default()
         };
-        for (code, unknown) in [
-            (Code::Internal, true),
-            (Code::OutOfRange, true),
-            (Code::NotFound, true),
-            (Code::InvalidArgument, true),
-            (Code::FailedPrecondition, false),
-            (Code::AlreadyExists, false),
+        for (code, current, unknown) in [
+            (Code::Internal, false, true),
+            (Code::OutOfRange, false, true),
+            (Code::NotFound, false, true),
+            (Code::InvalidArgument, false, true),
+            // Without the record it is no settle conflict (no keys, a node refused...).
+            (Code::FailedPrecondition, false, true),
+            (Code::FailedPrecondition, true, false),
+            (Code::AlreadyExists, true, false),
         ] {
-            let (addr, server) = lose_then_refuse(code).await;
+            let (addr, server) = lose_then_refuse(code, current).await;
             let client = Client::with_options(&[addr.as_str()], options.clone()).expect("client");
             let err = client.resolve("p", pb::Value::default(), Some("k".into())).await.expect_err("refused");
             assert_eq!(err.is_outcome_unknown(), unknown, "{code:?} after a lost attempt: {err:?}");
+            if !unknown {
+                assert!(
+                    matches!(
+                        err,
+                        Error::AlreadyExists { current: Some(_), .. } | Error::AlreadySettled { current: Some(_), .. }
+                    ),
+                    "{err:?}"
+                );
+            }
             drop(client);
             server.abort();
         }
