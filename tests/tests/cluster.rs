@@ -297,6 +297,20 @@ async fn a_node_far_behind_catches_up_by_snapshot() -> anyhow::Result<()> {
         }
     }
     assert!(cluster.log_of(lagging).contains("snapshot installed"), "node {lagging} caught up without a snapshot");
+    // The metrics saw it: an install of a file of the shard's size, and builds on the others.
+    let installed = |id: u64| -> anyhow::Result<f64> {
+        let text = cluster.metrics_of(id)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("vow_snapshot_duration_seconds_count{") && l.contains("kind=\"installed\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    };
+    assert!(installed(lagging)? >= 1.0, "no install counted on node {lagging}");
+    assert!(cluster.shard_metric(lagging, shard, "vow_shard_snapshot_records")? >= 1000);
+    let bytes = cluster.shard_metric(lagging, shard, "vow_shard_snapshot_bytes")?;
+    assert!(bytes > 1000 * 20, "a snapshot of 1,000 promises in {bytes} bytes");
+    assert!(cluster.metric(leader, "vow_snapshot_bytes_sum")? > 0.0, "node {leader} counted no snapshot bytes");
     Ok(())
 }
 
@@ -414,10 +428,20 @@ async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
     // the one it went to, at least (the other may hear from it a moment later).
     let mut statuses = Vec::new();
     for &id in &others {
-        statuses.push(cluster.status_of(id).await?);
+        let status = cluster.status_of(id).await;
+        statuses.push(status.map_err(|e| anyhow::anyhow!("status of node {id}: {e}\n{}", cluster.logs()))?);
     }
     let knows_new_leader = |s: &pb::StatusResponse| s.shards[0].leader_id != 0 && s.shards[0].leader_id != leader;
-    assert!(statuses.iter().any(knows_new_leader), "no new leader right after SIGTERM: {statuses:?}");
+    assert!(
+        statuses.iter().any(knows_new_leader),
+        "no new leader right after SIGTERM: {statuses:?}\n{}",
+        cluster
+            .log_of(leader)
+            .lines()
+            .filter(|l| l.contains("handed") || l.contains("handoff"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(cluster.log_of(leader).contains("leadership handed off for shutdown"), "{}", cluster.log_of(leader));
     assert_eq!(c.get("t-1").await?.state, pb::State::Pending as i32);
     Ok(())
@@ -432,20 +456,23 @@ async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()>
     // would take the add into a proposal that cannot commit, and answer only after a minute).
     let cluster = DevCluster::up(3, &["--no-leader-balance"])?;
     let leader = cluster.leader().await?;
-    let status = cluster.status().await?;
-    let mut shards_of = std::collections::BTreeMap::<u64, Vec<u32>>::new();
-    for sh in &status.shards {
-        shards_of.entry(sh.leader_id).or_default().push(sh.shard_id);
-    }
-    // Keep a follower; kill every other node. The survivor cannot elect anyone.
+    // Keep a follower; kill every other node. The survivor cannot elect anyone. Whatever it
+    // leads — also a shard whose first election it wins after we looked — goes to the leader,
+    // until every shard has a leader that is not the survivor (a transfer can be dropped while
+    // the target catches up, so it is asked again).
     let survivor = cluster.nodes.iter().map(|n| n.node_id).find(|id| *id != leader).expect("a follower");
-    if let Some(led) = shards_of.get(&survivor) {
-        cluster.client().transfer_leader_of(leader, led).await?;
-        cluster
-            .wait_for("the survivor leads no shard", Duration::from_secs(20), |s| {
-                s.shards.iter().all(|sh| sh.leader_id != survivor && sh.leader_id != 0).then_some(())
-            })
-            .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = cluster.status().await?;
+        let led: Vec<u32> = status.shards.iter().filter(|sh| sh.leader_id == survivor).map(|sh| sh.shard_id).collect();
+        if led.is_empty() && status.shards.iter().all(|sh| sh.leader_id != 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the survivor still leads shards {led:?}: {status:?}");
+        if !led.is_empty() {
+            cluster.client().transfer_leader_of(leader, &led).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     for n in cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != survivor) {
         cluster.kill9(n)?;
@@ -468,6 +495,60 @@ async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()>
     }
     let took = started.elapsed();
     assert!(took < Duration::from_secs(12), "add_node retried for {took:?} with a 6 s call timeout");
+    Ok(())
+}
+
+/// A leader cut off from its quorum still believes it leads (openraft does not step down on its
+/// own), but a membership change it proposed could not commit: it once held the call for a
+/// minute. It answers UNAVAILABLE at once, so the caller retries at a node that can commit —
+/// one attempt, no client retries, as any gRPC caller sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_refuses_membership_changes_at_once() -> anyhow::Result<()> {
+    // No balancer: the leaderships stay where the elections put them.
+    let cluster = DevCluster::up(3, &["--no-leader-balance"])?;
+    cluster
+        .wait_for("every shard to have a leader", Duration::from_secs(30), |s| {
+            s.shards.iter().all(|sh| sh.leader_id != 0).then_some(())
+        })
+        .await?;
+    // A node and a shard it leads, by its own account (the others may hear of an election
+    // before the winner's own status says so).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (stale, shard) = 'found: loop {
+        for n in &cluster.nodes {
+            let own = cluster.status_of(n.node_id).await?;
+            if let Some(sh) = own.shards.iter().find(|sh| sh.leader_id == n.node_id) {
+                break 'found (n.node_id, sh.shard_id);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no node says it leads a shard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for n in cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != stale) {
+        cluster.kill9(n)?;
+    }
+    // Longer than a leader may go without its quorum before it counts as out of touch.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.node(stale).grpc))?.connect().await?;
+    let mut api = vow_api::v1::cluster_client::ClusterClient::new(channel);
+    let mut req = tonic::Request::new(pb::AddNodeRequest {
+        node_id: 4,
+        grpc_addr: "127.0.0.1:1".into(),
+        shard_ids: vec![shard],
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_secs(60));
+    let started = Instant::now();
+    let refused = api.add_node(req).await.expect_err("no quorum to commit the change");
+    let took = started.elapsed();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("no quorum"), "{refused:?}");
+    assert!(took < Duration::from_secs(5), "the stale leader held the call for {took:?}");
+    // Nothing was proposed: its log still ends where the cluster left it.
+    let after = cluster.status_of(stale).await?;
+    assert_eq!(after.shards[shard as usize].leader_id, stale, "it still believes it leads: {after:?}");
+    assert!(after.nodes.iter().all(|n| n.node_id != 4), "node 4 appears in the membership: {after:?}");
     Ok(())
 }
 
@@ -695,9 +776,16 @@ async fn metrics_are_valid_prometheus_text_and_follow_the_work() -> anyhow::Resu
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        for family in
-            ["vow_request_duration_seconds", "vow_wal_sync_seconds", "vow_wal_sync_appends", "vow_shard_apply_lag"]
-        {
+        for family in [
+            "vow_request_duration_seconds",
+            "vow_wal_sync_seconds",
+            "vow_wal_sync_appends",
+            "vow_shard_apply_lag",
+            "vow_shard_snapshot_bytes",
+            "vow_continuation_attempts_total",
+            "vow_continuation_attempts_running",
+            "vow_continuations_done_total",
+        ] {
             anyhow::ensure!(body.contains(&format!("# HELP {family} ")), "node {}: no HELP for {family}", n.node_id);
         }
     }

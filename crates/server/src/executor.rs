@@ -42,6 +42,7 @@ use vow_core::{Command, Outcome, PromiseId, SettleAs, Value};
 
 use crate::convert;
 use crate::functions::{Answer, Call, DEFAULT_TIMEOUT, Delivery, Functions};
+use crate::metrics::{Attempt, AttemptResult};
 use crate::router::Router;
 use crate::shard::{Shard, ShardError};
 use crate::tokens::CompletionKeys;
@@ -66,6 +67,16 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A webhook receiver that is down is tried less often: its deliveries wait for it for a day.
 const WEBHOOK_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A shard's `vow_continuations_active` gauge while this node leads it: back to 0 when the term
+/// ends (the task holding it is dropped).
+struct ActiveGauge(metrics::Gauge);
+
+impl Drop for ActiveGauge {
+    fn drop(&mut self) {
+        self.0.set(0.0);
+    }
+}
 
 /// The node's executor state, shared by its shards' tasks. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -131,6 +142,8 @@ impl Executor {
     /// One term of leadership: runs what is ready, as it becomes ready. Dropped when the term
     /// ends, and its workers with it.
     async fn lead(&self, shard: &Shard) {
+        let metrics = self.router.node().metrics();
+        let active_gauge = ActiveGauge(metrics.continuations_active(shard.id.0));
         let mut announcements = shard.subscribe();
         // Continuations being run, and those run but not yet proposed done: a rescan must not
         // start either again.
@@ -176,12 +189,14 @@ impl Executor {
                 propose_at = None;
                 let done = std::mem::take(&mut finished);
                 let shard = shard.clone();
+                let done_counter = metrics.continuations_done_counter();
                 completing.spawn(async move {
                     let ids: Vec<String> = done.iter().map(|c| c.id.clone()).collect();
                     // Failing, this node is losing the shard: the next leader runs them again,
                     // and their settles are deduplicated.
-                    if let Err(e) = shard.propose(Command::Complete { done }).await {
-                        tracing::debug!(shard = %shard.id, error = %e, "proposing continuations done failed");
+                    match shard.propose(Command::Complete { done }).await {
+                        Ok(_) => done_counter.increment(ids.len() as u64),
+                        Err(e) => tracing::debug!(shard = %shard.id, error = %e, "proposing continuations done failed"),
                     }
                     ids
                 });
@@ -195,6 +210,7 @@ impl Executor {
                     });
                 }
             }
+            active_gauge.0.set(active.len() as f64);
         }
     }
 
@@ -288,8 +304,11 @@ impl Executor {
                 // A permit per attempt, not per continuation: one waiting out its backoff (for a
                 // function that is down, or a webhook receiver, for up to a day) holds none.
                 let _permit = self.running.acquire().await;
+                let _running = self.router.node().metrics().attempt_running();
                 self.functions.call(&call).await
             };
+            let result = if matches!(answer, Answer::Transient(_)) { AttemptResult::Retry } else { AttemptResult::Ok };
+            self.router.node().metrics().attempt(Attempt::Function, result);
             match answer {
                 Answer::Transient(why) => {
                     let Some(wait) = backoff.next(self.left(record)) else {
@@ -337,7 +356,10 @@ impl Executor {
     }
 
     /// Settles the target, exactly once whoever tries: the idempotency key is the
-    /// continuation's.
+    /// continuation's. A target not created yet is waited for, until its deadline: a Submit
+    /// writes each shard's part at once, so a continuation whose source is settled already can
+    /// run before the shard holding its target has applied that part (a ten-step chain broke at
+    /// a step this way under load).
     async fn settle(&self, record: &ContinuationRecord, settle_as: SettleAs, mut value: Value) -> String {
         let c = &record.continuation;
         let mut settle_as = settle_as;
@@ -351,17 +373,29 @@ impl Executor {
         }
         let command =
             Command::Settle { id: c.target.clone(), settle_as, value, idempotency_key: format!("vow-cont:{}", c.id) };
-        match self.write_until_deadline(record, command).await {
-            Some(Outcome::Settled { promise, deduplicated: false }) => {
-                format!("settled {} as {}", promise.id, promise.state)
-            }
-            Some(Outcome::Settled { promise, deduplicated: true }) => {
-                format!("settled {} as {} (by an earlier attempt)", promise.id, promise.state)
-            }
-            Some(Outcome::SettleConflict { current }) => format!("{} was already {}", current.id, current.state),
-            Some(Outcome::NotFound) => format!("target {} does not exist", c.target),
-            Some(other) => format!("unexpected answer settling {}: {other:?}", c.target),
-            None => format!("gave up settling {} at its deadline", c.target),
+        let mut backoff = Backoff::default();
+        loop {
+            return match self.write_until_deadline(record, command.clone()).await {
+                Some(Outcome::Settled { promise, deduplicated: false }) => {
+                    format!("settled {} as {}", promise.id, promise.state)
+                }
+                Some(Outcome::Settled { promise, deduplicated: true }) => {
+                    format!("settled {} as {} (by an earlier attempt)", promise.id, promise.state)
+                }
+                Some(Outcome::SettleConflict { current }) => format!("{} was already {}", current.id, current.state),
+                Some(Outcome::NotFound) => {
+                    let Some(wait) = backoff.next(self.left(record)) else {
+                        return format!("target {} never appeared before its deadline", c.target);
+                    };
+                    let why = format!("target {} does not exist yet", c.target);
+                    tracing::debug!(continuation = %c.id, ?wait, "{why}; retrying");
+                    self.note_attempt(&c.id, Some(&why), Some(wait));
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Some(other) => format!("unexpected answer settling {}: {other:?}", c.target),
+                None => format!("gave up settling {} at its deadline", c.target),
+            };
         }
     }
 
@@ -439,7 +473,18 @@ impl Executor {
         body: &[u8],
     ) -> Delivery {
         let _permit = self.running.acquire().await;
-        self.functions.deliver(url, headers, subscription, signature, body.to_vec()).await
+        let metrics = self.router.node().metrics();
+        let delivery = {
+            let _running = metrics.attempt_running();
+            self.functions.deliver(url, headers, subscription, signature, body.to_vec()).await
+        };
+        let result = match delivery {
+            Delivery::Delivered => AttemptResult::Ok,
+            Delivery::Retry(_) => AttemptResult::Retry,
+            Delivery::Gone(_) => AttemptResult::Failed,
+        };
+        metrics.attempt(Attempt::Webhook, result);
+        delivery
     }
 
     /// The function handed its result over to `promise`: the target settles as it does, by a

@@ -95,11 +95,6 @@ async fn serve_connection(conn: Conn, app: Router, mut stop: watch::Receiver<boo
     }
 }
 
-/// How long a leader may go without a quorum's acknowledgement, or a follower without word
-/// from its leader, before this node stops calling itself ready: many heartbeats (100 ms) and
-/// a few election timeouts, so an election does not make it flap.
-const LEADER_SILENCE: Duration = Duration::from_secs(3);
-
 /// Ready when this node is a member of every shard, every shard has a leader that is in
 /// touch — this node leads it and a quorum acknowledged it lately, or its leader's appends
 /// reach this node — and this replica has applied everything it knows to be committed. A node
@@ -119,15 +114,7 @@ async fn readyz(State(node): State<Node>) -> (StatusCode, String) {
             let _ = writeln!(problems, "shard {}: not a member yet", shard.id);
         } else if m.current_leader.is_none() {
             let _ = writeln!(problems, "shard {}: no leader", shard.id);
-        } else if m.membership_config.membership().voter_ids().count() > 1
-            && let Some(silence) = match m.state {
-                ServerState::Leader => {
-                    Some(m.last_quorum_acked.as_ref().map_or(Duration::MAX, |t| openraft::Instant::elapsed(&**t)))
-                }
-                _ => Some(shard.since_leader_heard()),
-            }
-            .filter(|s| *s > LEADER_SILENCE)
-        {
+        } else if let Some(silence) = shard.out_of_touch() {
             let _ = writeln!(
                 problems,
                 "shard {}: no contact between its leader and a quorum for {} ms",
@@ -158,6 +145,8 @@ async fn metrics(State(node): State<Node>) -> ([(axum::http::HeaderName, &'stati
                 purged_index: m.purged.map_or(0, |p| p.index),
                 proposals: shard.batching.proposals.load(Ordering::Relaxed),
                 proposal_batches: shard.batching.batches.load(Ordering::Relaxed),
+                snapshot_bytes: shard.snapshots().bytes(),
+                snapshot_records: shard.snapshots().records(),
             };
             (shard.id.0, gauges)
         })

@@ -23,6 +23,22 @@ const OUTCOMES: [&str; 3] = ["ok", "domain", "error"];
 /// Latency buckets in seconds: from a local read to an Await's longest wait.
 const SECONDS_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 300.0];
+/// Snapshot file sizes in bytes: 4 KiB to 16 GiB, by fours.
+const BYTES_BUCKETS: [f64; 13] = [
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+    17179869184.0,
+    68719476736.0,
+];
 /// Appends per WAL fsync: how well group commit groups.
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
@@ -41,7 +57,27 @@ pub struct ShardGauges {
     pub purged_index: u64,
     pub proposals: u64,
     pub proposal_batches: u64,
+    pub snapshot_bytes: u64,
+    pub snapshot_records: u64,
 }
+
+/// What a continuation's attempt was: a function call, or a webhook delivery.
+#[derive(Debug, Clone, Copy)]
+pub enum Attempt {
+    Function,
+    Webhook,
+}
+
+/// How an attempt ended: answered (or delivered), to be retried, or given up for good.
+#[derive(Debug, Clone, Copy)]
+pub enum AttemptResult {
+    Ok,
+    Retry,
+    Failed,
+}
+
+const ATTEMPTS: [&str; 2] = ["function", "webhook"];
+const ATTEMPT_RESULTS: [&str; 3] = ["ok", "retry", "failed"];
 
 /// The metrics of one node.
 pub struct Metrics {
@@ -55,6 +91,10 @@ pub struct Metrics {
     routed_served: Counter,
     wal_sync_seconds: Histogram,
     wal_sync_batch: Histogram,
+    /// `[kind][result]`.
+    attempts: Vec<Vec<Counter>>,
+    attempts_running: Gauge,
+    continuations_done: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -63,7 +103,8 @@ impl fmt::Debug for Metrics {
     }
 }
 
-/// Counts one Await as waiting (`vow_awaits_waiting`) for as long as it lives.
+/// Counts one Await as waiting (`vow_awaits_waiting`), or one attempt as running
+/// (`vow_continuation_attempts_running`), for as long as it lives.
 #[derive(Debug)]
 pub struct Waiting<'a>(&'a Gauge);
 
@@ -78,6 +119,7 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full("vow_wal_sync_appends".into()), &BATCH_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("vow_snapshot_bytes".into()), &BYTES_BUCKETS))
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -91,7 +133,7 @@ impl Metrics {
                 Kind::Histogram => recorder.describe_histogram(name, unit, help),
             }
         };
-        for (kind, name, unit, help) in DESCRIPTIONS {
+        for &(kind, name, unit, help) in DESCRIPTIONS {
             describe(kind, name, unit, help);
         }
         let labels = |extra: &[(&'static str, &'static str)]| {
@@ -114,6 +156,18 @@ impl Metrics {
                     .collect()
             })
             .collect();
+        let attempts = ATTEMPTS
+            .iter()
+            .map(|kind| {
+                ATTEMPT_RESULTS
+                    .iter()
+                    .map(|result| {
+                        let l = labels(&[("kind", kind), ("result", result)]);
+                        recorder.register_counter(&m("vow_continuation_attempts_total", l), &METADATA)
+                    })
+                    .collect()
+            })
+            .collect();
         recorder
             .register_gauge(&m("vow_build_info", labels(&[("version", env!("CARGO_PKG_VERSION"))])), &METADATA)
             .set(1.0);
@@ -125,6 +179,9 @@ impl Metrics {
                 .register_counter(&m("vow_routed_requests_total", labels(&[("direction", "served")])), &METADATA),
             wal_sync_seconds: recorder.register_histogram(&m("vow_wal_sync_seconds", labels(&[])), &METADATA),
             wal_sync_batch: recorder.register_histogram(&m("vow_wal_sync_appends", labels(&[])), &METADATA),
+            attempts,
+            attempts_running: recorder.register_gauge(&m("vow_continuation_attempts_running", labels(&[])), &METADATA),
+            continuations_done: recorder.register_counter(&m("vow_continuations_done_total", labels(&[])), &METADATA),
             requests,
             recorder,
             handle,
@@ -181,6 +238,49 @@ impl Metrics {
         }
     }
 
+    /// What a shard's snapshots call after each one built or installed.
+    pub fn snapshot_done(&self) -> impl Fn(vow_storage::state_machine::SnapshotDone) + Send + Sync + 'static {
+        let histograms = |name: &'static str| {
+            ["built", "installed"].map(|kind| {
+                let labels = vec![Label::new("node", self.node.clone()), Label::new("kind", kind)];
+                self.recorder.register_histogram(&Key::from_parts(name, labels), &METADATA)
+            })
+        };
+        let (seconds, bytes) = (histograms("vow_snapshot_duration_seconds"), histograms("vow_snapshot_bytes"));
+        move |done| {
+            let k = match done.kind {
+                vow_storage::state_machine::SnapshotKind::Built => 0,
+                vow_storage::state_machine::SnapshotKind::Installed => 1,
+            };
+            seconds[k].record(done.took.as_secs_f64());
+            bytes[k].record(done.bytes as f64);
+        }
+    }
+
+    /// A gauge of the ready continuations a shard's leader on this node is running: calling,
+    /// delivering, waiting to retry, or done and waiting to be marked so (0 where it does not
+    /// lead).
+    pub fn continuations_active(&self, shard: u32) -> Gauge {
+        let labels = vec![Label::new("node", self.node.clone()), Label::new("shard", shard.to_string())];
+        self.recorder.register_gauge(&Key::from_parts("vow_continuations_active", labels), &METADATA)
+    }
+
+    /// Counts one function call or webhook delivery by how it ended.
+    pub fn attempt(&self, kind: Attempt, result: AttemptResult) {
+        self.attempts[kind as usize][result as usize].increment(1);
+    }
+
+    /// Marks a function call or webhook delivery as running until the guard is dropped.
+    pub fn attempt_running(&self) -> Waiting<'_> {
+        self.attempts_running.increment(1.0);
+        Waiting(&self.attempts_running)
+    }
+
+    /// The counter of continuations proposed done (their `Complete` committed), for a task.
+    pub fn continuations_done_counter(&self) -> Counter {
+        self.continuations_done.clone()
+    }
+
     /// A counter of leader changes of `shard` seen by this node, for a task watching openraft.
     pub fn leader_changes(&self, shard: u32) -> Counter {
         let labels = vec![Label::new("node", self.node.clone()), Label::new("shard", shard.to_string())];
@@ -213,6 +313,8 @@ impl Metrics {
             gauge("vow_shard_apply_lag", *id, s.commit_index.saturating_sub(s.applied_index));
             gauge("vow_shard_snapshot_index", *id, s.snapshot_index);
             gauge("vow_shard_purged_index", *id, s.purged_index);
+            gauge("vow_shard_snapshot_bytes", *id, s.snapshot_bytes);
+            gauge("vow_shard_snapshot_records", *id, s.snapshot_records);
             let labels = vec![Label::new("node", self.node.clone()), Label::new("shard", id.to_string())];
             counter("vow_shard_proposals_total", labels.clone(), s.proposals);
             counter("vow_shard_proposal_batches_total", labels, s.proposal_batches);
@@ -234,7 +336,7 @@ enum Kind {
 }
 
 /// HELP text of every family.
-const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 22] = [
+const DESCRIPTIONS: &[(Kind, &str, Option<Unit>, &str)] = &[
     (Kind::Counter, "vow_requests_total", None, "Public requests by method and outcome (ok, domain answer, error)."),
     (
         Kind::Histogram,
@@ -280,6 +382,29 @@ const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 22] = [
     ),
     (Kind::Counter, "vow_shard_proposals_total", None, "Commands this node proposed to the shard as its leader."),
     (Kind::Counter, "vow_shard_proposal_batches_total", None, "Raft entries those proposals were batched into."),
+    (Kind::Gauge, "vow_shard_snapshot_bytes", None, "Size of the shard's newest snapshot on this node (0: none yet)."),
+    (Kind::Gauge, "vow_shard_snapshot_records", None, "Records in the shard's newest snapshot on this node."),
+    (
+        Kind::Histogram,
+        "vow_snapshot_duration_seconds",
+        Some(Unit::Seconds),
+        "Time to build a snapshot here, or to install one received from a leader.",
+    ),
+    (Kind::Histogram, "vow_snapshot_bytes", None, "Size of each snapshot built or installed here."),
+    (
+        Kind::Gauge,
+        "vow_continuations_active",
+        None,
+        "Ready continuations this node's leader of the shard is running, retrying or marking done.",
+    ),
+    (
+        Kind::Counter,
+        "vow_continuation_attempts_total",
+        None,
+        "Function calls and webhook deliveries by how they ended (ok, retry, failed for good).",
+    ),
+    (Kind::Gauge, "vow_continuation_attempts_running", None, "Function calls and webhook deliveries under way."),
+    (Kind::Counter, "vow_continuations_done_total", None, "Continuations this node ran and marked done."),
     (Kind::Gauge, "vow_build_info", None, "Always 1; the version in a label."),
     (Kind::Gauge, "vow_node_shards", None, "Shards of the cluster."),
 ];

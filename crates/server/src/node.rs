@@ -54,6 +54,23 @@ fn membership_error(
     }
 }
 
+/// Refuses, as retryable, a membership change on a shard this node leads but whose quorum has
+/// not acknowledged it lately: its proposal could not commit, and the caller would wait out
+/// openraft's timeouts (a minute) for an answer another node may give at once.
+fn in_touch(shard: &Shard) -> Result<(), Busy> {
+    match shard.out_of_touch() {
+        None => Ok(()),
+        Some(silence) => Err(Busy {
+            shard: shard.id,
+            reason: format!("this node leads it but has heard from no quorum for {} ms", silence.as_millis()),
+        }),
+    }
+}
+
+/// How long a stopping node tries to hand each shard it leads to another voter: within the
+/// drain an orchestrator's grace period allows, and well beyond an election's few hundred ms.
+const HANDOFF_WITHIN: Duration = Duration::from_secs(5);
+
 /// How long a request waits for a shard to elect a leader before answering UNAVAILABLE.
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 
@@ -238,6 +255,7 @@ impl Node {
                     continue;
                 }
             }
+            in_touch(shard)?;
             finish_joint(shard).await?;
             let (voters, _) = shard.voters_and_learners();
             if voters.contains(&id) {
@@ -270,6 +288,7 @@ impl Node {
                     continue;
                 }
             }
+            in_touch(shard)?;
             finish_joint(shard).await?;
             let (voters, learners) = shard.voters_and_learners();
             if voters.contains(&id) {
@@ -324,40 +343,72 @@ impl Node {
     pub async fn hand_off_leadership(&self) {
         // Every shard at once: one after another, a handoff that waits out its timeout on each of
         // eight shards would outlast an orchestrator's grace period.
-        futures::future::join_all(self.shards().iter().filter(|s| s.is_leader()).map(|s| self.hand_off(s))).await;
+        let led: Vec<&Shard> = self.shards().iter().filter(|s| s.is_leader()).collect();
+        tracing::info!(shards = ?led.iter().map(|s| s.id.0).collect::<Vec<_>>(), "handing off leadership for shutdown");
+        futures::future::join_all(led.into_iter().map(|s| self.hand_off(s))).await;
     }
 
-    /// Moves `shard`'s leadership to its most caught-up voter, or to the next one if that one
-    /// does not take over in time (a transfer can be dropped, e.g. while the target is still
-    /// catching up or an election is under way).
+    /// Moves `shard`'s leadership to another voter within [`HANDOFF_WITHIN`]: to the most
+    /// caught-up one, once it holds the whole log (a target that lacks the leader's last entry
+    /// ignores the transfer), and again — to it or the next — if it does not take over in time
+    /// (a transfer can also be dropped while an election is under way, or a busy node answer
+    /// late). Gives up at the deadline: the survivors then elect a leader on their own.
     async fn hand_off(&self, shard: &Shard) {
-        let metrics = shard.metrics();
-        let mut voters: Vec<(NodeId, u64)> = metrics
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|v| *v != self.id())
-            .map(|v| {
-                let matched = metrics.replication.as_ref().and_then(|r| r.get(&v).cloned().flatten());
-                (v, matched.map_or(0, |log_id| log_id.index))
-            })
-            .collect();
-        voters.sort_by_key(|(_, matched)| std::cmp::Reverse(*matched));
-        for (to, _) in voters {
-            if shard.raft.trigger().transfer_leader(to).await.is_err() {
-                continue;
+        let deadline = tokio::time::Instant::now() + HANDOFF_WITHIN;
+        let mut attempt = 0usize;
+        while tokio::time::Instant::now() < deadline {
+            let metrics = shard.metrics();
+            if metrics.current_leader.is_some_and(|l| l != self.id()) {
+                tracing::info!(shard = %shard.id, leader = ?metrics.current_leader, attempt, "leadership already moved at shutdown");
+                return;
             }
+            let last = metrics.last_log_index.unwrap_or(0);
+            let matched = |v: &NodeId| {
+                metrics.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map_or(0, |id| id.index)
+            };
+            let mut voters: Vec<(NodeId, u64)> = metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != self.id())
+                .map(|v| (v, matched(&v)))
+                .collect();
+            if voters.is_empty() {
+                return;
+            }
+            voters.sort_by_key(|(_, matched)| std::cmp::Reverse(*matched));
+            // The most caught-up voter first; on later attempts the others in turn.
+            let (to, _) = voters[attempt % voters.len()];
+            attempt += 1;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let _ = shard
+                .raft
+                .wait(Some(left.min(Duration::from_millis(500))))
+                .metrics(
+                    |m| {
+                        let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten());
+                        matched.map_or(0, |id| id.index) >= last
+                    },
+                    "the handoff target holds the whole log",
+                )
+                .await;
+            if shard.raft.trigger().transfer_leader(to).await.is_err() {
+                return; // Raft stopped.
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let moved = shard
                 .raft
-                .wait(Some(Duration::from_millis(1500)))
+                .wait(Some(left.min(Duration::from_millis(1000))))
                 .metrics(|m| m.current_leader.is_some_and(|l| l != self.id()), "leadership handed off")
                 .await
                 .is_ok();
-            tracing::info!(shard = %shard.id, to = %to, ok = moved, "leadership handed off for shutdown");
             if moved {
+                tracing::info!(shard = %shard.id, to = %to, attempt, "leadership handed off for shutdown");
                 return;
             }
+            tracing::debug!(shard = %shard.id, to = %to, attempt, "leadership handoff not taken yet; asking again");
         }
+        tracing::warn!(shard = %shard.id, "leadership not handed off in time: the others will elect a leader");
     }
 }
 

@@ -115,6 +115,11 @@ impl Pipelines {
             }
         }
         let sent = join_all(parts.into_iter().map(|(shard, commands)| async move {
+            if crate::sabotage::enabled("late-submit-creates")
+                && commands.iter().any(|c| matches!(c, Command::Create { .. }))
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             let result =
                 self.router.write(Command::Batch { commands: commands.clone() }, Some(Duration::from_secs(10))).await;
             (shard, commands, result)

@@ -20,7 +20,10 @@
 //! - `wal-fsync-stall`: while the file `stall-wal-fsync` exists in the data directory, WAL
 //!   fsyncs wait: appends stay unsynced and unacknowledged (a disk that stops answering);
 //! - `wal-fsync-failpoint`: while the file `fail-wal-fsync` exists in the data directory, every
-//!   WAL fsync fails (a disk error): the shards stop with their writes in flight.
+//!   WAL fsync fails (a disk error): the shards stop with their writes in flight;
+//! - `late-submit-creates`: a Submit writes the parts of its shards that create promises 500 ms
+//!   after the others, so a continuation whose source is settled runs before its target exists
+//!   (what a slow shard or a leader change does to one part by chance).
 //!
 //! The switch itself lives in `vow-storage` (which holds the storage bugs),
 //! which this crate's `sabotage` feature turns on; both read the same variable.

@@ -39,6 +39,11 @@ pub struct Listeners {
     pub peer: TcpListener,
 }
 
+/// How long a stopping node's public servers (gRPC, HTTP) give calls under way to finish.
+const CLIENT_DRAIN: Duration = Duration::from_secs(5);
+/// How long its peer server waits for the other nodes' streams (see where it is used).
+const PEER_DRAIN: Duration = Duration::from_millis(500);
+
 /// Runs a node until `shutdown` completes, then stops gracefully: leaderships are handed off,
 /// the servers drain, the Raft instances stop and the database is closed.
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -100,6 +105,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         incarnations,
     });
     node.flusher().observe_syncs(node.metrics().wal_synced());
+    for shard in node.shards() {
+        shard.snapshots().observe(node.metrics().snapshot_done());
+    }
     let router = Router::new(node.clone());
     // A function's answer becomes a promise value: no bigger than the limits allow.
     let functions = Functions::new(config.limits.max_data_bytes);
@@ -201,8 +209,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         let _ = s.await;
     }
     // The three servers drain together: the grace period an orchestrator gives covers one
-    // drain, not three in a row.
-    let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join3(grpc, http, peer)).await;
+    // drain, not three in a row. Client calls get [`CLIENT_DRAIN`] to finish. The peer port
+    // gets much less: with leadership handed off it serves only the other leaders' replication
+    // streams, which never end by themselves (waiting for them made every stop take the whole
+    // drain) and which they resume with the next leader of nothing here.
+    let timeout = tokio::time::timeout;
+    let _ = futures::future::join3(timeout(CLIENT_DRAIN, grpc), timeout(CLIENT_DRAIN, http), timeout(PEER_DRAIN, peer))
+        .await;
     for shard in shards.iter() {
         let _ = shard.raft.shutdown().await;
     }

@@ -23,7 +23,7 @@ use crate::peers::Peers;
 use crate::raft::Raft;
 use crate::raft::network::NetworkFactory;
 use vow_storage::log_store::{LogStore, WalFlusher};
-use vow_storage::state_machine::{Announcement, ShardState, ShardStateMachine};
+use vow_storage::state_machine::{Announcement, ShardState, ShardStateMachine, SnapshotStats};
 use vow_storage::types::{TypeConfig, VowNode};
 
 /// Announcements (promise ids) buffered per shard before slow listeners lag (and re-read).
@@ -38,6 +38,10 @@ const PROPOSAL_QUEUE: usize = 4096;
 /// Bytes of proposals (by [`Proposal::size_hint`]) queued for the batchers of all shards of a
 /// node before `propose` waits: 4,096 proposals of a few MiB each would otherwise be ~8 GiB.
 pub const PROPOSAL_QUEUE_BYTES: usize = 256 << 20;
+/// How long a leader may go without a quorum's acknowledgement, or a follower without word
+/// from its leader, before the shard counts as out of touch ([`Shard::out_of_touch`]): many
+/// heartbeats (100 ms) and a few election timeouts, so an election does not make it flap.
+pub const LEADER_SILENCE: Duration = Duration::from_secs(3);
 
 /// What became of one proposal: applied (with the state machine's outcome) or why not.
 type WriteReply = Result<WriteResponse<TypeConfig>, NotWritten>;
@@ -211,7 +215,7 @@ pub struct Shard {
     clocks: PeerClocks,
     queue_bytes: Arc<Semaphore>,
     snapshot_logs: u64,
-    snapshot_records: Arc<AtomicU64>,
+    snapshots: Arc<SnapshotStats>,
     /// When a leader's append or snapshot last reached this replica ([`Shard::leader_heard`]).
     leader_contact: Arc<AtomicU64>,
 }
@@ -246,7 +250,7 @@ impl Shard {
         let snapshot_dir = ctx.data_dir.join("snapshots").join(format!("shard-{}", id.0));
         let sm = ShardStateMachine::open(ctx.db.clone(), id, snapshot_dir, announce.clone())?;
         let state = sm.reader();
-        let snapshot_records = sm.snapshot_records();
+        let snapshots = sm.snapshots();
         let log = LogStore::new(ctx.db.clone(), id, ctx.flusher.clone());
         let config = openraft::Config {
             cluster_name: format!("{}-shard-{}", ctx.cluster_name, id.0),
@@ -298,9 +302,15 @@ impl Shard {
             clocks: ctx.clocks.clone(),
             queue_bytes: ctx.queue_bytes.clone(),
             snapshot_logs: ctx.raft.snapshot_logs,
-            snapshot_records,
+            snapshots,
             leader_contact: Arc::new(AtomicU64::new(monotonic_ms())),
         })
+    }
+
+    /// The newest snapshot of this replica: its size, and an observer of each one built or
+    /// installed.
+    pub fn snapshots(&self) -> &SnapshotStats {
+        &self.snapshots
     }
 
     /// Notes that a leader's append or snapshot reached this replica just now.
@@ -311,6 +321,23 @@ impl Shard {
     /// How long since a leader's append or snapshot last reached this replica (or since start).
     pub fn since_leader_heard(&self) -> std::time::Duration {
         std::time::Duration::from_millis(monotonic_ms().saturating_sub(self.leader_contact.load(Ordering::Relaxed)))
+    }
+
+    /// How long the shard's leader and a quorum have been out of touch, as far as this replica
+    /// can tell, if that is longer than [`LEADER_SILENCE`]: this node leads the shard and no
+    /// quorum acknowledged it lately, or it follows a leader whose appends stopped reaching it.
+    /// `None` while in touch, with a single voter (nobody to be cut off from), and for a leader
+    /// whose quorum never acknowledged it yet (just elected: the election was its quorum).
+    pub fn out_of_touch(&self) -> Option<Duration> {
+        let m = self.metrics();
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return None;
+        }
+        let silence = match m.state {
+            ServerState::Leader => openraft::Instant::elapsed(&**m.last_quorum_acked.as_ref()?),
+            _ => self.since_leader_heard(),
+        };
+        (silence > LEADER_SILENCE).then_some(silence)
     }
 
     /// Builds a snapshot (after which openraft purges the log behind it) whenever the entries
@@ -329,7 +356,7 @@ impl Shard {
             let m = self.metrics();
             let applied = m.last_applied.map_or(0, |id| id.index);
             let snapshotted = m.snapshot.map_or(0, |id| id.index);
-            let records = self.snapshot_records.load(Ordering::Relaxed);
+            let records = self.snapshots.records();
             if snapshot_due(applied, snapshotted, self.snapshot_logs, records)
                 && let Err(e) = self.raft.trigger().snapshot().await
             {

@@ -423,6 +423,77 @@ impl PromiseView for LayeredView<'_> {
     }
 }
 
+/// Whether a snapshot was built here or installed from a leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    Built,
+    Installed,
+}
+
+impl SnapshotKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotKind::Built => "built",
+            SnapshotKind::Installed => "installed",
+        }
+    }
+}
+
+/// One snapshot built or installed: what it took, for the node's metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotDone {
+    pub kind: SnapshotKind,
+    /// From the build's start (or the install's) to the snapshot in place.
+    pub took: std::time::Duration,
+    /// The snapshot file's size.
+    pub bytes: u64,
+    pub records: u64,
+}
+
+type SnapshotObserver = Box<dyn Fn(SnapshotDone) + Send + Sync>;
+
+/// The newest snapshot of a replica — its records (the state's size, for the snapshot policy)
+/// and bytes — kept current as snapshots are built and installed, and an observer told of each
+/// one (the node's metrics).
+#[derive(Default)]
+pub struct SnapshotStats {
+    records: AtomicU64,
+    bytes: AtomicU64,
+    observer: std::sync::OnceLock<SnapshotObserver>,
+}
+
+impl Debug for SnapshotStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotStats").field("records", &self.records()).field("bytes", &self.bytes()).finish()
+    }
+}
+
+impl SnapshotStats {
+    /// Records in the newest snapshot built or installed here (0 until there is one).
+    pub fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    /// Size in bytes of the newest snapshot file built or installed here (0 until there is one).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Calls `observe` after every snapshot built or installed from now on (one observer; a
+    /// second is ignored).
+    pub fn observe(&self, observe: impl Fn(SnapshotDone) + Send + Sync + 'static) {
+        let _ = self.observer.set(Box::new(observe));
+    }
+
+    fn done(&self, done: SnapshotDone) {
+        self.records.store(done.records, Ordering::Relaxed);
+        self.bytes.store(done.bytes, Ordering::Relaxed);
+        if let Some(observe) = self.observer.get() {
+            observe(done);
+        }
+    }
+}
+
 /// The shard's openraft state machine. Owned by the shard's Raft task; everyone else reads
 /// through [`ShardState`] and hears about settlements on the broadcast channel.
 pub struct ShardStateMachine {
@@ -433,9 +504,8 @@ pub struct ShardStateMachine {
     membership: StoredMembership,
     cluster_time_ms: i64,
     announce: broadcast::Sender<Announcement>,
-    /// Records in the newest snapshot built or installed here (0 until there is one): the
-    /// state's size, for the snapshot policy.
-    snapshot_records: Arc<AtomicU64>,
+    /// The newest snapshot built or installed here.
+    snapshots: Arc<SnapshotStats>,
     layer: Arc<WriteBehind>,
     /// See [`ShardState::views`].
     views: Arc<Mutex<()>>,
@@ -463,7 +533,7 @@ impl ShardStateMachine {
             membership: StoredMembership::default(),
             cluster_time_ms: 0,
             announce,
-            snapshot_records: Arc::default(),
+            snapshots: Arc::default(),
             layer: Arc::default(),
             views: Arc::default(),
         };
@@ -485,8 +555,9 @@ impl ShardStateMachine {
                 }
             };
             tracing::warn!(shard = %shard, path = %source.display(), "resuming interrupted snapshot install");
+            let started = std::time::Instant::now();
             let installed = install_file(&sm.db, shard, &sm.layer, &sm.views, SnapshotFile::open(source)?, &target)?;
-            sm.took(installed);
+            sm.took(installed, started);
         }
         // Only now: a received file named by the marker was a temporary one until installed.
         snapshot::clean_temporaries(&sm.snapshot_dir);
@@ -510,12 +581,18 @@ impl ShardStateMachine {
         Ok(())
     }
 
-    /// Takes on the meta of a state just installed, and tells the waiters.
-    fn took(&mut self, installed: Installed) -> SnapshotMeta {
+    /// Takes on the meta of a state just installed (an install that began at `started`), and
+    /// tells the waiters.
+    fn took(&mut self, installed: Installed, started: std::time::Instant) -> SnapshotMeta {
         self.applied = installed.meta.last_log_id;
         self.membership = installed.meta.last_membership.clone();
         self.cluster_time_ms = installed.cluster_time_ms;
-        self.snapshot_records.store(installed.records, Ordering::Relaxed);
+        self.snapshots.done(SnapshotDone {
+            kind: SnapshotKind::Installed,
+            took: started.elapsed(),
+            bytes: installed.bytes,
+            records: installed.records,
+        });
         // Waiters heard nothing of the settlements the snapshot brought; they look again.
         if !crate::sabotage::enabled("drop-snapshot-announcements") {
             let _ = self.announce.send(Announcement::StateReplaced);
@@ -523,12 +600,12 @@ impl ShardStateMachine {
         installed.meta
     }
 
-    /// A handle for reads of this shard's state.
-    /// Records in the newest snapshot of this replica, kept current as snapshots come and go.
-    pub fn snapshot_records(&self) -> Arc<AtomicU64> {
-        self.snapshot_records.clone()
+    /// The newest snapshot of this replica, kept current as snapshots come and go.
+    pub fn snapshots(&self) -> Arc<SnapshotStats> {
+        self.snapshots.clone()
     }
 
+    /// A handle for reads of this shard's state.
     pub fn reader(&self) -> ShardState {
         ShardState { db: self.db.clone(), shard: self.shard, layer: self.layer.clone(), views: self.views.clone() }
     }
@@ -608,10 +685,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { state: self.reader(), dir: self.snapshot_dir.clone(), records: self.snapshot_records.clone() }
+        SnapshotBuilder { state: self.reader(), dir: self.snapshot_dir.clone(), stats: self.snapshots.clone() }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> Result<(), io::Error> {
+        let started = std::time::Instant::now();
         std::fs::create_dir_all(&self.snapshot_dir)?;
         // The received file stays a temporary one (removed if a crash comes first) until the
         // install marks itself; it becomes a snapshot file, under a name of its own, only
@@ -632,7 +710,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let installed = tokio::task::spawn_blocking(move || install_file(&db, shard, &layer, &views, snap, &target))
             .await
             .map_err(io::Error::other)??;
-        let loaded = self.took(installed);
+        let loaded = self.took(installed, started);
         snapshot::latest(&self.snapshot_dir)?;
         tracing::info!(shard = %self.shard, last_log_id = ?loaded.last_log_id, "snapshot installed");
         Ok(())
@@ -654,16 +732,17 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 pub struct SnapshotBuilder {
     state: ShardState,
     dir: PathBuf,
-    records: Arc<AtomicU64>,
+    stats: Arc<SnapshotStats>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
+        let started = std::time::Instant::now();
         let (state, dir) = (self.state.clone(), self.dir.clone());
         let shard = state.shard;
-        let (meta, file, records) = tokio::task::spawn_blocking(move || {
+        let (meta, file, records, bytes) = tokio::task::spawn_blocking(move || {
             let db = state.db.clone();
             let view = {
                 let _no_install = state.views.lock().map_err(|_| io::Error::other("snapshot view lock poisoned"))?;
@@ -672,16 +751,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 state.flush()?;
                 db.snapshot()
             };
-            let built = build(&db, &view, shard, &dir)?;
+            let (meta, file, records) = build(&db, &view, shard, &dir)?;
+            let bytes = file.file.metadata()?.len();
             // Only the newest snapshot is ever served or installed; the older ones go (a reader
             // still streaming one to a follower keeps its open file, and so does this build).
             snapshot::latest(&dir)?;
-            Ok::<_, io::Error>(built)
+            Ok::<_, io::Error>((meta, file, records, bytes))
         })
         .await
         .map_err(io::Error::other)??;
-        self.records.store(records, Ordering::Relaxed);
-        tracing::info!(shard = %shard, last_log_id = ?meta.last_log_id, "snapshot built");
+        let took = started.elapsed();
+        self.stats.done(SnapshotDone { kind: SnapshotKind::Built, took, bytes, records });
+        tracing::info!(shard = %shard, last_log_id = ?meta.last_log_id, records, bytes, ?took, "snapshot built");
         Ok(Snapshot { meta, snapshot: file })
     }
 }
@@ -691,6 +772,7 @@ struct Installed {
     meta: SnapshotMeta,
     cluster_time_ms: i64,
     records: u64,
+    bytes: u64,
 }
 
 /// What the install marker records: the file as received and the name it takes once the
@@ -748,6 +830,7 @@ fn install_file(
     layer.lock()?.clear();
     db.write(clear).map_err(io_err)?;
 
+    let bytes = snap.file.metadata()?.len();
     let (meta, mut reader) = snapshot::Reader::open(snap.file)?;
     let prefix = keys::shard_prefix(shard);
     let mut batch = WriteBatch::default();
@@ -784,7 +867,7 @@ fn install_file(
     put_meta(&mut done, state, shard, &written);
     done.delete_cf(state, marker);
     db.write_opt(done, &sync).map_err(io_err)?;
-    Ok(Installed { meta, cluster_time_ms, records })
+    Ok(Installed { meta, cluster_time_ms, records, bytes })
 }
 
 /// Writes the shard's state as seen by `snap` to a new snapshot file: its meta, the file (open)
@@ -883,11 +966,19 @@ mod tests {
         apply(&sm, Change { before: None, after: Some(promise(2, 100)) });
         state.layer.lock().unwrap().flush(&state.db, state.shard).unwrap();
         apply(&sm, Change { before: None, after: Some(promise(3, 100)) });
-        let mut builder =
-            SnapshotBuilder { state: state.clone(), dir: dir.path().join("snap"), records: Arc::default() };
+        let stats = Arc::new(SnapshotStats::default());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        stats.observe(move |done| record.lock().unwrap().push(done));
+        let mut builder = SnapshotBuilder { state: state.clone(), dir: dir.path().join("snap"), stats: stats.clone() };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(builder.build_snapshot()).unwrap();
+        let built = rt.block_on(builder.build_snapshot()).unwrap();
         // Three records and their deadline keys, plus the applied log id and the cluster time.
-        assert_eq!(builder.records.load(Ordering::Relaxed), 8);
+        assert_eq!(stats.records(), 8);
+        // The size is the file's, and the observer heard of the build.
+        assert_eq!(stats.bytes(), built.snapshot.file.metadata().unwrap().len());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].kind, seen[0].records, seen[0].bytes), (SnapshotKind::Built, 8, stats.bytes()));
     }
 }
