@@ -341,11 +341,25 @@ impl Node {
     /// Moves every leadership this node holds to another voter, so that stopping it costs
     /// the cluster no election timeout.
     pub async fn hand_off_leadership(&self) {
-        // Every shard at once: one after another, a handoff that waits out its timeout on each of
-        // eight shards would outlast an orchestrator's grace period.
-        let led: Vec<&Shard> = self.shards().iter().filter(|s| s.is_leader()).collect();
-        tracing::info!(shards = ?led.iter().map(|s| s.id.0).collect::<Vec<_>>(), "handing off leadership for shutdown");
-        futures::future::join_all(led.into_iter().map(|s| self.hand_off(s))).await;
+        let deadline = tokio::time::Instant::now() + HANDOFF_WITHIN;
+        loop {
+            // Every shard at once: one after another, a handoff that waits out its timeout on
+            // each of eight shards would outlast an orchestrator's grace period.
+            let led: Vec<&Shard> = self.shards().iter().filter(|s| s.is_leader()).collect();
+            if !led.is_empty() {
+                let ids: Vec<u32> = led.iter().map(|s| s.id.0).collect();
+                tracing::info!(shards = ?ids, "handing off leadership for shutdown");
+                futures::future::join_all(led.into_iter().map(|s| self.hand_off(s))).await;
+            }
+            // An election this node is running may still make it a leader after the pass (a
+            // stop right after a start, while the first elections settle): once it ends, look
+            // again.
+            let electing = self.shards().iter().any(|s| s.metrics().state == openraft::ServerState::Candidate);
+            if !electing || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll the elections' end
+        }
     }
 
     /// Moves `shard`'s leadership to another voter within [`HANDOFF_WITHIN`]: to the most
