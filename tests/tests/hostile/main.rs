@@ -943,7 +943,18 @@ async fn thousands_of_awaits_unread_replies_and_oversized_metadata_stay_bounded(
             tokio::spawn(async move { sdk.await_settled("awaited", Duration::from_secs(120)).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(3)).await; // let every Await reach the node
+    // Every raw Await and as many of the SDK's as its one connection carries (the node allows
+    // 1,024 streams per connection; the SDK queues the rest) wait on the node before we measure.
+    let reached = 5000.0 + 1000.0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting = cluster.metric(1, "vow_awaits_waiting")?;
+        if waiting >= reached {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "only {waiting} Awaits reached the node");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll the gauge
+    }
     let rss_waiting = rss_bytes(node.pid)?;
     // Others are served meanwhile.
     let start = Instant::now();
