@@ -17,6 +17,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,12 +33,19 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long making a connection (TCP and the HTTP/2 handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often a connection is checked with an HTTP/2 PING, and how long the answer may take. A
-/// peer that vanished without closing the connection (a partition, a host lost) is noticed in
-/// at most the sum, and the next call makes a new connection instead of waiting out its
-/// deadline on the dead one.
-const KEEPALIVE_EVERY: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 5000 });
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 5000 });
+/// How often an idle connection is checked with an HTTP/2 PING, and how long the answer may
+/// take. A peer that vanished without closing the connection (a partition, a host lost) is
+/// noticed in at most the sum, and the next call makes a new connection instead of waiting out
+/// its deadline on the dead one.
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(if cfg!(test) { 1500 } else { 5000 });
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 1500 } else { 5000 });
+/// While calls wait for their replies the connection is pinged this often, and dropped if a
+/// PING goes unanswered for [`BUSY_PING_TIMEOUT`]: its calls then fail as maybe-sent and are
+/// retried elsewhere within ~3 s of a partition, instead of each waiting out its attempt
+/// timeout (5 s by default) on a peer that is gone. A live node answers a PING from its
+/// connection task in well under a millisecond, however long the call itself takes (an Await).
+const BUSY_PING_EVERY: Duration = Duration::from_millis(if cfg!(test) { 50 } else { 1000 });
+const BUSY_PING_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 2000 });
 
 /// A lazily connected HTTP/2 connection to one endpoint. Cheap to clone; clones share the
 /// connection.
@@ -54,6 +62,25 @@ struct Shared {
     sender: Mutex<Option<h2::client::SendRequest<Bytes>>>,
     /// Serialises connecting, so that calls arriving together make one connection.
     connecting: tokio::sync::Mutex<()>,
+    /// Calls sent and waiting for their reply's headers (which a unary reply sends with its
+    /// message): while there are any, the keepalive pings more often.
+    waiting: Arc<AtomicUsize>,
+}
+
+/// Counts a call as waiting for its reply while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicUsize>) -> Waiting {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for H2Channel {
@@ -89,6 +116,7 @@ impl H2Channel {
                 security,
                 sender: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
+                waiting: Arc::default(),
             }),
         })
     }
@@ -129,6 +157,7 @@ impl H2Channel {
         let (sender, mut connection) = h2::client::handshake(io).await?;
         let addr = self.shared.addr.clone();
         let pings = connection.ping_pong();
+        let waiting = self.shared.waiting.clone();
         tokio::spawn(async move {
             tokio::select! {
                 closed = connection => {
@@ -136,7 +165,7 @@ impl H2Channel {
                         tracing::debug!(%addr, error = %e, "connection closed");
                     }
                 }
-                () = keepalive(pings) => {
+                () = keepalive(pings, waiting) => {
                     // Dropping the connection fails its streams and makes the channel reconnect.
                     tracing::debug!(%addr, "no answer to a keepalive ping; connection dropped");
                 }
@@ -162,6 +191,7 @@ impl H2Channel {
         }
 
         let mut sender = self.ready_sender().await?;
+        let _waiting = Waiting::new(&self.shared.waiting);
         let (reply, mut stream) =
             sender.send_request(http::Request::from_parts(parts, ()), false).map_err(never_sent)?;
         stream.send_data(message, true).map_err(maybe_sent)?;
@@ -170,14 +200,23 @@ impl H2Channel {
     }
 }
 
-/// Pings the peer every [`KEEPALIVE_EVERY`]; returns when a ping goes unanswered for
-/// [`KEEPALIVE_TIMEOUT`] (or cannot be sent).
-async fn keepalive(pings: Option<h2::PingPong>) {
+/// Pings the peer every [`KEEPALIVE_EVERY`] while no call is `waiting`, every
+/// [`BUSY_PING_EVERY`] while one is; returns when a ping goes unanswered for its timeout (or
+/// cannot be sent).
+async fn keepalive(pings: Option<h2::PingPong>, waiting: Arc<AtomicUsize>) {
     let Some(mut pings) = pings else { return std::future::pending().await };
+    let mut last = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(KEEPALIVE_EVERY).await; // the keepalive period, not a synchronisation
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
+        tokio::time::sleep(BUSY_PING_EVERY).await; // the check period, not a synchronisation
+        let timeout = if waiting.load(Ordering::Relaxed) > 0 {
+            BUSY_PING_TIMEOUT
+        } else if last.elapsed() >= KEEPALIVE_EVERY {
+            KEEPALIVE_TIMEOUT
+        } else {
+            continue;
+        };
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => last = tokio::time::Instant::now(),
             Ok(Err(_)) | Err(_) => return,
         }
     }
@@ -365,6 +404,42 @@ mod tests {
                 _ => assert!(tokio::time::Instant::now() < give_up, "never reconnected past the silent connection"),
             }
         }
+        drop(server);
+    }
+
+    /// A call already in flight when its peer goes silent fails within the busy ping's few
+    /// hundred milliseconds (test timings), long before its own 10 s deadline or the idle
+    /// keepalive would notice: it is reported maybe-sent, so the caller retries elsewhere.
+    #[tokio::test]
+    async fn a_call_in_flight_to_a_silent_peer_fails_fast() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (go_silent, silence) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+            answer_ok(&mut conn).await;
+            // Take the next call without answering, then stop polling: no reply, no pongs.
+            let held = tokio::select! {
+                next = conn.accept() => next,
+                _ = silence => None,
+            };
+            (conn, held)
+        });
+        let mut client = PromisesClient::new(H2Channel::new(&addr).expect("addr"));
+        client.get(get_request()).await.expect("the first call is answered");
+        let call = tokio::spawn(async move {
+            let mut req = tonic::Request::new(get_request());
+            req.set_timeout(Duration::from_secs(10));
+            let started = tokio::time::Instant::now();
+            (client.get(req).await, started.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = go_silent.send(());
+        let (result, took) = call.await.expect("call task");
+        let status = result.expect_err("the peer never answers");
+        assert_eq!(status.code(), tonic::Code::Unknown, "maybe sent: {status:?}");
+        assert!(took < KEEPALIVE_EVERY, "noticed after {took:?}, not by the busy ping");
         drop(server);
     }
 }
