@@ -412,14 +412,27 @@ fn cli_round_trip_and_clear_errors() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
     // Leaderships stay where the elections put them (the balancer moving one while the node
-    // hands it off would make the handoff give up), and every shard has its leader first.
+    // hands it off would make the handoff give up), and the first elections have settled: every
+    // node names the same leader for every shard and has heard from it (a commit).
     let cluster = DevCluster::up(3, &["--no-leader-balance"])?;
-    cluster
-        .wait_for("every shard to have a leader", Duration::from_secs(30), |s| {
-            s.shards.iter().all(|sh| sh.leader_id != 0).then_some(())
-        })
-        .await?;
-    let leader = cluster.leader().await?;
+    let start = Instant::now();
+    let leader = loop {
+        let mut views = Vec::new();
+        for n in &cluster.nodes {
+            views.push(cluster.status_of(n.node_id).await?);
+        }
+        let settled = views.iter().all(|v| {
+            v.shards
+                .iter()
+                .zip(&views[0].shards)
+                .all(|(sh, first)| sh.leader_id != 0 && sh.leader_id == first.leader_id && sh.commit_index >= 1)
+        });
+        if settled {
+            break views[0].shards[0].leader_id;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "the elections never settled: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll the nodes' views
+    };
     let c = cluster.client();
     c.create(create_req("t-1", "")).await?;
     let others: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != leader).collect();
@@ -438,7 +451,7 @@ async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
         cluster
             .log_of(leader)
             .lines()
-            .filter(|l| l.contains("handed") || l.contains("handoff"))
+            .filter(|l| ["handed", "handoff", "handing", "moved"].iter().any(|w| l.contains(w)))
             .collect::<Vec<_>>()
             .join("\n")
     );
@@ -472,7 +485,7 @@ async fn membership_calls_without_a_leader_are_retryable() -> anyhow::Result<()>
         if !led.is_empty() {
             cluster.client().transfer_leader_of(leader, &led).await?;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await; // poll the leaderships
     }
     for n in cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != survivor) {
         cluster.kill9(n)?;
@@ -527,8 +540,14 @@ async fn a_leader_cut_off_from_its_quorum_refuses_membership_changes_at_once() -
     for n in cluster.nodes.iter().map(|n| n.node_id).filter(|id| *id != stale) {
         cluster.kill9(n)?;
     }
-    // Longer than a leader may go without its quorum before it counts as out of touch.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Until it counts as out of touch with its quorum, by the rule /readyz shares.
+    let http = cluster.node(stale).http.clone();
+    let lost = format!("shard {shard}: no contact between its leader and a quorum");
+    let start = Instant::now();
+    while !http_get(&http, "/readyz").unwrap_or_default().contains(&lost) {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "node {stale} never noticed it lost its quorum");
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll /readyz
+    }
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.node(stale).grpc))?.connect().await?;
     let mut api = vow_api::v1::cluster_client::ClusterClient::new(channel);

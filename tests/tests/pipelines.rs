@@ -146,7 +146,17 @@ async fn a_ten_step_chain_runs_across_shards_and_the_client_waits_once() -> anyh
         Ok(total)
     };
     ensure!(sum("vow_continuation_attempts_total", "kind=\"function\",result=\"ok\"")? >= 10.0);
-    ensure!(sum("vow_continuations_done_total", "")? >= 10.0);
+    // A leader counts its continuations done once its `Complete` is applied, a moment after a
+    // reader can see them DONE.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sum("vow_continuations_done_total", "")? < 10.0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "continuations done: {}",
+            sum("vow_continuations_done_total", "")?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll the counter
+    }
     ensure!(sum("vow_continuation_attempts_running", "")? == 0.0);
     Ok(())
 }

@@ -355,6 +355,33 @@ impl Executor {
         }
     }
 
+    /// [`Executor::write_until_deadline`], waiting (with backoff, until the target's deadline)
+    /// while the write answers NOT_FOUND: `missing` (the target, a join) is still on its way —
+    /// its part of the Submit not applied yet on its shard. `Err` with the continuation's note
+    /// once the deadline passes.
+    async fn write_when_present(
+        &self,
+        record: &ContinuationRecord,
+        command: Command,
+        missing: &str,
+    ) -> Result<Option<Outcome>, String> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.write_until_deadline(record, command.clone()).await {
+                Some(Outcome::NotFound) => {
+                    let Some(wait) = backoff.next(self.left(record)) else {
+                        return Err(format!("{missing} never appeared before the target's deadline"));
+                    };
+                    let why = format!("{missing} does not exist yet");
+                    tracing::debug!(continuation = %record.continuation.id, ?wait, "{why}; retrying");
+                    self.note_attempt(&record.continuation.id, Some(&why), Some(wait));
+                    tokio::time::sleep(wait).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Settles the target, exactly once whoever tries: the idempotency key is the
     /// continuation's. A target not created yet is waited for, until its deadline: a Submit
     /// writes each shard's part at once, so a continuation whose source is settled already can
@@ -373,29 +400,17 @@ impl Executor {
         }
         let command =
             Command::Settle { id: c.target.clone(), settle_as, value, idempotency_key: format!("vow-cont:{}", c.id) };
-        let mut backoff = Backoff::default();
-        loop {
-            return match self.write_until_deadline(record, command.clone()).await {
-                Some(Outcome::Settled { promise, deduplicated: false }) => {
-                    format!("settled {} as {}", promise.id, promise.state)
-                }
-                Some(Outcome::Settled { promise, deduplicated: true }) => {
-                    format!("settled {} as {} (by an earlier attempt)", promise.id, promise.state)
-                }
-                Some(Outcome::SettleConflict { current }) => format!("{} was already {}", current.id, current.state),
-                Some(Outcome::NotFound) => {
-                    let Some(wait) = backoff.next(self.left(record)) else {
-                        return format!("target {} never appeared before its deadline", c.target);
-                    };
-                    let why = format!("target {} does not exist yet", c.target);
-                    tracing::debug!(continuation = %c.id, ?wait, "{why}; retrying");
-                    self.note_attempt(&c.id, Some(&why), Some(wait));
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                Some(other) => format!("unexpected answer settling {}: {other:?}", c.target),
-                None => format!("gave up settling {} at its deadline", c.target),
-            };
+        match self.write_when_present(record, command, &format!("target {}", c.target)).await {
+            Err(note) => note,
+            Ok(Some(Outcome::Settled { promise, deduplicated: false })) => {
+                format!("settled {} as {}", promise.id, promise.state)
+            }
+            Ok(Some(Outcome::Settled { promise, deduplicated: true })) => {
+                format!("settled {} as {} (by an earlier attempt)", promise.id, promise.state)
+            }
+            Ok(Some(Outcome::SettleConflict { current })) => format!("{} was already {}", current.id, current.state),
+            Ok(Some(other)) => format!("unexpected answer settling {}: {other:?}", c.target),
+            Ok(None) => format!("gave up settling {} at its deadline", c.target),
         }
     }
 
@@ -406,20 +421,11 @@ impl Executor {
         let Action::Deliver { join, index } = &c.action else { return "not a delivery".into() };
         let command =
             Command::Offer { join: join.clone(), target: c.target.clone(), index: *index, outcome: outcome.clone() };
-        let mut backoff = Backoff::default();
-        loop {
-            match self.write_until_deadline(record, command.clone()).await {
-                Some(Outcome::Offered { .. }) => return format!("delivered to join {join}"),
-                Some(Outcome::NotFound) => {
-                    let Some(wait) = backoff.next(self.left(record)) else {
-                        return format!("join {join} never appeared before the target's deadline");
-                    };
-                    self.note_attempt(&c.id, Some(&format!("join {join} is not registered yet")), Some(wait));
-                    tokio::time::sleep(wait).await;
-                }
-                Some(other) => return format!("unexpected answer delivering to {join}: {other:?}"),
-                None => return format!("gave up delivering to {join} at the target's deadline"),
-            }
+        match self.write_when_present(record, command, &format!("join {join}")).await {
+            Err(note) => note,
+            Ok(Some(Outcome::Offered { .. })) => format!("delivered to join {join}"),
+            Ok(Some(other)) => format!("unexpected answer delivering to {join}: {other:?}"),
+            Ok(None) => format!("gave up delivering to {join} at the target's deadline"),
         }
     }
 

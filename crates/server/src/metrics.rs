@@ -13,6 +13,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tonic::Status;
+use vow_storage::state_machine::{SnapshotDone, SnapshotKind};
 
 /// Methods whose requests are counted and timed.
 const METHODS: [&str; 9] = ["create", "get", "resolve", "reject", "cancel", "await", "search", "submit", "subscribe"];
@@ -23,22 +24,10 @@ const OUTCOMES: [&str; 3] = ["ok", "domain", "error"];
 /// Latency buckets in seconds: from a local read to an Await's longest wait.
 const SECONDS_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 300.0];
-/// Snapshot file sizes in bytes: 4 KiB to 16 GiB, by fours.
-const BYTES_BUCKETS: [f64; 13] = [
-    4096.0,
-    16384.0,
-    65536.0,
-    262144.0,
-    1048576.0,
-    4194304.0,
-    16777216.0,
-    67108864.0,
-    268435456.0,
-    1073741824.0,
-    4294967296.0,
-    17179869184.0,
-    68719476736.0,
-];
+/// Snapshot file sizes in bytes: 4 KiB to 64 GiB, by fours.
+fn bytes_buckets() -> [f64; 13] {
+    std::array::from_fn(|i| 4096.0 * 4f64.powi(i as i32))
+}
 /// Appends per WAL fsync: how well group commit groups.
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
@@ -119,7 +108,7 @@ impl Metrics {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full("vow_wal_sync_appends".into()), &BATCH_BUCKETS))
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("vow_snapshot_bytes".into()), &BYTES_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("vow_snapshot_bytes".into()), &bytes_buckets()))
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -239,21 +228,17 @@ impl Metrics {
     }
 
     /// What a shard's snapshots call after each one built or installed.
-    pub fn snapshot_done(&self) -> impl Fn(vow_storage::state_machine::SnapshotDone) + Send + Sync + 'static {
+    pub fn snapshot_done(&self) -> impl Fn(SnapshotDone) + Send + Sync + 'static {
         let histograms = |name: &'static str| {
-            ["built", "installed"].map(|kind| {
-                let labels = vec![Label::new("node", self.node.clone()), Label::new("kind", kind)];
+            [SnapshotKind::Built, SnapshotKind::Installed].map(|kind| {
+                let labels = vec![Label::new("node", self.node.clone()), Label::new("kind", kind.as_str())];
                 self.recorder.register_histogram(&Key::from_parts(name, labels), &METADATA)
             })
         };
         let (seconds, bytes) = (histograms("vow_snapshot_duration_seconds"), histograms("vow_snapshot_bytes"));
         move |done| {
-            let k = match done.kind {
-                vow_storage::state_machine::SnapshotKind::Built => 0,
-                vow_storage::state_machine::SnapshotKind::Installed => 1,
-            };
-            seconds[k].record(done.took.as_secs_f64());
-            bytes[k].record(done.bytes as f64);
+            seconds[done.kind as usize].record(done.took.as_secs_f64());
+            bytes[done.kind as usize].record(done.bytes as f64);
         }
     }
 

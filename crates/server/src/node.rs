@@ -377,15 +377,12 @@ impl Node {
                 return;
             }
             let last = metrics.last_log_index.unwrap_or(0);
-            let matched = |v: &NodeId| {
-                metrics.replication.as_ref().and_then(|r| r.get(v).cloned().flatten()).map_or(0, |id| id.index)
-            };
             let mut voters: Vec<(NodeId, u64)> = metrics
                 .membership_config
                 .membership()
                 .voter_ids()
                 .filter(|v| *v != self.id())
-                .map(|v| (v, matched(&v)))
+                .map(|v| (v, matched_index(&metrics, v)))
                 .collect();
             if voters.is_empty() {
                 return;
@@ -398,13 +395,7 @@ impl Node {
             let _ = shard
                 .raft
                 .wait(Some(left.min(Duration::from_millis(500))))
-                .metrics(
-                    |m| {
-                        let matched = m.replication.as_ref().and_then(|r| r.get(&to).cloned().flatten());
-                        matched.map_or(0, |id| id.index) >= last
-                    },
-                    "the handoff target holds the whole log",
-                )
+                .metrics(|m| matched_index(m, to) >= last, "the handoff target holds the whole log")
                 .await;
             if shard.raft.trigger().transfer_leader(to).await.is_err() {
                 return; // Raft stopped.
@@ -424,6 +415,11 @@ impl Node {
         }
         tracing::warn!(shard = %shard.id, "leadership not handed off in time: the others will elect a leader");
     }
+}
+
+/// The last log index a leader knows `node` to hold (0 when it knows none).
+fn matched_index(m: &openraft::RaftMetrics<TypeConfig>, node: NodeId) -> u64 {
+    m.replication.as_ref().and_then(|r| r.get(&node).cloned().flatten()).map_or(0, |id| id.index)
 }
 
 /// Shards that a request names, or all of them.

@@ -261,11 +261,10 @@ async fn forget_removed_members(node: Node, mut stop: watch::Receiver<bool>) {
         let mut every_shard_knows = true;
         for shard in node.shards() {
             let m = shard.metrics();
-            let before = members.len();
             members.extend(m.membership_config.membership().nodes().map(|(id, _)| id.0));
-            every_shard_knows &= members.len() > before || m.membership_config.membership().nodes().next().is_some();
+            every_shard_knows &= m.membership_config.membership().nodes().next().is_some();
         }
-        if every_shard_knows && !members.is_empty() {
+        if every_shard_knows {
             node.incarnations().retain(&members);
         }
     }
