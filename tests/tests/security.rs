@@ -291,8 +291,12 @@ async fn a_node_joins_over_mtls_and_certificates_rotate_under_load() -> anyhow::
     }
     ensure!(total > 20, "only {total} create-resolve pairs under load");
     // Every shard still has a leader: the nodes talk to each other with the rotated certificates.
-    let status = cluster.status().await?;
-    assert!(status.shards.iter().all(|s| s.leader_id != 0), "{status:?}");
+    // (Waited for: the leader balancer may be moving one to the new node at this moment.)
+    cluster
+        .wait_for("every shard to have a leader after the rotation", Duration::from_secs(10), |s| {
+            s.shards.iter().all(|sh| sh.leader_id != 0).then_some(())
+        })
+        .await?;
     Ok(())
 }
 
