@@ -11,6 +11,12 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use vow_client::{Client, Options, pb};
 
+// The CLI's port picker (ports below the kernel's ephemeral range, which connections never
+// take), compiled in here too: the tests start nodes of their own beside `vow dev up`'s.
+#[path = "../../crates/cli/src/ports.rs"]
+mod ports;
+pub use ports::{free_port, free_ports};
+
 #[derive(Debug, Deserialize, Clone)]
 pub struct NodeEntry {
     pub node_id: u64,
@@ -389,9 +395,6 @@ impl DevCluster {
     pub fn joiner(&self, id: u64) -> anyhow::Result<Joiner> {
         let dir = self.data_dir(id);
         std::fs::create_dir_all(&dir)?;
-        let addr = || -> anyhow::Result<String> {
-            Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
-        };
         let mut tls_args = Vec::new();
         if self.tls {
             let t = self.dir.path().join("tls");
@@ -420,7 +423,9 @@ impl DevCluster {
                 tls_args.extend([flag.to_owned(), path.display().to_string()]);
             }
         }
-        Ok(Joiner { id, grpc: addr()?, http: addr()?, peer: addr()?, tls_args, dir, child: None })
+        let addrs: Vec<String> = free_ports(3)?.into_iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let [grpc, http, peer] = <[String; 3]>::try_from(addrs).expect("three ports");
+        Ok(Joiner { id, grpc, http, peer, tls_args, dir, child: None })
     }
 }
 
@@ -469,9 +474,34 @@ impl Drop for Joiner {
 
 impl Drop for DevCluster {
     fn drop(&mut self) {
+        // An assertion failed with the cluster up: what the nodes logged goes to the test's
+        // output (shown only for a failing test), so a failure in CI can be read afterwards.
+        if std::thread::panicking() {
+            eprintln!("the nodes' logs when the test failed:\n{}", self.logs());
+        }
         if self.down().is_err() {
             for n in &self.nodes {
                 let _ = Command::new("kill").args(["-9", &n.pid.to_string()]).status();
+            }
+        }
+        self.keep_logs();
+    }
+}
+
+impl DevCluster {
+    /// With `VOW_TEST_LOGS=DIR`, copies every node's log to `DIR/<test>-<pid>/n<id>.log` before
+    /// the cluster's directory goes: the way to read what the nodes did in a run that failed.
+    fn keep_logs(&self) {
+        let Some(root) = std::env::var_os("VOW_TEST_LOGS") else { return };
+        let test = std::thread::current().name().unwrap_or("test").replace("::", "-");
+        let to = PathBuf::from(root).join(format!("{test}-{}", std::process::id()));
+        if std::fs::create_dir_all(&to).is_err() {
+            return;
+        }
+        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let log = entry.path().join("vowd.log");
+            if log.exists() {
+                let _ = std::fs::copy(&log, to.join(format!("{}.log", entry.file_name().to_string_lossy())));
             }
         }
     }

@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use vow_client::{Client, Options};
 
+use crate::ports::{free_port, free_ports};
+
 #[derive(Debug, clap::Subcommand)]
 pub enum DevCommand {
     /// Start (or restart the missing nodes of) a local cluster.
@@ -94,11 +96,6 @@ pub async fn run(cmd: DevCommand, output: crate::Output) -> anyhow::Result<()> {
         }
         DevCommand::Down { dir } => down(&dir).await,
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 /// The vowd binary: `$VOW_VOWD`, else beside this executable, else on PATH.
@@ -299,16 +296,17 @@ async fn up(
         }
         c
     } else {
-        let mut nodes = Vec::new();
-        for id in 1..=n {
-            nodes.push(NodeEntry {
+        let ports = free_ports(3 * n as usize)?;
+        let nodes = (1..=n)
+            .zip(ports.chunks(3))
+            .map(|(id, p)| NodeEntry {
                 node_id: id,
-                grpc: format!("127.0.0.1:{}", free_port()?),
-                http: format!("127.0.0.1:{}", free_port()?),
-                peer: format!("127.0.0.1:{}", free_port()?),
+                grpc: format!("127.0.0.1:{}", p[0]),
+                http: format!("127.0.0.1:{}", p[1]),
+                peer: format!("127.0.0.1:{}", p[2]),
                 pid: 0,
-            });
-        }
+            })
+            .collect();
         ClusterFile { nodes, shards, vowd_args, node_args, tls }
     };
     for node in cluster.nodes.iter_mut().filter(|n| n.peer.is_empty()) {

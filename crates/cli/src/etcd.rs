@@ -88,10 +88,6 @@ pub struct Spawned {
     endpoints: Vec<String>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// The etcd binary, installing Debian's etcd-server when it is missing.
 fn etcd_binary() -> anyhow::Result<PathBuf> {
     for p in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
@@ -126,7 +122,7 @@ impl Spawned {
         let dir = std::env::temp_dir().join(format!("vow-bench-etcd-{}-{stamp:x}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let ports: Vec<(u16, u16)> =
-            (0..members).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+            crate::ports::free_ports(2 * members as usize).map(|p| p.chunks(2).map(|c| (c[0], c[1])).collect())?;
         let cluster = ports
             .iter()
             .enumerate()

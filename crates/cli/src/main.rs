@@ -16,6 +16,7 @@ mod etcd;
 mod output;
 mod pipeline;
 mod plot;
+mod ports;
 mod results;
 
 use std::collections::HashMap;

@@ -18,7 +18,8 @@
 //! - `drop-snapshot-announcements`: do not wake waiters when a snapshot replaces the state
 //!   (caught by an Await on a replica that catches up by snapshot);
 //! - `wal-fsync-stall`: while the file `stall-wal-fsync` exists in the data directory, WAL
-//!   fsyncs wait: appends stay unsynced and unacknowledged (a disk that stops answering);
+//!   fsyncs wait: appends stay unsynced and unacknowledged (a disk that stops answering); when
+//!   the file holds a number, every fsync takes that many milliseconds longer (a slow disk);
 //! - `wal-fsync-failpoint`: while the file `fail-wal-fsync` exists in the data directory, every
 //!   WAL fsync fails (a disk error): the shards stop with their writes in flight;
 //! - `late-submit-creates`: a Submit writes the parts of its shards that create promises 500 ms

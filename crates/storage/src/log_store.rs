@@ -38,7 +38,8 @@ const FLUSH_QUEUE: usize = 4096;
 pub struct Failpoints {
     /// While it exists, every fsync fails (a disk error).
     pub fail: Option<std::path::PathBuf>,
-    /// While it exists, fsyncs wait (a disk that stops answering): appends stay unsynced.
+    /// While it exists, fsyncs wait (a disk that stops answering): appends stay unsynced. When
+    /// it holds a number, every fsync takes that many milliseconds longer instead (a slow disk).
     pub stall: Option<std::path::PathBuf>,
 }
 
@@ -94,9 +95,17 @@ impl WalFlusher {
             let mut waiting = Vec::with_capacity(256);
             while let Some(first) = rx.blocking_recv() {
                 waiting.push(first);
-                // Test failpoint: appends wait, unsynced and unacknowledged, while the file is there.
-                while stall.as_ref().is_some_and(|f| f.exists()) {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+                // Test failpoint: appends wait, unsynced and unacknowledged, while the file is
+                // there, or the milliseconds it names.
+                if let Some(f) = &stall {
+                    match std::fs::read_to_string(f).map(|t| t.trim().parse::<u64>()) {
+                        Ok(Ok(ms)) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                        _ => {
+                            while f.exists() {
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                            }
+                        }
+                    }
                 }
                 while waiting.len() < FLUSH_QUEUE {
                     match rx.try_recv() {
