@@ -2,8 +2,9 @@
 //! for the integration tests.
 //!
 //! `up` starts N processes in the background (data in `DIR/n<id>`, log in `DIR/n<id>/vowd.log`),
-//! waits until every shard has a leader, and writes `DIR/cluster.json`. Run again on the same
-//! directory, it restarts any node whose process is gone, on the same ports and data.
+//! writes `DIR/cluster.json`, and waits until every node knows a leader of every shard. Run
+//! again on the same directory, it restarts any node whose process is gone, on the same ports
+//! and data, and waits until every shard has a leader.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -275,6 +276,7 @@ async fn up(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = dir.join("cluster.json");
+    let new_cluster = !file.exists();
     let mut cluster = if file.exists() {
         let text = std::fs::read_to_string(&file)?;
         let c: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
@@ -335,23 +337,42 @@ async fn up(
 
     let endpoints: Vec<&str> = cluster.nodes.iter().map(|e| e.grpc.as_str()).collect();
     let (client_tls, token) = client_security(dir, tls)?;
-    let client = Client::with_options(
-        &endpoints,
-        Options {
-            call_timeout: Duration::from_secs(2),
-            attempt_timeout: Duration::from_secs(1),
-            tls: client_tls,
-            token,
-            ..Default::default()
-        },
-    )?;
+    let options = Options {
+        call_timeout: Duration::from_secs(2),
+        attempt_timeout: Duration::from_secs(1),
+        tls: client_tls,
+        token,
+        ..Default::default()
+    };
+    let client = Client::with_options(&endpoints, options.clone())?;
+    // A new cluster is up when every node is: two nodes of three elect leaders by themselves,
+    // and a third still starting (a slow disk, a busy machine) would be a node that never took
+    // part — a test that then kills it, or wipes its disk, tests nothing. A restart (a node of
+    // an existing cluster, perhaps one refused until replaced) needs only the leaders.
+    let each_node: Vec<Client> = if new_cluster {
+        cluster
+            .nodes
+            .iter()
+            .map(|e| {
+                Client::with_options(&[e.grpc.as_str()], Options { follow_leader_hints: false, ..options.clone() })
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let led = |s: &vow_client::pb::StatusResponse| !s.shards.is_empty() && s.shards.iter().all(|s| s.leader_id != 0);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         if let Ok(status) = client.status().await
-            && !status.shards.is_empty()
-            && status.shards.iter().all(|s| s.leader_id != 0)
+            && led(&status)
         {
-            return Ok(status);
+            let mut every_node_knows = true;
+            for node in &each_node {
+                every_node_knows &= node.status().await.is_ok_and(|s| led(&s));
+            }
+            if every_node_knows {
+                return Ok(status);
+            }
         }
         for node in &cluster.nodes {
             if !is_vowd_alive(node.pid) {

@@ -313,9 +313,31 @@ impl Shard {
         &self.snapshots
     }
 
-    /// Notes that a leader's append or snapshot reached this replica just now.
+    /// Notes that a leader's append or snapshot reached this replica just now (or that the
+    /// shard has a new leader, see [`Shard::note_leader_changes`]).
     pub fn leader_heard(&self) {
         self.leader_contact.store(monotonic_ms(), Ordering::Relaxed);
+    }
+
+    /// Counts every change of the shard's leader as contact with it, until `stop`: an election
+    /// is a quorum's contact. For a node elected leader it is the last contact it had with a
+    /// quorum until one acknowledges its appends — and if none ever does (its voters died right
+    /// after the election), the silence since the election is what [`Shard::out_of_touch`]
+    /// measures.
+    pub async fn note_leader_changes(self, mut stop: watch::Receiver<bool>) {
+        let mut metrics = self.raft.metrics();
+        let mut leader = metrics.borrow_watched().current_leader;
+        loop {
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let now = metrics.borrow_and_update().current_leader;
+            if now != leader {
+                leader = now;
+                self.leader_heard();
+            }
+        }
     }
 
     /// How long since a leader's append or snapshot last reached this replica (or since start).
@@ -326,15 +348,16 @@ impl Shard {
     /// How long the shard's leader and a quorum have been out of touch, as far as this replica
     /// can tell, if that is longer than [`LEADER_SILENCE`]: this node leads the shard and no
     /// quorum acknowledged it lately, or it follows a leader whose appends stopped reaching it.
-    /// `None` while in touch, with a single voter (nobody to be cut off from), and for a leader
-    /// whose quorum never acknowledged it yet (just elected: the election was its quorum).
+    /// `None` while in touch, and with a single voter (nobody to be cut off from).
     pub fn out_of_touch(&self) -> Option<Duration> {
         let m = self.metrics();
         if m.membership_config.membership().voter_ids().count() <= 1 {
             return None;
         }
-        let silence = match m.state {
-            ServerState::Leader => openraft::Instant::elapsed(&**m.last_quorum_acked.as_ref()?),
+        let silence = match (m.state, m.last_quorum_acked.as_ref()) {
+            (ServerState::Leader, Some(acked)) => openraft::Instant::elapsed(&**acked),
+            // Elected, and no quorum acknowledged an append since: silent since the election
+            // (see `note_leader_changes`). Before, such a leader counted as in touch for ever.
             _ => self.since_leader_heard(),
         };
         (silence > LEADER_SILENCE).then_some(silence)
