@@ -13,7 +13,6 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use openraft::ServerState;
-use openraft::async_runtime::watch::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -156,38 +155,14 @@ async fn metrics(State(node): State<Node>) -> ([(axum::http::HeaderName, &'stati
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
-/// Keeps the metrics that are recorded between scrapes: counts every shard's leader changes
-/// as openraft reports them, and drains the histograms' sample buffers every few seconds
-/// (unscraped, they would grow).
+/// Drains the histograms' sample buffers every few seconds (unscraped, they would grow). The
+/// shards count their own leader changes (`Shard::note_leader_changes`).
 pub async fn keep_metrics(node: Node, mut stop: watch::Receiver<bool>) {
-    let mut watchers = Vec::new();
-    for shard in node.shards() {
-        let changes = node.metrics().leader_changes(shard.id.0);
-        let mut rx = shard.raft.metrics();
-        let mut stop = stop.clone();
-        watchers.push(tokio::spawn(async move {
-            let mut leader = rx.borrow_watched().current_leader;
-            loop {
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                let now = rx.borrow_and_update().current_leader;
-                if now != leader {
-                    leader = now;
-                    changes.increment(1);
-                }
-            }
-        }));
-    }
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tick.tick() => node.metrics().upkeep(),
             _ = stop.wait_for(|s| *s) => break,
         }
-    }
-    for w in watchers {
-        let _ = w.await;
     }
 }

@@ -154,7 +154,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .iter()
         .map(|s| tokio::spawn(crate::sweeper::run(s.clone(), config.retention, stop_rx.clone())))
         .chain(shards.iter().map(|s| tokio::spawn(s.clone().run_snapshot_policy(stop_rx.clone()))))
-        .chain(shards.iter().map(|s| tokio::spawn(s.clone().note_leader_changes(stop_rx.clone()))))
+        .chain(shards.iter().map(|s| {
+            tokio::spawn(s.clone().note_leader_changes(node.metrics().leader_changes(s.id.0), stop_rx.clone()))
+        }))
         .chain(shards.iter().map(|s| tokio::spawn(executor.clone().run(s.clone(), stop_rx.clone()))))
         .collect();
     if config.balance_leaders {

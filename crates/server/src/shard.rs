@@ -319,12 +319,12 @@ impl Shard {
         self.leader_contact.store(monotonic_ms(), Ordering::Relaxed);
     }
 
-    /// Counts every change of the shard's leader as contact with it, until `stop`: an election
-    /// is a quorum's contact. For a node elected leader it is the last contact it had with a
-    /// quorum until one acknowledges its appends — and if none ever does (its voters died right
-    /// after the election), the silence since the election is what [`Shard::out_of_touch`]
-    /// measures.
-    pub async fn note_leader_changes(self, mut stop: watch::Receiver<bool>) {
+    /// Counts every change of the shard's leader in `changes` (`/metrics`), and as contact
+    /// with the leader, until `stop`: an election is a quorum's contact. For a node elected
+    /// leader it is the last contact it had with a quorum until one acknowledges its appends —
+    /// and if none ever does (its voters died right after the election), the silence since the
+    /// election is what [`Shard::out_of_touch`] measures.
+    pub async fn note_leader_changes(self, changes: metrics::Counter, mut stop: watch::Receiver<bool>) {
         let mut metrics = self.raft.metrics();
         let mut leader = metrics.borrow_watched().current_leader;
         loop {
@@ -335,6 +335,7 @@ impl Shard {
             let now = metrics.borrow_and_update().current_leader;
             if now != leader {
                 leader = now;
+                changes.increment(1);
                 self.leader_heard();
             }
         }

@@ -43,6 +43,19 @@ pub struct Failpoints {
     pub stall: Option<std::path::PathBuf>,
 }
 
+/// The stall failpoint (see [`Failpoints::stall`]): appends wait, unsynced and unacknowledged,
+/// while the file is there, or the milliseconds it names.
+fn stall_fsync(file: &std::path::Path) {
+    match std::fs::read_to_string(file).map(|t| t.trim().parse::<u64>()) {
+        Ok(Ok(ms)) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+        _ => {
+            while file.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(10)); // poll for the file's removal
+            }
+        }
+    }
+}
+
 /// Handle to the node's WAL flusher thread. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct WalFlusher {
@@ -95,17 +108,8 @@ impl WalFlusher {
             let mut waiting = Vec::with_capacity(256);
             while let Some(first) = rx.blocking_recv() {
                 waiting.push(first);
-                // Test failpoint: appends wait, unsynced and unacknowledged, while the file is
-                // there, or the milliseconds it names.
                 if let Some(f) = &stall {
-                    match std::fs::read_to_string(f).map(|t| t.trim().parse::<u64>()) {
-                        Ok(Ok(ms)) => std::thread::sleep(std::time::Duration::from_millis(ms)),
-                        _ => {
-                            while f.exists() {
-                                std::thread::sleep(std::time::Duration::from_millis(10));
-                            }
-                        }
-                    }
+                    stall_fsync(f);
                 }
                 while waiting.len() < FLUSH_QUEUE {
                     match rx.try_recv() {
