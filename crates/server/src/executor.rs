@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use openraft::ServerState;
 use openraft::async_runtime::watch::WatchReceiver;
+use openraft::vote::RaftLeaderId;
 use rand::Rng;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, watch};
@@ -104,11 +105,13 @@ impl Executor {
 
     /// Runs `shard`'s ready continuations whenever this node leads it, until `stop`.
     pub async fn run(self, shard: Shard, mut stop: watch::Receiver<bool>) {
-        let mut metrics = shard.raft.metrics();
+        // The server metrics change only with the role, leader, vote or membership (see
+        // `Shard::fatal_error` for why not the full metrics).
+        let mut metrics = shard.raft.server_metrics();
         loop {
             let led = {
                 let m = metrics.borrow_watched();
-                (m.state == ServerState::Leader).then_some(m.current_term)
+                (m.state == ServerState::Leader).then(|| m.vote.leader_id().term())
             };
             let Some(term) = led else {
                 tokio::select! {
@@ -123,7 +126,7 @@ impl Executor {
                         return;
                     }
                     let m = metrics.borrow_watched();
-                    if m.state != ServerState::Leader || m.current_term != term {
+                    if m.state != ServerState::Leader || m.vote.leader_id().term() != term {
                         return;
                     }
                 }

@@ -325,7 +325,7 @@ impl Shard {
     /// and if none ever does (its voters died right after the election), the silence since the
     /// election is what [`Shard::out_of_touch`] measures.
     pub async fn note_leader_changes(self, changes: metrics::Counter, mut stop: watch::Receiver<bool>) {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.raft.server_metrics();
         let mut leader = metrics.borrow_watched().current_leader;
         loop {
             tokio::select! {
@@ -511,15 +511,26 @@ impl Shard {
 
     /// Completes when this shard's Raft has stopped on a fatal error — a log write or fsync that
     /// failed, a panic in its core — with the error in words; pending while the shard runs.
+    ///
+    /// It watches the server metrics, which change only with the role, leader, vote or
+    /// membership. The full metrics are published again on every turn of the Raft core's loop,
+    /// several times per batch, and each publication woke every task waiting on them: with three
+    /// such watchers per shard (this one on the runtime's main thread) that was a few thread
+    /// wake-ups per batch doing nothing. Both channels close when the core's task ends, after
+    /// its last full metrics say whether it failed.
     pub async fn fatal_error(&self) -> String {
-        let mut rx = self.raft.metrics();
+        let mut server = self.raft.server_metrics();
+        let fatal = || self.raft.metrics().borrow_watched().running_state.as_ref().err().map(|e| e.to_string());
         loop {
-            if let Err(fatal) = &rx.borrow_watched().running_state {
-                return fatal.to_string();
+            if let Some(reason) = fatal() {
+                return reason;
             }
-            if rx.changed().await.is_err() {
-                // The core is gone without a fatal error: a shutdown, not a failure.
-                return std::future::pending().await;
+            if server.changed().await.is_err() {
+                // The core is gone. Without a fatal error it was a shutdown, not a failure.
+                return match fatal() {
+                    Some(reason) => reason,
+                    None => std::future::pending().await,
+                };
             }
         }
     }
