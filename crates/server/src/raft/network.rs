@@ -56,6 +56,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             cluster_name: self.cluster_name.clone(),
             clocks: self.clocks.clone(),
             incarnations: self.incarnations.clone(),
+            session: None,
         }
     }
 }
@@ -69,6 +70,21 @@ pub struct PeerClient {
     cluster_name: Arc<str>,
     clocks: PeerClocks,
     incarnations: Incarnations,
+    /// The stream one-request calls go over, kept open between them (see [`Session`]).
+    session: Option<Session>,
+}
+
+/// A replication stream kept open for calls that carry one request each: openraft sends every
+/// heartbeat as a stream of its own, and a heartbeat round is what each linearizable read
+/// waits for. A new HTTP/2 stream per heartbeat cost request and response headers, a task on
+/// each side and openraft's own per-stream task on the follower, on the path of every read.
+/// On the open stream a heartbeat is one message each way. A session is used by one call at a
+/// time and put back only after that call got its reply: a call given up half-way (timed out,
+/// cancelled) drops it, so a late reply can never be read as the next call's.
+#[derive(Debug)]
+struct Session {
+    requests: tokio::sync::mpsc::Sender<RaftRequest>,
+    replies: tonic::Streaming<RaftReply>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +134,54 @@ impl PeerClient {
         req
     }
 
+    /// Sends `payload` as the only request of a call on the kept-open session, opening one if
+    /// there is none or the old one has closed, and waits up to `stall` for its reply.
+    async fn append_one(
+        &mut self,
+        payload: Vec<u8>,
+        setup: Duration,
+        stall: Duration,
+    ) -> Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>> {
+        let mut request = RaftRequest { payload: payload.into(), ..Default::default() };
+        let mut session = match self.session.take() {
+            // A session whose stream has ended (the connection dropped, the peer restarted)
+            // has taken nothing of this request yet: open a new one instead.
+            Some(s) => match s.requests.try_send(request) {
+                Ok(()) => s,
+                Err(refused) => {
+                    request = refused.into_inner();
+                    self.open_session(request, setup).await?
+                }
+            },
+            None => self.open_session(request, setup).await?,
+        };
+        let reply = match tokio::time::timeout(stall, session.replies.message()).await {
+            Ok(Ok(Some(reply))) => reply,
+            Ok(Ok(None)) => return Err(unreachable("the peer ended the replication stream")),
+            Ok(Err(status)) => return Err(status_error(status)),
+            Err(_) => return Err(unreachable(format!("no reply to a streamed append in {stall:?}"))),
+        };
+        self.incarnations.check_reply(self.target, reply.sender_incarnation).map_err(unreachable)?;
+        self.clocks.observe(self.target, reply.sender_time_ms);
+        let result = codec::decode_stream_append_result(&reply.payload).map_err(decode_error)?;
+        self.session = Some(session);
+        Ok(result)
+    }
+
+    /// Opens a session whose first request, carrying the header, is `first`'s payload.
+    async fn open_session(&self, first: RaftRequest, setup: Duration) -> Result<Session, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let (requests, queued) = tokio::sync::mpsc::channel(1);
+        requests.try_send(header(&self.header(), first.payload)).map_err(|_| unreachable("session closed"))?;
+        let call = client.stream_append(tokio_stream::wrappers::ReceiverStream::new(queued));
+        let replies = match tokio::time::timeout(setup, call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(status_error(status)),
+            Err(_) => return Err(unreachable(format!("no answer to a replication stream in {setup:?}"))),
+        };
+        Ok(Session { requests, replies })
+    }
+
     fn header(&self) -> Header {
         Header {
             shard: self.shard,
@@ -137,7 +201,7 @@ struct Header {
     incarnations: Incarnations,
 }
 
-fn header(h: &Header, payload: Vec<u8>) -> RaftRequest {
+fn header(h: &Header, payload: impl Into<bytes::Bytes>) -> RaftRequest {
     RaftRequest {
         shard_id: h.shard.0,
         target_node_id: h.target.0,
@@ -225,6 +289,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             let Some(first) = input.next().await else {
                 return Ok(futures::stream::empty().boxed());
             };
+            if input.size_hint().1 == Some(0) {
+                // The only request of this call (a heartbeat): over the kept-open session.
+                let payload = codec::encode_append_request(&first);
+                let stall = stall + Duration::from_secs_f64(payload.len() as f64 / STALL_BYTES_PER_SEC);
+                let result = self.append_one(payload, setup, stall).await;
+                return Ok(futures::stream::once(std::future::ready(result)).boxed());
+            }
             let requests = futures::stream::once(async move { first }).chain(input).map(encode);
             let mut client = self.client()?;
             let replies = match tokio::time::timeout(setup, client.stream_append(requests)).await {
