@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the CPU goes: a three-node `vow dev` cluster under `vow bench` create-settle load, with the
-# CPU time each process spends per operation, and (with --perf) a flat perf profile of the leader
+# CPU time and context switches each process spends per operation, and (with --perf) a flat perf profile of the leader
 # grouped by crate. The figures in docs/performance.md come from this script.
 #
 # Usage: [SHARDS=8] scripts/profile.sh [--perf] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
@@ -13,6 +13,8 @@ bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
 export VOW_VOWD="${VOW_VOWD:-$bin/vowd}"
 json() { python3 -c "import json; d=json.load(open('$dir/cluster/cluster.json')); print($1)"; }
 ticks() { awk "{print \$14+\$15}" "/proc/$1/stat"; }
+# Context switches of all of a process's threads, voluntary and not.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'; }
 hz=$(getconf CLK_TCK)
 
 [ -e "$dir/cluster" ] && { "$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true; }
@@ -27,8 +29,8 @@ env -u TOKIO_WORKER_THREADS "$bin/vow" --endpoints "$eps" bench --workload creat
 bench=$!
 sleep 4 # warm-up plus a little
 pids=$(json "' '.join(str(x['pid']) for x in d['nodes'])")
-declare -A before
-for p in $pids $bench; do before[$p]=$(ticks "$p"); done
+declare -A before switched
+for p in $pids $bench; do before[$p]=$(ticks "$p"); switched[$p]=$(switches "$p"); done
 window=$(( secs - 4 > 3 ? secs - 4 : 3 ))
 if [ "$perf" = 1 ]; then
   lpid=$(json "[x['pid'] for x in d['nodes'] if x['node_id'] == $leader][0]")
@@ -37,7 +39,7 @@ else
   sleep "$window"
 fi
 declare -A used
-for p in $pids $bench; do used[$p]=$(( $(ticks "$p") - before[$p] )); done
+for p in $pids $bench; do used[$p]=$(( $(ticks "$p") - before[$p] )); switched[$p]=$(( $(switches "$p") - switched[$p] )); done
 wait "$bench" || { cat "$dir/bench.txt"; exit 1; }
 line=$(grep create-settle "$dir/bench.txt" | tail -1)
 echo "$line"
@@ -49,7 +51,7 @@ for p in $pids $bench; do
       role=$([ "$(json "d['nodes'][$i]['node_id']")" = "$leader" ] && echo leader || echo follower)
     fi
   done
-  python3 -c "t=${used[$p]}/$hz; print(f'{\"$role\":9} cpu {t/$window*100:5.0f}%  {t/$window/$ops*1e6:6.0f} us/op')"
+  python3 -c "t=${used[$p]}/$hz; print(f'{\"$role\":9} cpu {t/$window*100:5.0f}%  {t/$window/$ops*1e6:6.0f} us/op  {${switched[$p]}/$window/$ops:5.2f} switches/op')"
 done
 if [ "$perf" = 1 ]; then
   echo "leader profile by crate (perf report -i $dir/perf.data for symbols):"
