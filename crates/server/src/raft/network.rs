@@ -142,6 +142,9 @@ impl PeerClient {
         setup: Duration,
         stall: Duration,
     ) -> Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>> {
+        // As for every call (see `PeerClient::client`): a node that learned it lost its state
+        // sends nothing, on an open session neither.
+        self.incarnations.may_send().map_err(unreachable)?;
         let mut request = RaftRequest { payload: payload.into(), ..Default::default() };
         let mut session = match self.session.take() {
             // A session whose stream has ended (the connection dropped, the peer restarted)
