@@ -109,6 +109,19 @@ fn decode_error(e: vow_core::DecodeError) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&TransportError(format!("malformed reply: {e}"))))
 }
 
+/// A streamed append's result from `target`'s reply, after checking its incarnation and
+/// noting its clock reading.
+fn streamed_reply(
+    incarnations: &Incarnations,
+    clocks: &PeerClocks,
+    target: NodeId,
+    reply: &RaftReply,
+) -> Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>> {
+    incarnations.check_reply(target, reply.sender_incarnation).map_err(unreachable)?;
+    clocks.observe(target, reply.sender_time_ms);
+    codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
+}
+
 impl PeerClient {
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
         // A node that learned it lost its state sends nothing (see crate::incarnation).
@@ -145,18 +158,12 @@ impl PeerClient {
         // As for every call (see `PeerClient::client`): a node that learned it lost its state
         // sends nothing, on an open session neither.
         self.incarnations.may_send().map_err(unreachable)?;
-        let mut request = RaftRequest { payload: payload.into(), ..Default::default() };
+        let payload = bytes::Bytes::from(payload);
         let mut session = match self.session.take() {
-            // A session whose stream has ended (the connection dropped, the peer restarted)
-            // has taken nothing of this request yet: open a new one instead.
-            Some(s) => match s.requests.try_send(request) {
-                Ok(()) => s,
-                Err(refused) => {
-                    request = refused.into_inner();
-                    self.open_session(request, setup).await?
-                }
-            },
-            None => self.open_session(request, setup).await?,
+            Some(s) if s.requests.try_send(RaftRequest { payload: payload.clone(), ..Default::default() }).is_ok() => s,
+            // None yet, or its stream has ended (the connection dropped, the peer restarted),
+            // having taken nothing of this request: open a new one.
+            _ => self.open_session(payload, setup).await?,
         };
         let reply = match tokio::time::timeout(stall, session.replies.message()).await {
             Ok(Ok(Some(reply))) => reply,
@@ -164,25 +171,31 @@ impl PeerClient {
             Ok(Err(status)) => return Err(status_error(status)),
             Err(_) => return Err(unreachable(format!("no reply to a streamed append in {stall:?}"))),
         };
-        self.incarnations.check_reply(self.target, reply.sender_incarnation).map_err(unreachable)?;
-        self.clocks.observe(self.target, reply.sender_time_ms);
-        let result = codec::decode_stream_append_result(&reply.payload).map_err(decode_error)?;
+        let result = streamed_reply(&self.incarnations, &self.clocks, self.target, &reply)?;
         self.session = Some(session);
         Ok(result)
     }
 
-    /// Opens a session whose first request, carrying the header, is `first`'s payload.
-    async fn open_session(&self, first: RaftRequest, setup: Duration) -> Result<Session, RPCError<TypeConfig>> {
-        let mut client = self.client()?;
+    /// Opens a session whose first request, carrying the header, is `payload`.
+    async fn open_session(&self, payload: bytes::Bytes, setup: Duration) -> Result<Session, RPCError<TypeConfig>> {
         let (requests, queued) = tokio::sync::mpsc::channel(1);
-        requests.try_send(header(&self.header(), first.payload)).map_err(|_| unreachable("session closed"))?;
-        let call = client.stream_append(tokio_stream::wrappers::ReceiverStream::new(queued));
-        let replies = match tokio::time::timeout(setup, call).await {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(status)) => return Err(status_error(status)),
-            Err(_) => return Err(unreachable(format!("no answer to a replication stream in {setup:?}"))),
-        };
+        requests.try_send(header(&self.header(), payload)).map_err(|_| unreachable("session closed"))?;
+        let replies = self.open_stream(tokio_stream::wrappers::ReceiverStream::new(queued), setup).await?;
         Ok(Session { requests, replies })
+    }
+
+    /// Opens a replication stream carrying `requests`, waiting up to `setup` for the peer to
+    /// answer it.
+    async fn open_stream(
+        &self,
+        requests: impl Stream<Item = RaftRequest> + Send + 'static,
+        setup: Duration,
+    ) -> Result<tonic::Streaming<RaftReply>, RPCError<TypeConfig>> {
+        match tokio::time::timeout(setup, self.client()?.stream_append(requests)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(status_error(status)),
+            Err(_) => Err(unreachable(format!("no answer to a replication stream in {setup:?}"))),
+        }
     }
 
     fn header(&self) -> Header {
@@ -238,9 +251,15 @@ impl Flight {
     fn stalled(&self, stall: Duration) -> bool {
         self.waiting.front().is_some_and(|(sent, bytes)| {
             let since = (*sent).max(self.last_reply);
-            since.elapsed() > stall + Duration::from_secs_f64(*bytes as f64 / STALL_BYTES_PER_SEC)
+            since.elapsed() > stall_for(stall, *bytes)
         })
     }
+}
+
+/// How long a streamed request of `bytes` may wait for its reply: `stall` plus its size's worth
+/// of [`STALL_BYTES_PER_SEC`].
+fn stall_for(stall: Duration, bytes: usize) -> Duration {
+    stall + Duration::from_secs_f64(bytes as f64 / STALL_BYTES_PER_SEC)
 }
 
 type InFlight = Arc<Mutex<Flight>>;
@@ -295,17 +314,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             if input.size_hint().1 == Some(0) {
                 // The only request of this call (a heartbeat): over the kept-open session.
                 let payload = codec::encode_append_request(&first);
-                let stall = stall + Duration::from_secs_f64(payload.len() as f64 / STALL_BYTES_PER_SEC);
+                let stall = stall_for(stall, payload.len());
                 let result = self.append_one(payload, setup, stall).await;
                 return Ok(futures::stream::once(std::future::ready(result)).boxed());
             }
             let requests = futures::stream::once(async move { first }).chain(input).map(encode);
-            let mut client = self.client()?;
-            let replies = match tokio::time::timeout(setup, client.stream_append(requests)).await {
-                Ok(Ok(r)) => r.into_inner(),
-                Ok(Err(status)) => return Err(status_error(status)),
-                Err(_) => return Err(unreachable(format!("no answer to a replication stream in {setup:?}"))),
-            };
+            let replies = self.open_stream(requests, setup).await?;
             let mut check = tokio::time::interval(stall / 2);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let results = futures::stream::unfold(
@@ -322,13 +336,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                                             flight.waiting.pop_front();
                                             flight.last_reply = Instant::now();
                                         }
-                                        match incarnations.check_reply(target, reply.sender_incarnation) {
-                                            Err(e) => Err(unreachable(e)),
-                                            Ok(()) => {
-                                                clocks.observe(target, reply.sender_time_ms);
-                                                codec::decode_stream_append_result(&reply.payload).map_err(decode_error)
-                                            }
-                                        }
+                                        streamed_reply(&incarnations, &clocks, target, &reply)
                                     }
                                     Ok(None) => return None,
                                     Err(status) => Err(status_error(status)),
