@@ -24,11 +24,18 @@ cargo build --workspace --bins --locked
 # The container image the compose tests run, from the binaries just built (its base image is
 # assembled from Debian packages when no registry is reachable).
 deploy/build-image.sh --local-base
+# Every cluster test keeps its nodes' logs under VOW_TEST_LOGS; those of each test that failed a
+# try (FAIL or FLAKY) are printed after the run, so a failure in CI can be read afterwards.
+export VOW_TEST_LOGS="$CARGO_TARGET_DIR/test-logs"
+rm -rf "$VOW_TEST_LOGS" && mkdir -p "$VOW_TEST_LOGS"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast 2>&1 | tee "$VOW_TEST_LOGS/nextest.txt" || status=$?
+  scripts/failed-test-logs.sh "$VOW_TEST_LOGS"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast || status=$?
 fi
+[ "$status" = 0 ] || exit "$status"
 "${VOW_CACHE:-$HOME/.cache/vow}/venv/bin/python" tests/python/external_client.py --bin-dir "$CARGO_TARGET_DIR/debug"
 # The Python example and the seed's integrations (task marketplace, Fission function and
 # workflow) against a live cluster.

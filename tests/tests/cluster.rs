@@ -460,6 +460,27 @@ async fn sigterm_hands_leadership_off_before_exiting() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A stopping leader none of whose peers answers (they are down, or stopping as well, as when a
+/// whole cluster stops at once) has no one to hand its shards to: it stops after a second of
+/// silence instead of trying every shard for the whole handoff window (5 s), which made every
+/// stop of a whole cluster take that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_peers_are_gone_stops_without_waiting_out_the_handoff() -> anyhow::Result<()> {
+    let cluster = DevCluster::up(3, &["--no-leader-balance"])?;
+    let leader = cluster.leader_of("t").await?;
+    cluster.client().create(create_req("t", "")).await?;
+    for id in cluster.nodes.iter().map(|n| n.node_id).filter(|&id| id != leader).collect::<Vec<_>>() {
+        cluster.kill9(id)?;
+    }
+    let start = Instant::now();
+    cluster.term(leader)?;
+    let took = start.elapsed();
+    let log = cluster.log_of(leader);
+    assert!(log.contains("leadership not handed off: no other voter answers"), "{log}");
+    assert!(took < Duration::from_millis(4500), "the stop took {took:?}\n{log}");
+    Ok(())
+}
+
 /// Regression (found by vow-jepsen, seed 1): a membership call reaching a node that knows no
 /// leader — removed, or cut off — failed with FAILED_PRECONDITION, so clients gave up instead of
 /// retrying at another node, and a removed node could not be added back through it.

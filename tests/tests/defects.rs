@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use vow_client::{Client, Error, Options, pb};
 use vow_tests::{DevCluster, create_req, eventually, sabotaged_vowd, value};
 
@@ -529,11 +530,15 @@ async fn a_restarted_leader_starts_a_new_term() -> anyhow::Result<()> {
     };
     let followers: Vec<u64> = cluster.nodes.iter().map(|n| n.node_id).filter(|&id| id != leader).collect();
     let synced_before: f64 = followers.iter().map(|&f| cluster.metric(f, "vow_wal_syncs_total").unwrap_or(0.0)).sum();
+    let mut synced = synced_before;
     eventually("the followers to sync what the stalled leader sent", Duration::from_secs(10), || {
-        let synced: f64 = followers.iter().map(|&f| cluster.metric(f, "vow_wal_syncs_total").unwrap_or(0.0)).sum();
+        synced = followers.iter().map(|&f| cluster.metric(f, "vow_wal_syncs_total").unwrap_or(0.0)).sum();
         Ok(synced >= synced_before + 4.0)
     })
-    .await?;
+    .await
+    .with_context(|| {
+        format!("the followers synced {} times since the stall began, 4 wanted", synced - synced_before)
+    })?;
     for node in cluster.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>() {
         cluster.kill9(node)?;
     }

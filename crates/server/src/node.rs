@@ -71,6 +71,12 @@ fn in_touch(shard: &Shard) -> Result<(), Busy> {
 /// drain an orchestrator's grace period allows, and well beyond an election's few hundred ms.
 const HANDOFF_WITHIN: Duration = Duration::from_secs(5);
 
+/// How long a stopping leader keeps trying to hand a shard off after the last time another voter
+/// answered it (ten heartbeats): a shard none of whose other voters answer has no one to take it
+/// (they are down, or stopping too, as when a whole cluster stops at once), and waiting out
+/// [`HANDOFF_WITHIN`] for them only delays the stop.
+const HANDOFF_UNANSWERED: Duration = Duration::from_secs(1);
+
 /// How long a request waits for a shard to elect a leader before answering UNAVAILABLE.
 pub const LEADER_WAIT: Duration = Duration::from_secs(3);
 
@@ -366,14 +372,22 @@ impl Node {
     /// caught-up one, once it holds the whole log (a target that lacks the leader's last entry
     /// ignores the transfer), and again — to it or the next — if it does not take over in time
     /// (a transfer can also be dropped while an election is under way, or a busy node answer
-    /// late). Gives up at the deadline: the survivors then elect a leader on their own.
+    /// late). Gives up at the deadline, or once no other voter has answered for
+    /// [`HANDOFF_UNANSWERED`]: the survivors, if any, then elect a leader on their own.
     async fn hand_off(&self, shard: &Shard) {
-        let deadline = tokio::time::Instant::now() + HANDOFF_WITHIN;
+        let started = tokio::time::Instant::now();
+        let deadline = started + HANDOFF_WITHIN;
         let mut attempt = 0usize;
         while tokio::time::Instant::now() < deadline {
             let metrics = shard.metrics();
             if metrics.current_leader.is_some_and(|l| l != self.id()) {
                 tracing::info!(shard = %shard.id, leader = ?metrics.current_leader, attempt, "leadership already moved at shutdown");
+                return;
+            }
+            if started.elapsed() >= HANDOFF_UNANSWERED
+                && !voter_answered_within(&metrics, self.id(), HANDOFF_UNANSWERED)
+            {
+                tracing::warn!(shard = %shard.id, attempt, "leadership not handed off: no other voter answers");
                 return;
             }
             let last = metrics.last_log_index.unwrap_or(0);
@@ -415,6 +429,17 @@ impl Node {
         }
         tracing::warn!(shard = %shard.id, "leadership not handed off in time: the others will elect a leader");
     }
+}
+
+/// Whether a voter other than `me` acknowledged this leader within `within` (openraft notes
+/// when each follower last answered an append or a heartbeat).
+fn voter_answered_within(m: &openraft::RaftMetrics<TypeConfig>, me: NodeId, within: Duration) -> bool {
+    let Some(answered) = m.heartbeat.as_ref() else { return false };
+    m.membership_config
+        .membership()
+        .voter_ids()
+        .filter(|v| *v != me)
+        .any(|v| answered.get(&v).cloned().flatten().is_some_and(|at| openraft::Instant::elapsed(&*at) < within))
 }
 
 /// The last log index a leader knows `node` to hold (0 when it knows none).
