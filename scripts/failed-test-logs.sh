@@ -7,7 +7,7 @@
 # DIR/<test>-<pid>/ when it goes, tests/src/lib.rs) holding nextest's output as DIR/nextest.txt.
 # A test that returns an error, rather than panicking, has no other way to show what its nodes
 # did, and a FLAKY test passes on its retry and shows nothing at all: this is how a failure in
-# CI can be read afterwards. Each log is cut to its last LINES lines (default 200).
+# CI can be read afterwards. Each log is cut to its last LINES_PER_LOG lines (default 200).
 set -euo pipefail
 dir=$1
 lines=${LINES_PER_LOG:-200}

@@ -445,13 +445,15 @@ async fn locate_and_shard_map_agree_with_the_placement_hash() -> anyhow::Result<
     let mut api = ClusterClient::new(raw(&cluster.node(2).grpc).await?);
     // Node 2's map once it knows every shard's leader: a node that has not yet heard from a
     // leader just elected or moved there by the balancer answers 0 for it, as the proto allows.
-    let mut map = pb::ShardMapResponse::default();
     let start = Instant::now();
-    while map.leaders.len() != SHARDS as usize || map.leaders.iter().any(|l| l.leader_id == 0) {
+    let mut map = loop {
+        let map = api.shard_map(pb::ShardMapRequest {}).await?.into_inner();
+        if map.leaders.len() == SHARDS as usize && map.leaders.iter().all(|l| l.leader_id != 0) {
+            break map;
+        }
         anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "node 2 knows no leader for some shard: {map:?}");
         tokio::time::sleep(Duration::from_millis(50)).await; // poll node 2's view
-        map = api.shard_map(pb::ShardMapRequest {}).await?.into_inner();
-    }
+    };
     assert_eq!(map.shards, SHARDS);
     for (i, l) in map.leaders.iter().enumerate() {
         assert_eq!(l.shard_id, i as u32, "in shard order");
