@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Where the CPU goes: a three-node `vow dev` cluster under `vow bench` create-settle load, with the
 # CPU time and context switches each process spends per operation, and (with --perf) a flat perf profile of the leader
-# grouped by crate. The figures in docs/performance.md come from this script.
+# grouped by crate, or (with --syscalls) the three nodes' socket, fsync and futex system calls per
+# operation. The figures in docs/performance.md come from this script.
 #
-# Usage: [SHARDS=8] scripts/profile.sh [--perf] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
+# Usage: [SHARDS=8] scripts/profile.sh [--perf|--syscalls] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-perf=0
+perf=0; syscalls=0
 if [ "${1:-}" = "--perf" ]; then perf=1; shift; fi
+if [ "${1:-}" = "--syscalls" ]; then syscalls=1; shift; fi
 clients="${1:-64}"; secs="${2:-12}"; dir="${3:-/tmp/vow-profile}"
 bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
 export VOW_VOWD="${VOW_VOWD:-$bin/vowd}"
@@ -35,6 +37,10 @@ window=$(( secs - 4 > 3 ? secs - 4 : 3 ))
 if [ "$perf" = 1 ]; then
   lpid=$(json "[x['pid'] for x in d['nodes'] if x['node_id'] == $leader][0]")
   perf record -F 999 -p "$lpid" -o "$dir/perf.data" -- sleep "$window" >/dev/null 2>&1
+elif [ "$syscalls" = 1 ]; then
+  events=context-switches
+  for call in writev write recvfrom fdatasync futex epoll_wait; do events+=",syscalls:sys_enter_$call"; done
+  perf stat -x, -e "$events" -p "$(echo $pids | tr ' ' ,)" -o "$dir/syscalls.csv" -- sleep "$window"
 else
   sleep "$window"
 fi
@@ -53,6 +59,11 @@ for p in $pids $bench; do
   done
   python3 -c "t=${used[$p]}/$hz; print(f'{\"$role\":9} cpu {t/$window*100:5.0f}%  {t/$window/$ops*1e6:6.0f} us/op  {${switched[$p]}/$window/$ops:5.2f} switches/op')"
 done
+if [ "$syscalls" = 1 ]; then
+  # perf stat -x, lines: count,unit,event,...
+  awk -F, -v n="$(python3 -c "print($ops * $window)")" '$1 ~ /^[0-9]+$/ {
+    sub("syscalls:sys_enter_", "", $3); printf "%s %.2f  ", $3, $1 / n } END {print "per operation, three nodes"}' "$dir/syscalls.csv"
+fi
 if [ "$perf" = 1 ]; then
   echo "leader profile by crate (perf report -i $dir/perf.data for symbols):"
   perf report -i "$dir/perf.data" --no-children --sort dso,symbol 2>/dev/null | grep '%' | python3 -c '

@@ -3,7 +3,9 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Read;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -34,6 +36,11 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// declared stalled and dropped (openraft then opens a new one). Longer than a unary call's
 /// deadline: dropping a stream throws away every request in flight on it.
 const MIN_STREAM_STALL: Duration = Duration::from_millis(250);
+
+/// How long a request that carries only a new commit index may wait for the next request with
+/// entries to carry it instead (see [`HoldCommitOnly`]). Far below the heartbeat interval: it
+/// only delays when followers apply, which no write waits for.
+const COMMIT_HOLD: Duration = Duration::from_millis(2);
 
 /// Creates a shard's clients to its peers.
 #[derive(Clone, Debug)]
@@ -268,6 +275,65 @@ fn in_flight(q: &InFlight) -> std::sync::MutexGuard<'_, Flight> {
     q.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A replication stream's later requests, with those that carry no entries held back a little.
+///
+/// openraft sends a follower a request without entries whenever the leader's commit index
+/// advances and it has no new entries to send with it. Under load that is once per batch: each
+/// follower got two requests per batch (the entries, then their commit) and answered both, on
+/// every shard. Here such a request waits up to `hold`; if a request with entries comes
+/// meanwhile, it goes instead and the held one is dropped. Nothing is lost: every request
+/// carries the newest commit index when it is made, and within a stream a request without
+/// entries names the last position already sent, which is where the next one starts. openraft
+/// acknowledges by position, so the reply to the later request covers the dropped one. A held
+/// request that nothing replaces goes when `hold` is up, or at once when the stream ends.
+struct HoldCommitOnly<S> {
+    input: S,
+    hold: Duration,
+    held: Option<AppendEntriesRequest<TypeConfig>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    ended: bool,
+}
+
+impl<S> HoldCommitOnly<S> {
+    fn new(input: S, hold: Duration) -> Self {
+        HoldCommitOnly { input, hold, held: None, deadline: Box::pin(tokio::time::sleep(hold)), ended: false }
+    }
+}
+
+impl<S> Stream for HoldCommitOnly<S>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+{
+    type Item = AppendEntriesRequest<TypeConfig>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        while !this.ended {
+            match this.input.poll_next_unpin(cx) {
+                Poll::Ready(Some(req)) if req.entries.is_empty() => {
+                    // A second one replaces the first (its commit is at least as new) but keeps
+                    // the first one's deadline, so no commit waits longer than `hold`.
+                    if this.held.is_none() {
+                        let at = tokio::time::Instant::now() + this.hold;
+                        this.deadline.as_mut().reset(at);
+                    }
+                    this.held = Some(req);
+                }
+                Poll::Ready(Some(req)) => {
+                    this.held = None;
+                    return Poll::Ready(Some(req));
+                }
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => break,
+            }
+        }
+        if this.ended || (this.held.is_some() && this.deadline.as_mut().poll(cx).is_ready()) {
+            return Poll::Ready(this.held.take());
+        }
+        Poll::Pending
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
 
@@ -318,7 +384,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 let result = self.append_one(payload, setup, stall).await;
                 return Ok(futures::stream::once(std::future::ready(result)).boxed());
             }
-            let requests = futures::stream::once(async move { first }).chain(input).map(encode);
+            let later = HoldCommitOnly::new(input, COMMIT_HOLD);
+            let requests = futures::stream::once(async move { first }).chain(later).map(encode);
             let replies = self.open_stream(requests, setup).await?;
             let mut check = tokio::time::interval(stall / 2);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -452,5 +519,91 @@ mod tests {
         assert!(!flight(1000, Instant::now()).stalled(stall), "counted from the reply before it");
         let empty = Flight { waiting: VecDeque::new(), last_reply: long_ago };
         assert!(!empty.stalled(stall));
+    }
+
+    use openraft::{EntryPayload, vote::RaftLeaderId};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use vow_storage::types::{Entry, LeaderId, LogId};
+
+    fn at(index: u64) -> LogId {
+        LogId::new(LeaderId::new(1, NodeId(1)), index)
+    }
+
+    /// A pipelined request after position `prev`: `entries` new entries, commit at `commit`.
+    fn request(prev: u64, entries: u64, commit: u64) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, NodeId(1)),
+            prev_log_id: Some(at(prev)),
+            entries: (prev + 1..=prev + entries)
+                .map(|i| Entry { log_id: at(i), payload: EntryPayload::Blank })
+                .collect(),
+            leader_commit: Some(at(commit)),
+        }
+    }
+
+    type Requests = mpsc::UnboundedSender<AppendEntriesRequest<TypeConfig>>;
+
+    fn held(hold: Duration) -> (Requests, HoldCommitOnly<UnboundedReceiverStream<AppendEntriesRequest<TypeConfig>>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, HoldCommitOnly::new(UnboundedReceiverStream::new(rx), hold))
+    }
+
+    fn summary(r: &AppendEntriesRequest<TypeConfig>) -> (u64, usize, u64) {
+        (r.prev_log_id.unwrap().index, r.entries.len(), r.leader_commit.unwrap().index)
+    }
+
+    #[tokio::test]
+    async fn a_commit_only_request_gives_way_to_the_next_request_with_entries() {
+        let (tx, mut out) = held(Duration::from_secs(30));
+        tx.send(request(4, 4, 2)).unwrap();
+        assert_eq!(summary(&out.next().await.unwrap()), (4, 4, 2), "entries go at once");
+        tx.send(request(8, 0, 8)).unwrap();
+        tx.send(request(8, 3, 8)).unwrap();
+        assert_eq!(summary(&out.next().await.unwrap()), (8, 3, 8), "the entries carry the commit instead");
+        drop(tx);
+        assert!(out.next().await.is_none(), "the held request was dropped, not sent late");
+    }
+
+    #[tokio::test]
+    async fn a_held_commit_goes_alone_when_nothing_comes_to_carry_it() {
+        let hold = Duration::from_millis(100);
+        let (tx, mut out) = held(hold);
+        let started = Instant::now();
+        tx.send(request(8, 0, 8)).unwrap();
+        assert_eq!(summary(&out.next().await.unwrap()), (8, 0, 8));
+        assert!(started.elapsed() >= hold, "it waited for a request with entries first");
+        drop(tx);
+        assert!(out.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_later_commit_replaces_a_held_one_without_waiting_longer() {
+        let hold = Duration::from_millis(1000);
+        let (tx, mut out) = held(hold);
+        let started = Instant::now();
+        tx.send(request(8, 0, 6)).unwrap();
+        let first = tokio::spawn(async move {
+            let r = out.next().await.map(|r| summary(&r));
+            (r, started.elapsed(), out)
+        });
+        tokio::time::sleep(hold / 2).await;
+        tx.send(request(8, 0, 8)).unwrap();
+        let (r, waited, mut out) = first.await.unwrap();
+        assert_eq!(r, Some((8, 0, 8)), "only the newer commit goes");
+        assert!(waited >= hold && waited < hold * 3 / 2 - Duration::from_millis(100), "went after {waited:?}");
+        drop(tx);
+        assert!(out.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_stream_end_sends_a_held_commit_at_once() {
+        let (tx, mut out) = held(Duration::from_secs(30));
+        let started = Instant::now();
+        tx.send(request(8, 0, 8)).unwrap();
+        drop(tx);
+        assert_eq!(summary(&out.next().await.unwrap()), (8, 0, 8));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(out.next().await.is_none());
     }
 }
