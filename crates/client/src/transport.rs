@@ -192,12 +192,33 @@ impl H2Channel {
 
         let mut sender = self.ready_sender().await?;
         let _waiting = Waiting::new(&self.shared.waiting);
-        let (reply, mut stream) =
-            sender.send_request(http::Request::from_parts(parts, ()), false).map_err(never_sent)?;
-        stream.send_data(message, true).map_err(maybe_sent)?;
-        let reply = reply.await.map_err(maybe_sent)?;
+        let (reply, stream) = sender.send_request(http::Request::from_parts(parts, ()), false).map_err(never_sent)?;
+        let reply = send_and_read_head(stream, reply, message).await?;
         Ok(reply.map(|recv| ReplyBody { recv, data_done: false }))
     }
+}
+
+/// Sends a call's message and waits for the head of its reply.
+///
+/// A server may answer before it has read the request, as a refusal at its gate does, and then
+/// reset the stream. If both arrive before the message is sent (this task descheduled between
+/// the headers and the message, on a loaded machine), sending fails with "inactive stream",
+/// but the answer is already here and it is the call's outcome: taken as a broken connection,
+/// a PERMISSION_DENIED came back as UNKNOWN.
+async fn send_and_read_head(
+    mut stream: h2::SendStream<Bytes>,
+    reply: h2::client::ResponseFuture,
+    message: Bytes,
+) -> Result<http::Response<h2::RecvStream>, Status> {
+    if let Err(sending) = stream.send_data(message, true) {
+        // The stream is closed, so whatever the server answered has been received already.
+        return match std::pin::pin!(reply).poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(Ok(answer)) => Ok(answer),
+            Poll::Ready(Err(reset)) => Err(maybe_sent(reset)),
+            Poll::Pending => Err(maybe_sent(sending)),
+        };
+    }
+    reply.await.map_err(maybe_sent)
 }
 
 /// Pings the peer every [`KEEPALIVE_EVERY`] while no call is `waiting`, every
@@ -354,6 +375,50 @@ mod tests {
         let paths = server.await.expect("server");
         assert_eq!(paths.len(), 2, "the second call made a new connection");
         assert_eq!(paths[0], ("/vow.v1.Promises/Get".to_owned(), Some(addr.clone())));
+    }
+
+    /// A server that refuses a call as soon as its headers arrive, without reading its message,
+    /// and resets the stream (as hyper does for a body it did not read). A client that sends
+    /// its message only after both arrived (it was descheduled in between) must still report
+    /// the refusal, not a broken connection.
+    #[tokio::test]
+    async fn an_answer_that_comes_before_the_message_is_sent_is_the_outcome() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let head = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "7")
+                    .body(())
+                    .expect("head");
+                respond.send_response(head, true).expect("refusal sent");
+                // Reset once the refusal has gone out (the accept loop drives the connection).
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    respond.send_reset(h2::Reason::NO_ERROR);
+                });
+            }
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(conn);
+        let mut sender = sender.ready().await.expect("ready");
+        let request = || http::Request::post("http://vow/vow.v1.Promises/Create").body(()).expect("request");
+        let message = Bytes::from_static(&[0, 0, 0, 0, 0]);
+
+        // The situation: by the time the message goes, the stream is gone.
+        let (_reply, mut late) = sender.send_request(request(), false).expect("headers");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(late.send_data(message.clone(), true).is_err(), "the refusal and the reset came first");
+
+        let (reply, stream) = sender.send_request(request(), false).expect("headers");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = send_and_read_head(stream, reply, message).await.expect("the refusal is the answer");
+        assert_eq!(answer.headers()["grpc-status"], "7");
+        server.abort();
     }
 
     /// Answers one request with an empty message and OK on `conn`.
