@@ -508,6 +508,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openraft::{EntryPayload, vote::RaftLeaderId};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+    use vow_storage::types::{Entry, LeaderId, LogId};
 
     #[test]
     fn a_large_append_gets_time_for_its_size_and_queued_ones_wait_their_turn() {
@@ -520,11 +524,6 @@ mod tests {
         let empty = Flight { waiting: VecDeque::new(), last_reply: long_ago };
         assert!(!empty.stalled(stall));
     }
-
-    use openraft::{EntryPayload, vote::RaftLeaderId};
-    use tokio::sync::mpsc;
-    use tokio_stream::wrappers::UnboundedReceiverStream;
-    use vow_storage::types::{Entry, LeaderId, LogId};
 
     fn at(index: u64) -> LogId {
         LogId::new(LeaderId::new(1, NodeId(1)), index)
