@@ -395,7 +395,8 @@ mod tests {
                     .body(())
                     .expect("head");
                 respond.send_response(head, true).expect("refusal sent");
-                // Reset once the refusal has gone out (the accept loop drives the connection).
+                // Reset once the refusal has gone out: a reset sent at once would drop the
+                // queued answer with it. The accept loop drives the connection meanwhile.
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     respond.send_reset(h2::Reason::NO_ERROR);
@@ -409,13 +410,19 @@ mod tests {
         let request = || http::Request::post("http://vow/vow.v1.Promises/Create").body(()).expect("request");
         let message = Bytes::from_static(&[0, 0, 0, 0, 0]);
 
+        // Waits until the server's reset has arrived, as when the task was descheduled that long.
+        let reset = |mut stream: h2::SendStream<Bytes>| async move {
+            std::future::poll_fn(|cx| stream.poll_reset(cx)).await.expect("reset");
+            stream
+        };
+
         // The situation: by the time the message goes, the stream is gone.
-        let (_reply, mut late) = sender.send_request(request(), false).expect("headers");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_reply, late) = sender.send_request(request(), false).expect("headers");
+        let mut late = reset(late).await;
         assert!(late.send_data(message.clone(), true).is_err(), "the refusal and the reset came first");
 
         let (reply, stream) = sender.send_request(request(), false).expect("headers");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stream = reset(stream).await;
         let answer = send_and_read_head(stream, reply, message).await.expect("the refusal is the answer");
         assert_eq!(answer.headers()["grpc-status"], "7");
         server.abort();
