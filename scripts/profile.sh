@@ -17,6 +17,11 @@ json() { python3 -c "import json; d=json.load(open('$dir/cluster/cluster.json'))
 ticks() { awk "{print \$14+\$15}" "/proc/$1/stat"; }
 # Context switches of all of a process's threads, voluntary and not.
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n}'; }
+# Proposals and the Raft entries they were batched into, summed over every node and shard.
+batching() {
+  for addr in $(json "' '.join(x['http'] for x in d['nodes'])"); do curl -s "http://$addr/metrics"; done |
+    awk '/^vow_shard_proposals_total/ {p += $NF} /^vow_shard_proposal_batches_total/ {b += $NF} END {print p, b}'
+}
 hz=$(getconf CLK_TCK)
 
 [ -e "$dir/cluster" ] && { "$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true; }
@@ -33,6 +38,7 @@ sleep 4 # warm-up plus a little
 pids=$(json "' '.join(str(x['pid']) for x in d['nodes'])")
 declare -A before switched
 for p in $pids $bench; do before[$p]=$(ticks "$p"); switched[$p]=$(switches "$p"); done
+batched=$(batching)
 window=$(( secs - 4 > 3 ? secs - 4 : 3 ))
 if [ "$perf" = 1 ]; then
   lpid=$(json "[x['pid'] for x in d['nodes'] if x['node_id'] == $leader][0]")
@@ -46,6 +52,7 @@ else
 fi
 declare -A used
 for p in $pids $bench; do used[$p]=$(( $(ticks "$p") - before[$p] )); switched[$p]=$(( $(switches "$p") - switched[$p] )); done
+read -r proposals batches <<<"$(echo "$batched" "$(batching)" | awk '{print $3 - $1, $4 - $2}')"
 wait "$bench" || { cat "$dir/bench.txt"; exit 1; }
 line=$(grep create-settle "$dir/bench.txt" | tail -1)
 echo "$line"
@@ -59,6 +66,7 @@ for p in $pids $bench; do
   done
   python3 -c "t=${used[$p]}/$hz; print(f'{\"$role\":9} cpu {t/$window*100:5.0f}%  {t/$window/$ops*1e6:6.0f} us/op  {${switched[$p]}/$window/$ops:5.2f} switches/op')"
 done
+python3 -c "print(f'proposals per Raft entry {$proposals / max($batches, 1):.2f} ($proposals in $batches over the window)')"
 if [ "$syscalls" = 1 ]; then
   # perf stat -x, lines: count,unit,event,...
   awk -F, -v n="$(python3 -c "print($ops * $window)")" '$1 ~ /^[0-9]+$/ {
