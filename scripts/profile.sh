@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Where the CPU goes: a three-node `vow dev` cluster under `vow bench` create-settle load, with the
-# CPU time and context switches each process spends per operation, and (with --perf) a flat perf profile of the leader
+# CPU time and context switches each process spends per operation, the proposals per Raft entry (the batch
+# size), and (with --perf) a flat perf profile of the leader
 # grouped by crate, or (with --syscalls) the three nodes' socket, fsync and futex system calls per
 # operation. The figures in docs/performance.md come from this script.
 #
