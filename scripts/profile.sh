@@ -3,14 +3,17 @@
 # CPU time and context switches each process spends per operation, the proposals per Raft entry (the batch
 # size), and (with --perf) a flat perf profile of the leader
 # grouped by crate, or (with --syscalls) the three nodes' socket, fsync and futex system calls per
-# operation. The figures in docs/performance.md come from this script.
+# operation, or (with --system) a call-graph profile of the whole machine (nodes, bench, kernel
+# threads) as CPU microseconds per operation: by crate, and the kernel's main entry points.
+# The figures in docs/performance.md come from this script.
 #
-# Usage: [SHARDS=8] scripts/profile.sh [--perf|--syscalls] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
+# Usage: [SHARDS=8] scripts/profile.sh [--perf|--syscalls|--system] [CLIENTS=64] [SECONDS=12] [DIR=/tmp/vow-profile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-perf=0; syscalls=0
+perf=0; syscalls=0; system=0
 if [ "${1:-}" = "--perf" ]; then perf=1; shift; fi
 if [ "${1:-}" = "--syscalls" ]; then syscalls=1; shift; fi
+if [ "${1:-}" = "--system" ]; then system=1; shift; fi
 clients="${1:-64}"; secs="${2:-12}"; dir="${3:-/tmp/vow-profile}"
 bin="${CARGO_TARGET_DIR:-$HOME/.cache/vow/target}/debug"
 export VOW_VOWD="${VOW_VOWD:-$bin/vowd}"
@@ -48,11 +51,18 @@ elif [ "$syscalls" = 1 ]; then
   events=context-switches
   for call in writev write recvfrom fdatasync futex epoll_wait; do events+=",syscalls:sys_enter_$call"; done
   perf stat -x, -e "$events" -p "$(echo $pids | tr ' ' ,)" -o "$dir/syscalls.csv" -- sleep "$window"
+elif [ "$system" = 1 ]; then
+  # In the background: writing a whole machine's call graphs out takes a while after the window,
+  # and the bench may end meanwhile.
+  perf record -a -g -F 499 -o "$dir/perf.data" -- sleep "$window" >/dev/null 2>&1 &
+  recorder=$!
+  sleep "$window"
 else
   sleep "$window"
 fi
 declare -A used
 for p in $pids $bench; do used[$p]=$(( $(ticks "$p") - before[$p] )); switched[$p]=$(( $(switches "$p") - switched[$p] )); done
+[ "$system" = 1 ] && wait "$recorder"
 read -r proposals batches <<<"$(echo "$batched" "$(batching)" | awk '{print $3 - $1, $4 - $2}')"
 wait "$bench" || { cat "$dir/bench.txt"; exit 1; }
 line=$(grep create-settle "$dir/bench.txt" | tail -1)
@@ -93,4 +103,48 @@ for line in sys.stdin:
     total[key] += pct
 for k, v in total.most_common(18):
     print(f"  {v:5.1f}%  {k}")'
+fi
+if [ "$system" = 1 ]; then
+  # CPU microseconds per operation: a sample's share of the machine's CPU time over the window,
+  # divided by the operations in it. Self time by crate (the kernel as one), then the kernel's
+  # entry points with what they call (children), which overlap one another.
+  cpus=$(nproc)
+  perf report -i "$dir/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null | grep '%' >"$dir/self.txt"
+  perf report -i "$dir/perf.data" --children --sort symbol -g none --stdio 2>/dev/null | grep '%' >"$dir/children.txt"
+  python3 - "$dir" "$ops" "$cpus" <<'PY'
+import collections, re, sys
+d, ops, cpus = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+us = lambda pct: pct / 100 * cpus * 1e6 / ops
+crates = collections.Counter()
+for line in open(f"{d}/self.txt"):
+    m = re.match(r"\s*([\d.]+)%\s+\[(.)\]\s+(.*)", line)
+    if not m:
+        continue
+    pct, kind, sym = float(m.group(1)), m.group(2), m.group(3).strip()
+    if kind == "k":
+        key = "kernel"
+    elif sym.startswith(("mi_", "_mi_")):
+        key = "mimalloc"
+    else:
+        c = re.match(r"(?:<|impl )*([A-Za-z_][A-Za-z0-9_]*)::", sym)
+        key = c.group(1) if c else "other (libc, unresolved)"
+    crates[key] += us(pct)
+print(f"whole machine {sum(crates.values()):.0f} us of CPU per operation; by crate:")
+for k, v in crates.most_common(14):
+    print(f"  {v:6.1f}  {k}")
+entry = {"fdatasync": "__x64_sys_fdatasync", "sendto": "__x64_sys_sendto",
+         "recvfrom": "__x64_sys_recvfrom", "futex": "__x64_sys_futex",
+         "epoll_wait": "__x64_sys_epoll_wait", "page faults": "asm_exc_page_fault",
+         "softirqs": "handle_softirqs", "device interrupts": "asm_common_interrupt",
+         "scheduler": "__schedule", "block requeue (flushes)": "blk_mq_requeue_work"}
+found = {}
+for line in open(f"{d}/children.txt"):
+    m = re.match(r"\s*([\d.]+)%\s+([\d.]+)%\s+\[(.)\]\s+(.*)", line)
+    if m:
+        # perf pads each line with columns of its own after the symbol
+        found.setdefault(m.group(4).strip().split("  ")[0], float(m.group(1)))
+print("kernel entry points, with their callees:")
+for name, sym in entry.items():
+    print(f"  {us(found.get(sym, 0)):6.1f}  {name}")
+PY
 fi
