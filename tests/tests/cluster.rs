@@ -970,7 +970,7 @@ async fn a_node_cut_off_from_the_quorum_is_not_ready() -> anyhow::Result<()> {
 
 /// A node turns transparent huge pages off for itself: with them, its allocator's fresh memory
 /// was cleared 2 MiB at a time, ~3% of a loaded cluster's CPU (docs/performance.md, "Huge
-/// pages, and two levers that did not move").
+/// pages, and letting appends meet").
 #[test]
 fn a_node_runs_without_transparent_huge_pages() -> anyhow::Result<()> {
     let cluster = DevCluster::up(1, &[])?;

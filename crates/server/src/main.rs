@@ -28,7 +28,7 @@ async fn main() -> std::process::ExitCode {
 /// maps, and a node's allocations move through fresh memory all the time (log entries, batches,
 /// the records of a write-behind generation): each first touch of a huge page cleared 2 MiB.
 /// Under 64-client create-settle load on 8 shards that page clearing was ~3.5% of the cluster's
-/// CPU samples (docs/performance.md, "Huge pages and a WAL that grows"). The setting is the
+/// CPU samples (docs/performance.md, "Huge pages, and letting appends meet"). The setting is the
 /// process's, so it covers every thread however early it started. If the kernel refuses,
 /// nothing else changes.
 #[allow(unsafe_code)] // prctl(2) with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours
