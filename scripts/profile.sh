@@ -27,6 +27,32 @@ batching() {
     awk '/^vow_shard_proposals_total/ {p += $NF} /^vow_shard_proposal_batches_total/ {b += $NF} END {print p, b}'
 }
 hz=$(getconf CLK_TCK)
+# `perf report --sort dso,symbol` lines on stdin, summed by crate (the kernel as one, libc's
+# allocator apart), each percentage times SCALE, the TOP largest printed with UNIT after the total.
+by_crate() {
+  grep '%' | python3 -c '
+import collections, re, sys
+scale, unit, top = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+total = collections.Counter()
+for line in sys.stdin:
+    m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)", line)
+    if not m:
+        continue
+    pct, dso, kind, sym = float(m.group(1)), m.group(2), m.group(3), m.group(4).strip()
+    if kind == "k":
+        key = "kernel"
+    elif sym.startswith(("mi_", "_mi_")):
+        key = "mimalloc"
+    elif "libc" in dso:
+        key = "libc malloc/free" if re.search(r"malloc|free|_int_|unlink_chunk|consolidate", sym) else "libc other"
+    else:
+        c = re.match(r"(?:<|impl )*([A-Za-z_][A-Za-z0-9_]*)::", sym)
+        key = c.group(1) if c else sym[:40]
+    total[key] += pct * scale
+print(f"  {sum(total.values()):6.1f} {unit}  in all")
+for k, v in total.most_common(top):
+    print(f"  {v:6.1f} {unit}  {k}")' "$@"
+}
 
 [ -e "$dir/cluster" ] && { "$bin/vow" dev down --dir "$dir/cluster" >/dev/null 2>&1 || true; }
 rm -rf "$dir"; mkdir -p "$dir"
@@ -85,53 +111,20 @@ if [ "$syscalls" = 1 ]; then
 fi
 if [ "$perf" = 1 ]; then
   echo "leader profile by crate (perf report -i $dir/perf.data for symbols):"
-  perf report -i "$dir/perf.data" --no-children --sort dso,symbol 2>/dev/null | grep '%' | python3 -c '
-import sys, re, collections
-total = collections.Counter()
-for line in sys.stdin:
-    m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)", line)
-    if not m:
-        continue
-    pct, dso, kind, sym = float(m.group(1)), m.group(2), m.group(3), m.group(4).strip()
-    if kind == "k":
-        key = "kernel"
-    elif "libc" in dso:
-        key = "libc malloc/free" if re.search(r"malloc|free|_int_|unlink_chunk|consolidate", sym) else "libc other"
-    else:
-        c = re.match(r"(?:<|impl )*([A-Za-z_][A-Za-z0-9_]*)::", sym)
-        key = c.group(1) if c else sym[:40]
-    total[key] += pct
-for k, v in total.most_common(18):
-    print(f"  {v:5.1f}%  {k}")'
+  perf report -i "$dir/perf.data" --no-children --sort dso,symbol 2>/dev/null | by_crate 1 % 18
 fi
 if [ "$system" = 1 ]; then
   # CPU microseconds per operation: a sample's share of the machine's CPU time over the window,
-  # divided by the operations in it. Self time by crate (the kernel as one), then the kernel's
-  # entry points with what they call (children), which overlap one another.
+  # divided by the operations in it. Self time by crate (see by_crate), then the kernel's entry
+  # points with what they call (children), which overlap one another.
   cpus=$(nproc)
-  perf report -i "$dir/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null | grep '%' >"$dir/self.txt"
   perf report -i "$dir/perf.data" --children --sort symbol -g none --stdio 2>/dev/null | grep '%' >"$dir/children.txt"
-  python3 - "$dir" "$ops" "$cpus" <<'PY'
-import collections, re, sys
-d, ops, cpus = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-us = lambda pct: pct / 100 * cpus * 1e6 / ops
-crates = collections.Counter()
-for line in open(f"{d}/self.txt"):
-    m = re.match(r"\s*([\d.]+)%\s+\[(.)\]\s+(.*)", line)
-    if not m:
-        continue
-    pct, kind, sym = float(m.group(1)), m.group(2), m.group(3).strip()
-    if kind == "k":
-        key = "kernel"
-    elif sym.startswith(("mi_", "_mi_")):
-        key = "mimalloc"
-    else:
-        c = re.match(r"(?:<|impl )*([A-Za-z_][A-Za-z0-9_]*)::", sym)
-        key = c.group(1) if c else "other (libc, unresolved)"
-    crates[key] += us(pct)
-print(f"whole machine {sum(crates.values()):.0f} us of CPU per operation; by crate:")
-for k, v in crates.most_common(14):
-    print(f"  {v:6.1f}  {k}")
+  us=$(python3 -c "print($cpus * 1e6 / 100 / $ops)")
+  echo "whole machine, us of CPU per operation, by crate:"
+  perf report -i "$dir/perf.data" --no-children --sort dso,symbol -g none --stdio 2>/dev/null | by_crate "$us" us 14
+  python3 - "$dir" "$us" <<'PY'
+import re, sys
+d, scale = sys.argv[1], float(sys.argv[2])
 entry = {"fdatasync": "__x64_sys_fdatasync", "sendto": "__x64_sys_sendto",
          "recvfrom": "__x64_sys_recvfrom", "futex": "__x64_sys_futex",
          "epoll_wait": "__x64_sys_epoll_wait", "page faults": "asm_exc_page_fault",
@@ -145,6 +138,6 @@ for line in open(f"{d}/children.txt"):
         found.setdefault(m.group(4).strip().split("  ")[0], float(m.group(1)))
 print("kernel entry points, with their callees:")
 for name, sym in entry.items():
-    print(f"  {us(found.get(sym, 0)):6.1f}  {name}")
+    print(f"  {found.get(sym, 0) * scale:6.1f} us  {name}")
 PY
 fi
